@@ -1,0 +1,271 @@
+"""compute_eva_state: feed batches, accumulate statistics, check convergence, allocate ranks.
+
+The loop is bounded by ``max_batches`` and always records why it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .allocation import allocate_ranks, rank_scores
+from .capture import ActivationCapture, LayerGroup, TokenSelector, find_target_layers, in_features
+from .config import EvaConfig
+from .convergence import ComponentTracker
+from .state import EvaState
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+
+
+class EvaNotConvergedError(RuntimeError):
+    """Raised with ``strict=True`` when the loop ends before every needed component converged."""
+
+
+def compute_eva_state(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: EvaConfig | None = None,
+    *,
+    forward_fn: ForwardFn | None = None,
+    select_tokens: TokenSelector | None = None,
+) -> EvaState:
+    """Compute EVA components and ranks for ``model`` from ``batches``.
+
+    batches: any iterable; dict batches are fed as ``model(**batch)`` (tensors moved to the
+    model's device), anything else as ``model(batch)`` unless ``forward_fn(model, batch)`` is given.
+    A re-iterable (list, DataLoader) is cycled until convergence; an iterator is consumed once.
+    select_tokens(layer_input, batch, layer_name) -> (n_tokens, in_features) replaces the default
+    masking for inputs that are not (batch, seq, dim) / (n, dim).
+    The model is left exactly as it was: no hook survives, train/eval mode is restored.
+    """
+    config = config or EvaConfig()
+    layers = find_target_layers(model, config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), ActivationCapture(layers, config, select_tokens) as capture:
+            loop = _EvaLoop(model, capture, config, forward_fn)
+            loop.run(batches)
+    finally:
+        model.train(was_training)
+    return loop.build_state(layers)
+
+
+class _EvaLoop:
+    """The state of one run: groups, trackers, history and the reason it stopped."""
+
+    def __init__(self, model: nn.Module, capture: ActivationCapture, config: EvaConfig,
+                 forward_fn: ForwardFn | None) -> None:
+        self.model, self.capture, self.config = model, capture, config
+        self.forward_fn = forward_fn or _default_forward
+        self.device = _model_device(model)
+        self.trackers: list[ComponentTracker] = []
+        self.caps: dict[str, int] = {}
+        self.ranks: dict[str, int] = {}
+        self.history: list[dict[str, Any]] = []
+        self.n_batches = 0
+        self.stop_reason = "max_batches"
+        self.started = time.perf_counter()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def run(self, batches: Iterable[Any]) -> None:
+        bar = tqdm(total=self.config.max_batches, desc="EVA", unit="batch", disable=not self.config.progress,
+                   leave=False)
+        try:
+            for epoch, batch in _bounded_stream(batches, self.config.max_batches):
+                if epoch > 0 and self.n_batches and self._tokens() == 0:
+                    raise ValueError("no valid token in a full pass over the batches: every token is masked "
+                                     "(attention_mask / labels == label_mask_value)")
+                self._forward(batch)
+                bar.update(1)
+                if self.n_batches % self.config.check_every == 0 and self._check():
+                    break
+                bar.set_postfix_str(self._progress_text())
+            else:
+                self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
+        finally:
+            bar.close()
+        if self._tokens() == 0:
+            raise ValueError("no valid token reached the target layers: every token is masked or batches are empty")
+
+    def _forward(self, batch: Any) -> None:
+        batch = _to_device(batch, self.device)
+        self.capture.set_batch(batch)
+        try:
+            self.forward_fn(self.model, batch)
+        except Exception as err:
+            raise RuntimeError(f"the model's forward pass failed on batch {self.n_batches + 1}: {err}") from err
+        self.n_batches += 1
+        if self.n_batches == 1:
+            self.capture.finish_probe()
+            self._setup_groups()
+
+    def _setup_groups(self) -> None:
+        """Per-layer caps: round(rank * rho), never above the layer's input width."""
+        for group in self.capture.groups:
+            cap = min(self.config.max_components, group.dim)
+            for name in group.names:
+                self.caps[name] = cap
+            self.trackers.append(ComponentTracker(cap, group.dim, self.config.seed))
+
+    # ---- convergence ---------------------------------------------------------------------
+    def _check(self) -> bool:
+        """Solve active groups, re-allocate ranks, (de)activate groups. True when the loop may stop."""
+        for group, tracker in zip(self.capture.groups, self.trackers):
+            if group.active:
+                _require_finite(group)
+                tracker.check(group.stats, self.config.tau)
+        self.ranks = self._allocate(lambda tracker: tracker.values)
+        needed = converged = 0
+        for group, tracker in zip(self.capture.groups, self.trackers):
+            need = max(self.ranks[n] for n in group.names)
+            done = int(tracker.converged[:need].sum())
+            group.active = done < need
+            needed, converged = needed + need, converged + done
+        self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
+                             "converged_components": converged,
+                             "active_groups": sum(g.active for g in self.capture.groups),
+                             "seconds": round(time.perf_counter() - self.started, 4)})
+        if converged == needed:
+            self.stop_reason = "converged"
+            return True
+        if self.config.delta < 1.0 and converged >= self.config.delta * needed:
+            self.stop_reason = "delta"
+            return True
+        return False
+
+    def _allocate(self, values_of: Callable[[ComponentTracker], torch.Tensor | None]) -> dict[str, int]:
+        """Ranks from the current spectra; a group without an estimate yet keeps its full cap."""
+        scores: dict[str, torch.Tensor] = {}
+        for group, tracker in zip(self.capture.groups, self.trackers):
+            values = values_of(tracker)
+            if values is None:
+                score = torch.full((tracker.k,), float("inf"), dtype=torch.float64)
+            else:
+                score = rank_scores(values.cpu(), tracker.total_variance, self.config.rank_metric)
+            for name in group.names:
+                scores[name] = score
+        order = [n for n in self.capture.layers if n in scores]
+        budget = self.config.rank * len(order)
+        return allocate_ranks({n: scores[n] for n in order}, budget, self.caps, self.config.min_rank)
+
+    # ---- result --------------------------------------------------------------------------
+    def build_state(self, layers: Mapping[str, nn.Module]) -> EvaState:
+        comps, values, ratios = [], [], []
+        for group, tracker in zip(self.capture.groups, self.trackers):
+            if group.stats.count < 2:
+                raise ValueError(f"layer(s) {group.names} saw {group.stats.count} valid token(s); need at least 2")
+            pairs = tracker.finalize(group.stats)
+            tracker.values = pairs.values
+            comps.append(pairs.vectors.to(torch.float32).cpu())
+            values.append(pairs.values.to(torch.float64).cpu())
+            ratios.append((pairs.values / max(tracker.total_variance, 1e-300)).cpu())
+        self.ranks = self._allocate(lambda tracker: tracker.values)
+        unconverged = self._unconverged()
+        self._report(unconverged)
+        shapes = {n: [in_features(m), _out_features(m)] for n, m in layers.items()}
+        return EvaState(self.config, [list(g.names) for g in self.capture.groups], comps, values, ratios,
+                        [g.stats.count for g in self.capture.groups], self.ranks, shapes,
+                        n_batches=self.n_batches, stop_reason=self.stop_reason, unconverged=unconverged,
+                        history=self.history, versions=_versions())
+
+    def _unconverged(self) -> list[str]:
+        out = []
+        for group, tracker in zip(self.capture.groups, self.trackers):
+            need = max(self.ranks[n] for n in group.names)
+            if not bool(tracker.converged[:need].all()):
+                out.extend(group.names)
+        return out
+
+    def _report(self, unconverged: list[str]) -> None:
+        if not unconverged or self.stop_reason == "delta":
+            return
+        message = (f"EVA stopped ({self.stop_reason}) after {self.n_batches} batches before {len(unconverged)} "
+                   f"layer(s) converged: {unconverged[:8]}{' ...' if len(unconverged) > 8 else ''}; "
+                   "raise max_batches, lower tau, or feed more data")
+        if self.config.strict:
+            raise EvaNotConvergedError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+    def _tokens(self) -> int:
+        return max((g.stats.count for g in self.capture.groups), default=0)
+
+    def _progress_text(self) -> str:
+        done = sum(not g.active for g in self.capture.groups)
+        return f"converged groups {done}/{len(self.capture.groups)}, tokens {self._tokens()}"
+
+
+def _bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
+    """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators once."""
+    if isinstance(batches, Mapping) or isinstance(batches, torch.Tensor):
+        raise TypeError("batches must be an iterable of batches (e.g. a list of dicts or a DataLoader), "
+                        f"not a single {type(batches).__name__}")
+    one_shot = iter(batches) is batches
+    produced, epoch = 0, 0
+    while produced < limit:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield epoch, batch
+            produced += 1
+            if produced >= limit:
+                return
+        if empty and produced == 0:
+            raise ValueError("batches is empty: EVA needs at least one batch")
+        if one_shot or empty:
+            return
+        epoch += 1
+
+
+def _require_finite(group: LayerGroup) -> None:
+    if not group.stats.is_finite():
+        raise FloatingPointError(f"NaN or Inf activations reached layer(s) {group.names}")
+
+
+def _default_forward(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _model_device(model: nn.Module) -> torch.device | None:
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return None
+
+
+def _to_device(batch: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return batch
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _out_features(module: nn.Module) -> int:
+    return module.out_features if isinstance(module, nn.Linear) else int(module.weight.shape[1])
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"torch": torch.__version__}
+    for dist in ("eva-lora", "transformers", "peft", "safetensors"):
+        try:
+            out[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            pass
+    return out

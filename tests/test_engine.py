@@ -1,0 +1,200 @@
+"""compute_eva_state on tiny models: targets, masking, grouping, convergence, bad input."""
+
+import warnings
+
+import pytest
+import torch
+
+from conftest import hook_count, token_batches
+from eva_lora import EvaConfig, EvaNotConvergedError, compute_eva_state
+from eva_lora.capture import ActivationCapture, find_target_layers
+from eva_lora.pca import captured_variance
+
+FAST = dict(rank=4, rho=2.0, progress=False)
+
+
+def exact_stats(model, batches, config):
+    """float64 accumulators over the same batches (the reference), keyed by group leader."""
+    layers = find_target_layers(model, config)
+    cfg64 = EvaConfig(**{**config.to_dict(), "stats_dtype": "float64"})
+    with torch.no_grad(), ActivationCapture(layers, cfg64) as cap:
+        for i, batch in enumerate(batches):
+            cap.set_batch(batch)
+            model(**batch)
+            if i == 0:
+                cap.finish_probe()
+    return {g.names[0]: g.stats for g in cap.groups}
+
+
+def test_llama_groups_qkv_and_gate_up(tiny_llama):
+    state = compute_eva_state(tiny_llama, token_batches(101, 6), EvaConfig(max_batches=6, **FAST))
+    groups = {tuple(n.split(".")[-1] for n in g) for g in state.groups}
+    assert ("q_proj", "k_proj", "v_proj") in groups and ("gate_proj", "up_proj") in groups
+    assert len(state.groups) == 2 * 4  # per layer: qkv, o, gate/up, down
+    assert "lm_head" not in state.ranks
+    assert sum(state.ranks.values()) == 4 * len(state.ranks)
+    assert max(state.ranks.values()) <= 8
+    for name, comp in state.components.items():
+        assert comp.shape == (state.ranks[name], state.layer_shapes[name][0])
+    assert hook_count(tiny_llama) == 0
+
+
+def test_gpt2_conv1d_targets(tiny_gpt2):
+    cfg = EvaConfig(target_modules=["c_attn", "c_fc"], max_batches=5, **FAST)
+    state = compute_eva_state(tiny_gpt2, token_batches(101, 5), cfg)
+    assert sorted(state.ranks) == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
+                                   "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    assert state.layer_shapes["transformer.h.0.attn.c_attn"] == [32, 96]
+
+
+def test_regex_targets_and_excludes(tiny_llama):
+    cfg = EvaConfig(target_modules=r".*\.(q_proj|v_proj)", exclude_modules=["layers.1.self_attn.v_proj"],
+                    max_batches=3, **FAST)
+    state = compute_eva_state(tiny_llama, token_batches(101, 3), cfg)
+    assert sorted(state.ranks) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
+                                   "model.layers.1.self_attn.q_proj"]
+
+
+def test_rho_one_gives_exactly_uniform_ranks(tiny_bert):
+    state = compute_eva_state(tiny_bert, token_batches(101, 4), EvaConfig(rank=3, rho=1.0, progress=False,
+                                                                          max_batches=4))
+    assert set(state.ranks.values()) == {3}
+
+
+def test_components_match_exact_pca_of_same_tokens(tiny_llama):
+    batches = token_batches(101, 8, batch=4, seq=16)
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # tau this close to 1 never converges: intended
+        state = compute_eva_state(tiny_llama, batches, cfg)
+    reference = exact_stats(tiny_llama, batches, cfg)
+    assert state.n_batches == 8 and state.stop_reason == "max_batches"
+    for names, comps, tokens in zip(state.groups, state.group_components, state.group_tokens):
+        stats = reference[names[0]]
+        assert tokens == stats.count
+        assert captured_variance(stats.covariance(), comps) >= 0.999
+
+
+def test_padding_and_ignored_labels_are_masked(tiny_llama):
+    batches = token_batches(101, 2, batch=4, seq=16)  # rows 0 and 2 padded after position 8
+    for b in batches:
+        labels = b["input_ids"].clone()
+        labels[:, :4] = -100
+        b["labels"] = labels
+    cfg = EvaConfig(max_batches=2, tau=0.5, **FAST)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        masked = compute_eva_state(tiny_llama, batches, cfg)
+        unmasked = compute_eva_state(tiny_llama, batches, EvaConfig(**{**cfg.to_dict(), "use_label_mask": False}))
+    per_batch_valid = 2 * 16 + 2 * 8
+    assert unmasked.group_tokens[0] == 2 * per_batch_valid
+    assert masked.group_tokens[0] == 2 * (per_batch_valid - 4 * 4)
+
+
+def test_converges_and_records_history(tiny_bert):
+    batches = token_batches(101, 10, batch=8, seq=16)
+    state = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=200,
+                                                            progress=False))
+    assert state.stop_reason == "converged"
+    assert state.unconverged == []
+    assert state.n_batches < 200 and state.n_batches == state.history[-1]["batch"]
+    last = state.history[-1]
+    assert last["converged_components"] == last["needed_components"]
+    assert all(h["seconds"] >= 0 for h in state.history)
+
+
+def test_max_batches_warns_and_strict_raises(tiny_llama):
+    cfg = EvaConfig(tau=1.0, max_batches=3, **FAST)
+    with pytest.warns(RuntimeWarning, match=r"stopped \(max_batches\) after 3 batches"):
+        state = compute_eva_state(tiny_llama, token_batches(101, 2), cfg)
+    assert state.n_batches == 3 and state.stop_reason == "max_batches" and state.unconverged
+    with pytest.raises(EvaNotConvergedError, match="before"):
+        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**{**cfg.to_dict(), "strict": True}))
+    assert hook_count(tiny_llama) == 0
+
+
+def test_generator_is_consumed_once(tiny_llama):
+    gen = (b for b in token_batches(101, 3))
+    with pytest.warns(RuntimeWarning, match="data_exhausted"):
+        state = compute_eva_state(tiny_llama, gen, EvaConfig(tau=1.0, max_batches=50, **FAST))
+    assert state.n_batches == 3 and state.stop_reason == "data_exhausted"
+
+
+def test_delta_stops_early(tiny_bert):
+    batches = token_batches(101, 10, batch=8, seq=16)
+    full = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.95, progress=False))
+    part = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.95, delta=0.5, progress=False))
+    assert part.stop_reason in ("delta", "converged")
+    assert part.n_batches <= full.n_batches
+
+
+def test_model_mode_restored(tiny_bert):
+    tiny_bert.train()
+    compute_eva_state(tiny_bert, token_batches(101, 2), EvaConfig(max_batches=2, tau=0.1, **FAST))
+    assert tiny_bert.training
+
+
+@pytest.mark.parametrize(
+    "batches, config, error, match",
+    [
+        ([], {}, ValueError, "batches is empty"),
+        ("tokens", {}, ValueError, None),
+        (None, {"target_modules": ["nope"]}, ValueError, "no module matched"),
+        (None, {"target_modules": ["embed_tokens"]}, TypeError, "cannot adapt"),
+        ("allmasked", {}, ValueError, "no valid token"),
+    ],
+)
+def test_bad_input_errors_leave_no_hooks(tiny_llama, batches, config, error, match):
+    if batches is None:
+        batches = token_batches(101, 2)
+    elif batches == "allmasked":
+        batches = token_batches(101, 2)
+        for b in batches:
+            b["attention_mask"].zero_()
+    elif batches == "tokens":
+        batches = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
+        error, match = TypeError, "iterable of batches"
+    with pytest.raises(error, match=match):
+        compute_eva_state(tiny_llama, batches, EvaConfig(max_batches=4, **{**FAST, **config}))
+    assert hook_count(tiny_llama) == 0
+
+
+def test_forward_error_and_nan_are_reported(tiny_llama):
+    def broken(model, batch):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="forward pass failed on batch 1: boom"):
+        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST), forward_fn=broken)
+    assert hook_count(tiny_llama) == 0
+    with torch.no_grad():
+        tiny_llama.model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="model.layers.1"):
+        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(max_batches=4, **FAST))
+    assert hook_count(tiny_llama) == 0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"rank": 0}, "rank must be"), ({"rho": 0.5}, "rho must be"), ({"tau": 0.0}, "tau must be"),
+    ({"tau": 1.5}, "tau must be"), ({"delta": 0.0}, "delta must be"), ({"rank_metric": "x"}, "rank_metric"),
+    ({"max_batches": 0}, "max_batches"), ({"min_rank": 9, "rank": 4}, "min_rank"),
+])
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        EvaConfig(**kwargs)
+
+
+def test_custom_token_selector_for_other_shapes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6)).eval()
+    batches = [torch.randn(3, 5, 2, 12) for _ in range(6)]  # (batch, h, w, dim) "patches"
+    calls = []
+
+    def select(x, batch, name):
+        calls.append(name)
+        return x.reshape(-1, x.shape[-1])[::2]
+
+    state = compute_eva_state(model, batches, EvaConfig(rank=2, max_batches=6, tau=0.5, progress=False),
+                              select_tokens=select)
+    assert state.group_tokens[0] <= 6 * 15 and state.group_tokens[0] % 15 == 0
+    assert set(calls) == {"0", "2"}
+    assert hook_count(model) == 0
