@@ -191,3 +191,24 @@ def test_custom_token_selector_for_other_shapes():
     assert state.group_tokens[0] <= 6 * 15 and state.group_tokens[0] % 15 == 0
     assert set(calls) == {"0", "2"}
     assert hook_count(model) == 0
+
+
+def test_bf16_model_feeds_fp32_statistics(tiny_llama):
+    model = tiny_llama.to(torch.bfloat16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(model, token_batches(101, 3), EvaConfig(max_batches=3, **FAST))
+    assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in state.group_components)
+    norms = torch.linalg.vector_norm(state.group_components[0], dim=1)
+    assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_statistics_stay_on_device(tiny_llama):
+    model = tiny_llama.cuda()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(model, token_batches(101, 3), EvaConfig(max_batches=3, **FAST))
+    assert all(c.device.type == "cpu" for c in state.group_components)  # results are returned on CPU
+    assert sum(state.ranks.values()) == 4 * len(state.ranks)
