@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -134,7 +134,6 @@ class LayerGroup:
     dim: int
     stats: CovarianceAccumulator
     active: bool = True
-    data: dict[str, Any] = field(default_factory=dict)
 
 
 class ActivationCapture:

@@ -216,12 +216,6 @@ def component_cosine(previous: torch.Tensor, current: torch.Tensor) -> torch.Ten
     return num / den.clamp_min(torch.finfo(den.dtype).tiny)
 
 
-def explained_variance_ratio(values: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    """Eigenvalues divided by the total variance ``trace(C)`` (scikit-learn's definition)."""
-    total = torch.diagonal(cov, dim1=-2, dim2=-1).sum(-1, keepdim=True)
-    return values / total.clamp_min(torch.finfo(cov.dtype).tiny)
-
-
 def captured_variance(cov: torch.Tensor, components: torch.Tensor) -> float:
     """Share of the optimal variance the rows of ``components`` (k, dim) capture in ``cov``.
 
