@@ -1,4 +1,4 @@
-# make test: create .venv if needed (CPU torch first, so nothing pulls a CUDA build), then run the suite.
+# make demo / make test: create .venv if needed (CPU torch first, so nothing pulls a CUDA build), then run the suite.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -10,13 +10,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: test lint bench
+.PHONY: demo test lint bench
+demo: $(BIN)/.installed
+	$(BIN)/python examples/demo_init.py --out out/demo
+
 test: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 lint: $(BIN)/.installed
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_init.py --case minilm

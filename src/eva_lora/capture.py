@@ -105,19 +105,20 @@ def token_mask(batch: Any, config: EvaConfig) -> torch.Tensor | None:
     return mask
 
 
-def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, name: str) -> torch.Tensor:
+def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
+                          name: str) -> torch.Tensor:
     """Rows of a layer input that enter the PCA: (..., d) -> (n_tokens, d).
 
+    ``index`` holds the flat positions of the kept tokens, computed once per batch from ``mask``
+    so each layer does a cheap ``index_select`` instead of a boolean mask (a nonzero per layer).
     The mask applies when the input's leading shape is (batch, seq) or (batch * seq); any other
     2-D input (a pooler's (batch, d), an RL step's features) is used whole.
     """
     d = x.shape[-1]
-    if mask is None:
+    if mask is None or index is None:
         return x.reshape(-1, d)
-    if tuple(x.shape[:-1]) == tuple(mask.shape):
-        return x[mask.to(x.device)]
-    if x.ndim == 2 and x.shape[0] == mask.numel():
-        return x[mask.reshape(-1).to(x.device)]
+    if tuple(x.shape[:-1]) == tuple(mask.shape) or (x.ndim == 2 and x.shape[0] == mask.numel()):
+        return x.reshape(-1, d).index_select(0, index.to(x.device))
     if x.ndim == 2:
         return x
     raise ValueError(
@@ -155,6 +156,7 @@ class ActivationCapture:
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._batch: Any = None
         self._mask: torch.Tensor | None = None
+        self._index: torch.Tensor | None = None
 
     def __enter__(self) -> ActivationCapture:
         for name, module in self.layers.items():
@@ -173,6 +175,7 @@ class ActivationCapture:
     def set_batch(self, batch: Any) -> None:
         self._batch = batch
         self._mask = token_mask(batch, self.config)
+        self._index = None if self._mask is None else self._mask.reshape(-1).nonzero().squeeze(1)
 
     def finish_probe(self) -> None:
         """Freeze the grouping after the first pass and keep one hook per group."""
@@ -219,7 +222,7 @@ class ActivationCapture:
         if self.select_tokens is not None:
             rows = self.select_tokens(x, self._batch, name)
         else:
-            rows = default_select_tokens(x, self._mask, name)
+            rows = default_select_tokens(x, self._mask, self._index, name)
         if rows.ndim != 2 or rows.shape[-1] != group.dim:
             raise ValueError(f"layer {name}: token selection returned shape {tuple(rows.shape)}, "
                              f"expected (n_tokens, {group.dim})")
