@@ -212,3 +212,49 @@ def test_cuda_statistics_stay_on_device(tiny_llama):
         state = compute_eva_state(model, token_batches(101, 3), EvaConfig(max_batches=3, **FAST))
     assert all(c.device.type == "cpu" for c in state.group_components)  # results are returned on CPU
     assert sum(state.ranks.values()) == 4 * len(state.ranks)
+
+
+def test_early_exit_skips_converged_tail_without_changing_the_result(tiny_llama):
+    """Ending passes after the deepest active layer must give bit-identical statistics and state."""
+    batches = token_batches(101, 12, batch=4, seq=16)
+    calls = []
+    handle = tiny_llama.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    results = {}
+    for early in (False, True):
+        calls.clear()
+        cfg = EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=12, early_exit=early, progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results[early] = (compute_eva_state(tiny_llama, batches, cfg), len(calls))
+    handle.remove()
+    (slow, full_calls), (fast, cut_calls) = results[False], results[True]
+    assert fast.n_batches == slow.n_batches and fast.group_tokens == slow.group_tokens
+    for name in slow.ranks:
+        torch.testing.assert_close(fast.components[name], slow.components[name], rtol=0, atol=0)
+    # With early exit only the probe pass reaches the head; without it, every pass does.
+    assert full_calls == slow.n_batches and cut_calls == 1
+    assert hook_count(tiny_llama) == 0
+
+
+def test_early_exit_off_when_a_target_layer_runs_twice():
+    """Shared weights (a layer called twice per pass) could be cut before their second call."""
+    torch.manual_seed(0)
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.shared = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+        def forward(self, x):
+            return self.shared(self.first(self.shared(x)))
+
+    model = Tied()
+    from eva_lora.capture import ActivationCapture, find_target_layers
+
+    cfg = EvaConfig(rank=2, progress=False)
+    with torch.no_grad(), ActivationCapture(find_target_layers(model, cfg), cfg) as capture:
+        capture.set_batch(torch.randn(8, 6))
+        model(torch.randn(8, 6))
+        capture.finish_probe()
+        capture.set_exit_point(True)
+        assert capture.single_call is False and capture.exit_layer is None

@@ -9,6 +9,7 @@ has seen during that pass so a freed tensor's id cannot be reused by another one
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -137,6 +138,10 @@ class LayerGroup:
     active: bool = True
 
 
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early: no layer after it still needs data."""
+
+
 class ActivationCapture:
     """Context manager: hooks on target layers feeding one accumulator per input group.
 
@@ -157,6 +162,9 @@ class ActivationCapture:
         self._batch: Any = None
         self._mask: torch.Tensor | None = None
         self._index: torch.Tensor | None = None
+        self._probe_calls: Counter[str] = Counter()
+        self.single_call = False  # every target layer ran exactly once in the probe pass
+        self._exit_group: LayerGroup | None = None
 
     def __enter__(self) -> ActivationCapture:
         for name, module in self.layers.items():
@@ -189,17 +197,36 @@ class ActivationCapture:
         for group in self.groups:
             for follower in group.names[1:]:
                 self._handles.pop(follower).remove()
+        self.single_call = all(count == 1 for count in self._probe_calls.values())
+
+    def set_exit_point(self, enabled: bool) -> None:
+        """Stop later forward passes after the last active group (in execution order).
+
+        Only safe when every target layer runs once per pass: a layer called twice (shared
+        weights) could be cut off before its second call.
+        """
+        active = [g for g in self.groups if g.active]
+        self._exit_group = active[-1] if enabled and self.single_call and active else None
+
+    @property
+    def exit_layer(self) -> str | None:
+        """The layer after which forward passes now stop (None: they run to the end)."""
+        return None if self._exit_group is None else self._exit_group.names[0]
 
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = _first_tensor(args, kwargs, name)
             group = self._group_of.get(name)
+            if self._probe_inputs is not None:
+                self._probe_calls[name] += 1
             if group is None:
                 group = self._assign_group(name, x)
                 if group.names[0] != name:
                     return  # a follower: its leader already counted this tensor
             if group.active:
                 self._accumulate(group, name, x)
+                if group is self._exit_group:
+                    raise StopForward
 
         return hook
 

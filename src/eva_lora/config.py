@@ -52,6 +52,9 @@ class EvaConfig:
             sums and the final solve are float64 either way. Use float64 for extreme dynamic range.
         progress: show a tqdm progress bar.
         strict: raise instead of warning when the loop ends before convergence.
+        early_exit: end each forward pass right after the deepest layer that still needs data
+            (EVA never uses the model's outputs). Once the late layers have converged this skips
+            their cost; it is switched off automatically when a target layer runs twice per pass.
     """
 
     rank: int = 16
@@ -73,6 +76,7 @@ class EvaConfig:
     stats_dtype: Literal["float32", "float64"] = "float32"
     progress: bool = True
     strict: bool = False
+    early_exit: bool = True
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):

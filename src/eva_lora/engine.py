@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, rank_scores
-from .capture import ActivationCapture, LayerGroup, TokenSelector, find_target_layers, in_features
+from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, find_target_layers, in_features
 from .config import EvaConfig
 from .convergence import ComponentTracker
 from .state import EvaState
@@ -99,6 +99,8 @@ class _EvaLoop:
         self.capture.set_batch(batch)
         try:
             self.forward_fn(self.model, batch)
+        except StopForward:
+            pass
         except Exception as err:
             raise RuntimeError(f"the model's forward pass failed on batch {self.n_batches + 1}: {err}") from err
         self.n_batches += 1
@@ -128,9 +130,11 @@ class _EvaLoop:
             done = int(tracker.converged[:need].sum())
             group.active = done < need
             needed, converged = needed + need, converged + done
+        self.capture.set_exit_point(self.config.early_exit)
         self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
                              "converged_components": converged,
                              "active_groups": sum(g.active for g in self.capture.groups),
+                             "forward_ends_after": self.capture.exit_layer,
                              "seconds": round(time.perf_counter() - self.started, 4)})
         if converged == needed:
             self.stop_reason = "converged"
