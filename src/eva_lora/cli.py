@@ -1,0 +1,168 @@
+"""``eva``: init | train | eval | compare | plot | demo.
+
+Settings come from ``--preset``, ``--config file.yaml`` and ``key=value`` overrides (``eva.rho=2``),
+in that order of precedence (later wins); the common ones also have flags. Any bad input ends with
+one line on stderr naming the problem (and the valid choices) and exit code 2, before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+EXIT_USAGE = 2
+
+
+def _run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="RunConfig / EvaConfig fields, e.g. rank=4 eva.rho=2 max_steps=50")
+    parser.add_argument("--config", help="YAML file mirroring RunConfig (with an eva: section)")
+    parser.add_argument("--preset", help="paper hyper-parameters: math | commonsense | glue")
+    parser.add_argument("--model", help="local model folder, or 'minilm' (bundled all-MiniLM-L6-v2)")
+    parser.add_argument("--task", help="sst2 cola rte mrpc stsb gsm8k math commonsense boolq piqa siqa "
+                                       "winogrande arc-e arc-c obqa")
+    parser.add_argument("--data-dir", dest="data_dir", help="folder laid out like ../shared/data")
+    parser.add_argument("--train-file", dest="train_file", help="training file (json, jsonl, tsv, csv, parquet)")
+    parser.add_argument("--eval-file", dest="eval_file", help="evaluation file")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--seed", type=int)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="eva", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init", help="compute and save an EVA state (the SVD precompute step)")
+    _run_options(p)
+    p.add_argument("--output", help="state folder (default: <output_dir>/eva_state)")
+
+    p = sub.add_parser("train", help="LoRA fine-tuning from a registered initialisation")
+    _run_options(p)
+    p.add_argument("--init", help="lora eva eva-dora dora pissa olora corda lora-ga adalora eva-whiten eva-perm "
+                                  "eva-rot lora-redist")
+    p.add_argument("--eva-state", dest="eva_state", help="precomputed state folder (from eva init)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
+    p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+
+    p = sub.add_parser("eval", help="evaluate a base model or an adapter on a task")
+    _run_options(p)
+    p.add_argument("--adapter", help="PEFT adapter folder (omit to evaluate the base model)")
+    p.add_argument("--output", help="write the metrics JSON here")
+
+    p = sub.add_parser("compare", help="several inits x seeds on one task: mean +/- std table")
+    _run_options(p)
+    p.add_argument("--inits", default="lora,eva", help="comma-separated init names")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+
+    p = sub.add_parser("plot", help="rank heat map and convergence of a state; loss curves of a comparison")
+    p.add_argument("--state", help="EVA state folder")
+    p.add_argument("--compare", help="output folder of eva compare (loss curves)")
+    p.add_argument("--out", required=True, help="folder for the PNG files")
+
+    p = sub.add_parser("demo", help="EVA vs LoRA on all-MiniLM-L6-v2 and SST-2, table and plots")
+    p.add_argument("--quick", action="store_true", help="reduced form (CI)")
+    p.add_argument("--output-dir", dest="output_dir", default="out/demo")
+    p.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from .run_config import build_run_config, parse_overrides
+
+    overrides = parse_overrides(args.overrides)
+    for key in ("model", "task", "data_dir", "train_file", "eval_file", "output_dir", "seed", "init", "eva_state"):
+        value = getattr(args, key, None)
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "resume", False):
+        overrides["resume"] = True
+    return build_run_config(args.preset, args.config, overrides)
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.command == "demo":
+        from .recipes.demo import run_demo
+
+        result = run_demo(args.output_dir, args.quick, args.seed)
+        print(result["table"])
+        print(f"EVA: {result['eva_batches']} batches, stop: {result['eva_stop']}; plots and adapters in "
+              f"{args.output_dir}/")
+        return 0
+    if args.command == "plot":
+        return _plot(args)
+    cfg = _config(args)
+    if args.command == "init":
+        from .recipes.init import run_init
+
+        output = args.output or str(Path(cfg.output_dir) / "eva_state")
+        state, seconds = run_init(cfg, output)
+        print(f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} tokens, "
+              f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}")
+    elif args.command == "train":
+        from .recipes.train import train
+
+        metrics = train(cfg, evaluate=not args.no_eval)
+        print(json.dumps({k: metrics[k] for k in ("task", "init", "steps", "train_loss", "init_seconds")}
+                         | ({"eval": metrics["eval"]} if "eval" in metrics else {})))
+    elif args.command == "eval":
+        from .recipes.evaluate import run_eval
+
+        print(json.dumps(run_eval(cfg, args.adapter, args.output)["metrics"]))
+    elif args.command == "compare":
+        from .recipes.compare import run_compare, to_markdown
+
+        result = run_compare(cfg, [v.strip() for v in args.inits.split(",") if v.strip()],
+                             _ints(args.seeds, "--seeds"))
+        print(to_markdown(result["summary"]), end="")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from .plots import plot_convergence, plot_loss_curves, plot_rank_heatmap
+
+    if not args.state and not args.compare:
+        raise ValueError("plot needs --state and/or --compare")
+    out = Path(args.out)
+    if args.state:
+        from .state import EvaState
+
+        state = EvaState.load(args.state)
+        print(plot_rank_heatmap(state, out / "ranks.png"))
+        print(plot_convergence(state, out / "convergence.png"))
+    if args.compare:
+        source = Path(args.compare) / "comparison.json"
+        if not source.is_file():
+            raise ValueError(f"{source} not found: run eva compare first")
+        runs = json.loads(source.read_text())["runs"]
+        logs = {f"{init} seed{r['seed']}": r["log"] for init, results in runs.items() for r in results}
+        print(plot_loss_curves(logs, out / "loss.png"))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .models import ModelPathError
+    from .state import StateFileError
+    from .tasks import DataError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, DataError, ModelPathError, StateFileError, FileNotFoundError) as err:
+        print(f"eva {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Figures: rank distribution heat map (paper Figure 9), EVA convergence, training-loss curves.
+
+The only matplotlib user (Agg backend, no display). Every figure is written to a temporary file
+and renamed, like every other file this tool writes.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ._atomic import atomic_path
+from .state import EvaState
+
+_LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
+
+
+def rank_table(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[list[float]]]:
+    """(layer indices, module types, matrix[type][layer]) from names like ``...layers.3.self_attn.q_proj``.
+
+    Layers without a block index (a pooler) become their own row at index -1; missing cells are NaN.
+    """
+    cells: dict[tuple[str, int], int] = {}
+    for name, rank in ranks.items():
+        match = _LAYER.match(name)
+        index, kind = (int(match.group(2)), match.group(3)) if match else (-1, name)
+        cells[(kind, index)] = rank
+    layers = sorted({i for _, i in cells})
+    kinds = sorted({k for k, _ in cells})
+    matrix = [[float(cells.get((k, i), float("nan"))) for i in layers] for k in kinds]
+    return layers, kinds, matrix
+
+
+def _save(fig: Any, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_rank_heatmap(state: EvaState, path: str | Path, title: str | None = None) -> Path:
+    """Ranks per layer (columns) and module type (rows), annotated; 0 means no adapter."""
+    plt = _pyplot()
+    layers, kinds, matrix = rank_table(state.ranks)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(layers), 0.9 + 0.42 * len(kinds)))
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0, vmax=state.config.max_components)
+    ax.set_xticks(range(len(layers)), [str(i) if i >= 0 else "-" for i in layers])
+    ax.set_yticks(range(len(kinds)), kinds)
+    ax.set_xlabel("layer")
+    for row, values in enumerate(matrix):
+        for col, value in enumerate(values):
+            if value == value:  # not NaN
+                ax.text(col, row, f"{int(value)}", ha="center", va="center", color="w", fontsize=8)
+    fig.colorbar(image, ax=ax, label="rank")
+    ax.set_title(title or f"EVA ranks (r={state.config.rank}, rho={state.config.rho})")
+    return _save(fig, path)
+
+
+def plot_convergence(state: EvaState, path: str | Path) -> Path:
+    """Converged / needed components against batches and seconds (from the state's history)."""
+    plt = _pyplot()
+    history = state.history
+    if not history:
+        raise ValueError("this EVA state has no convergence history to plot")
+    batches = [h["batch"] for h in history]
+    share = [h["converged_components"] / max(h["needed_components"], 1) for h in history]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    left.plot(batches, share, marker=".")
+    left.set_xlabel("batches")
+    left.set_ylabel("share of needed components converged")
+    right.plot([h["seconds"] for h in history], share, marker=".", color="tab:orange")
+    right.set_xlabel("seconds")
+    fig.suptitle(f"EVA convergence (tau={state.config.tau}): stop = {state.stop_reason} "
+                 f"after {state.n_batches} batches")
+    return _save(fig, path)
+
+
+def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
+                     key: str = "loss") -> Path:
+    """One line per run label from Trainer log entries ({"step", "loss", "grad_norm"})."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for label, log in runs.items():
+        points = [(e["step"], e[key]) for e in log if key in e]
+        if points:
+            ax.plot(*zip(*points), label=label, marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key.replace("_", " "))
+    ax.legend()
+    ax.set_title(f"training {key.replace('_', ' ')}")
+    return _save(fig, path)

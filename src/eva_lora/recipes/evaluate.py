@@ -1,0 +1,119 @@
+"""Evaluate a (PEFT) model on a task: class/score predictions for GLUE, greedy generation otherwise.
+
+    eva eval --model minilm --task sst2 --adapter out/run/adapter
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .._atomic import atomic_write_text
+from ..models import load_model
+from ..preprocess import Collator
+from ..run_config import RunConfig
+from ..tasks import Task, eval_tasks
+
+
+@torch.no_grad()
+def predict_labels(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int) -> list[Any]:
+    """Argmax class (classification) or the scalar output (regression), in dataset order."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer.pad_token_id)
+    out: list[Any] = []
+    for start in range(0, len(data), batch_size):
+        rows = data.select(range(start, min(start + batch_size, len(data))))
+        encoded = [_encode(tokenizer, r) for r in rows]
+        batch = {k: v.to(device) for k, v in collate(encoded).items()}
+        logits = model(**batch).logits.float()
+        out.extend(logits[:, 0].tolist() if task.kind == "regression" else logits.argmax(-1).tolist())
+    return out
+
+
+def _encode(tokenizer: Any, row: dict[str, Any]) -> dict[str, Any]:
+    pair = row.get("text_pair")
+    enc = tokenizer(row["text"], pair, truncation=True, max_length=512) if pair is not None else \
+        tokenizer(row["text"], truncation=True, max_length=512)
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+@torch.no_grad()
+def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
+                     max_new_tokens: int) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+    model.eval()
+    device = next(model.parameters()).device
+    collate = Collator(tokenizer.pad_token_id, side="left")
+    out: list[str] = []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
+        encoded = [tokenizer(p) for p in prompts[start : start + batch_size]]
+        batch = {k: v.to(device) for k, v in collate([{"input_ids": e["input_ids"],
+                                                       "attention_mask": e["attention_mask"]}
+                                                      for e in encoded]).items()}
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        out.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+    return out
+
+
+def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int = 32,
+                  max_new_tokens: int = 256) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns)."""
+    from .. import tasks as tasks_module
+
+    if task.kind == "generation":
+        texts = generate_answers(model, tokenizer, list(data["prompt"]), batch_size, max_new_tokens)
+        extract = {"gsm8k": tasks_module.generation.extract_number,
+                   "math": tasks_module.generation.extract_boxed}.get(task.name,
+                                                                        tasks_module.generation.extract_choice)
+        predictions = [extract(t) for t in texts]
+        references = list(data["answer"])
+        records = [{"prediction": p, "reference": r, "generation": t}
+                   for p, r, t in zip(predictions, references, texts)]
+    else:
+        predictions = predict_labels(model, tokenizer, task, data, batch_size)
+        references = list(data["label"])
+        records = [{"prediction": p, "reference": r} for p, r in zip(predictions, references)]
+    metrics = {k: round(v, 6) for k, v in task.score(predictions, references).items()}
+    return {**metrics, "n": len(references)}, records
+
+
+def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    """Every evaluation task of ``cfg.task`` (7 for common sense, with their mean)."""
+    results: dict[str, Any] = {}
+    for task in eval_tasks(cfg.task):
+        file = cfg.eval_file if len(eval_tasks(cfg.task)) == 1 else None
+        data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
+        metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens)
+        results[task.name] = metrics
+    if len(results) > 1:
+        results["mean_accuracy"] = round(sum(m["accuracy"] for m in results.values()) / len(results), 6)
+    return results
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> dict[str, Any]:
+    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if given."""
+    from ..tasks import get_task
+
+    task = get_task(cfg.task)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
+    for each in eval_tasks(cfg.task):  # fail on a missing file before loading the model
+        each.path("eval", cfg.data_dir) if cfg.eval_file is None else None
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    if adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    start = time.perf_counter()
+    results = {"task": cfg.task, "model": cfg.model, "adapter": adapter, "metrics": evaluate_all(model, tokenizer, cfg)}
+    results["eval_seconds"] = round(time.perf_counter() - start, 2)
+    if output is not None:
+        atomic_write_text(output, json.dumps(results, indent=2))
+    return results

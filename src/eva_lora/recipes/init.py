@@ -1,0 +1,33 @@
+"""Compute and save an EVA state for a model and a task's training data (the SVD precompute step).
+
+    eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from ..engine import compute_eva_state
+from ..models import load_model, resolve_model_path
+from ..preprocess import Collator, init_batches, tokenize
+from ..run_config import RunConfig
+from ..state import EvaState
+from ..tasks import get_task
+from .train import _require_writable
+
+
+def run_init(cfg: RunConfig, output: str | Path) -> tuple[EvaState, float]:
+    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved to ``output``."""
+    task = get_task(cfg.task)
+    resolve_model_path(cfg.model)
+    _require_writable(Path(output))
+    data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
+    batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed)
+    start = time.perf_counter()
+    state = compute_eva_state(model, batches, cfg.eva)
+    seconds = time.perf_counter() - start
+    state.save(output)
+    return state, seconds

