@@ -10,13 +10,16 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e ".[test]"
 	touch $@
 
-.PHONY: demo test lint bench
+.PHONY: demo demo-quick test lint bench
 demo: $(BIN)/.installed
-	$(BIN)/python examples/demo_init.py --out out/demo
+	$(BIN)/eva demo --output-dir out/demo
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
+
+demo-quick: $(BIN)/.installed
+	$(BIN)/eva demo --quick --output-dir out/demo-quick
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples

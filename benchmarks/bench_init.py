@@ -27,7 +27,7 @@ from eva_lora.capture import collect_statistics, find_target_layers
 from eva_lora.pca import captured_variance
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "tests/assets/sst2_train_1000.tsv"]
+SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "src/eva_lora/data/sst2_train_1000.tsv"]
 
 
 class PeakRSS:

@@ -4,7 +4,7 @@
 
 Computes the EVA state, saves and reloads it, wraps the model as a PEFT LoRA model and checks that
 its outputs equal the base model's at initialisation (B = 0). Prints timing and the rank spread.
-Fine-tuning and evaluation (`eva demo`) are tracked in issue 4.
+The full loop (fine-tuning EVA and LoRA, evaluation, plots) is `eva demo`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from eva_lora import EvaConfig, EvaState, apply_eva_state, compute_eva_state
 
-ASSET = Path(__file__).resolve().parents[1] / "tests/assets/sst2_train_1000.tsv"
+ASSET = Path(__file__).resolve().parents[1] / "src/eva_lora/data/sst2_train_1000.tsv"
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ASSETS = Path(__file__).parent / "assets"
+ASSETS = Path(__file__).parents[1] / "src/eva_lora/data"
 
 
 def sst2_sentences(n: int, split: str = "train") -> list[str]:

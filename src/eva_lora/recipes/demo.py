@@ -1,6 +1,6 @@
 """The main job on an embedded default: EVA vs random LoRA on the real all-MiniLM-L6-v2 and SST-2.
 
-    eva demo             # ~4 min on 2 CPU cores
+    eva demo             # ~2.5 min on 2 CPU cores
     eva demo --quick     # the CI form: fewer examples and steps
 
 EVA init, then both methods fine-tuned for the same steps with the same seed, both evaluated on the
@@ -21,9 +21,9 @@ from ..run_config import build_run_config
 from ..state import EvaState
 from .train import STATE_DIR, train
 
-FULL = dict(train_limit=None, eval_limit=None, max_steps=120, batch_size=16, learning_rate=1e-3)
+FULL = dict(train_limit=None, eval_limit=None, max_steps=200, batch_size=16, learning_rate=1e-3)
 QUICK = dict(train_limit=256, eval_limit=128, max_steps=16, batch_size=16, learning_rate=1e-3)
-LOSS_STEPS = (5, 10, 20, 40, 80, 120)
+LOSS_STEPS = (5, 10, 25, 50, 100, 200)
 
 
 def run_demo(output_dir: str = "out/demo", quick: bool = False, seed: int = 0) -> dict[str, Any]:

@@ -154,7 +154,12 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: 
                 model.base_model.update_and_allocate(state.global_step)
 
         callbacks.append(AdaLoraBudget())
-    return Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    if not cfg.eva.progress:  # quiet runs: no bar, and no log dict printed per step either
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 def _save_initial(peft_model: Any, out: Path) -> Path:
