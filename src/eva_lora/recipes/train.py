@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .._atomic import atomic_write_text
 from ..initializers import LoraSettings, build_peft_model, get_init_method
 from ..models import load_model, resolve_model_path
@@ -143,6 +145,7 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: 
         save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=cfg.save_steps or 500,
         save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to="none", bf16=cfg.bf16,
         remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.eva.progress,
+        dataloader_pin_memory=torch.cuda.is_available(),
         label_names=["labels"],
     )
     callbacks = []
