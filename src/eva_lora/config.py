@@ -55,6 +55,9 @@ class EvaConfig:
         early_exit: end each forward pass right after the deepest layer that still needs data
             (EVA never uses the model's outputs). Once the late layers have converged this skips
             their cost; it is switched off automatically when a target layer runs twice per pass.
+        distributed_inputs: under torch.distributed, whether ranks feed different batches
+            ("sharded": statistics are summed), the same batches ("replicated": only the solves are
+            shared out) or "auto" (decided from a checksum of the first batch). See distributed.py.
     """
 
     rank: int = 16
@@ -77,6 +80,7 @@ class EvaConfig:
     progress: bool = True
     strict: bool = False
     early_exit: bool = True
+    distributed_inputs: str = "auto"
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
@@ -99,6 +103,8 @@ class EvaConfig:
         _check(self.init_mode in _INIT_MODES, f"init_mode must be one of {_INIT_MODES}, got {self.init_mode!r}")
         _check(isinstance(self.min_rank, int) and 0 <= self.min_rank <= self.rank,
                f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}")
+        _check(self.distributed_inputs in ("auto", "sharded", "replicated"),
+               f"distributed_inputs must be 'auto', 'sharded' or 'replicated', got {self.distributed_inputs!r}")
         _check(self.stats_dtype in ("float32", "float64"),
                f"stats_dtype must be 'float32' or 'float64', got {self.stats_dtype!r}")
 

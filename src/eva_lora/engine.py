@@ -15,9 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, rank_scores
-from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, find_target_layers, in_features
+from .capture import ActivationCapture, StopForward, TokenSelector, find_target_layers, in_features
 from .config import EvaConfig
 from .convergence import ComponentTracker
+from .distributed import Communicator
+from .pca import CovarianceAccumulator
 from .state import EvaState
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -69,26 +71,37 @@ class _EvaLoop:
         self.caps: dict[str, int] = {}
         self.ranks: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
-        self.n_batches = 0
+        self.comm = Communicator(config.distributed_inputs, self.device)
+        self.totals: list[CovarianceAccumulator] = []  # all ranks' statistics (sharded mode only)
+        self.steps = 0  # batches this process fed
+        self.n_batches = 0  # batches of all processes (= steps for one process)
         self.stop_reason = "max_batches"
         self.started = time.perf_counter()
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, batches: Iterable[Any]) -> None:
-        bar = tqdm(total=self.config.max_batches, desc="EVA", unit="batch", disable=not self.config.progress,
-                   leave=False)
+        """Forward, accumulate, check; every rank takes the same decisions from the same reduced numbers."""
+        bar = tqdm(total=self.config.max_batches, desc="EVA", unit="batch",
+                   disable=not self.config.progress or self.comm.rank != 0, leave=False)
+        stream = _bounded_stream(batches, self.config.max_batches)
         try:
-            for epoch, batch in _bounded_stream(batches, self.config.max_batches):
+            while True:
+                item = next(stream, None)
+                if not self.comm.all_have_batch(item is not None):
+                    self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
+                    break
+                epoch, batch = item
                 if epoch > 0 and self.n_batches and self._tokens() == 0:
                     raise ValueError("no valid token in a full pass over the batches: every token is masked "
                                      "(attention_mask / labels == label_mask_value)")
                 self._forward(batch)
                 bar.update(1)
-                if self.n_batches % self.config.check_every == 0 and self._check():
+                if self.steps % self.config.check_every == 0 and self._check():
+                    break
+                if self.n_batches >= self.config.max_batches:
+                    self.stop_reason = "max_batches"
                     break
                 bar.set_postfix_str(self._progress_text())
-            else:
-                self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
         finally:
             bar.close()
         if self._tokens() == 0:
@@ -102,27 +115,46 @@ class _EvaLoop:
         except StopForward:
             pass
         except Exception as err:
-            raise RuntimeError(f"the model's forward pass failed on batch {self.n_batches + 1}: {err}") from err
-        self.n_batches += 1
-        if self.n_batches == 1:
+            raise RuntimeError(f"the model's forward pass failed on batch {self.steps + 1}: {err}") from err
+        self.steps += 1
+        if self.steps == 1:
             self.capture.finish_probe()
+            self.comm.resolve_mode(batch)
+            self.comm.check_same_groups([g.names for g in self.capture.groups])
             self._setup_groups()
+        self.n_batches += self.comm.size if self.comm.sums_statistics else 1
 
     def _setup_groups(self) -> None:
-        """Per-layer caps: round(rank * rho), never above the layer's input width."""
+        """Per-layer caps: round(rank * rho), never above the layer's input width. Across ranks that
+        sum their statistics, every rank adopts rank 0's shift and keeps a running total."""
         for group in self.capture.groups:
             cap = min(self.config.max_components, group.dim)
             for name in group.names:
                 self.caps[name] = cap
             self.trackers.append(ComponentTracker(cap, group.dim, self.config.seed))
+            if self.comm.sums_statistics:
+                self.comm.share_shift(group.stats)
+                total = CovarianceAccumulator(group.dim, group.stats.device, group.stats.moment.dtype)
+                total.recenter(group.stats.shift)
+                self.totals.append(total)
+
+    def _stats(self, index: int) -> CovarianceAccumulator:
+        """The statistics of every token seen so far by all ranks (the local ones for one process)."""
+        return self.totals[index] if self.totals else self.capture.groups[index].stats
 
     # ---- convergence ---------------------------------------------------------------------
     def _check(self) -> bool:
         """Solve active groups, re-allocate ranks, (de)activate groups. True when the loop may stop."""
-        for group, tracker in zip(self.capture.groups, self.trackers):
-            if group.active:
-                _require_finite(group)
-                tracker.check(group.stats, self.config.tau)
+        for index, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
+            if not group.active:
+                continue
+            if self.comm.sums_statistics:
+                self.comm.reduce_into(group.stats, self.totals[index])
+            _require_finite(group.names, self._stats(index))
+            if self.comm.owns(index):
+                tracker.check(self._stats(index), self.config.tau)
+        if self.comm.active:
+            self._share_solutions()
         self.ranks = self._allocate(lambda tracker: tracker.values)
         needed = converged = 0
         for group, tracker in zip(self.capture.groups, self.trackers):
@@ -135,6 +167,7 @@ class _EvaLoop:
                              "converged_components": converged,
                              "active_groups": sum(g.active for g in self.capture.groups),
                              "forward_ends_after": self.capture.exit_layer,
+                             "bytes_communicated": self.comm.bytes_reduced,
                              "seconds": round(time.perf_counter() - self.started, 4)})
         if converged == needed:
             self.stop_reason = "converged"
@@ -143,6 +176,25 @@ class _EvaLoop:
             self.stop_reason = "delta"
             return True
         return False
+
+    def _share_solutions(self) -> None:
+        """Owners pack (solved?, values, converged, total variance) per group; one all-reduce shares them."""
+        width = 2 * max((t.k for t in self.trackers), default=0) + 2
+        packed = torch.zeros(len(self.trackers), width, dtype=torch.float64)
+        for index, tracker in enumerate(self.trackers):
+            if self.comm.owns(index) and tracker.values is not None:
+                k = tracker.k
+                packed[index, 0] = 1.0
+                packed[index, 1 : k + 1] = tracker.values.cpu()
+                packed[index, k + 1 : 2 * k + 1] = tracker.converged.to(torch.float64)
+                packed[index, -1] = tracker.total_variance
+        packed = self.comm.share_solutions(packed)
+        for index, tracker in enumerate(self.trackers):
+            if packed[index, 0] == 1.0 and not self.comm.owns(index):
+                k = tracker.k
+                tracker.values = packed[index, 1 : k + 1].clone()
+                tracker.converged = packed[index, k + 1 : 2 * k + 1] > 0.5
+                tracker.total_variance = float(packed[index, -1])
 
     def _allocate(self, values_of: Callable[[ComponentTracker], torch.Tensor | None]) -> dict[str, int]:
         """Ranks from the current spectra; a group without an estimate yet keeps its full cap."""
@@ -162,20 +214,27 @@ class _EvaLoop:
     # ---- result --------------------------------------------------------------------------
     def build_state(self, layers: Mapping[str, nn.Module]) -> EvaState:
         comps, values, ratios = [], [], []
-        for group, tracker in zip(self.capture.groups, self.trackers):
-            if group.stats.count < 2:
-                raise ValueError(f"layer(s) {group.names} saw {group.stats.count} valid token(s); need at least 2")
-            pairs = tracker.finalize(group.stats)
-            tracker.values = pairs.values
-            comps.append(pairs.vectors.to(torch.float32).cpu())
-            values.append(pairs.values.to(torch.float64).cpu())
-            ratios.append((pairs.values / max(tracker.total_variance, 1e-300)).cpu())
+        for index, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
+            stats = self._stats(index)
+            if stats.count < 2:
+                raise ValueError(f"layer(s) {group.names} saw {stats.count} valid token(s); need at least 2")
+            vectors = torch.zeros(tracker.k, group.dim, dtype=torch.float64, device=stats.device)
+            eigen = torch.zeros(tracker.k, dtype=torch.float64, device=stats.device)
+            if self.comm.owns(index):
+                pairs = tracker.finalize(stats)
+                vectors, eigen = pairs.vectors.to(torch.float64), pairs.values.to(torch.float64)
+            vectors = self.comm.broadcast_from_owner(vectors, index)
+            eigen = self.comm.broadcast_from_owner(eigen, index)
+            tracker.values, tracker.total_variance = eigen.cpu(), stats.total_variance()
+            comps.append(vectors.to(torch.float32).cpu())
+            values.append(eigen.cpu())
+            ratios.append(eigen.cpu() / max(tracker.total_variance, 1e-300))
         self.ranks = self._allocate(lambda tracker: tracker.values)
         unconverged = self._unconverged()
         self._report(unconverged)
         shapes = {n: [in_features(m), _out_features(m)] for n, m in layers.items()}
         return EvaState(self.config, [list(g.names) for g in self.capture.groups], comps, values, ratios,
-                        [g.stats.count for g in self.capture.groups], self.ranks, shapes,
+                        [self._stats(i).count for i in range(len(self.capture.groups))], self.ranks, shapes,
                         n_batches=self.n_batches, stop_reason=self.stop_reason, unconverged=unconverged,
                         history=self.history, versions=_versions())
 
@@ -198,7 +257,7 @@ class _EvaLoop:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _tokens(self) -> int:
-        return max((g.stats.count for g in self.capture.groups), default=0)
+        return max((self._stats(i).count for i in range(len(self.capture.groups))), default=0)
 
     def _progress_text(self) -> str:
         done = sum(not g.active for g in self.capture.groups)
@@ -227,9 +286,9 @@ def _bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, A
         epoch += 1
 
 
-def _require_finite(group: LayerGroup) -> None:
-    if not group.stats.is_finite():
-        raise FloatingPointError(f"NaN or Inf activations reached layer(s) {group.names}")
+def _require_finite(names: list[str], stats: CovarianceAccumulator) -> None:
+    if not stats.is_finite():
+        raise FloatingPointError(f"NaN or Inf activations reached layer(s) {names}")
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:

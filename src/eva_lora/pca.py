@@ -47,6 +47,7 @@ class CovarianceAccumulator:
         self.shift = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
         self.sum = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
         self.moment = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.shift_fixed = False  # set by recenter(): processes that sum their statistics share one shift
 
     @property
     def device(self) -> torch.device:
@@ -60,7 +61,7 @@ class CovarianceAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(device=self.device, dtype=self.moment.dtype)
-        if self.count == 0:
+        if self.count == 0 and not self.shift_fixed:
             self.shift = x.mean(0, dtype=STATS_DTYPE)
         centred = x - self.shift.to(x.dtype)
         for i, (a, b) in enumerate(self.blocks):
@@ -108,6 +109,27 @@ class CovarianceAccumulator:
         self.moment += other.full_moment().to(self.moment) + correction.to(self.moment)
         self.sum += other_sum + other.count * offset
         self.count += other.count
+
+    def recenter(self, shift: torch.Tensor) -> None:
+        """Re-express the statistics around ``shift`` and keep it for later rows.
+
+        Accumulators that share a shift can be summed field by field (an all-reduce).
+        """
+        shift = shift.to(self.device, STATS_DTYPE)
+        if self.count:
+            offset = self.shift - shift
+            correction = (torch.outer(self.sum, offset) + torch.outer(offset, self.sum)
+                          + self.count * torch.outer(offset, offset))
+            self.moment += correction.to(self.moment)
+            self.sum += self.count * offset
+        self.shift = shift.clone()
+        self.shift_fixed = True
+
+    def reset(self) -> None:
+        """Forget every row but keep the shift (a process's increment since the last all-reduce)."""
+        self.count = 0
+        self.sum.zero_()
+        self.moment.zero_()
 
     def mean(self) -> torch.Tensor:
         """(dim,) float64 mean of all rows seen."""
