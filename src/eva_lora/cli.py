@@ -113,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         from .recipes.train import train
 
         metrics = train(cfg, evaluate=not args.no_eval)
+        if "task" not in metrics:  # a rank other than 0 under torchrun: rank 0 reports
+            return 0
         print(json.dumps({k: metrics[k] for k in ("task", "init", "steps", "train_loss", "init_seconds")}
                          | ({"eval": metrics["eval"]} if "eval" in metrics else {})))
     elif args.command == "eval":
@@ -156,7 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     from .tasks import DataError
 
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come anywhere, also after flags (argparse alone stops at the first flag)
+    args, extra = parser.parse_known_args(argv)
+    unknown = [e for e in extra if e.startswith("-") or "=" not in e]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(unknown or extra)}")
+    if extra:
+        args.overrides = list(args.overrides) + extra
     try:
         return run(args)
     except (ValueError, DataError, ModelPathError, StateFileError, FileNotFoundError) as err:

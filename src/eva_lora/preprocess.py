@@ -92,14 +92,18 @@ class Collator:
         return out
 
 
-def init_batches(dataset: Any, collator: Collator, batch_size: int, seed: int,
-                 limit: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+def init_batches(dataset: Any, collator: Collator, batch_size: int, seed: int, limit: int | None = None,
+                 shard: tuple[int, int] = (0, 1)) -> Iterator[dict[str, torch.Tensor]]:
     """One seeded, shuffled pass in batches of the SVD batch size (at most ``limit`` batches).
 
     A single pass on purpose: cycling a small dataset would only repeat tokens EVA has already
     counted; when the data ends first, EVA says so (stop reason ``data_exhausted``) and solves exactly.
+    shard=(rank, world): this process takes batches rank, rank + world, ... of the same order, so
+    the ranks together feed exactly the batches one process would.
     """
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     starts = range(0, len(order), batch_size)
-    for start in starts if limit is None else starts[:limit]:
+    starts = starts if limit is None else starts[:limit]
+    rank, world = shard
+    for start in starts[rank::world]:
         yield collator([dataset[i] for i in order[start : start + batch_size]])

@@ -71,12 +71,41 @@ def _require_writable(out: Path) -> None:
         raise ValueError(f"output folder {out} is not writable")
 
 
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun / accelerate launch describe in the environment (if any).
+
+    Done before the model exists so that EVA's statistics are computed collectively; transformers'
+    Trainer then reuses the same group for DDP. Returns (rank, world_size).
+    """
+    import torch.distributed as dist
+
+    from ..distributed import default_timeout, world
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=default_timeout())
+    return world()
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
+        torch.device("cpu")
+
+
 def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
-    """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json."""
+    """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json.
+
+    Under torchrun / accelerate launch: EVA is computed once, collectively (each rank feeds its share
+    of the initialisation batches), training is DDP, and only rank 0 writes files and evaluates.
+    """
     checkpoint = validate(cfg, evaluate)
+    rank, world_size = init_distributed()
     task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    model.to(_device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     collator = Collator(tokenizer.pad_token_id)
     steps = _total_steps(cfg, prepared.kept)
@@ -87,17 +116,20 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
     limit = None if method.eva is not None else cfg.calibration_batches  # CorDA / LoRA-GA budget
     peft_model, state = build_peft_model(model, method, settings, cfg.eva,
                                          batches=lambda: init_batches(prepared.dataset, collator,
-                                                                      cfg.svd_batch_size, cfg.seed, limit),
+                                                                      cfg.svd_batch_size, cfg.seed, limit,
+                                                                      shard=(rank, world_size)),
                                          eva_state=state)
     init_seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    if state is not None and not (out / STATE_DIR).is_dir():
+    if rank == 0 and state is not None and not (out / STATE_DIR).is_dir():
         state.save(out / STATE_DIR)
-    initial = _save_initial(peft_model, out) if method.weight_changing else None
+    initial = _save_initial(peft_model, out) if method.weight_changing and rank == 0 else None
     trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg, method.name)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
+    if rank != 0:
+        return {"rank": rank, "steps": trainer.state.global_step}
     _save_adapter(peft_model, out / ADAPTER_DIR, initial)
     metrics = {
         "task": cfg.task, "init": cfg.init, "model": cfg.model, "seed": cfg.seed,
@@ -109,6 +141,7 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
                 for e in trainer.state.log_history if "loss" in e],
         "eva": None if state is None else {"n_batches": state.n_batches, "stop_reason": state.stop_reason,
                                            "ranks": state.ranks},
+        "world_size": world_size,
         "config": cfg.to_dict(),
     }
     if evaluate:
