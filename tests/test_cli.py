@@ -181,3 +181,21 @@ def test_yaml_config_mirrors_the_dataclasses(tmp_path):
     assert (cfg.eva.rho, cfg.eva.tau, cfg.eva.rank) == (1.5, 0.9, 4)
     with pytest.raises(ValueError, match=r"unknown eva setting\(s\) \['rhoo'\]"):
         build_run_config(None, None, {"eva": {"rhoo": 2}})
+
+
+def test_init_checkpoints_and_resumes_from_the_cli(tmp_path, capsys, tiny_llama_dir):
+    common = ["--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA, *QUICK_GEN, "eva.tau=0.99999"]
+    out = tmp_path / "state"
+    code, _, err = run_cli(capsys, "init", *common, "--output", out, "--resume")
+    assert code == 2 and "no checkpoint in" in err and not out.exists()
+    assert run_cli(capsys, "init", *common, "--output", out, "--checkpoint-every", "1")[0] == 0
+    meta = json.loads((tmp_path / "state.ckpt/eva_checkpoint.json").read_text())
+    assert meta["steps"] == 4  # 16 examples / svd_batch_size 4, one checkpoint per batch, the last kept
+    from eva_lora import EvaState
+
+    first = EvaState.load(out)
+    assert run_cli(capsys, "init", *common, "--output", tmp_path / "again", "--resume")[0] == 2  # other folder
+    code, _, err = run_cli(capsys, "init", *common, "--output", out, "--resume")
+    assert code == 0, err
+    again = EvaState.load(out)
+    assert again.ranks == first.ranks and again.n_batches == first.n_batches

@@ -199,6 +199,22 @@ class ActivationCapture:
                 self._handles.pop(follower).remove()
         self.single_call = all(count == 1 for count in self._probe_calls.values())
 
+    def restore_groups(self, groups: list[list[str]], stats: list[CovarianceAccumulator], single_call: bool) -> None:
+        """Recreate the groups of a checkpoint instead of probing (their statistics continue as saved)."""
+        missing = [n for names in groups for n in names if n not in self.layers]
+        if missing or sorted(n for names in groups for n in names) != sorted(self.layers):
+            raise ValueError("the checkpoint was made for other target layers "
+                             f"(not in this model / targets: {missing[:5]})")
+        self._probe_inputs = None
+        for names, acc in zip(groups, stats):
+            group = LayerGroup(list(names), acc.dim, acc)
+            self.groups.append(group)
+            for name in names:
+                self._group_of[name] = group
+            for follower in names[1:]:
+                self._handles.pop(follower).remove()
+        self.single_call = single_call
+
     def set_exit_point(self, enabled: bool) -> None:
         """Stop later forward passes after the last active group (in execution order).
 

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("init", help="compute and save an EVA state (the SVD precompute step)")
     _run_options(p)
     p.add_argument("--output", help="state folder (default: <output_dir>/eva_state)")
+    p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
+                   help="save the streaming statistics every N batches (to <output>.ckpt), atomically")
+    p.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after a crash or kill")
 
     p = sub.add_parser("train", help="LoRA fine-tuning from a registered initialisation")
     _run_options(p)
@@ -78,7 +81,7 @@ def _config(args: argparse.Namespace) -> Any:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
-    if getattr(args, "resume", False):
+    if getattr(args, "resume", False) and args.command == "train":
         overrides["resume"] = True
     return build_run_config(args.preset, args.config, overrides)
 
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         from .recipes.init import run_init
 
         output = args.output or str(Path(cfg.output_dir) / "eva_state")
-        state, seconds = run_init(cfg, output)
+        state, seconds = run_init(cfg, output, args.checkpoint_every, args.resume)
         print(f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} tokens, "
               f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}")
     elif args.command == "train":

@@ -78,7 +78,9 @@ class ComponentTracker:
         if self.basis is None:
             self.basis = self._random_basis(stats)
         pairs, applied = rayleigh_ritz(stats.covariance_product(self.basis), self.basis)
-        self.basis = torch.linalg.qr(applied).Q
+        # contiguous: QR returns column-major Q, and a checkpointed basis comes back row-major; the
+        # same layout keeps a resumed run's matmuls (and so its result) bit-identical.
+        self.basis = torch.linalg.qr(applied).Q.contiguous()
         return pairs
 
     def _random_basis(self, stats: CovarianceAccumulator) -> torch.Tensor:
@@ -87,7 +89,7 @@ class ComponentTracker:
         basis = torch.randn(self.dim, self.m, generator=generator, dtype=stats.moment.dtype).to(stats.device)
         for _ in range(WARMUP_STEPS):
             basis = torch.linalg.qr(stats.covariance_product(torch.linalg.qr(basis).Q)).Q
-        return basis
+        return basis.contiguous()
 
 
 WARMUP_STEPS = 3

@@ -5,9 +5,11 @@ The loop is bounded by ``max_batches`` and always records why it stopped.
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -16,6 +18,7 @@ from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, rank_scores
 from .capture import ActivationCapture, StopForward, TokenSelector, find_target_layers, in_features
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import EvaConfig
 from .convergence import ComponentTracker
 from .distributed import Communicator
@@ -36,6 +39,9 @@ def compute_eva_state(
     *,
     forward_fn: ForwardFn | None = None,
     select_tokens: TokenSelector | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 0,
+    resume: bool = False,
 ) -> EvaState:
     """Compute EVA components and ranks for ``model`` from ``batches``.
 
@@ -45,14 +51,23 @@ def compute_eva_state(
     select_tokens(layer_input, batch, layer_name) -> (n_tokens, in_features) replaces the default
     masking for inputs that are not (batch, seq, dim) / (n, dim).
     The model is left exactly as it was: no hook survives, train/eval mode is restored.
+    checkpoint_dir / checkpoint_every: save the statistics and solver state atomically every N
+    batches; resume=True continues from the last checkpoint there (the batches must be the same
+    sequence: the ones before the checkpoint are skipped, not fed) and gives the same result as an
+    uninterrupted run. Without a checkpoint yet, resume starts from the first batch.
     """
     config = config or EvaConfig()
+    if (checkpoint_every or resume) and checkpoint_dir is None:
+        raise ValueError("checkpoint_every / resume need checkpoint_dir")
+    if checkpoint_every < 0:
+        raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     layers = find_target_layers(model, config)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad(), ActivationCapture(layers, config, select_tokens) as capture:
             loop = _EvaLoop(model, capture, config, forward_fn)
+            loop.checkpointing(checkpoint_dir, checkpoint_every, resume)
             loop.run(batches)
     finally:
         model.train(was_training)
@@ -73,10 +88,74 @@ class _EvaLoop:
         self.history: list[dict[str, Any]] = []
         self.comm = Communicator(config.distributed_inputs, self.device)
         self.totals: list[CovarianceAccumulator] = []  # all ranks' statistics (sharded mode only)
-        self.steps = 0  # batches this process fed
+        self.steps = 0  # batches this process fed (or skipped on resume)
+        self.checkpoint_dir: Path | None = None
+        self.checkpoint_every = 0
+        self.resumed: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # the checkpoint resumed
         self.n_batches = 0  # batches of all processes (= steps for one process)
         self.stop_reason = "max_batches"
         self.started = time.perf_counter()
+
+    # ---- checkpoints -----------------------------------------------------------------------
+    def checkpointing(self, directory: Any, every: int, resume: bool) -> None:
+        self.checkpoint_dir = None if directory is None else Path(directory)
+        self.checkpoint_every = every
+        if (every or resume) and self.comm.active:
+            raise ValueError("checkpoints are single-process for now: under torch.distributed, leave "
+                             "checkpoint_every at 0 and resume unset")
+        if resume:
+            self.resumed = load_checkpoint(self.checkpoint_dir)
+            if self.resumed is None:
+                warnings.warn(f"no EVA checkpoint in {self.checkpoint_dir}: starting from the first batch",
+                              RuntimeWarning, stacklevel=3)
+            else:
+                meta = self.resumed[0]
+                mine = {k: v for k, v in self.config.to_dict().items() if k != "progress"}
+                theirs = {k: v for k, v in meta["config"].items() if k != "progress"}
+                if mine != theirs:
+                    changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+                    raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}")
+                self.steps, self.n_batches = int(meta["steps"]), int(meta["n_batches"])
+                self._restore(*self.resumed)
+
+    def _save_checkpoint(self) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        trackers = []
+        for g, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
+            for key, value in group.stats.state_dict().items():
+                tensors[f"acc.{g}.{key}"] = value
+            for key in ("basis", "previous", "values"):
+                value = getattr(tracker, key)
+                if value is not None:
+                    tensors[f"trk.{g}.{key}"] = value
+            tensors[f"trk.{g}.converged"] = tracker.converged.to(torch.uint8)
+            trackers.append({"total_variance": tracker.total_variance, "active": group.active})
+        meta = {"steps": self.steps, "n_batches": self.n_batches, "config": self.config.to_dict(),
+                "single_call": self.capture.single_call,
+                "groups": [g.names for g in self.capture.groups], "trackers": trackers, "ranks": self.ranks,
+                "history": self.history}
+        save_checkpoint(self.checkpoint_dir, meta, tensors)
+
+    def _restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Put back the groups, statistics and solver state of a checkpoint: the run continues
+        exactly as if it had never stopped (no probe pass, bit-identical statistics)."""
+        device = self.device or torch.device("cpu")
+        stats = [CovarianceAccumulator.from_state_dict(
+            {key: tensors[f"acc.{g}.{key}"] for key in ("count", "shift", "sum", "moment")}, device)
+            for g in range(len(meta["groups"]))]
+        self.capture.restore_groups(meta["groups"], stats, bool(meta.get("single_call", False)))
+        self._setup_groups()
+        for g, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
+            group.active = bool(meta["trackers"][g]["active"])
+            for key in ("basis", "previous", "values"):
+                if f"trk.{g}.{key}" in tensors:
+                    setattr(tracker, key, tensors[f"trk.{g}.{key}"].to(device))
+            tracker.values = None if tracker.values is None else tracker.values.cpu()
+            tracker.converged = tensors[f"trk.{g}.converged"].bool()
+            tracker.total_variance = float(meta["trackers"][g]["total_variance"])
+        self.ranks = {k: int(v) for k, v in meta["ranks"].items()}
+        self.history = list(meta["history"])
+        self.capture.set_exit_point(self.config.early_exit)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, batches: Iterable[Any]) -> None:
@@ -84,6 +163,11 @@ class _EvaLoop:
         bar = tqdm(total=self.config.max_batches, desc="EVA", unit="batch",
                    disable=not self.config.progress or self.comm.rank != 0, leave=False)
         stream = _bounded_stream(batches, self.config.max_batches)
+        for index in range(self.steps):  # resume: skip what the checkpoint already holds
+            if next(stream, None) is None:
+                raise ValueError(f"the batches ended after {index} of the {self.steps} batches the checkpoint "
+                                 "covers: resume needs the same batches in the same order")
+        bar.update(self.steps)
         try:
             while True:
                 item = next(stream, None)
@@ -98,6 +182,8 @@ class _EvaLoop:
                 bar.update(1)
                 if self.steps % self.config.check_every == 0 and self._check():
                     break
+                if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
+                    self._save_checkpoint()
                 if self.n_batches >= self.config.max_batches:
                     self.stop_reason = "max_batches"
                     break
@@ -117,7 +203,7 @@ class _EvaLoop:
         except Exception as err:
             raise RuntimeError(f"the model's forward pass failed on batch {self.steps + 1}: {err}") from err
         self.steps += 1
-        if self.steps == 1:
+        if not self.trackers:  # the probe pass: groups are known now
             self.capture.finish_probe()
             self.comm.resolve_mode(batch)
             self.comm.check_same_groups([g.names for g in self.capture.groups])

@@ -1,6 +1,7 @@
 """Compute and save an EVA state for a model and a task's training data (the SVD precompute step).
 
     eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
+    eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command + --resume
 """
 
 from __future__ import annotations
@@ -17,8 +18,13 @@ from ..tasks import get_task
 from .train import _device, _require_writable, init_distributed
 
 
-def run_init(cfg: RunConfig, output: str | Path) -> tuple[EvaState, float]:
-    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved to ``output``."""
+def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
+             resume: bool = False) -> tuple[EvaState, float]:
+    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved to ``output``.
+
+    With ``checkpoint_every`` the statistics are checkpointed to ``<output>.ckpt``; ``resume``
+    continues from there (the batches are the same seeded sequence, so the result is the same).
+    """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)
     _require_writable(Path(output))
@@ -30,7 +36,11 @@ def run_init(cfg: RunConfig, output: str | Path) -> tuple[EvaState, float]:
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))
     start = time.perf_counter()
-    state = compute_eva_state(model, batches, cfg.eva)
+    checkpoint = Path(output).with_name(Path(output).name + ".ckpt")
+    if resume and not (checkpoint / "eva_checkpoint.json").is_file():
+        raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
+    state = compute_eva_state(model, batches, cfg.eva, checkpoint_dir=checkpoint if checkpoint_every or resume
+                              else None, checkpoint_every=checkpoint_every, resume=resume)
     seconds = time.perf_counter() - start
     if rank == 0:  # every rank holds the same state; one writes it
         state.save(output)
