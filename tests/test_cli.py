@@ -199,3 +199,16 @@ def test_init_checkpoints_and_resumes_from_the_cli(tmp_path, capsys, tiny_llama_
     assert code == 0, err
     again = EvaState.load(out)
     assert again.ranks == first.ranks and again.n_batches == first.n_batches
+
+
+def test_a_full_disk_is_reported_before_the_work_starts(tmp_path, capsys, tiny_llama_dir, monkeypatch):
+    """The free-space check runs before EVA; a real full disk cannot be made here, so disk_usage reports one."""
+    import shutil
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
+    out = tmp_path / "state"
+    code, _, err = run_cli(capsys, "init", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA,
+                           *QUICK_GEN, "--output", out)
+    assert code == 2 and "not enough free space for the EVA state" in err and not out.exists()

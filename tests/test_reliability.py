@@ -120,3 +120,58 @@ def test_no_pickle_loading_anywhere_in_the_package():
             if ("torch.load(" in line and "weights_only=True" not in line) or "import pickle" in line:
                 offenders.append(f"{path.name}:{number}")
     assert offenders == []
+
+
+def _hooks(model) -> int:
+    return sum(len(m._forward_hooks) for m in model.modules())
+
+
+def test_a_dataloader_that_raises_midway_is_named_and_leaves_no_hook():
+    model = ckpt_worker.model()
+
+    def flaky():
+        yield from ckpt_worker.batches()[:2]
+        raise OSError("disk read failed")
+
+    with pytest.raises(RuntimeError, match=r"batches iterable raised while producing batch 3: OSError"):
+        compute_eva_state(model, flaky(), ckpt_worker.config())
+    assert _hooks(model) == 0
+
+
+def test_varying_shapes_and_all_padding_batches_count_exactly_the_valid_tokens():
+    from conftest import token_batches
+
+    batches = token_batches(101, 2, batch=4, seq=16) + token_batches(101, 2, batch=3, seq=9, seed=1)
+    padding_only = dict(token_batches(101, 1, batch=2, seq=5, seed=2)[0])
+    padding_only["attention_mask"] = torch.zeros_like(padding_only["attention_mask"])
+    batches.insert(1, padding_only)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = compute_eva_state(ckpt_worker.model(), iter(batches), ckpt_worker.config())
+    expected = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert state.n_batches == 5 and state.stop_reason == "data_exhausted"
+    assert max(state.group_tokens) == expected
+    with pytest.raises(ValueError, match="no valid token reached the target layers"):
+        compute_eva_state(ckpt_worker.model(), iter([padding_only]), ckpt_worker.config())
+
+
+def test_sequences_longer_than_the_model_allows_end_in_a_named_error():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=50, n_positions=8)).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with pytest.raises(RuntimeError, match="forward pass failed on batch 1"):
+        compute_eva_state(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}],
+                          ckpt_worker.config())
+    assert _hooks(model) == 0
+
+
+def test_a_layer_that_never_converges_ends_at_max_batches_with_a_warning_naming_it():
+    from eva_lora import EvaConfig
+
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999999, max_batches=4, progress=False)
+    with pytest.warns(RuntimeWarning, match=r"EVA stopped \(max_batches\) after 4 batches before .* "
+                                            r"layer\(s\) converged: \['model.layers.0"):
+        state = compute_eva_state(ckpt_worker.model(), ckpt_worker.batches(), cfg)
+    assert state.stop_reason == "max_batches" and state.unconverged

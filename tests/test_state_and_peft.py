@@ -53,6 +53,12 @@ def test_load_rejects_inconsistent_ranks(llama_state, tmp_path):
     first = next(iter(meta["ranks"]))
     meta["ranks"][first] = 999
     (d / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(StateFileError, match="does not match its own checksum"):
+        EvaState.load(d)
+    from eva_lora.state import _meta_digest
+
+    meta["meta_sha256"] = _meta_digest(meta)  # a re-signed but inconsistent file still fails validation
+    (d / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(StateFileError, match="rank 999 outside"):
         EvaState.load(d)
 

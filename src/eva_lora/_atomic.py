@@ -29,3 +29,16 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
     with atomic_path(target) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def require_free_space(target: str | os.PathLike[str], needed: int, what: str) -> None:
+    """Fail before the work starts when the file system of ``target`` cannot hold ``needed`` bytes."""
+    import shutil
+
+    existing = Path(target)
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if free < needed:
+        raise ValueError(f"not enough free space for {what} in {existing}: needs about {needed / 2**20:.1f} MiB, "
+                         f"{free / 2**20:.1f} MiB free")

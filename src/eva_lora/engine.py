@@ -164,13 +164,13 @@ class _EvaLoop:
                    disable=not self.config.progress or self.comm.rank != 0, leave=False)
         stream = _bounded_stream(batches, self.config.max_batches)
         for index in range(self.steps):  # resume: skip what the checkpoint already holds
-            if next(stream, None) is None:
+            if _next_batch(stream, index) is None:
                 raise ValueError(f"the batches ended after {index} of the {self.steps} batches the checkpoint "
                                  "covers: resume needs the same batches in the same order")
         bar.update(self.steps)
         try:
             while True:
-                item = next(stream, None)
+                item = _next_batch(stream, self.steps)
                 if not self.comm.all_have_batch(item is not None):
                     self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
                     break
@@ -350,11 +350,19 @@ class _EvaLoop:
         return f"converged groups {done}/{len(self.capture.groups)}, tokens {self._tokens()}"
 
 
+class _BadBatches(Exception):
+    """Carries an error about the batches argument out of the generator, told apart from user errors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 def _bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
     """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators once."""
     if isinstance(batches, Mapping) or isinstance(batches, torch.Tensor):
-        raise TypeError("batches must be an iterable of batches (e.g. a list of dicts or a DataLoader), "
-                        f"not a single {type(batches).__name__}")
+        raise _BadBatches(TypeError("batches must be an iterable of batches (e.g. a list of dicts or a "
+                                    f"DataLoader), not a single {type(batches).__name__}"))
     one_shot = iter(batches) is batches
     produced, epoch = 0, 0
     while produced < limit:
@@ -366,10 +374,20 @@ def _bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, A
             if produced >= limit:
                 return
         if empty and produced == 0:
-            raise ValueError("batches is empty: EVA needs at least one batch")
+            raise _BadBatches(ValueError("batches is empty: EVA needs at least one batch"))
         if one_shot or empty:
             return
         epoch += 1
+
+
+def _next_batch(stream: Iterator[tuple[int, Any]], done: int) -> tuple[int, Any] | None:
+    """The next batch, or None at the end; an error inside the user's data pipeline is named as such."""
+    try:
+        return next(stream, None)
+    except _BadBatches as err:  # our own complaint about the iterable itself
+        raise err.error from None
+    except Exception as err:
+        raise RuntimeError(f"the batches iterable raised while producing batch {done + 1}: {err!r}") from err
 
 
 def _require_finite(names: list[str], stats: CovarianceAccumulator) -> None:

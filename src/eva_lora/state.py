@@ -104,6 +104,7 @@ class EvaState:
         with atomic_path(directory / TENSOR_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
         meta = self._metadata(_sha256(directory / TENSOR_FILE))
+        meta["meta_sha256"] = _meta_digest(meta)
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1, allow_nan=True))
         return directory
 
@@ -217,6 +218,12 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of the metadata's canonical JSON (without this digest): an edited JSON is refused too."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
+
+
 def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
     if not path.is_file():
@@ -231,6 +238,8 @@ def _read_meta(directory: Path) -> dict[str, Any]:
     if meta.get("format_version") != FORMAT_VERSION:
         raise StateFileError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
                              f"(this eva-lora reads {FORMAT_VERSION})")
+    if meta.get("meta_sha256") != _meta_digest(meta):
+        raise StateFileError(f"{path} does not match its own checksum (edited or corrupted)")
     return meta
 
 

@@ -36,6 +36,13 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))
     start = time.perf_counter()
+    from .._atomic import require_free_space
+    from ..capture import find_target_layers, in_features
+
+    widths = [in_features(m) for m in find_target_layers(model, cfg.eva).values()]
+    needed = sum(w * cfg.eva.max_components * 8 for w in widths) + (
+        sum(w * w * 8 for w in widths) if checkpoint_every else 0)  # state (+ checkpoints), with margin
+    require_free_space(output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else ""))
     checkpoint = Path(output).with_name(Path(output).name + ".ckpt")
     if resume and not (checkpoint / "eva_checkpoint.json").is_file():
         raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")

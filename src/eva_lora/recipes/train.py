@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._atomic import atomic_write_text
+from .._atomic import atomic_write_text, require_free_space
 from ..initializers import LoraSettings, build_peft_model, get_init_method
 from ..models import load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
@@ -112,6 +112,9 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
     settings = LoraSettings(cfg.rank, cfg.lora_alpha, cfg.lora_dropout,
                             "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS", steps)
     state = _existing_state(cfg, out)
+    # adapter + trainer checkpoints (LoRA weights and Adam moments: ~2% of the model) + 64 MiB margin
+    require_free_space(out, 4 * sum(p.numel() for p in model.parameters()) // 50 + (64 << 20),
+                       "the adapter and checkpoints")
     start = time.perf_counter()
     limit = None if method.eva is not None else cfg.calibration_batches  # CorDA / LoRA-GA budget
     peft_model, state = build_peft_model(model, method, settings, cfg.eva,
