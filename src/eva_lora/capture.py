@@ -194,10 +194,14 @@ class ActivationCapture:
                 "these target layers were not called during the forward pass, so EVA cannot see "
                 f"their inputs: {missing[:10]}; exclude them with exclude_modules"
             )
+        self._keep_leader_hooks()
+        self.single_call = all(count == 1 for count in self._probe_calls.values())
+
+    def _keep_leader_hooks(self) -> None:
+        """One hook per group: the followers' inputs are the leader's tensor."""
         for group in self.groups:
             for follower in group.names[1:]:
                 self._handles.pop(follower).remove()
-        self.single_call = all(count == 1 for count in self._probe_calls.values())
 
     def restore_groups(self, groups: list[list[str]], stats: list[CovarianceAccumulator], single_call: bool) -> None:
         """Recreate the groups of a checkpoint instead of probing (their statistics continue as saved)."""
@@ -211,8 +215,7 @@ class ActivationCapture:
             self.groups.append(group)
             for name in names:
                 self._group_of[name] = group
-            for follower in names[1:]:
-                self._handles.pop(follower).remove()
+        self._keep_leader_hooks()
         self.single_call = single_call
 
     def set_exit_point(self, enabled: bool) -> None:

@@ -18,6 +18,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._atomic import atomic_path, atomic_write_text
+from .pca import CovarianceAccumulator
 from .state import StateFileError, _sha256
 
 FORMAT = "eva-lora-checkpoint"
@@ -66,3 +67,45 @@ def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, to
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise StateFileError(f"{tensor_path}: tensor {key} contains NaN or Inf")
     return meta, tensors
+
+
+def save_loop(directory: Path, loop: Any) -> None:
+    """Checkpoint a running EVA loop: every group's statistics and solver state, and the loop's counters."""
+    tensors: dict[str, torch.Tensor] = {}
+    trackers = []
+    for g, (group, tracker) in enumerate(zip(loop.capture.groups, loop.trackers)):
+        for key, value in group.stats.state_dict().items():
+            tensors[f"acc.{g}.{key}"] = value
+        for key in ("basis", "previous", "values"):
+            value = getattr(tracker, key)
+            if value is not None:
+                tensors[f"trk.{g}.{key}"] = value
+        tensors[f"trk.{g}.converged"] = tracker.converged.to(torch.uint8)
+        trackers.append({"total_variance": tracker.total_variance, "active": group.active})
+    meta = {"steps": loop.steps, "n_batches": loop.n_batches, "config": loop.config.to_dict(),
+            "single_call": loop.capture.single_call,
+            "groups": [g.names for g in loop.capture.groups], "trackers": trackers, "ranks": loop.ranks,
+            "history": loop.history}
+    save_checkpoint(directory, meta, tensors)
+
+
+def restore_loop(loop: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Put back the groups, statistics and solver state of a checkpoint: the run continues
+    exactly as if it had never stopped (no probe pass, bit-identical statistics)."""
+    device = loop.device or torch.device("cpu")
+    stats = [CovarianceAccumulator.from_state_dict(
+        {key: tensors[f"acc.{g}.{key}"] for key in ("count", "shift", "sum", "moment")}, device)
+        for g in range(len(meta["groups"]))]
+    loop.capture.restore_groups(meta["groups"], stats, bool(meta.get("single_call", False)))
+    loop._setup_groups()
+    for g, (group, tracker) in enumerate(zip(loop.capture.groups, loop.trackers)):
+        group.active = bool(meta["trackers"][g]["active"])
+        for key in ("basis", "previous", "values"):
+            if f"trk.{g}.{key}" in tensors:
+                setattr(tracker, key, tensors[f"trk.{g}.{key}"].to(device))
+        tracker.values = None if tracker.values is None else tracker.values.cpu()
+        tracker.converged = tensors[f"trk.{g}.converged"].bool()
+        tracker.total_variance = float(meta["trackers"][g]["total_variance"])
+    loop.ranks = {k: int(v) for k, v in meta["ranks"].items()}
+    loop.history = list(meta["history"])
+    loop.capture.set_exit_point(loop.config.early_exit)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, rank_scores
 from .capture import ActivationCapture, StopForward, TokenSelector, find_target_layers, in_features
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restore_loop, save_loop
 from .config import EvaConfig
 from .convergence import ComponentTracker
 from .distributed import Communicator
@@ -116,46 +116,7 @@ class _EvaLoop:
                     changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
                     raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}")
                 self.steps, self.n_batches = int(meta["steps"]), int(meta["n_batches"])
-                self._restore(*self.resumed)
-
-    def _save_checkpoint(self) -> None:
-        tensors: dict[str, torch.Tensor] = {}
-        trackers = []
-        for g, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
-            for key, value in group.stats.state_dict().items():
-                tensors[f"acc.{g}.{key}"] = value
-            for key in ("basis", "previous", "values"):
-                value = getattr(tracker, key)
-                if value is not None:
-                    tensors[f"trk.{g}.{key}"] = value
-            tensors[f"trk.{g}.converged"] = tracker.converged.to(torch.uint8)
-            trackers.append({"total_variance": tracker.total_variance, "active": group.active})
-        meta = {"steps": self.steps, "n_batches": self.n_batches, "config": self.config.to_dict(),
-                "single_call": self.capture.single_call,
-                "groups": [g.names for g in self.capture.groups], "trackers": trackers, "ranks": self.ranks,
-                "history": self.history}
-        save_checkpoint(self.checkpoint_dir, meta, tensors)
-
-    def _restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-        """Put back the groups, statistics and solver state of a checkpoint: the run continues
-        exactly as if it had never stopped (no probe pass, bit-identical statistics)."""
-        device = self.device or torch.device("cpu")
-        stats = [CovarianceAccumulator.from_state_dict(
-            {key: tensors[f"acc.{g}.{key}"] for key in ("count", "shift", "sum", "moment")}, device)
-            for g in range(len(meta["groups"]))]
-        self.capture.restore_groups(meta["groups"], stats, bool(meta.get("single_call", False)))
-        self._setup_groups()
-        for g, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
-            group.active = bool(meta["trackers"][g]["active"])
-            for key in ("basis", "previous", "values"):
-                if f"trk.{g}.{key}" in tensors:
-                    setattr(tracker, key, tensors[f"trk.{g}.{key}"].to(device))
-            tracker.values = None if tracker.values is None else tracker.values.cpu()
-            tracker.converged = tensors[f"trk.{g}.converged"].bool()
-            tracker.total_variance = float(meta["trackers"][g]["total_variance"])
-        self.ranks = {k: int(v) for k, v in meta["ranks"].items()}
-        self.history = list(meta["history"])
-        self.capture.set_exit_point(self.config.early_exit)
+                restore_loop(self, *self.resumed)
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, batches: Iterable[Any]) -> None:
@@ -183,7 +144,7 @@ class _EvaLoop:
                 if self.steps % self.config.check_every == 0 and self._check():
                     break
                 if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
-                    self._save_checkpoint()
+                    save_loop(self.checkpoint_dir, self)
                 if self.n_batches >= self.config.max_batches:
                     self.stop_reason = "max_batches"
                     break
