@@ -3,6 +3,7 @@
     python benchmarks/bench_init.py --case minilm      # all-MiniLM-L6-v2 on SST-2 (real weights, real text)
     python benchmarks/bench_init.py --case llama       # random-init Llama (hidden 512, 8 layers), SST-2 tokens
     python benchmarks/bench_init.py --case llama --device cuda
+    python benchmarks/bench_init.py --case sweep       # our cost against width and depth (random Llama)
 
 Prints one JSON line per measurement. Quality is the captured variance
 trace(Q^T C Q) / sum(top-k eig C) of each layer's returned rows against an exact float64 PCA of
@@ -157,16 +158,45 @@ def run_peft(model, batches, settings):
     return seconds, calls[0], mem.mb, sd
 
 
+def sweep(device: str, emit) -> None:
+    """Our overhead over plain forwards as width and depth grow: a fixed 12 batches of 4 x 128
+    tokens, every group kept active (tau close to 1), so the cost is the full statistic + checks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 1000, (4, 128), device=device)} for _ in range(12)]
+    for label, hidden, layers in [("width", 256, 4), ("width", 512, 4), ("width", 1024, 4),
+                                  ("depth", 512, 2), ("depth", 512, 8)]:
+        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 11 // 4,
+                          num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)
+        model = LlamaForCausalLM(cfg).to(device).eval()
+        timed_forwards(model, batches[:2])
+        settings = dict(rank=16, rho=2.0, tau=0.9999999, max_batches=len(batches), progress=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _sync()
+            start = time.perf_counter()
+            state = compute_eva_state(model, batches, EvaConfig(**settings))
+            _sync()
+            ours = time.perf_counter() - start
+        plain = sum(timed_forwards(model, batches))
+        emit(sweep=label, hidden=hidden, layers=layers, target_layers=len(state.ranks), seconds=round(ours, 3),
+             plain_forward_seconds=round(plain, 3), overhead_ratio=round(ours / plain, 3),
+             extra_ms_per_layer_per_batch=round(1000 * (ours - plain) / len(batches) / len(state.ranks), 3))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--case", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument("--case", choices=["minilm", "llama", "sweep"], default="minilm")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-dataset-quality", action="store_true")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    model, batches, settings = build_case(args.case, args.device)
     emit = lambda **kw: print(json.dumps({"case": args.case, "device": args.device, **kw}), flush=True)  # noqa: E731
+    if args.case == "sweep":
+        return sweep(args.device, emit)
+    model, batches, settings = build_case(args.case, args.device)
     emit(event="setup", batches_available=len(batches), threads=torch.get_num_threads(), **settings)
 
     timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
