@@ -12,9 +12,9 @@ from eva_lora._atomic import atomic_write_text
 HERE = Path(__file__).parent
 CLAIMS = [  # (section file, paper claim); a missing file is listed as not yet reproduced
     ("table4.md", "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE"),
-    ("figure2.md", "Figure 2: loss and gradient norm over the first steps"),
+    ("early_training.md", "Figure 2: loss and gradient norm over the first steps"),
     ("stability.md", "Figures 3 / 8: components across batch orders and batch sizes"),
-    ("figure9.md", "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}"),
+    ("rank_distribution.md", "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}"),
     ("table7.md", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist"),
 ]
 
