@@ -45,3 +45,15 @@ def test_early_training_quick_logs_every_step_for_each_init(tmp_path, minilm):
         assert len(curve["loss"]) == len(curve["grad_norm"]) == 8
         assert all(0.0 < v < 5.0 for v in curve["loss"]) and all(v > 0 for v in curve["grad_norm"])
     assert "| eva |" in (tmp_path / "early_training.md").read_text()
+
+
+@pytest.mark.slow
+def test_ablations_quick_compares_eva_with_an_ablation(tmp_path, minilm):
+    import ablations
+
+    ablations.main(["--quick", "--out", str(tmp_path)])
+    record = json.loads((tmp_path / "ablations.json").read_text())
+    assert [r["init"] for r in record["summary"]] == ["eva", "eva-perm"]
+    for row in record["summary"]:
+        assert row["seeds"] == 1 and 0.0 <= row["mean"] <= 1.0 and row["train_loss_mean"] > 0
+    assert "| eva-perm |" in (tmp_path / "ablations.md").read_text()

@@ -15,7 +15,7 @@ CLAIMS = [  # (section file, paper claim); a missing file is listed as not yet r
     ("early_training.md", "Figure 2: loss and gradient norm over the first steps"),
     ("stability.md", "Figures 3 / 8: components across batch orders and batch sizes"),
     ("rank_distribution.md", "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}"),
-    ("table7.md", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist"),
+    ("ablations.md", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist"),
 ]
 
 INTRO = """# The paper's claims at small scale (all-MiniLM-L6-v2, real data)
