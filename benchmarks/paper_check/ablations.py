@@ -9,25 +9,21 @@ batch 16, lr 1e-3, r 8, rho 2, alpha 1. Each run is `eva compare`'s run (same re
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
-from pathlib import Path
+
+from common import claim_args
 
 from eva_lora._atomic import atomic_write_text
 from eva_lora.recipes.compare import run_compare
 from eva_lora.run_config import build_run_config
 
-RESULTS = Path(__file__).parent / "results"
 INITS = ["eva", "eva-whiten", "eva-perm", "eva-rot", "lora-redist"]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = claim_args(__doc__, argv)
     started = time.perf_counter()
     inits, seeds, steps = (["eva", "eva-perm"], [0], 8) if args.quick else (INITS, [0, 1, 2], 120)
     with tempfile.TemporaryDirectory() as tmp:

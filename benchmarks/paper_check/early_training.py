@@ -9,7 +9,6 @@ no warm-up so the first steps show the initialisation), through the same `train`
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import statistics
@@ -17,11 +16,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from eva_lora._atomic import atomic_path, atomic_write_text
+from common import claim_args, pyplot, save_png
+
+from eva_lora._atomic import atomic_write_text
 from eva_lora.recipes.train import train
 from eva_lora.run_config import build_run_config
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str, list[float]]]:
@@ -41,10 +40,7 @@ def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str
 
 
 def plot(found: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     for init, c in found.items():
@@ -54,16 +50,11 @@ def plot(found: dict, path: Path) -> None:
     left.set(xlabel="step", ylabel="training loss", title="loss (mean over seeds)")
     right.set(xlabel="step", ylabel="gradient norm", title="gradient norm (mean over seeds)")
     left.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = claim_args(__doc__, argv)
     started = time.perf_counter()
     full = (["eva", "lora", "pissa", "olora"], [0, 1, 2], 60)
     inits, seeds, steps = (["eva", "lora"], [0], 8) if args.quick else full

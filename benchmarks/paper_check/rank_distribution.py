@@ -9,7 +9,6 @@ ranks per layer and module type, and the share of the rank budget that moves fro
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import time
@@ -17,12 +16,12 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from common import claim_args, pyplot, save_png
+
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora._atomic import atomic_path, atomic_write_text
+from eva_lora._atomic import atomic_write_text
 from eva_lora.plots import rank_table
 from eva_lora.tasks import get_task
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def states(rhos: list[float]) -> dict[float, object]:
@@ -52,10 +51,7 @@ def by_type(ranks: dict[str, int]) -> dict[str, float]:
 
 
 def plot(found: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(found), figsize=(3.6 * len(found), 3.4), squeeze=False)
     for ax, (rho, state) in zip(axes[0], found.items()):
@@ -69,16 +65,11 @@ def plot(found: dict, path: Path) -> None:
                     ax.text(c, r, f"{int(v)}", ha="center", va="center", color="w", fontsize=7)
         ax.set_title(f"rho = {rho}")
         ax.set_xlabel("layer")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
+    args = claim_args(__doc__, argv)
     started = time.perf_counter()
     rhos = [1.0, 2.0] if args.quick else [1.0, 1.5, 2.0, 3.0]
     found = states(rhos)

@@ -11,7 +11,6 @@ measure), summarised per component index over layers and pairs of runs. Writes
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import time
@@ -19,13 +18,13 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import claim_args, pyplot, save_png
 
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora._atomic import atomic_path, atomic_write_text
+from eva_lora._atomic import atomic_write_text
 from eva_lora.pca import component_cosine
 from eva_lora.tasks import get_task
 
-RESULTS = Path(__file__).parent / "results"
 K_SHOWN = 8
 
 
@@ -73,10 +72,7 @@ def summarise(per_pair: list[torch.Tensor]) -> dict[str, list[float]]:
 
 
 def plot(orders: dict, sizes: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.4))
     index = list(range(1, K_SHOWN + 1))
@@ -88,16 +84,11 @@ def plot(orders: dict, sizes: dict, path: Path) -> None:
         right.plot(index, summary["mean"], marker="o", label=f"bs {size} vs bs 16")
     right.set(xlabel="component", ylabel="mean |cos|", title="across batch sizes", ylim=(0, 1.02))
     right.legend()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for stability.{md,json,png}")
-    args = parser.parse_args(argv)
+    args = claim_args(__doc__, argv)
     started = time.perf_counter()
     model, tokenizer = load_minilm()
     sentences = list(get_task("sst2").load("train")["text"])
