@@ -32,7 +32,7 @@ def tokenize(data: Any, tokenizer: Any, kind: str, max_length: int, drop_long: b
     if kind == "generation":
         encoded = data.map(lambda row: _encode_generation(row, tokenizer), remove_columns=data.column_names)
     else:
-        encoded = data.map(lambda row: _encode_pair(row, tokenizer), remove_columns=data.column_names)
+        encoded = data.map(lambda row: encode_pair(row, tokenizer), remove_columns=data.column_names)
     lengths = [len(ids) for ids in encoded["input_ids"]]
     long = sum(n > max_length for n in lengths)
     if drop_long:
@@ -48,9 +48,10 @@ def tokenize(data: Any, tokenizer: Any, kind: str, max_length: int, drop_long: b
     return Prepared(encoded, len(lengths), 0, long)
 
 
-def _encode_pair(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
-    pair = row.get("text_pair")
-    enc = tokenizer(row["text"], pair) if pair is not None else tokenizer(row["text"])
+def encode_pair(row: dict[str, Any], tokenizer: Any, max_length: int | None = None) -> dict[str, Any]:
+    """A classification example (text, optional text_pair, label) as token ids; truncated when asked."""
+    options = {"truncation": True, "max_length": max_length} if max_length is not None else {}
+    enc = tokenizer(row["text"], row.get("text_pair"), **options)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": row["label"]}
 
 

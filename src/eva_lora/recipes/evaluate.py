@@ -15,9 +15,11 @@ from tqdm.auto import tqdm
 
 from .._atomic import atomic_write_text
 from ..models import load_model
-from ..preprocess import Collator
+from ..preprocess import Collator, encode_pair
 from ..run_config import RunConfig
 from ..tasks import Task, eval_tasks
+
+EVAL_MAX_LENGTH = 512  # GLUE inputs are truncated as in the paper's setup (max length 512)
 
 
 @torch.no_grad()
@@ -29,18 +31,12 @@ def predict_labels(model: Any, tokenizer: Any, task: Task, data: Any, batch_size
     out: list[Any] = []
     for start in range(0, len(data), batch_size):
         rows = data.select(range(start, min(start + batch_size, len(data))))
-        encoded = [_encode(tokenizer, r) for r in rows]
+        encoded = [{k: v for k, v in encode_pair(r, tokenizer, EVAL_MAX_LENGTH).items() if k != "labels"}
+                   for r in rows]
         batch = {k: v.to(device) for k, v in collate(encoded).items()}
         logits = model(**batch).logits.float()
         out.extend(logits[:, 0].tolist() if task.kind == "regression" else logits.argmax(-1).tolist())
     return out
-
-
-def _encode(tokenizer: Any, row: dict[str, Any]) -> dict[str, Any]:
-    pair = row.get("text_pair")
-    enc = tokenizer(row["text"], pair, truncation=True, max_length=512) if pair is not None else \
-        tokenizer(row["text"], truncation=True, max_length=512)
-    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
 
 
 @torch.no_grad()
@@ -87,8 +83,9 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size:
 def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     """Every evaluation task of ``cfg.task`` (7 for common sense, with their mean)."""
     results: dict[str, Any] = {}
-    for task in eval_tasks(cfg.task):
-        file = cfg.eval_file if len(eval_tasks(cfg.task)) == 1 else None
+    tasks = eval_tasks(cfg.task)
+    file = cfg.eval_file if len(tasks) == 1 else None  # one file cannot hold 7 common-sense test sets
+    for task in tasks:
         data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
         metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens)
         results[task.name] = metrics
@@ -104,8 +101,9 @@ def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> 
     task = get_task(cfg.task)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
-    for each in eval_tasks(cfg.task):  # fail on a missing file before loading the model
-        each.path("eval", cfg.data_dir) if cfg.eval_file is None else None
+    if cfg.eval_file is None:  # fail on a missing data directory before loading the model
+        for each in eval_tasks(cfg.task):
+            each.path("eval", cfg.data_dir)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
     if adapter is not None:
         from peft import PeftModel

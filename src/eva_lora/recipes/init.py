@@ -15,7 +15,7 @@ from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..state import EvaState
 from ..tasks import get_task
-from .train import _device, _require_writable, init_distributed
+from .runtime import device, init_distributed, require_writable
 
 
 def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
@@ -27,11 +27,11 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)
-    _require_writable(Path(output))
+    require_writable(Path(output))
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
-    model.to(_device())
+    model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))

@@ -30,14 +30,9 @@ from ..run_config import RunConfig
 from ..state import EvaState
 from ..tasks import eval_tasks, get_task
 from .evaluate import evaluate_all
+from .runtime import device, init_distributed, latest_checkpoint, require_writable
 
 STATE_DIR, ADAPTER_DIR, METRICS_FILE = "eva_state", "adapter", "metrics.json"
-
-
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The Trainer checkpoint with the highest step in ``output_dir`` (None if there is none)."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None
 
 
 def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
@@ -45,7 +40,6 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
     task = get_task(cfg.task)
     method = get_init_method(cfg.init)
     resolve_model_path(cfg.model)
-    task.path("train", cfg.data_dir) if cfg.train_file is None else None
     source = Path(cfg.train_file) if cfg.train_file else task.path("train", cfg.data_dir)
     if not source.exists():
         raise ValueError(f"task {task.name}: training data not found: {source}")
@@ -61,37 +55,8 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
         checkpoint = latest_checkpoint(out) if out.is_dir() else None
         if checkpoint is None:
             raise ValueError(f"resume: no checkpoint-<step> folder in {out}; run without resume to start")
-    _require_writable(out)
+    require_writable(out)
     return checkpoint
-
-
-def _require_writable(out: Path) -> None:
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"output folder {out} is not writable")
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun / accelerate launch describe in the environment (if any).
-
-    Done before the model exists so that EVA's statistics are computed collectively; transformers'
-    Trainer then reuses the same group for DDP. Returns (rank, world_size).
-    """
-    import torch.distributed as dist
-
-    from ..distributed import default_timeout, world
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend, timeout=default_timeout())
-    return world()
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if torch.cuda.is_available() else \
-        torch.device("cpu")
 
 
 def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
@@ -105,7 +70,7 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
     task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
-    model.to(_device())
+    model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     collator = Collator(tokenizer.pad_token_id)
     steps = _total_steps(cfg, prepared.kept)
