@@ -57,3 +57,29 @@ def test_ablations_quick_compares_eva_with_an_ablation(tmp_path, minilm):
     for row in record["summary"]:
         assert row["seeds"] == 1 and 0.0 <= row["mean"] <= 1.0 and row["train_loss_mean"] > 0
     assert "| eva-perm |" in (tmp_path / "ablations.md").read_text()
+
+
+@pytest.mark.slow
+def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, minilm, capsys):
+    import table4
+
+    argv = ["--quick", "--out", str(tmp_path / "results"), "--work", str(tmp_path / "runs")]
+    table4.main(argv)
+    record = json.loads((tmp_path / "results/table4.json").read_text())
+    assert record["methods"] == ["LoRA", "EVA rho=2"] and set(record["runs"]) == set(table4.TASKS)
+    for row in record["summary"].values():
+        assert set(row["tasks"]) == set(table4.TASKS)
+        assert -1.0 <= row["tasks"]["cola"]["mean"] <= 1.0 and 0.0 <= row["tasks"]["sst2"]["mean"] <= 1.0
+        scores = [row["tasks"][t]["mean"] for t in table4.TASKS]
+        assert row["average"]["mean"] == pytest.approx(sum(scores) / len(scores))
+    eva_runs = [r for task in record["runs"].values() for r in task["EVA rho=2"]]
+    assert all(r["eva_batches"] >= 1 for r in eva_runs)  # EVA really ran; LoRA has no EVA state
+    assert all(r["eva_batches"] is None for task in record["runs"].values() for r in task["LoRA"])
+    table = (tmp_path / "results/table4.md").read_text()
+    header = next(line for line in table.splitlines() if line.startswith("| method |"))
+    assert all(name in header for name in table4.METRIC_NAMES.values()) and "| EVA rho=2 |" in table
+    assert (tmp_path / "results/table4.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    table4.main(argv)  # a second call finds every run finished with the same settings
+    assert capsys.readouterr().err.count("reused") == len(table4.TASKS) * 2
+    assert json.loads((tmp_path / "results/table4.json").read_text())["summary"] == record["summary"]

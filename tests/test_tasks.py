@@ -24,6 +24,22 @@ def test_glue_loaders_read_the_real_layouts(name, n_train, n_eval, first_label):
         assert train[0]["text_pair"]
 
 
+def test_limit_keeps_a_fixed_random_subset_not_a_biased_prefix(tmp_path):
+    # A file sorted by label, like the GLUE files sorted by genre: a prefix would hold one class only.
+    rows = [f"0\tbad film {i}" for i in range(50)] + [f"1\tgood film {i}" for i in range(50)]
+    (tmp_path / "sorted.tsv").write_text("\n".join(rows) + "\n")
+    task = get_task("sst2")
+    first = task.load("eval", file=tmp_path / "sorted.tsv", limit=20)
+    again = task.load("eval", file=tmp_path / "sorted.tsv", limit=20)
+    assert len(first) == 20 and first["text"] == again["text"]  # same rows for every run
+    assert 5 <= sum(first["label"]) <= 15  # both classes, unlike the first 20 rows
+    numbers = [int(t.rsplit(" ", 1)[1]) + 50 * label for t, label in zip(first["text"], first["label"])]
+    assert numbers == sorted(numbers)  # file order is kept
+    assert len(task.load("eval", file=tmp_path / "sorted.tsv", limit=500)) == 100  # a limit above the size
+    with pytest.raises(DataError, match="limit must be >= 1"):
+        task.load("eval", file=tmp_path / "sorted.tsv", limit=0)
+
+
 def test_glue_metrics_match_hand_computed_values():
     assert get_task("sst2").score([1, 0, 1, 1], [1, 0, 0, 1]) == {"accuracy": 0.75}
     mrpc = get_task("mrpc").score([1, 0, 1, 1], [1, 0, 0, 1])

@@ -39,8 +39,8 @@ class RunConfig:
     scheduler: str = "linear"
     max_length: int = 512
     drop_long: bool = False  # drop over-long examples instead of truncating them
-    train_limit: int | None = None  # first N training examples (quick runs)
-    eval_limit: int | None = None
+    train_limit: int | None = None  # N training examples, a fixed random subset (quick runs)
+    eval_limit: int | None = None  # N evaluation examples, a fixed random subset (same rows for every run)
     eval_batch_size: int = 32
     max_new_tokens: int = 256
     svd_batch_size: int = 16  # batch size of the EVA / CorDA / LoRA-GA initialisation pass

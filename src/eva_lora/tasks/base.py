@@ -17,6 +17,16 @@ from typing import Any
 BUNDLED_DATA = Path(__file__).resolve().parents[1] / "data"
 
 
+SUBSET_SEED = 0  # train_limit / eval_limit subsets do not depend on the run's seed
+
+
+def subset_indices(n: int, k: int, seed: int = SUBSET_SEED) -> list[int]:
+    """``k`` of ``range(n)`` drawn without replacement with a fixed seed, sorted (file order kept)."""
+    import torch
+
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
+
+
 class DataError(ValueError):
     """A data file that is missing, in an unknown format, or lacks a needed column."""
 
@@ -54,7 +64,12 @@ class Task:
 
     def load(self, split: str, data_dir: str | Path | None = None, file: str | Path | None = None,
              limit: int | None = None) -> Any:
-        """Dataset of ``split`` (first ``limit`` rows when given), read from ``file`` or the data dir."""
+        """Dataset of ``split``, read from ``file`` or the data dir; at most ``limit`` rows.
+
+        ``limit`` keeps a random subset drawn with a fixed seed (``SUBSET_SEED``), in file order: the
+        same rows for every run, init and seed, so runs stay comparable. Not the first rows, because
+        GLUE files are sorted by genre (STS-B) or grouped by label, and a prefix would be biased.
+        """
         path = Path(file) if file is not None else self.path(split, data_dir)
         if not path.exists():
             raise DataError(f"task {self.name}: data file not found: {path}")
@@ -65,8 +80,10 @@ class Task:
             raise DataError(f"task {self.name}: {path} lacks column(s) {missing}; it has {data.column_names}")
         if len(data) == 0:
             raise DataError(f"task {self.name}: {path} holds no example")
-        if limit is not None:
-            data = data.select(range(min(limit, len(data))))
+        if limit is not None and limit < len(data):
+            if limit < 1:
+                raise DataError(f"task {self.name}: a row limit must be >= 1, got {limit}")
+            data = data.select(subset_indices(len(data), limit))
         return data
 
 
