@@ -83,3 +83,9 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
     table4.main(argv)  # a second call finds every run finished with the same settings
     assert capsys.readouterr().err.count("reused") == len(table4.TASKS) * 2
     assert json.loads((tmp_path / "results/table4.json").read_text())["summary"] == record["summary"]
+    import report
+
+    text = report.main(tmp_path / "results", tmp_path / "REPORT.md")
+    row = next(line for line in text.splitlines() if line.startswith("| Table 4"))
+    assert "(quick run)" in row and "best EVA (EVA rho=2) average" in row and row.count("|") == 4
+    assert text.count("| not run yet |") == len(report.CLAIMS) - 1  # only table4 ran here
