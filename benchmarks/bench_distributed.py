@@ -59,13 +59,13 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queu
     results = {}
     torch.distributed.barrier()
     start = time.perf_counter()
-    state = compute_eva_state(model, iter(mine), EvaConfig(**settings, progress=False, distributed_inputs="sharded"))
+    state = compute_eva_state(model, iter(mine), EvaConfig(**settings, distributed_inputs="sharded"))
     results["eva-lora"] = (time.perf_counter() - start, counter[0], state.n_batches)
     if not args.skip_peft:
         from peft import EvaConfig as PeftEvaConfig
         from peft import LoraConfig, get_eva_state_dict
 
-        from eva_lora.capture import find_target_layers
+        from eva_lora.targets import find_target_layers
 
         cfg = LoraConfig(r=settings["rank"], target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
                          eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]))

@@ -24,11 +24,12 @@ from pathlib import Path
 import torch
 
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora.capture import collect_statistics, find_target_layers
+from eva_lora.capture import collect_statistics
 from eva_lora.pca import captured_variance
+from eva_lora.targets import find_target_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "src/eva_lora/data/sst2_train_1000.tsv"]
+SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "src/eva_lora/app/data/sst2_train_1000.tsv"]
 
 
 class PeakRSS:
@@ -118,7 +119,7 @@ def _sync() -> None:
 
 def exact_covariances(model, batches, settings) -> dict[str, torch.Tensor]:
     """float64 covariance per target layer over ``batches`` (the reference PCA)."""
-    groups = collect_statistics(model, batches, EvaConfig(**settings, stats_dtype="float64", progress=False))
+    groups = collect_statistics(model, batches, EvaConfig(**settings, stats_dtype="float64"))
     return {name: g.stats.covariance().cpu() for g in groups for name in g.names}
 
 
@@ -131,7 +132,7 @@ def run_ours(model, batches, settings):
     with PeakRSS() as mem:
         _sync()
         start = time.perf_counter()
-        state = compute_eva_state(model, batches, EvaConfig(**settings, progress=False, max_batches=1000))
+        state = compute_eva_state(model, batches, EvaConfig(**settings, max_batches=1000))
         _sync()
         seconds = time.perf_counter() - start
     return seconds, state.n_batches, mem.mb, state.components
@@ -171,7 +172,7 @@ def sweep(device: str, emit) -> None:
                           num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)
         model = LlamaForCausalLM(cfg).to(device).eval()
         timed_forwards(model, batches[:2])
-        settings = dict(rank=16, rho=2.0, tau=0.9999999, max_batches=len(batches), progress=False)
+        settings = dict(rank=16, rho=2.0, tau=0.9999999, max_batches=len(batches))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _sync()

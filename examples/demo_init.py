@@ -19,7 +19,7 @@ import torch
 
 from eva_lora import EvaConfig, EvaState, apply_eva_state, compute_eva_state
 
-ASSET = Path(__file__).resolve().parents[1] / "src/eva_lora/data/sst2_train_1000.tsv"
+ASSET = Path(__file__).resolve().parents[1] / "src/eva_lora/app/data/sst2_train_1000.tsv"
 
 
 def main() -> None:

@@ -7,7 +7,9 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).parent))
+
+import helpers  # noqa: E402
 
 N_BATCHES = 24
 
@@ -15,23 +17,15 @@ N_BATCHES = 24
 def config():
     from eva_lora import EvaConfig
 
-    return EvaConfig(rank=4, rho=2.0, tau=0.9999, max_batches=N_BATCHES, progress=False)
+    return EvaConfig(rank=4, rho=2.0, tau=0.9999, max_batches=N_BATCHES)
 
 
 def batches():
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import token_batches
-
-    return token_batches(101, N_BATCHES, batch=4, seq=16)
+    return helpers.token_batches(helpers.VOCAB, N_BATCHES, batch=4, seq=16)
 
 
 def model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=101, max_position_embeddings=64)
-    return LlamaForCausalLM(cfg).eval()
+    return helpers.tiny_llama()
 
 
 def main(out: str, resume: bool, delay: float) -> None:

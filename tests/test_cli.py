@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from eva_lora.cli import main
+from eva_lora.app.cli import main
 
 DATA = Path(__file__).parent / "assets/data"
 QUICK_GLUE = ["train_limit=32", "eval_limit=16", "max_steps=3", "max_length=32", "batch_size=8",
-              "svd_batch_size=8", "logging_steps=1", "eva.progress=false"]
+              "svd_batch_size=8", "logging_steps=1", "progress=false"]
 QUICK_GEN = ["train_limit=16", "eval_limit=2", "max_steps=2", "max_length=96", "batch_size=4", "svd_batch_size=4",
-             "logging_steps=1", "max_new_tokens=6", "eval_batch_size=2", "eva.progress=false", "rank=4"]
+             "logging_steps=1", "max_new_tokens=6", "eval_batch_size=2", "progress=false", "rank=4"]
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -44,9 +44,11 @@ def test_train_eva_on_minilm_sst2_writes_a_loadable_adapter(tmp_path, capsys, mi
 
     base = AutoModelForSequenceClassification.from_pretrained(minilm[0].name_or_path, num_labels=2)
     loaded = load_adapter(base, out / "adapter")
+    trained_b = [p for n, p in loaded.named_parameters() if "lora_B" in n]
+    assert trained_b and all(float(p.abs().max()) > 0 for p in trained_b)  # B moved away from its zero init
     code, stdout, _ = run_cli(capsys, "eval", "--task", "sst2", "--adapter", out / "adapter", "eval_limit=16")
     assert code == 0 and json.loads(stdout)["sst2"]["accuracy"] == metrics["eval"]["sst2"]["accuracy"]
-    assert loaded is not None and not any(p.name.startswith(".") for p in out.iterdir())
+    assert not any(p.name.startswith(".") for p in out.iterdir())
 
 
 def test_train_generation_masks_the_prompt_and_evaluates(tmp_path, capsys, tiny_llama_dir):
@@ -58,8 +60,8 @@ def test_train_generation_masks_the_prompt_and_evaluates(tmp_path, capsys, tiny_
     assert metrics["eval"]["gsm8k"]["n"] == 2 and metrics["steps"] == 2
     from transformers import AutoTokenizer
 
-    from eva_lora.preprocess import IGNORE, tokenize
-    from eva_lora.tasks import get_task
+    from eva_lora.app.preprocess import IGNORE, tokenize
+    from eva_lora.app.tasks import get_task
 
     tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
     data = get_task("gsm8k").load("train", DATA, limit=2)
@@ -81,33 +83,61 @@ def test_every_registered_init_trains_and_saves_a_standard_adapter(tmp_path, cap
     assert metrics["steps"] == 2 and metrics["trainable_parameters"] > 0
     from transformers import AutoModelForCausalLM
 
-    model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
-    ids = torch.tensor([[5, 6, 7]])
-    assert torch.isfinite(model(input_ids=ids).logits).all()
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        base_logits = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)(input_ids=ids).logits
+        model = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), out / "adapter")
+        logits = model(input_ids=ids).logits
+    assert torch.isfinite(logits).all()
+    assert float((logits - base_logits).abs().max()) > 1e-6  # two steps of training changed the model
     assert not (out / ".initial").exists()
 
 
-def test_converted_pissa_adapter_applies_to_the_original_weights(tmp_path, capsys, tiny_llama_dir):
-    """PiSSA rewrites W; the saved adapter is converted so it loads on the unmodified base model."""
-    out = tmp_path / "pissa"
-    assert run_cli(capsys, "train", "--model", tiny_llama_dir, "--task", "commonsense", "--data-dir", DATA,
-                   "--init", "pissa", "--output-dir", out, "--no-eval", "max_steps=0", "epochs=1",
-                   *[a for a in QUICK_GEN if not a.startswith("max_steps")])[0] == 0
-    config = json.loads((out / "adapter/adapter_config.json").read_text())
-    assert config["r"] == 8  # converted adapters hold rank 2r
-    assert config["init_lora_weights"] is True
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_converted_adapter_applies_to_the_original_weights(tmp_path, tiny_llama_dir, init):
+    """PiSSA / OLoRA rewrite W; the saved adapter is converted so that the *original* base model plus
+    the adapter computes what the trained (residual base + adapter) model computes."""
+    from transformers import AutoModelForCausalLM
+
+    from eva_lora import EvaConfig
+    from eva_lora.app.initializers import LoraSettings, build_peft_model
+    from eva_lora.app.recipes.train import _save_adapter, _save_initial
+
+    trained, _ = build_peft_model(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), init,
+                                  LoraSettings(task_type="CAUSAL_LM"), EvaConfig(rank=4))
+    initial = _save_initial(trained, tmp_path)  # as the recipe does, before training
+    with torch.no_grad():  # stand-in for training: move every LoRA weight
+        for index, (_, param) in enumerate(p for p in trained.named_parameters() if "lora_" in p[0]):
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(index)))
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        want = trained(input_ids=ids).logits
+    _save_adapter(trained, tmp_path / "adapter", initial)
+    config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
+    assert config["r"] == 8 and config["init_lora_weights"] is True  # converted adapters hold rank 2r
+    original = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
+    with torch.no_grad():
+        got = original(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["train", "--init", "eva2"], "unknown init 'eva2'; choose one of: lora, eva, eva-dora"),
-    (["train", "--task", "qnli"], "unknown task 'qnli'; choose one of: sst2"),
+    (["train", "--init", "eva2"], "init must be one of lora, eva, eva-dora"),
+    (["train", "--task", "qnli"], "task must be one of sst2, cola"),
     (["train", "--model", "{empty}"], "has no config.json"),
     (["train", "--model", "{config_only}"], "has no weights"),
     (["train", "--task", "rte", "--data-dir", str(DATA), "--train-file", "{bad_columns}"],
      "lacks column(s) ['sentence1', 'sentence2', 'label']"),
     (["train", "--resume"], "resume: no checkpoint-<step> folder"),
-    (["train", "rankk=3"], "unknown setting(s) ['rankk']"),
-    (["train", "--preset", "vision"], "unknown preset 'vision'; choose one of: math, commonsense, glue"),
+    (["train", "rankk=3"], "unknown run setting(s) ['rankk']"),
+    (["train", "--preset", "vision"], "unknown preset 'vision'; choose one of: commonsense, glue, math"),
+    (["train", "--config", "{bad_yaml}"], "is not valid YAML at line 3, column 1"),
+    (["train", "max_steps=abc"], "max_steps must be an integer >= -1, got 'abc'"),
+    (["train", "bf16=maybe"], "bf16 must be true or false, got 'maybe'"),
+    (["train", "eval_limit=-5"], "eval_limit must be an integer >= 1 or null, got -5"),
+    (["train", "seed=abc"], "seed must be an integer >= 0, got 'abc'"),
+    (["train", "eva.rho=0.5"], "eva.rho must be a number >= 1.0, got 0.5"),
+    (["train", "eva.rank=4"], "set rank at the top level"),
     (["eval", "--adapter", "{empty}"], "has no adapter_config.json"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
@@ -115,7 +145,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     (tmp_path / "config_only").mkdir()
     (tmp_path / "config_only/config.json").write_text("{}")
     (tmp_path / "bad.tsv").write_text("sentence\tscore\nhello\t1\n")
-    paths = {"empty": tmp_path / "empty", "config_only": tmp_path / "config_only", "bad_columns": tmp_path / "bad.tsv"}
+    (tmp_path / "bad.yaml").write_text("task: rte\nrank: [4\n")
+    paths = {"empty": tmp_path / "empty", "config_only": tmp_path / "config_only", "bad_columns": tmp_path / "bad.tsv",
+             "bad_yaml": tmp_path / "bad.yaml"}
     out = tmp_path / "out"
     argv = [a.format(**paths) for a in argv] + ["--output-dir", str(out)]
     code, stdout, err = run_cli(capsys, *argv)
@@ -172,7 +204,7 @@ def test_compare_and_plot(tmp_path, capsys, tiny_llama_dir):
 
 
 def test_yaml_config_mirrors_the_dataclasses(tmp_path):
-    from eva_lora.run_config import build_run_config
+    from eva_lora.app.run_config import build_run_config
 
     file = tmp_path / "run.yaml"
     file.write_text("task: rte\nrank: 4\nlearning_rate: 1.0e-3\neva:\n  rho: 1.5\n  tau: 0.95\n")
@@ -181,6 +213,7 @@ def test_yaml_config_mirrors_the_dataclasses(tmp_path):
     assert (cfg.eva.rho, cfg.eva.tau, cfg.eva.rank) == (1.5, 0.9, 4)
     with pytest.raises(ValueError, match=r"unknown eva setting\(s\) \['rhoo'\]"):
         build_run_config(None, None, {"eva": {"rhoo": 2}})
+    assert build_run_config(None, None, {"learning_rate": "5e-4"}).learning_rate == 5e-4  # YAML reads 5e-4 as text
 
 
 def test_init_checkpoints_and_resumes_from_the_cli(tmp_path, capsys, tiny_llama_dir):

@@ -5,18 +5,11 @@ import warnings
 import pytest
 import torch
 
-from conftest import hook_count, token_batches
 from eva_lora import EvaConfig, EvaNotConvergedError, compute_eva_state
-from eva_lora.capture import collect_statistics
 from eva_lora.pca import captured_variance
+from helpers import exact_stats, hook_count, token_batches
 
-FAST = dict(rank=4, rho=2.0, progress=False)
-
-
-def exact_stats(model, batches, config):
-    """float64 accumulators over the same batches (the reference), keyed by group leader."""
-    cfg64 = EvaConfig(**{**config.to_dict(), "stats_dtype": "float64"})
-    return {g.names[0]: g.stats for g in collect_statistics(model, batches, cfg64)}
+FAST = dict(rank=4, rho=2.0)
 
 
 def test_llama_groups_qkv_and_gate_up(tiny_llama):
@@ -49,14 +42,14 @@ def test_regex_targets_and_excludes(tiny_llama):
 
 
 def test_rho_one_gives_exactly_uniform_ranks(tiny_bert):
-    state = compute_eva_state(tiny_bert, token_batches(101, 4), EvaConfig(rank=3, rho=1.0, progress=False,
+    state = compute_eva_state(tiny_bert, token_batches(101, 4), EvaConfig(rank=3, rho=1.0,
                                                                           max_batches=4))
     assert set(state.ranks.values()) == {3}
 
 
 def test_components_match_exact_pca_of_same_tokens(tiny_llama):
     batches = token_batches(101, 8, batch=4, seq=16)
-    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, progress=False)
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # tau this close to 1 never converges: intended
         state = compute_eva_state(tiny_llama, batches, cfg)
@@ -85,15 +78,20 @@ def test_padding_and_ignored_labels_are_masked(tiny_llama):
 
 
 def test_converges_and_records_history(tiny_bert):
+    import time
+
     batches = token_batches(101, 10, batch=8, seq=16)
-    state = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=200,
-                                                            progress=False))
+    start = time.perf_counter()
+    state = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=200))
+    elapsed = time.perf_counter() - start
     assert state.stop_reason == "converged"
     assert state.unconverged == []
     assert state.n_batches < 200 and state.n_batches == state.history[-1]["batch"]
+    assert [h["batch"] for h in state.history] == list(range(1, state.n_batches + 1))  # a check per batch
     last = state.history[-1]
-    assert last["converged_components"] == last["needed_components"]
-    assert all(h["seconds"] >= 0 for h in state.history)
+    assert last["converged_components"] == last["needed_components"] == 2 * len(state.groups)  # rho 1: 2 each
+    seconds = [h["seconds"] for h in state.history]
+    assert seconds == sorted(seconds) and 0 < seconds[-1] <= elapsed
 
 
 def test_max_batches_warns_and_strict_raises(tiny_llama):
@@ -102,7 +100,7 @@ def test_max_batches_warns_and_strict_raises(tiny_llama):
         state = compute_eva_state(tiny_llama, token_batches(101, 2), cfg)
     assert state.n_batches == 3 and state.stop_reason == "max_batches" and state.unconverged
     with pytest.raises(EvaNotConvergedError, match="before"):
-        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**{**cfg.to_dict(), "strict": True}))
+        compute_eva_state(tiny_llama, token_batches(101, 2), cfg, strict=True)
     assert hook_count(tiny_llama) == 0
 
 
@@ -113,12 +111,41 @@ def test_generator_is_consumed_once(tiny_llama):
     assert state.n_batches == 3 and state.stop_reason == "data_exhausted"
 
 
-def test_delta_stops_early(tiny_bert):
-    batches = token_batches(101, 10, batch=8, seq=16)
-    full = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.95, progress=False))
-    part = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.95, delta=0.5, progress=False))
-    assert part.stop_reason in ("delta", "converged")
-    assert part.n_batches <= full.n_batches
+class _TwoInputs(torch.nn.Module):
+    """``fast`` reads columns with two dominant directions (its components converge at once);
+    ``slow`` reads isotropic noise (its components never settle at tau = 0.9999)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fast, self.slow = torch.nn.Linear(16, 4), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fast(x[:, :16]) + self.slow(x[:, 16:])
+
+
+def _two_speed_model_and_batches():
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _TwoInputs().eval()
+    scale = torch.ones(32)
+    scale[:2] = torch.tensor([30.0, 20.0])
+    return model, [torch.randn(64, 32, generator=g) * scale for _ in range(30)]
+
+
+def test_delta_stops_once_that_share_of_components_converged():
+    """2 of 4 components converge early: delta = 0.5 stops there ("delta"), delta = 1 runs to max_batches."""
+    model, batches = _two_speed_model_and_batches()
+    cfg = EvaConfig(rank=2, rho=1.0, tau=0.9999, max_batches=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        full = compute_eva_state(model, batches, cfg)
+        part = compute_eva_state(model, batches, EvaConfig(**{**cfg.to_dict(), "delta": 0.5}))
+    assert full.stop_reason == "max_batches" and full.n_batches == 30
+    assert part.stop_reason == "delta" and part.n_batches < 10
+    last = part.history[-1]
+    assert last["converged_components"] >= 0.5 * last["needed_components"]
+    assert part.history[-2]["converged_components"] < 0.5 * part.history[-2]["needed_components"]
 
 
 def test_model_mode_restored(tiny_bert):
@@ -131,7 +158,7 @@ def test_model_mode_restored(tiny_bert):
     "batches, config, error, match",
     [
         ([], {}, ValueError, "batches is empty"),
-        ("tokens", {}, ValueError, None),
+        ("tokens", {}, TypeError, "iterable of batches"),
         (None, {"target_modules": ["nope"]}, ValueError, "no module matched"),
         (None, {"target_modules": ["embed_tokens"]}, TypeError, "cannot adapt"),
         ("allmasked", {}, ValueError, "no valid token"),
@@ -146,7 +173,6 @@ def test_bad_input_errors_leave_no_hooks(tiny_llama, batches, config, error, mat
             b["attention_mask"].zero_()
     elif batches == "tokens":
         batches = {"input_ids": torch.zeros(2, 3, dtype=torch.long)}
-        error, match = TypeError, "iterable of batches"
     with pytest.raises(error, match=match):
         compute_eva_state(tiny_llama, batches, EvaConfig(max_batches=4, **{**FAST, **config}))
     assert hook_count(tiny_llama) == 0
@@ -156,7 +182,7 @@ def test_forward_error_and_nan_are_reported(tiny_llama):
     def broken(model, batch):
         raise RuntimeError("boom")
 
-    with pytest.raises(RuntimeError, match="forward pass failed on batch 1: boom"):
+    with pytest.raises(RuntimeError, match=r"forward pass failed on batch 1 \(probe pass\): boom"):
         compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST), forward_fn=broken)
     assert hook_count(tiny_llama) == 0
     with torch.no_grad():
@@ -186,7 +212,7 @@ def test_custom_token_selector_for_other_shapes():
         calls.append(name)
         return x.reshape(-1, x.shape[-1])[::2]
 
-    state = compute_eva_state(model, batches, EvaConfig(rank=2, max_batches=6, tau=0.5, progress=False),
+    state = compute_eva_state(model, batches, EvaConfig(rank=2, max_batches=6, tau=0.5),
                               select_tokens=select)
     assert state.group_tokens[0] <= 6 * 15 and state.group_tokens[0] % 15 == 0
     assert set(calls) == {"0", "2"}
@@ -222,7 +248,7 @@ def test_early_exit_skips_converged_tail_without_changing_the_result(tiny_llama)
     results = {}
     for early in (False, True):
         calls.clear()
-        cfg = EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=12, early_exit=early, progress=False)
+        cfg = EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=12, early_exit=early)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             results[early] = (compute_eva_state(tiny_llama, batches, cfg), len(calls))
@@ -231,7 +257,7 @@ def test_early_exit_skips_converged_tail_without_changing_the_result(tiny_llama)
     assert fast.n_batches == slow.n_batches and fast.group_tokens == slow.group_tokens
     for name in slow.ranks:
         torch.testing.assert_close(fast.components[name], slow.components[name], rtol=0, atol=0)
-    # With early exit only the probe pass reaches the head; without it, every pass does.
+    # With early exit only the first (probe) pass reaches the head; without it, every pass does.
     assert full_calls == slow.n_batches and cut_calls == 1
     assert hook_count(tiny_llama) == 0
 
@@ -251,10 +277,76 @@ def test_early_exit_off_when_a_target_layer_runs_twice():
     model = Tied()
     from eva_lora.capture import ActivationCapture, find_target_layers
 
-    cfg = EvaConfig(rank=2, progress=False)
+    cfg = EvaConfig(rank=2)
     with torch.no_grad(), ActivationCapture(find_target_layers(model, cfg), cfg) as capture:
         capture.set_batch(torch.randn(8, 6))
         model(torch.randn(8, 6))
         capture.finish_probe()
         capture.set_exit_point(True)
         assert capture.single_call is False and capture.exit_layer is None
+
+
+def test_auto_statistics_are_exact_for_narrow_groups_and_sketches_for_wide_ones(tiny_llama):
+    """exact_max_dim=40: the 48-wide down_proj input gets a sketch, the 32-wide groups exact moments.
+    A sketch as wide as its group truncates nothing, so every group matches the exact PCA."""
+    batches = token_batches(101, 8, batch=4, seq=16)
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, exact_max_dim=40, sketch_size=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(tiny_llama, batches, cfg)
+    kinds = {names[0].split(".")[-1]: kind for names, kind in zip(state.groups, state.group_statistics)}
+    assert kinds == {"q_proj": "exact", "o_proj": "exact", "gate_proj": "exact", "down_proj": "sketch"}
+    reference = exact_stats(tiny_llama, batches, cfg)
+    for names, comps, tokens in zip(state.groups, state.group_components, state.group_tokens):
+        assert tokens == reference[names[0]].count
+        assert captured_variance(reference[names[0]].covariance(), comps) >= 1 - 1e-5  # float32 rows
+
+
+def test_a_model_compiled_after_the_fact_is_captured_eagerly(tiny_llama):
+    """torch.compile(model) skips hooks registered after compilation; EVA runs the original module."""
+    batches = token_batches(101, 4)
+    cfg = EvaConfig(rank=2, rho=1.0, tau=0.5, max_batches=4)
+    compiled = torch.compile(tiny_llama, backend="eager")
+    compiled(**batches[0])
+    fired = []
+    handle = tiny_llama.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: fired.append(1))
+    compiled(**batches[0])
+    handle.remove()
+    assert fired == []  # the trap this guards against: the statistics would see nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        plain = compute_eva_state(tiny_llama, batches, cfg)
+        via_compiled = compute_eva_state(compiled, batches, cfg)
+    assert via_compiled.group_tokens == plain.group_tokens and via_compiled.ranks == plain.ranks
+    for a, b in zip(via_compiled.group_components, plain.group_components):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert hook_count(tiny_llama) == 0
+
+
+def test_a_compiled_submodule_is_refused_with_a_clear_error(tiny_llama):
+    tiny_llama.model.layers[1] = torch.compile(tiny_llama.model.layers[1], backend="eager")
+    with pytest.raises(TypeError, match="compiled with torch.compile"):
+        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST))
+    assert hook_count(tiny_llama) == 0
+
+
+def test_the_probe_feeds_the_first_batch_or_it_is_fed_again_with_the_same_result(tiny_llama):
+    """One process without a budget accumulates during the probe; with a budget the probe only groups
+    and the first batch is fed once more. Same rows, same order: bit-identical states."""
+    batches = token_batches(101, 6)
+    calls = []
+    handle = tiny_llama.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    states = {}
+    for budget in (None, 1000.0):
+        calls.clear()
+        cfg = EvaConfig(rank=2, rho=2.0, tau=0.999999, max_batches=6, early_exit=False,
+                        statistics_budget_mb=budget)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            states[budget] = (compute_eva_state(tiny_llama, batches, cfg), len(calls))
+    handle.remove()
+    (local, local_passes), (planned, planned_passes) = states[None], states[1000.0]
+    assert (local_passes, planned_passes) == (6, 7)
+    assert local.group_tokens == planned.group_tokens and local.n_batches == planned.n_batches == 6
+    for a, b in zip(local.group_components, planned.group_components):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

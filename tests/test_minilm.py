@@ -5,18 +5,21 @@ import warnings
 import pytest
 import torch
 
-from conftest import hook_count, minilm_batches
 from eva_lora import EvaConfig, compute_eva_state
 from eva_lora.pca import captured_variance, component_cosine
-from test_engine import exact_stats
+from helpers import exact_stats, hook_count, minilm_batches
 
 pytestmark = pytest.mark.slow
 
 
-def test_every_layer_captures_optimal_variance(minilm):
+@pytest.mark.parametrize("statistics", ["exact", "sketch"])
+def test_every_layer_captures_optimal_variance(minilm, statistics):
+    """Real activations: the exact kind captures >= 0.999 of the exact PCA of the same tokens in every
+    group; the sketch at its default size (4 x 16 directions for ~2700 tokens) >= 0.998 (measured
+    min 0.9986, on the embeddings' input to layer 0; >= 0.9999 with 128 directions)."""
     model, tokenizer = minilm
     batches = minilm_batches(tokenizer, 128)  # 8 fixed batches seen by every layer
-    cfg = EvaConfig(rank=8, rho=2.0, tau=0.999999, max_batches=len(batches), progress=False)
+    cfg = EvaConfig(rank=8, rho=2.0, tau=0.999999, max_batches=len(batches), statistics=statistics)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(model, batches, cfg)
@@ -24,7 +27,8 @@ def test_every_layer_captures_optimal_variance(minilm):
     scores = [captured_variance(reference[names[0]].covariance(), comps)
               for names, comps in zip(state.groups, state.group_components)]
     assert len(scores) == 25  # 6 layers x (qkv, attn out, intermediate, output) + pooler
-    assert min(scores) >= 0.999
+    assert state.group_statistics == [statistics] * 25
+    assert min(scores) >= (0.999 if statistics == "exact" else 0.998)
     assert sum(state.ranks.values()) == 8 * 37 and max(state.ranks.values()) <= 16
     assert hook_count(model) == 0
 
@@ -36,7 +40,7 @@ def test_agrees_with_peft_get_eva_state_dict(minilm):
     model, tokenizer = minilm
     batches = minilm_batches(tokenizer, 320)
     targets = r".*layer\.[0-2]\.(attention\.self\.(query|value)|output\.dense)"
-    ours = compute_eva_state(model, batches, EvaConfig(rank=4, rho=2.0, target_modules=targets, progress=False,
+    ours = compute_eva_state(model, batches, EvaConfig(rank=4, rho=2.0, target_modules=targets,
                                                        max_batches=200))
     peft_cfg = LoraConfig(r=4, target_modules=targets, eva_config=PeftEvaConfig(rho=2.0, tau=0.99))
     torch.manual_seed(0)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from eva_lora.convergence import ComponentTracker
+from eva_lora.convergence import ComponentTracker, make_solver
 from eva_lora.pca import (
     CovarianceAccumulator,
     block_bounds,
@@ -11,6 +11,7 @@ from eva_lora.pca import (
     component_cosine,
     exact_eigenpairs,
 )
+from eva_lora.statistics import ExactStatistic
 
 
 def planted(n: int, d: int, k: int, seed: int, mean: float = 0.0) -> torch.Tensor:
@@ -92,8 +93,8 @@ def test_update_rejects_wrong_width():
 def test_tracker_recovers_planted_components(seed):
     d, k = 600, 12
     x = planted(4000, d, k, seed=seed)
-    acc = CovarianceAccumulator(d)
-    tracker = ComponentTracker(k, d, seed=seed)
+    acc = ExactStatistic(d)
+    tracker = ComponentTracker(k, make_solver("exact", k, d, seed))
     for chunk in x.split(400):
         acc.update(chunk)
         tracker.check(acc, tau=0.99)
@@ -113,7 +114,7 @@ def test_tracker_is_deterministic_and_leaves_global_rng_alone():
     results = []
     for _ in range(2):
         torch.manual_seed(123)
-        acc, tracker = CovarianceAccumulator(520), ComponentTracker(6, 520, seed=7)
+        acc, tracker = ExactStatistic(520), ComponentTracker(6, make_solver("exact", 6, 520, 7))
         for chunk in x.split(300):
             acc.update(chunk)
             tracker.check(acc, 0.99)

@@ -83,7 +83,7 @@ def test_batch_order_does_not_change_planted_components(seed, n_batches):
 def _small_state(tmp_path) -> EvaState:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from conftest import token_batches
+    from helpers import token_batches
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -91,7 +91,7 @@ def _small_state(tmp_path) -> EvaState:
                                          max_position_embeddings=32)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        state = compute_eva_state(model, token_batches(50, 3), EvaConfig(rank=2, max_batches=3, progress=False))
+        state = compute_eva_state(model, token_batches(50, 3), EvaConfig(rank=2, max_batches=3))
     state.save(tmp_path / "state")
     return state
 

@@ -53,11 +53,14 @@ def test_kill_9_at_a_random_point_then_resume_gives_the_uninterrupted_result(tmp
     while checkpoint_step(tmp_path / "ckpt") < target and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.005)
     time.sleep(random.Random(seed).uniform(0, 0.12))
+    alive = proc.poll() is None  # the kill must land on a running worker, not on one that crashed
+    reached = checkpoint_step(tmp_path / "ckpt")
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoint_step(tmp_path / "ckpt")
     print(f"killed after checkpoint {killed_at} of {ckpt_worker.N_BATCHES}")
-    assert killed_at < ckpt_worker.N_BATCHES and not (tmp_path / "final").exists()
+    assert alive and proc.returncode == -signal.SIGKILL
+    assert target <= reached <= killed_at < ckpt_worker.N_BATCHES and not (tmp_path / "final").exists()
     done = subprocess.run([sys.executable, str(WORKER), str(tmp_path), "resume", "0"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -76,6 +79,37 @@ def test_resume_in_process_from_every_checkpoint_position(tmp_path, uninterrupte
                                       checkpoint_dir=ckpt, resume=True)
             assert_same_state(state, uninterrupted)
             assert len(list(ckpt.glob("eva_checkpoint-*.safetensors"))) == 1  # older tensor files removed
+
+
+def test_resume_of_a_sketch_run_is_bit_identical(tmp_path):
+    """The sketch's basis, power, mean and counts continue exactly as saved."""
+    import dataclasses
+
+    cfg = dataclasses.replace(ckpt_worker.config(), statistics="sketch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = compute_eva_state(ckpt_worker.model(), iter(ckpt_worker.batches()), cfg)
+        for k in (3, 11):
+            compute_eva_state(ckpt_worker.model(), iter(ckpt_worker.batches()[:k]), cfg,
+                              checkpoint_dir=tmp_path / f"k{k}", checkpoint_every=1)
+            resumed = compute_eva_state(ckpt_worker.model(), iter(ckpt_worker.batches()), cfg,
+                                        checkpoint_dir=tmp_path / f"k{k}", resume=True)
+            assert resumed.group_statistics == ["sketch"] * len(resumed.groups)
+            assert_same_state(resumed, straight)
+
+
+def test_resume_accepts_a_checkpoint_when_only_apply_time_options_changed(tmp_path):
+    """whiten / init_mode / adjust_alpha are applied when A is built: the statistics are the same."""
+    import dataclasses
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compute_eva_state(ckpt_worker.model(), iter(ckpt_worker.batches()[:5]), ckpt_worker.config(),
+                          checkpoint_dir=tmp_path, checkpoint_every=1)
+        changed = dataclasses.replace(ckpt_worker.config(), whiten=True, init_mode="rot", adjust_alpha=False)
+        state = compute_eva_state(ckpt_worker.model(), iter(ckpt_worker.batches()), changed, checkpoint_dir=tmp_path,
+                                  resume=True)
+    assert state.config.whiten and state.n_batches == ckpt_worker.N_BATCHES
 
 
 def test_resume_refuses_other_settings_other_models_and_short_data(tmp_path):
@@ -139,7 +173,7 @@ def test_a_dataloader_that_raises_midway_is_named_and_leaves_no_hook():
 
 
 def test_varying_shapes_and_all_padding_batches_count_exactly_the_valid_tokens():
-    from conftest import token_batches
+    from helpers import token_batches
 
     batches = token_batches(101, 2, batch=4, seq=16) + token_batches(101, 2, batch=3, seq=9, seed=1)
     padding_only = dict(token_batches(101, 1, batch=2, seq=5, seed=2)[0])
@@ -170,7 +204,7 @@ def test_sequences_longer_than_the_model_allows_end_in_a_named_error():
 def test_a_layer_that_never_converges_ends_at_max_batches_with_a_warning_naming_it():
     from eva_lora import EvaConfig
 
-    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999999, max_batches=4, progress=False)
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999999, max_batches=4)
     with pytest.warns(RuntimeWarning, match=r"EVA stopped \(max_batches\) after 4 batches before .* "
                                             r"layer\(s\) converged: \['model.layers.0"):
         state = compute_eva_state(ckpt_worker.model(), ckpt_worker.batches(), cfg)

@@ -6,17 +6,16 @@ import warnings
 import pytest
 import torch
 
-from conftest import token_batches
 from eva_lora import EvaConfig, EvaState, StateFileError, apply_eva_state, compute_eva_state, initial_lora_a
 from eva_lora.state import META_FILE, TENSOR_FILE
+from helpers import token_batches
 
 
 @pytest.fixture
 def llama_state(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return compute_eva_state(tiny_llama, token_batches(101, 4), EvaConfig(rank=4, rho=2.0, max_batches=4,
-                                                                              progress=False))
+        return compute_eva_state(tiny_llama, token_batches(101, 4), EvaConfig(rank=4, rho=2.0, max_batches=4))
 
 
 def test_save_load_round_trip(llama_state, tmp_path):

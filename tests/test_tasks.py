@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from eva_lora.tasks import TASKS, DataError, eval_tasks, get_task
-from eva_lora.tasks.generation import extract_boxed, extract_choice, extract_number, latex_equal, numbers_equal
+from eva_lora.app.tasks import TASKS, DataError, eval_tasks, get_task
+from eva_lora.app.tasks.generation import extract_boxed, extract_choice, extract_number, latex_equal, numbers_equal
 
 DATA = Path(__file__).parent / "assets/data"
 
@@ -138,3 +138,30 @@ def test_unknown_task_lists_choices_and_missing_columns_are_named(tmp_path):
     with pytest.raises(DataError, match="no data directory given"):
         get_task("rte").load("train")
     assert len(TASKS) == 15
+
+
+def test_over_long_examples_are_dropped_or_truncated_and_counted(tiny_llama_dir):
+    """drop_long=True drops exactly the examples over max_length; otherwise they are cut to max_length
+    with a warning giving the count. Either way the count is reported."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    from eva_lora.app.preprocess import tokenize
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    data = get_task("gsm8k").load("train", DATA, limit=12)
+    full = tokenize(data, tokenizer, "generation", 10_000, drop_long=False)
+    lengths = [len(ids) for ids in full.dataset["input_ids"]]
+    limit = sorted(lengths)[len(lengths) // 2]  # about half the examples are longer
+    long = sum(n > limit for n in lengths)
+    dropped = tokenize(data, tokenizer, "generation", limit, drop_long=True)
+    assert (dropped.kept, dropped.dropped, dropped.truncated) == (12 - long, long, 0)
+    assert max(len(ids) for ids in dropped.dataset["input_ids"]) <= limit
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cut = tokenize(data, tokenizer, "generation", limit, drop_long=False)
+    assert (cut.kept, cut.dropped, cut.truncated) == (12, 0, long)
+    assert [len(ids) for ids in cut.dataset["input_ids"]] == [min(n, limit) for n in lengths]
+    assert all(len(r["labels"]) == len(r["input_ids"]) for r in cut.dataset)
+    assert any(f"{long} of 12 examples are longer than max_length={limit}" in str(w.message) for w in caught)

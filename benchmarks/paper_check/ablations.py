@@ -9,15 +9,13 @@ batch 16, lr 1e-3, r 8, rho 2, alpha 1. Each run is `eva compare`'s run (same re
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 
-from common import claim_args
+from common import claim_args, write_results
 
-from eva_lora._atomic import atomic_write_text
-from eva_lora.recipes.compare import run_compare
-from eva_lora.run_config import build_run_config
+from eva_lora.app.recipes.compare import run_compare
+from eva_lora.app.run_config import build_run_config
 
 INITS = ["eva", "eva-whiten", "eva-perm", "eva-rot", "lora-redist"]
 
@@ -31,14 +29,15 @@ def main(argv: list[str] | None = None) -> None:
                                           "batch_size": 16, "learning_rate": 1e-3, "warmup_ratio": 0.06,
                                           "max_length": 64, "logging_steps": 5, "output_dir": tmp,
                                           "eval_limit": 64 if args.quick else None,
-                                          "eva": {"progress": False, "rho": 2.0}})
+                                          "progress": False, "eva": {"rho": 2.0}})
         result = run_compare(cfg, inits, seeds)
+    from eva_lora.app.recipes.compare import headline
+
+    per_seed = {init: [headline(run, "sst2")[1] for run in runs] for init, runs in result["runs"].items()}
     record = {"quick": args.quick, "steps": steps, "seeds": seeds, "summary": result["summary"],
-              "seconds": round(time.perf_counter() - started, 1)}
+              "per_seed": per_seed, "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "ablations.json", json.dumps(record, indent=1))
-    atomic_write_text(args.out / "ablations.md", markdown(record))
-    print(markdown(record))
+    write_results(args.out, "ablations", record, markdown(record))
 
 
 def markdown(record: dict) -> str:

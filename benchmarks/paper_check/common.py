@@ -1,12 +1,15 @@
-"""What every claim script shares: its command line (--quick, --out) and writing figures safely."""
+"""What every claim script shares: its command line (--quick, --out), figures (the app's plotting
+helpers) and its ending: JSON + markdown written atomically, the markdown printed."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
-from eva_lora._atomic import atomic_path
+from eva_lora._atomic import atomic_write_text
+from eva_lora.app.plots import pyplot, save_figure
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -18,17 +21,16 @@ def claim_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["RESULTS", "claim_args", "pyplot", "save_png", "write_results"]
 
 
 def save_png(fig: Any, path: Path) -> None:
-    """Temporary file, then rename: a killed run never leaves half a figure."""
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    pyplot().close(fig)
+    save_figure(fig, path, dpi=110)
+
+
+def write_results(out: Path, stem: str, record: dict[str, Any], markdown: str) -> None:
+    """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout."""
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=1))
+    atomic_write_text(out / f"{stem}.md", markdown)
+    print(markdown)

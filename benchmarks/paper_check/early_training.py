@@ -10,24 +10,23 @@ no warm-up so the first steps show the initialisation), through the same `train`
 from __future__ import annotations
 
 import dataclasses
-import json
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
-from common import claim_args, pyplot, save_png
+from common import claim_args, pyplot, save_png, write_results
 
-from eva_lora._atomic import atomic_write_text
-from eva_lora.recipes.train import train
-from eva_lora.run_config import build_run_config
+from eva_lora.app.recipes.train import train
+from eva_lora.app.run_config import build_run_config
 
 
 def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str, list[float]]]:
-    """init -> {"loss": mean over seeds per step, "grad_norm": ..., "init_seconds": ...}."""
+    """init -> {"loss": mean over seeds per step, "grad_norm": ..., "init_seconds": ...,
+    "per_seed": {"loss": [[...] per seed], "grad_norm": [[...] per seed]}}."""
     base = build_run_config(overrides={"model": "minilm", "task": "sst2", "rank": 8, "max_steps": steps,
                                        "batch_size": 16, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                                       "max_length": 64, "logging_steps": 1, "eva": {"progress": False}})
+                                       "max_length": 64, "logging_steps": 1, "progress": False})
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for init in inits:
@@ -35,6 +34,8 @@ def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str
                           evaluate=False) for seed in seeds]
             out[init] = {key: [round(statistics.fmean(r["log"][i][key] for r in runs), 5) for i in range(steps)]
                          for key in ("loss", "grad_norm")}
+            out[init]["per_seed"] = {key: [[round(e[key], 5) for e in r["log"][:steps]] for r in runs]
+                                     for key in ("loss", "grad_norm")}
             out[init]["init_seconds"] = round(statistics.fmean(r["init_seconds"] for r in runs), 2)
     return out
 
@@ -63,9 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     plot(found, args.out / "early_training.png")
     record = {"quick": args.quick, "seeds": seeds, "steps": steps, "curves": found,
               "seconds": round(time.perf_counter() - started, 1)}
-    atomic_write_text(args.out / "early_training.json", json.dumps(record, indent=1))
-    atomic_write_text(args.out / "early_training.md", markdown(record))
-    print(markdown(record))
+    write_results(args.out, "early_training", record, markdown(record))
 
 
 def _window(values: list[float], a: int, b: int) -> float:

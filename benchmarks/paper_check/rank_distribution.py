@@ -9,19 +9,17 @@ ranks per layer and module type, and the share of the rank budget that moves fro
 
 from __future__ import annotations
 
-import json
 import re
 import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from common import claim_args, pyplot, save_png
+from common import claim_args, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora._atomic import atomic_write_text
-from eva_lora.plots import rank_table
-from eva_lora.tasks import get_task
+from eva_lora.app.plots import rank_table
+from eva_lora.app.tasks import get_task
 
 
 def states(rhos: list[float]) -> dict[float, object]:
@@ -33,7 +31,7 @@ def states(rhos: list[float]) -> dict[float, object]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rho in rhos:
-            out[rho] = compute_eva_state(model, iter(data), EvaConfig(rank=8, rho=rho, tau=0.99, progress=False,
+            out[rho] = compute_eva_state(model, iter(data), EvaConfig(rank=8, rho=rho, tau=0.99,
                                                                       max_batches=len(data)))
     return out
 
@@ -82,9 +80,7 @@ def main(argv: list[str] | None = None) -> None:
               "zero_rank_layers": {str(r): sum(v == 0 for v in s.ranks.values()) for r, s in found.items()},
               "moved": {f"{a}->{b}": round(moved_share(found[a].ranks, found[b].ranks), 3)
                         for a, b in zip(rhos, rhos[1:])}}
-    atomic_write_text(args.out / "rank_distribution.json", json.dumps(record, indent=1))
-    atomic_write_text(args.out / "rank_distribution.md", markdown(record))
-    print(markdown(record))
+    write_results(args.out, "rank_distribution", record, markdown(record))
 
 
 def markdown(record: dict) -> str:

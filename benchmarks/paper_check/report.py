@@ -3,8 +3,9 @@
     python benchmarks/paper_check/stability.py && python benchmarks/paper_check/report.py
 
 The summary table at the top states, per claim, whether it held here and by how much. Each verdict
-is computed from the script's JSON by a small rule written next to the claim below, so a rerun
-with other numbers updates the verdict too; nothing in it is typed by hand.
+is computed from the script's JSON by a rule written next to the claim below (paired comparisons over
+seeds with a stated threshold, tasks without signal left out: see verdicts.py), so a rerun with other
+numbers updates the verdict too; nothing in it is typed by hand.
 """
 
 from __future__ import annotations
@@ -15,41 +16,57 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired
+
 from eva_lora._atomic import atomic_write_text
 
 HERE = Path(__file__).parent
-Verdict = tuple[str, str]  # ("held" | "partly" | "not shown", the numbers behind it)
+Verdict = tuple[str, str]  # ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)
+
+
+def _seed_scores(runs: dict[str, list[dict[str, Any]]]) -> dict[int, float]:
+    return {run["seed"]: run["score"] for run in runs}
+
+
+def table_verdict(r: dict[str, Any], eva_rows: list[str], baselines: list[str],
+                  pairs: list[tuple[str, str]] = ()) -> Verdict:
+    """Paper: EVA scores at least as well as LoRA and the weight-driven inits (and EVA+DoRA >= DoRA).
+
+    Per seed, each method's average over the tasks that carry signal; then paired comparisons."""
+    tasks = list(r["runs"])
+    quiet = [t for t in tasks if no_signal([run["score"] for runs in r["runs"][t].values() for run in runs])]
+    used = [t for t in tasks if t not in quiet]
+    if not used:
+        return "not shown", f"no task carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): {quiet}"
+    seeds = sorted(_seed_scores(next(iter(r["runs"][used[0]].values()))))
+    average = {m: [statistics.fmean(_seed_scores(r["runs"][t][m])[s] for t in used) for s in seeds]
+               for m in r["runs"][used[0]]}
+    eva = max((m for m in eva_rows if m in average), key=lambda m: statistics.fmean(average[m]))
+    comparisons = [(eva, b) for b in baselines if b in average] + [p for p in pairs if set(p) <= set(average)]
+    results = [(f"{a} vs {b}", *paired(average[a], average[b])) for a, b in comparisons]
+    text = (f"tasks with signal: {', '.join(used)}" + (f" (no signal, left out: {', '.join(quiet)})" if quiet else "")
+            + f"; average over them, {len(seeds)} seeds, paired: "
+            + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results))
+    return combine([v for _, v, _, _ in results]), text
 
 
 def table4_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper: EVA scores at least as well as LoRA and the weight-driven inits; EVA+DoRA >= DoRA."""
-    avg = {m: row["average"]["mean"] for m, row in r["summary"].items()}
-    std = {m: row["average"]["std"] for m, row in r["summary"].items()}
-    eva = max((m for m in avg if m.startswith("EVA rho")), key=avg.get)
-    others = [m for m in ("LoRA", "PiSSA", "OLoRA") if m in avg]
-    beaten = [m for m in others if avg[eva] >= avg[m]]
-    text = (f"best EVA ({eva}) average {100 * avg[eva]:.2f} +/- {100 * std[eva]:.2f}; "
-            + ", ".join(f"{m} {100 * avg[m]:.2f} ({100 * (avg[eva] - avg[m]):+.2f})" for m in others))
-    if "DoRA" in avg and "EVA+DoRA rho=2" in avg:
-        text += f"; EVA+DoRA vs DoRA {100 * (avg['EVA+DoRA rho=2'] - avg['DoRA']):+.2f}"
-    verdict = "held" if len(beaten) == len(others) else "partly" if beaten else "not shown"
-    lead = min((avg[eva] - avg[m] for m in others), default=0.0)
-    if verdict == "held" and lead < std[eva]:
-        text += "; the lead is within the std over seeds"
-    return verdict, text
+    return table_verdict(r, ["EVA rho=1", "EVA rho=2"], ["LoRA", "PiSSA", "OLoRA"], [("EVA+DoRA rho=2", "DoRA")])
 
 
 def early_training_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's."""
+    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's, its gradient norm larger."""
     start = 20 if r["steps"] > 20 else r["steps"] // 2
-    loss = {i: statistics.fmean(c["loss"][start:]) for i, c in r["curves"].items()}
-    below = [i for i in loss if i != "eva" and loss["eva"] < loss[i]]
-    others = len(loss) - 1
-    text = (f"mean loss steps {start + 1}-{r['steps']}: "
-            + ", ".join(f"{i} {v:.4f}" for i, v in sorted(loss.items(), key=lambda kv: kv[1]))
-            + f"; EVA below {len(below)} of {others}; gradient norm steps 1-5 (paper: largest for EVA): "
-            + ", ".join(f"{i} {statistics.fmean(c['grad_norm'][:5]):.3f}" for i, c in r["curves"].items()))
-    return ("held" if len(below) == others else "partly" if below else "not shown"), text
+    curves = r["curves"]
+    if "per_seed" not in curves.get("eva", {}):
+        return "not shown", "no per-seed curves in this result: rerun the script"
+    loss = {i: [statistics.fmean(seed[start:]) for seed in c["per_seed"]["loss"]] for i, c in curves.items()}
+    grad = {i: [statistics.fmean(seed[:5]) for seed in c["per_seed"]["grad_norm"]] for i, c in curves.items()}
+    results = [(f"loss {i} - EVA (steps {start + 1}-{r['steps']})", *paired(loss[i], loss["eva"]))
+               for i in curves if i != "eva"]
+    grads = [(f"grad norm EVA - {i} (steps 1-5)", *paired(grad["eva"], grad[i])) for i in curves if i != "eva"]
+    text = "; ".join(describe(name, v, mean, thr, scale=1.0) for name, v, mean, thr in results + grads)
+    return combine([v for _, v, _, _ in results]), text + " (verdict on the loss)"
 
 
 def stability_verdict(r: dict[str, Any]) -> Verdict:
@@ -75,15 +92,13 @@ def rank_distribution_verdict(r: dict[str, Any]) -> Verdict:
 
 def ablations_verdict(r: dict[str, Any]) -> Verdict:
     """Paper (Table 7): EVA beats whitening, permuted ranks, random rotation and redistributed LoRA."""
-    rows = {row["init"]: row for row in r["summary"]}
-    eva = rows["eva"]
-    leads = {name: eva["mean"] - row["mean"] for name, row in rows.items() if name != "eva"}
-    clear = [n for n, lead in leads.items() if lead > max(eva["std"], rows[n]["std"])]
-    text = (f"EVA {100 * eva['mean']:.2f} +/- {100 * eva['std']:.2f}; lead over "
-            + ", ".join(f"{n} {100 * v:+.2f}" for n, v in leads.items())
-            + f"; larger than the std over seeds: {', '.join(clear) or 'none'}")
-    ahead = sum(v > 0 for v in leads.values())
-    return ("held" if ahead == len(leads) else "partly" if ahead else "not shown"), text
+    if "per_seed" not in r:
+        return "not shown", "no per-seed scores in this result: rerun the script"
+    scores = r["per_seed"]
+    results = [(f"EVA vs {name}", *paired(scores["eva"], other)) for name, other in scores.items() if name != "eva"]
+    text = (f"EVA {100 * statistics.fmean(scores['eva']):.2f}; paired over {len(scores['eva'])} seeds: "
+            + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results))
+    return combine([v for _, v, _, _ in results]), text
 
 
 CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (script stem, paper claim, rule)

@@ -12,18 +12,16 @@ measure), summarised per component index over layers and pairs of runs. Writes
 from __future__ import annotations
 
 import itertools
-import json
 import time
 import warnings
 from pathlib import Path
 
 import torch
-from common import claim_args, pyplot, save_png
+from common import claim_args, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora._atomic import atomic_write_text
+from eva_lora.app.tasks import get_task
 from eva_lora.pca import component_cosine
-from eva_lora.tasks import get_task
 
 K_SHOWN = 8
 
@@ -49,7 +47,7 @@ def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list
 
 
 def run(model, data) -> tuple[dict[str, torch.Tensor], dict]:
-    config = EvaConfig(rank=8, rho=2.0, tau=0.99, progress=False, max_batches=len(data))
+    config = EvaConfig(rank=8, rho=2.0, tau=0.99, max_batches=len(data))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         start = time.perf_counter()
@@ -106,9 +104,7 @@ def main(argv: list[str] | None = None) -> None:
               "sizes": {str(k): v for k, v in size_summary.items()},
               "size_runs": {str(k): v[1] for k, v in size_runs.items()},
               "seconds": round(time.perf_counter() - started, 1)}
-    atomic_write_text(args.out / "stability.json", json.dumps(record, indent=1))
-    atomic_write_text(args.out / "stability.md", markdown(record))
-    print(markdown(record))
+    write_results(args.out, "stability", record, markdown(record))
 
 
 def markdown(record: dict) -> str:

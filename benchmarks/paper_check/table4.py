@@ -24,12 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, pyplot, save_png
+from common import RESULTS, pyplot, save_png, write_results
 
-from eva_lora._atomic import atomic_write_text
-from eva_lora.recipes.compare import headline
-from eva_lora.recipes.train import METRICS_FILE, train
-from eva_lora.run_config import RunConfig, build_run_config
+from eva_lora.app.recipes.compare import headline
+from eva_lora.app.recipes.train import METRICS_FILE, train
+from eva_lora.app.run_config import RunConfig, build_run_config
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 cfg = build_run_config(overrides={**settings, "task": task, "init": init, "seed": seed,
                                                   "max_steps": steps[task], "data_dir": str(args.data_dir),
                                                   "output_dir": str(out),
-                                                  "eva": {"progress": False, **eva}})
+                                                  "progress": False, "eva": {**eva}})
                 run_started = time.perf_counter()
                 metrics, reused = run_one(cfg)
                 metric, score = headline(metrics, task)
@@ -117,10 +116,8 @@ def main(argv: list[str] | None = None) -> None:
               "methods": [m[0] for m in methods], "runs": runs, "summary": summarise(runs, [m[0] for m in methods]),
               "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / "table4.json", json.dumps(record, indent=1))
-    atomic_write_text(args.out / "table4.md", markdown(record))
     plot(record, args.out / "table4.png")
-    print(markdown(record))
+    write_results(args.out, "table4", record, markdown(record))
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

@@ -6,13 +6,20 @@
 """
 
 from .allocation import allocate_ranks, rank_scores
-from .config import EvaConfig
+from .config import EvaConfig, InitOptions
 from .engine import EvaNotConvergedError, compute_eva_state
-from .peft_bridge import apply_eva_state, initial_lora_a, lora_config_for
+from .lora_init import initial_lora_a
+from .model_card import save_adapter
+from .peft_bridge import apply_eva_state, lora_config_for, write_eva_weights
+from .peft_compat import get_eva_state_dict, initialize_lora_eva_weights
 from .state import EvaState, StateFileError
 
 __all__ = [
     "EvaConfig",
+    "InitOptions",
+    "get_eva_state_dict",
+    "initialize_lora_eva_weights",
+    "save_adapter",
     "EvaNotConvergedError",
     "EvaState",
     "StateFileError",
@@ -22,5 +29,6 @@ __all__ = [
     "initial_lora_a",
     "lora_config_for",
     "rank_scores",
+    "write_eva_weights",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

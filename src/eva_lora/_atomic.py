@@ -9,6 +9,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def umask_mode(directory: bool = False) -> int:
+    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (0644 / 0755 at 022).
+
+    Temporary files and folders are created private (0600 / 0700); a rename keeps that mode, so we
+    set this one before renaming, or a colleague on a shared machine could not read the result."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``target``; on success it replaces ``target`` atomically."""
@@ -21,6 +31,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb") as handle:
             os.fsync(handle.fileno())
+        os.chmod(tmp_path, umask_mode())
         os.replace(tmp_path, target)
     finally:
         tmp_path.unlink(missing_ok=True)

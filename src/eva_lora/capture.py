@@ -1,107 +1,42 @@
-"""Capture the input activations of target layers with forward hooks.
+"""Capture the input rows of target layers with forward hooks.
 
-Hooks live in a context manager so that none survives a normal run or an exception. On the first
-forward pass, layers whose input is the *same tensor object* (q/k/v, gate/up) are grouped so that
-they share one PCA: identity is free to test, and the probe keeps a reference to every input it
-has seen during that pass so a freed tensor's id cannot be reused by another one.
+Hooks live in a context manager so that none survives a normal run or an exception. A first
+*probe* pass groups layers whose input is the *same tensor object* (q/k/v, gate/up) so that they
+share one PCA: identity is free to test, and the probe keeps a reference to every input it has
+seen during that pass so a freed tensor's id cannot be reused by another one. Each group's rows go
+to its ``sink`` (a statistic's ``update``, or a collective that sends them to the owner process); a
+group with ``active = False`` costs nothing. When a group's statistic can be chosen on its own
+(``on_new_group``), the probe already feeds it; otherwise (several processes, a memory budget) the
+probe only groups, and the engine feeds the first batch again once every group is known.
 """
 
 from __future__ import annotations
 
-import re
+import contextlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .config import EvaConfig
-from .pca import CovarianceAccumulator
-
-try:  # transformers' GPT-2 style linear layer stores its weight transposed.
-    from transformers.pytorch_utils import Conv1D
-except ImportError:  # pragma: no cover - transformers is a dependency, kept optional here
-    Conv1D = ()  # type: ignore[assignment,misc]
-
-SUPPORTED_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
-HEAD_NAMES = ("lm_head", "classifier", "score", "cls")
+from .targets import find_target_layers
 
 # select_tokens(layer_input, batch, layer_name) -> (n_tokens, in_features)
 TokenSelector = Callable[[torch.Tensor, Any, str], torch.Tensor]
+RowSink = Callable[[torch.Tensor], None]
 
 
-def in_features(module: nn.Module) -> int:
-    """Input width of a supported layer (Conv1D keeps its weight as (in, out))."""
-    if isinstance(module, nn.Linear):
-        return module.in_features
-    return int(module.weight.shape[0])
-
-
-def _matches(name: str, pattern: Sequence[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list matches exact names or suffixes."""
-    if isinstance(pattern, str):
-        return re.fullmatch(pattern, name) is not None
-    return any(name == p or name.endswith("." + p) for p in pattern)
-
-
-def _default_excluded(model: nn.Module, name: str, module: nn.Module) -> bool:
-    """By default the output head is not adapted (PEFT's 'all-linear' does the same)."""
-    getter = getattr(model, "get_output_embeddings", None)
-    head = getter() if callable(getter) else None
-    return module is head or name.split(".")[-1] in HEAD_NAMES
-
-
-def find_target_layers(model: nn.Module, config: EvaConfig) -> dict[str, nn.Module]:
-    """name -> layer for every layer EVA adapts, in ``named_modules`` order.
-
-    Raises when nothing matches or when the selection names a layer type EVA cannot adapt.
-    """
-    targets: dict[str, nn.Module] = {}
-    unsupported: list[str] = []
-    for name, module in model.named_modules():
-        if not name:
-            continue
-        if config.exclude_modules is not None and _matches(name, config.exclude_modules):
-            continue
-        if config.target_modules is None:
-            if isinstance(module, SUPPORTED_LAYERS) and not _default_excluded(model, name, module):
-                targets[name] = module
-            continue
-        if _matches(name, config.target_modules):
-            if isinstance(module, SUPPORTED_LAYERS):
-                targets[name] = module
-            else:
-                unsupported.append(f"{name} ({type(module).__name__})")
-    if unsupported:
-        raise TypeError(
-            "target_modules matched layers EVA cannot adapt (only nn.Linear and transformers' Conv1D): "
-            + ", ".join(unsupported[:10])
-        )
-    if not targets:
-        raise ValueError(
-            f"no module matched target_modules={config.target_modules!r} "
-            f"(exclude_modules={config.exclude_modules!r}); linear layers in this model look like: "
-            + ", ".join(_example_linear_names(model))
-        )
-    return targets
-
-
-def _example_linear_names(model: nn.Module, limit: int = 6) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, SUPPORTED_LAYERS)]
-    return names[:limit] or ["<none>"]
-
-
-def token_mask(batch: Any, config: EvaConfig) -> torch.Tensor | None:
+def token_mask(batch: Any, use_label_mask: bool = True, label_mask_value: int = -100) -> torch.Tensor | None:
     """(batch, seq) bool mask of tokens that enter the PCA, or None when the batch has no mask."""
     if not isinstance(batch, Mapping):
         return None
     mask = batch.get("attention_mask")
     mask = mask.bool() if isinstance(mask, torch.Tensor) else None
     labels = batch.get("labels")
-    if config.use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
-        keep = labels != config.label_mask_value
+    if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
+        keep = labels != label_mask_value
         mask = keep if mask is None else mask & keep
     return mask
 
@@ -130,11 +65,12 @@ def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: tor
 
 @dataclass
 class LayerGroup:
-    """Layers that receive the same input tensor, and the one PCA they share."""
+    """Layers that receive the same input tensor, and where their rows go."""
 
     names: list[str]
     dim: int
-    stats: CovarianceAccumulator
+    device: torch.device
+    sink: RowSink | None = None  # None: this process does not keep this group's rows
     active: bool = True
 
 
@@ -143,18 +79,20 @@ class StopForward(Exception):
 
 
 class ActivationCapture:
-    """Context manager: hooks on target layers feeding one accumulator per input group.
+    """Context manager: hooks on target layers, one sink per input group.
 
-    Call :meth:`set_batch` before each forward pass. After the first pass, :attr:`groups` is final
-    and only one hook per group remains. ``group.active = False`` makes a group's hook a no-op.
+    Call :meth:`set_batch` before each forward pass. The first pass is the probe (groups form,
+    nothing is kept); :meth:`finish_probe` freezes the groups and keeps one hook per group.
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], config: EvaConfig,
+    def __init__(self, layers: Mapping[str, nn.Module], use_label_mask: bool = True, label_mask_value: int = -100,
                  select_tokens: TokenSelector | None = None) -> None:
         self.layers = dict(layers)
-        self.config = config
+        # Called with each group as the probe creates it; the sink it returns already receives the
+        # probe's rows (a single process without a budget decides a group's statistic on its own).
+        self.on_new_group: Callable[[LayerGroup], RowSink | None] | None = None
+        self.use_label_mask, self.label_mask_value = use_label_mask, label_mask_value
         self.select_tokens = select_tokens
-        self.stats_dtype = getattr(torch, config.stats_dtype)
         self.groups: list[LayerGroup] = []
         self._group_of: dict[str, LayerGroup] = {}
         self._probe_inputs: dict[int, tuple[torch.Tensor, LayerGroup]] | None = {}
@@ -165,6 +103,10 @@ class ActivationCapture:
         self._probe_calls: Counter[str] = Counter()
         self.single_call = False  # every target layer ran exactly once in the probe pass
         self._exit_group: LayerGroup | None = None
+
+    @property
+    def probing(self) -> bool:
+        return self._probe_inputs is not None
 
     def __enter__(self) -> ActivationCapture:
         for name, module in self.layers.items():
@@ -182,7 +124,9 @@ class ActivationCapture:
 
     def set_batch(self, batch: Any) -> None:
         self._batch = batch
-        self._mask = token_mask(batch, self.config)
+        self._mask = token_mask(batch, self.use_label_mask, self.label_mask_value)
+        if self._mask is not None and bool(self._mask.all()):
+            self._mask = None  # nothing to drop: layers hand over a view of their input, not a copy
         self._index = None if self._mask is None else self._mask.reshape(-1).nonzero().squeeze(1)
 
     def finish_probe(self) -> None:
@@ -192,7 +136,8 @@ class ActivationCapture:
         if missing:
             raise RuntimeError(
                 "these target layers were not called during the forward pass, so EVA cannot see "
-                f"their inputs: {missing[:10]}; exclude them with exclude_modules"
+                f"their inputs: {missing[:10]}; exclude them with exclude_modules. (A model or block "
+                "compiled with torch.compile skips hooks added after compilation: pass the uncompiled module.)"
             )
         self._keep_leader_hooks()
         self.single_call = all(count == 1 for count in self._probe_calls.values())
@@ -203,15 +148,15 @@ class ActivationCapture:
             for follower in group.names[1:]:
                 self._handles.pop(follower).remove()
 
-    def restore_groups(self, groups: list[list[str]], stats: list[CovarianceAccumulator], single_call: bool) -> None:
-        """Recreate the groups of a checkpoint instead of probing (their statistics continue as saved)."""
-        missing = [n for names in groups for n in names if n not in self.layers]
-        if missing or sorted(n for names in groups for n in names) != sorted(self.layers):
+    def restore_groups(self, groups: list[tuple[list[str], int]], device: torch.device, single_call: bool) -> None:
+        """Recreate the groups of a checkpoint, as (names, dim), instead of probing."""
+        missing = [n for names, _ in groups for n in names if n not in self.layers]
+        if missing or sorted(n for names, _ in groups for n in names) != sorted(self.layers):
             raise ValueError("the checkpoint was made for other target layers "
                              f"(not in this model / targets: {missing[:5]})")
         self._probe_inputs = None
-        for names, acc in zip(groups, stats):
-            group = LayerGroup(list(names), acc.dim, acc)
+        for names, dim in groups:
+            group = LayerGroup(list(names), dim, device)
             self.groups.append(group)
             for name in names:
                 self._group_of[name] = group
@@ -235,36 +180,36 @@ class ActivationCapture:
     def _make_hook(self, name: str) -> Callable[..., None]:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = _first_tensor(args, kwargs, name)
-            group = self._group_of.get(name)
             if self._probe_inputs is not None:
                 self._probe_calls[name] += 1
-            if group is None:
-                group = self._assign_group(name, x)
-                if group.names[0] != name:
-                    return  # a follower: its leader already counted this tensor
+                group = self._group_of.get(name) or self._assign_group(name, x)
+                if group.names[0] == name and group.sink is not None:
+                    group.sink(self._rows(group, name, x))
+                return
+            group = self._group_of[name]
             if group.active:
-                self._accumulate(group, name, x)
+                if group.sink is not None:
+                    group.sink(self._rows(group, name, x))
                 if group is self._exit_group:
                     raise StopForward
 
         return hook
 
     def _assign_group(self, name: str, x: torch.Tensor) -> LayerGroup:
-        if self._probe_inputs is None:
-            raise RuntimeError(f"layer {name} was first called after the probe pass")
         seen = self._probe_inputs.get(id(x))
         if seen is not None and seen[0] is x and seen[1].dim == x.shape[-1]:
             group = seen[1]
             group.names.append(name)
         else:
-            dim = int(x.shape[-1])
-            group = LayerGroup([name], dim, CovarianceAccumulator(dim, x.device, self.stats_dtype))
+            group = LayerGroup([name], int(x.shape[-1]), x.device)
             self.groups.append(group)
             self._probe_inputs[id(x)] = (x, group)
+            if self.on_new_group is not None:
+                group.sink = self.on_new_group(group)
         self._group_of[name] = group
         return group
 
-    def _accumulate(self, group: LayerGroup, name: str, x: torch.Tensor) -> None:
+    def _rows(self, group: LayerGroup, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.select_tokens is not None:
             rows = self.select_tokens(x, self._batch, name)
         else:
@@ -272,7 +217,7 @@ class ActivationCapture:
         if rows.ndim != 2 or rows.shape[-1] != group.dim:
             raise ValueError(f"layer {name}: token selection returned shape {tuple(rows.shape)}, "
                              f"expected (n_tokens, {group.dim})")
-        group.stats.update(rows.detach())
+        return rows.detach()
 
 
 def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
@@ -282,19 +227,67 @@ def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
     raise TypeError(f"layer {name} was called without a tensor input")
 
 
-def collect_statistics(model: nn.Module, batches: Iterable[Any], config: EvaConfig) -> list[LayerGroup]:
-    """Accumulate every target group's statistics over all ``batches``, with no convergence test.
+@contextlib.contextmanager
+def eager(model: nn.Module) -> Iterator[nn.Module]:
+    """The module to run for capture, with ``torch.compile`` out of the way.
 
-    The exact reference for a run (use ``stats_dtype="float64"``), and the way to get covariances
-    for analysis. Batches are fed as ``model(**batch)`` and must already be on the model's device.
+    A model wrapped by ``torch.compile(model)`` ignores forward hooks registered after compilation,
+    so the statistics would silently see nothing: its original module (same parameters) runs
+    instead. Modules compiled in place (``module.compile()``) run their eager forward while the
+    context is open. A compiled *submodule* (``block = torch.compile(block)``) cannot be unwrapped
+    without changing module names, so it is refused with a clear error.
     """
+    root = getattr(model, "_orig_mod", None) if _is_compiled_wrapper(model) else model
+    nested = [n for n, m in root.named_modules() if n and _is_compiled_wrapper(m)]
+    if nested:
+        raise TypeError(f"submodules compiled with torch.compile ({nested[:3]}) would skip EVA's hooks; "
+                        "compute the EVA state on the uncompiled model and compile afterwards")
+    compiled = [m for m in root.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    saved = [m._compiled_call_impl for m in compiled]
+    try:
+        for module in compiled:
+            module._compiled_call_impl = None
+        yield root
+    finally:
+        for module, impl in zip(compiled, saved):
+            module._compiled_call_impl = impl
+
+
+def _is_compiled_wrapper(module: nn.Module) -> bool:
+    return type(module).__name__ == "OptimizedModule" and hasattr(module, "_orig_mod")
+
+
+@dataclass
+class CollectedGroup:
+    names: list[str]
+    stats: Any  # an ExactStatistic
+
+
+def collect_statistics(model: nn.Module, batches: Iterable[Any], config: Any,
+                       dtype: torch.dtype = torch.float64) -> list[CollectedGroup]:
+    """Exact statistics of every target group over all ``batches``, with no convergence test.
+
+    The float64 reference for tests and benchmarks (``torch.linalg.eigh`` of the exact covariance
+    of the same tokens), and the way to get covariances for analysis. Batches are fed as
+    ``model(**batch)`` and must already be on the model's device.
+    """
+    from .statistics import ExactStatistic
+
     layers = find_target_layers(model, config)
-    with torch.no_grad(), ActivationCapture(layers, config) as capture:
-        for index, batch in enumerate(batches):
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty")
+    capture = ActivationCapture(layers, config.use_label_mask, config.label_mask_value)
+    with torch.no_grad(), capture:
+        capture.set_batch(batches[0])
+        model(**batches[0])
+        capture.finish_probe()
+        out = []
+        for group in capture.groups:
+            stats = ExactStatistic(group.dim, group.device, dtype)
+            group.sink = stats.update
+            out.append(CollectedGroup(group.names, stats))
+        for batch in batches:
             capture.set_batch(batch)
             model(**batch)
-            if index == 0:
-                capture.finish_probe()
-    if not capture.groups:
-        raise ValueError("batches is empty")
-    return capture.groups
+    return out

@@ -1,41 +1,81 @@
-"""Crash-safe checkpoints of a running EVA computation (streaming statistics + solver state).
+"""Crash-safe checkpoints of a running EVA computation: a :class:`LoopSnapshot` to files and back.
 
-A checkpoint is ``eva_checkpoint-<step>.safetensors`` (accumulators and solver tensors) plus
-``eva_checkpoint.json`` (loop state, config, the tensor file's SHA-256). The tensor file is written
-under a new name first; renaming the JSON over the old one is the commit point; older tensor
-files are deleted only after that. A ``kill -9`` at any moment leaves the previous checkpoint
-intact, and ``resume`` continues from it to the same result as an uninterrupted run.
+The loop hands over a snapshot (plain data: counters, config, and per group its statistic and
+tracker tensors) and gets one back; this module never reads the loop's fields.
+
+On disk: ``eva_checkpoint-<step>.safetensors`` (tensors) plus ``eva_checkpoint.json`` (everything
+else and the tensor file's SHA-256). The tensor file is written under a new name first; renaming the
+JSON over the old one is the commit point; older tensor files are deleted only after that. A
+``kill -9`` at any moment leaves the previous checkpoint intact, and ``resume`` continues from it to
+the same result as an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._atomic import atomic_path, atomic_write_text
-from .pca import CovarianceAccumulator
-from .state import StateFileError, _sha256
+from .files import StateFileError, read_json_manifest, read_safetensors, sha256_file
 
 FORMAT = "eva-lora-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 META = "eva_checkpoint.json"
+STAT_PREFIX, TRACKER_PREFIX = "stat", "trk"  # tensor keys: "<prefix>.<group>.<name>"
 
 
-def save_checkpoint(directory: str | Path, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+@dataclass
+class GroupSnapshot:
+    """One group's part of a snapshot."""
+
+    names: list[str]
+    dim: int
+    kind: str  # statistic kind: "exact" | "sketch"
+    size: int | None  # sketch size
+    active: bool
+    tokens: int
+    total_variance: float
+    stat: dict[str, torch.Tensor] = field(repr=False)
+    tracker: dict[str, torch.Tensor] = field(repr=False)
+
+
+@dataclass
+class LoopSnapshot:
+    """Everything needed to continue an EVA loop where it stopped."""
+
+    steps: int
+    n_batches: int
+    config: dict[str, Any]
+    single_call: bool
+    groups: list[GroupSnapshot]
+    ranks: dict[str, int]
+    history: list[dict[str, Any]]
+
+
+def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
     """Write tensors under a fresh name, commit by renaming the JSON, then drop older tensor files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    name = f"eva_checkpoint-{meta['steps']}.safetensors"
+    tensors: dict[str, torch.Tensor] = {}
+    groups = []
+    for g, group in enumerate(snapshot.groups):
+        for prefix, part in ((STAT_PREFIX, group.stat), (TRACKER_PREFIX, group.tracker)):
+            for key, value in part.items():
+                tensors[f"{prefix}.{g}.{key}"] = value.detach().cpu().contiguous()
+        groups.append({"names": group.names, "dim": group.dim, "kind": group.kind, "size": group.size,
+                       "active": group.active, "tokens": group.tokens, "total_variance": group.total_variance})
+    name = f"eva_checkpoint-{snapshot.steps}.safetensors"
     with atomic_path(directory / name) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": FORMAT})
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
     record = {"format": FORMAT, "format_version": FORMAT_VERSION, "tensor_file": name,
-              "tensors_sha256": _sha256(directory / name), **meta}
+              "tensors_sha256": sha256_file(directory / name), "steps": snapshot.steps,
+              "n_batches": snapshot.n_batches, "config": snapshot.config, "single_call": snapshot.single_call,
+              "groups": groups, "ranks": snapshot.ranks, "history": snapshot.history}
     atomic_write_text(directory / META, json.dumps(record, indent=1, allow_nan=True))
     for old in directory.glob("eva_checkpoint-*.safetensors"):
         if old.name != name:
@@ -43,69 +83,27 @@ def save_checkpoint(directory: str | Path, meta: dict[str, Any], tensors: dict[s
     return directory / META
 
 
-def load_checkpoint(directory: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
-    """(meta, tensors) of the last committed checkpoint in ``directory``; None when there is none."""
+def load_snapshot(directory: str | Path) -> LoopSnapshot | None:
+    """The last committed snapshot in ``directory``; None when there is none."""
     directory = Path(directory)
-    path = directory / META
-    if not path.is_file():
+    if not (directory / META).is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StateFileError(f"{path} is not valid JSON: {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("format_version") != FORMAT_VERSION:
-        raise StateFileError(f"{path} is not an eva-lora checkpoint of format version {FORMAT_VERSION}")
+    meta = read_json_manifest(directory / META, FORMAT, FORMAT_VERSION, "an eva-lora checkpoint")
     tensor_path = directory / str(meta.get("tensor_file", ""))
-    if not tensor_path.is_file() or _sha256(tensor_path) != meta.get("tensors_sha256"):
-        raise StateFileError(f"{tensor_path} is missing or does not match its checksum in {path}")
+    if not tensor_path.is_file() or sha256_file(tensor_path) != meta.get("tensors_sha256"):
+        raise StateFileError(f"{tensor_path} is missing or does not match its checksum in {directory / META}")
+    tensors = read_safetensors(tensor_path)
     try:
-        with safe_open(str(tensor_path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as err:
-        raise StateFileError(f"{tensor_path} is not a readable safetensors file: {err}") from err
-    for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise StateFileError(f"{tensor_path}: tensor {key} contains NaN or Inf")
-    return meta, tensors
-
-
-def save_loop(directory: Path, loop: Any) -> None:
-    """Checkpoint a running EVA loop: every group's statistics and solver state, and the loop's counters."""
-    tensors: dict[str, torch.Tensor] = {}
-    trackers = []
-    for g, (group, tracker) in enumerate(zip(loop.capture.groups, loop.trackers)):
-        for key, value in group.stats.state_dict().items():
-            tensors[f"acc.{g}.{key}"] = value
-        for key in ("basis", "previous", "values"):
-            value = getattr(tracker, key)
-            if value is not None:
-                tensors[f"trk.{g}.{key}"] = value
-        tensors[f"trk.{g}.converged"] = tracker.converged.to(torch.uint8)
-        trackers.append({"total_variance": tracker.total_variance, "active": group.active})
-    meta = {"steps": loop.steps, "n_batches": loop.n_batches, "config": loop.config.to_dict(),
-            "single_call": loop.capture.single_call,
-            "groups": [g.names for g in loop.capture.groups], "trackers": trackers, "ranks": loop.ranks,
-            "history": loop.history}
-    save_checkpoint(directory, meta, tensors)
-
-
-def restore_loop(loop: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
-    """Put back the groups, statistics and solver state of a checkpoint: the run continues
-    exactly as if it had never stopped (no probe pass, bit-identical statistics)."""
-    device = loop.device or torch.device("cpu")
-    stats = [CovarianceAccumulator.from_state_dict(
-        {key: tensors[f"acc.{g}.{key}"] for key in ("count", "shift", "sum", "moment")}, device)
-        for g in range(len(meta["groups"]))]
-    loop.capture.restore_groups(meta["groups"], stats, bool(meta.get("single_call", False)))
-    loop._setup_groups()
-    for g, (group, tracker) in enumerate(zip(loop.capture.groups, loop.trackers)):
-        group.active = bool(meta["trackers"][g]["active"])
-        for key in ("basis", "previous", "values"):
-            if f"trk.{g}.{key}" in tensors:
-                setattr(tracker, key, tensors[f"trk.{g}.{key}"].to(device))
-        tracker.values = None if tracker.values is None else tracker.values.cpu()
-        tracker.converged = tensors[f"trk.{g}.converged"].bool()
-        tracker.total_variance = float(meta["trackers"][g]["total_variance"])
-    loop.ranks = {k: int(v) for k, v in meta["ranks"].items()}
-    loop.history = list(meta["history"])
-    loop.capture.set_exit_point(loop.config.early_exit)
+        groups = []
+        for g, info in enumerate(meta["groups"]):
+            parts = {prefix: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{g}.")}
+                     for prefix in (STAT_PREFIX, TRACKER_PREFIX)}
+            groups.append(GroupSnapshot([str(n) for n in info["names"]], int(info["dim"]), str(info["kind"]),
+                                        None if info["size"] is None else int(info["size"]), bool(info["active"]),
+                                        int(info["tokens"]), float(info["total_variance"]),
+                                        parts[STAT_PREFIX], parts[TRACKER_PREFIX]))
+        return LoopSnapshot(int(meta["steps"]), int(meta["n_batches"]), dict(meta["config"]),
+                            bool(meta["single_call"]), groups, {str(k): int(v) for k, v in meta["ranks"].items()},
+                            list(meta["history"]))
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise StateFileError(f"{directory / META} is not a valid EVA checkpoint: {err}") from err

@@ -1,28 +1,45 @@
-"""EvaConfig: every knob of EVA initialisation, validated on construction.
+"""EvaConfig: every setting of an EVA initialisation, checked on construction.
 
 Symbols follow the paper (arXiv 2410.07170): ``rank`` is r, ``rho`` caps a layer at
 ``round(r * rho)`` components, ``tau`` is the cosine threshold for convergence and ``delta`` the
 fraction of converged components that ends the loop early.
+
+The fields fall in two parts. Most decide the statistics and when the loop stops; a checkpoint
+must match them to be resumed (:meth:`EvaConfig.statistics_dict`). Three are applied only when
+LoRA's ``A`` is built from a finished state (:attr:`EvaConfig.init_options`: ``whiten``,
+``adjust_alpha``, ``init_mode``) and may change between a checkpoint and its resume.
+What is only shown or where work happens (a progress bar, raising instead of warning) are arguments
+of :func:`~eva_lora.compute_eva_state`, not configuration.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from ._fields import check_fields, coerce_numbers, unknown_keys
 
 RankMetric = Literal["ratio", "raw", "max"]
 InitMode = Literal["eva", "perm", "rot", "redist_only"]
+INIT_FIELDS = ("whiten", "adjust_alpha", "init_mode")  # used when A is built, after the statistics
+RUNTIME_FIELDS = ("statistics_device",)  # where the work happens, not what it computes
 
-_METRICS = ("ratio", "raw", "max")
-_INIT_MODES = ("eva", "perm", "rot", "redist_only")
+
+@dataclass(frozen=True)
+class InitOptions:
+    """How a finished EVA state becomes LoRA's ``A`` (see :func:`~eva_lora.initial_lora_a`)."""
+
+    whiten: bool = False
+    adjust_alpha: bool = True
+    init_mode: InitMode = "eva"
 
 
 @dataclass(frozen=True)
 class EvaConfig:
     """Configuration of an EVA initialisation.
 
-    Args:
+    Statistics and stopping (a checkpoint must match these):
         rank: LoRA rank r; the total budget is ``rank * number_of_adapted_layers``.
         rho: redistribution factor (>= 1); a layer may receive up to ``round(rank * rho)``.
             ``rho = 1`` gives exactly uniform ranks.
@@ -33,85 +50,101 @@ class EvaConfig:
             must match the full module name. ``None`` selects every linear layer except the
             output head (``lm_head`` / ``score`` / ``classifier`` / ``cls``).
         exclude_modules: same syntax; matched layers are skipped.
-        max_batches: hard bound on forward passes; reaching it stops with a warning
-            (``strict=True`` turns that into an error).
+        max_batches: hard bound on forward passes; reaching it stops with a warning.
         check_every: run the convergence check every k batches (1 = after every batch, as in
             the paper). A larger k compares estimates k batches apart, which is stricter.
         use_label_mask: drop tokens whose label equals ``label_mask_value`` from the PCA.
-        whiten: scale each component by ``1 / sqrt(eigenvalue)`` so ``A x`` has unit variance.
-        adjust_alpha: change each layer's alpha with its new rank so its LoRA scaling is the
-            one it would have had at rank ``rank`` (respects rsLoRA's ``alpha / sqrt(r)``).
         rank_metric: how components of different layers are compared when redistributing:
             ``ratio`` (explained variance ratio, paper default), ``raw`` (eigenvalue) or
             ``max`` (eigenvalue / the layer's largest eigenvalue).
         min_rank: floor for every layer (0 lets a layer drop out entirely).
-        init_mode: ``eva`` or one of the paper's Table 7 ablations: ``perm`` (permute each
-            row's entries), ``rot`` (random rotation of A), ``redist_only`` (EVA ranks, random A).
         seed: seeds every random choice (ablations, solver) without touching the global RNG.
-        stats_dtype: dtype of the running second moment. float32 halves memory and time; the
-            sums and the final solve are float64 either way. Use float64 for extreme dynamic range.
-        progress: show a tqdm progress bar.
-        strict: raise instead of warning when the loop ends before convergence.
+        stats_dtype: dtype of the running statistics' large tensors. float32 halves memory and time;
+            sums, counts and the small solves are float64 either way.
         early_exit: end each forward pass right after the deepest layer that still needs data
             (EVA never uses the model's outputs). Once the late layers have converged this skips
             their cost; it is switched off automatically when a target layer runs twice per pass.
         distributed_inputs: under torch.distributed, whether ranks feed different batches
-            ("sharded": statistics are summed), the same batches ("replicated": only the solves are
-            shared out) or "auto" (decided from a checksum of the first batch). See distributed.py.
+            ("sharded": every rank's rows go to the group's owner), the same batches ("replicated":
+            only the owner keeps them) or "auto" (decided from a checksum of the first batch).
+        statistics: the running statistic of each group: "exact" (d x d second moment, exact,
+            d^2 memory), "sketch" (incremental PCA keeping ``sketch_size`` directions, d x
+            sketch_size memory) or "auto" (exact where ``d <= exact_max_dim``, sketch elsewhere).
+        sketch_size: directions a sketch keeps; default 4 x round(rank * rho). Must be at least the
+            round(rank * rho) components a layer may need.
+        exact_max_dim: widest group ``auto`` keeps an exact statistic for.
+        statistics_budget_mb: memory cap for the statistics one process holds. ``auto`` turns exact
+            groups into sketches (largest first) to fit; a budget too small for any kind is an error
+            raised before the first statistic is allocated.
+    Where the work happens (free to change on resume):
+        statistics_device: "model" keeps statistics on the model's device; "cpu" keeps them in host
+            memory (rows are copied over at each batch) for when the accelerator is full.
+    Applied when A is built (:attr:`init_options`, free to change on resume):
+        whiten: scale each component by ``1 / sqrt(eigenvalue)`` so ``A x`` has unit variance.
+        adjust_alpha: change each layer's alpha with its new rank so its LoRA scaling is the
+            one it would have had at rank ``rank`` (respects rsLoRA's ``alpha / sqrt(r)``).
+        init_mode: ``eva`` or one of the paper's Table 7 ablations: ``perm`` (permute each
+            row's entries), ``rot`` (random rotation of A), ``redist_only`` (EVA ranks, random A).
     """
 
-    rank: int = 16
-    rho: float = 2.0
-    tau: float = 0.99
-    delta: float = 1.0
+    rank: int = field(default=16, metadata={"min": 1})
+    rho: float = field(default=2.0, metadata={"min": 1.0})
+    tau: float = field(default=0.99, metadata={"above": 0.0, "max": 1.0})
+    delta: float = field(default=1.0, metadata={"above": 0.0, "max": 1.0})
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
-    max_batches: int = 1000
-    check_every: int = 1
+    max_batches: int = field(default=1000, metadata={"min": 1})
+    check_every: int = field(default=1, metadata={"min": 1})
     use_label_mask: bool = True
     label_mask_value: int = -100
-    whiten: bool = False
-    adjust_alpha: bool = True
     rank_metric: RankMetric = "ratio"
-    min_rank: int = 0
-    init_mode: InitMode = "eva"
+    min_rank: int = field(default=0, metadata={"min": 0})
     seed: int = 0
     stats_dtype: Literal["float32", "float64"] = "float32"
-    progress: bool = True
-    strict: bool = False
     early_exit: bool = True
-    distributed_inputs: str = "auto"
+    distributed_inputs: Literal["auto", "sharded", "replicated"] = "auto"
+    statistics: Literal["auto", "exact", "sketch"] = "auto"
+    sketch_size: int | None = field(default=None, metadata={"min": 1})
+    exact_max_dim: int = field(default=1024, metadata={"min": 1})
+    statistics_budget_mb: float | None = field(default=None, metadata={"above": 0.0})
+    statistics_device: Literal["model", "cpu"] = "model"
+    whiten: bool = False
+    adjust_alpha: bool = True
+    init_mode: InitMode = "eva"
 
     def __post_init__(self) -> None:
         for name in ("target_modules", "exclude_modules"):
             value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                if not all(isinstance(v, str) and v for v in value):
-                    raise ValueError(f"{name} must be a list of non-empty strings, got {value!r}")
+            if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
-            elif value is not None and not isinstance(value, str):
-                raise TypeError(f"{name} must be a list of strings, a regex string or None, got {type(value).__name__}")
-        _check(isinstance(self.rank, int) and self.rank >= 1, f"rank must be an integer >= 1, got {self.rank!r}")
-        _check(self.rho >= 1.0, f"rho must be >= 1 (1 = uniform ranks), got {self.rho!r}")
-        _check(0.0 < self.tau <= 1.0, f"tau must be in (0, 1], got {self.tau!r}")
-        _check(0.0 < self.delta <= 1.0, f"delta must be in (0, 1], got {self.delta!r}")
-        _check(isinstance(self.max_batches, int) and self.max_batches >= 1,
-               f"max_batches must be an integer >= 1, got {self.max_batches!r}")
-        _check(isinstance(self.check_every, int) and self.check_every >= 1,
-               f"check_every must be an integer >= 1, got {self.check_every!r}")
-        _check(self.rank_metric in _METRICS, f"rank_metric must be one of {_METRICS}, got {self.rank_metric!r}")
-        _check(self.init_mode in _INIT_MODES, f"init_mode must be one of {_INIT_MODES}, got {self.init_mode!r}")
-        _check(isinstance(self.min_rank, int) and 0 <= self.min_rank <= self.rank,
-               f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}")
-        _check(self.distributed_inputs in ("auto", "sharded", "replicated"),
-               f"distributed_inputs must be 'auto', 'sharded' or 'replicated', got {self.distributed_inputs!r}")
-        _check(self.stats_dtype in ("float32", "float64"),
-               f"stats_dtype must be 'float32' or 'float64', got {self.stats_dtype!r}")
+        check_fields(self)
+        if self.min_rank > self.rank:
+            raise ValueError(f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}")
+        k = self.max_components
+        if self.sketch_size is not None and self.sketch_size < k:
+            raise ValueError(f"sketch_size must be an integer >= the {k} components a layer may need "
+                             f"(round(rank * rho)); got {self.sketch_size!r} (default: 4 x {k} = {4 * k})")
 
     @property
     def max_components(self) -> int:
         """Components computed per layer: ``round(rank * rho)`` (the per-layer rank cap)."""
         return max(1, round(self.rank * self.rho))
+
+    @property
+    def resolved_sketch_size(self) -> int:
+        """Directions a sketch keeps: ``sketch_size``, or 4 x the components a layer may need."""
+        return self.sketch_size if self.sketch_size is not None else 4 * self.max_components
+
+    @property
+    def init_options(self) -> InitOptions:
+        return InitOptions(self.whiten, self.adjust_alpha, self.init_mode)
+
+    def statistics_dict(self) -> dict[str, Any]:
+        """The fields the running computation depends on: what a checkpoint must match to be resumed."""
+        out = self.to_dict()
+        for key in INIT_FIELDS + RUNTIME_FIELDS:
+            out.pop(key)
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists); inverse of :meth:`from_dict`."""
@@ -123,14 +156,11 @@ class EvaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EvaConfig:
-        """Build from a dict, naming unknown keys instead of ignoring them."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown EvaConfig field(s) {unknown}; valid fields: {sorted(known)}")
-        return cls(**data)
+        """Build from a dict, naming unknown keys instead of ignoring them.
 
-
-def _check(ok: bool, message: str) -> None:
-    if not ok:
-        raise ValueError(message)
+        ``progress`` and ``strict`` (EvaConfig fields before 0.2, now arguments of
+        ``compute_eva_state``) are accepted and dropped, so older state files still load.
+        """
+        data = {k: v for k, v in data.items() if k not in ("progress", "strict")}
+        unknown_keys(data, cls, "EvaConfig")
+        return cls(**coerce_numbers(data, cls))

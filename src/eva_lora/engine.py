@@ -1,6 +1,9 @@
 """compute_eva_state: feed batches, accumulate statistics, check convergence, allocate ranks.
 
-The loop is bounded by ``max_batches`` and always records why it stopped.
+The loop is a short sequence of named steps: a *probe* pass finds the input groups, *plan* gives each
+group its statistic kind and owner process, then each batch is *forwarded* (hooks feed the
+statistics) and *checked* (owners solve, everyone shares the numbers, ranks are re-allocated and
+converged groups switched off). It is bounded by ``max_batches`` and always records why it stopped.
 """
 
 from __future__ import annotations
@@ -8,22 +11,25 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .allocation import allocate_ranks, rank_scores
-from .capture import ActivationCapture, StopForward, TokenSelector, find_target_layers, in_features
-from .checkpoint import load_checkpoint, restore_loop, save_loop
+from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, eager
+from .checkpoint import GroupSnapshot, LoopSnapshot, load_snapshot, save_snapshot
 from .config import EvaConfig
-from .convergence import ComponentTracker
-from .distributed import Communicator
-from .pca import CovarianceAccumulator
+from .convergence import ComponentTracker, make_solver
+from .distributed import CollectiveError, Communicator
+from .loop_utils import EvaProgress, bounded_stream, model_device, next_batch, to_device, versions
+from .planning import GroupPlan, plan_statistics
 from .state import EvaState
+from .statistics import ExactStatistic, SketchStatistic, Statistic, statistic_from_state_dict
+from .targets import find_target_layers, layer_shapes
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -42,6 +48,9 @@ def compute_eva_state(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 0,
     resume: bool = False,
+    progress: bool = True,
+    strict: bool = False,
+    layers: Mapping[str, nn.Module] | None = None,
 ) -> EvaState:
     """Compute EVA components and ranks for ``model`` from ``batches``.
 
@@ -50,51 +59,75 @@ def compute_eva_state(
     A re-iterable (list, DataLoader) is cycled until convergence; an iterator is consumed once.
     select_tokens(layer_input, batch, layer_name) -> (n_tokens, in_features) replaces the default
     masking for inputs that are not (batch, seq, dim) / (n, dim).
-    The model is left exactly as it was: no hook survives, train/eval mode is restored.
+    The model is left exactly as it was: no hook survives, train/eval mode is restored. A model
+    wrapped by ``torch.compile`` is run eagerly (compiled code would skip the hooks).
     checkpoint_dir / checkpoint_every: save the statistics and solver state atomically every N
     batches; resume=True continues from the last checkpoint there (the batches must be the same
     sequence: the ones before the checkpoint are skipped, not fed) and gives the same result as an
     uninterrupted run. Without a checkpoint yet, resume starts from the first batch.
+    layers: name -> module to capture, chosen by the caller instead of ``config.target_modules``
+    (the PEFT drop-in passes the base layers of a PeftModel's LoRA layers).
+    progress: show a bar of converged / needed components (on rank 0).
+    strict: raise :class:`EvaNotConvergedError` instead of warning when the loop ends before every
+    needed component converged.
     """
     config = config or EvaConfig()
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every / resume need checkpoint_dir")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    layers = find_target_layers(model, config)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(), ActivationCapture(layers, config, select_tokens) as capture:
-            loop = _EvaLoop(model, capture, config, forward_fn)
-            loop.checkpointing(checkpoint_dir, checkpoint_every, resume)
-            loop.run(batches)
-    finally:
-        model.train(was_training)
-    return loop.build_state(layers)
+    with eager(model) as runnable:
+        layers = dict(layers) if layers is not None else find_target_layers(runnable, config)
+        was_training = runnable.training
+        runnable.eval()
+        try:
+            capture = ActivationCapture(layers, config.use_label_mask, config.label_mask_value, select_tokens)
+            with torch.no_grad(), capture:
+                loop = _EvaLoop(runnable, capture, config, forward_fn, progress, strict)
+                loop.checkpointing(checkpoint_dir, checkpoint_every, resume)
+                loop.run(batches)
+        finally:
+            runnable.train(was_training)
+        return loop.build_state(layer_shapes(layers))
+
+
+@dataclass
+class GroupRecord:
+    """Everything the loop knows about one input group (on every rank; ``stat`` only on its owner)."""
+
+    layer: LayerGroup
+    plan: GroupPlan
+    cap: int  # components computed: round(rank * rho), never above the input width
+    tracker: ComponentTracker
+    stat: Statistic | None = None
+    tokens: int = 0  # rows the owner has absorbed, as last shared
+    finite: bool = True
+
+    @property
+    def names(self) -> list[str]:
+        return self.layer.names
 
 
 class _EvaLoop:
-    """The state of one run: groups, trackers, history and the reason it stopped."""
+    """The state of one run: group records, history and the reason it stopped."""
 
     def __init__(self, model: nn.Module, capture: ActivationCapture, config: EvaConfig,
-                 forward_fn: ForwardFn | None) -> None:
-        self.model, self.capture, self.config = model, capture, config
+                 forward_fn: ForwardFn | None, progress: bool = True, strict: bool = False) -> None:
+        self.model, self.capture, self.config, self.strict = model, capture, config, strict
         self.forward_fn = forward_fn or _default_forward
-        self.device = _model_device(model)
-        self.trackers: list[ComponentTracker] = []
-        self.caps: dict[str, int] = {}
+        self.device = model_device(model)
+        self.comm = Communicator(config.distributed_inputs, self.device)
+        self.groups: list[GroupRecord] = []
         self.ranks: dict[str, int] = {}
         self.history: list[dict[str, Any]] = []
-        self.comm = Communicator(config.distributed_inputs, self.device)
-        self.totals: list[CovarianceAccumulator] = []  # all ranks' statistics (sharded mode only)
         self.steps = 0  # batches this process fed (or skipped on resume)
-        self.checkpoint_dir: Path | None = None
-        self.checkpoint_every = 0
-        self.resumed: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None  # the checkpoint resumed
         self.n_batches = 0  # batches of all processes (= steps for one process)
         self.stop_reason = "max_batches"
+        self.checkpoint_dir: Path | None = None
+        self.checkpoint_every = 0
         self.started = time.perf_counter()
+        self.fsdp_modules = _fsdp_modules(model)
+        self.progress = EvaProgress(progress and self.comm.rank == 0, config.max_batches)
 
     # ---- checkpoints -----------------------------------------------------------------------
     def checkpointing(self, directory: Any, every: int, resume: bool) -> None:
@@ -103,35 +136,52 @@ class _EvaLoop:
         if (every or resume) and self.comm.active:
             raise ValueError("checkpoints are single-process for now: under torch.distributed, leave "
                              "checkpoint_every at 0 and resume unset")
-        if resume:
-            self.resumed = load_checkpoint(self.checkpoint_dir)
-            if self.resumed is None:
-                warnings.warn(f"no EVA checkpoint in {self.checkpoint_dir}: starting from the first batch",
-                              RuntimeWarning, stacklevel=3)
-            else:
-                meta = self.resumed[0]
-                mine = {k: v for k, v in self.config.to_dict().items() if k != "progress"}
-                theirs = {k: v for k, v in meta["config"].items() if k != "progress"}
-                if mine != theirs:
-                    changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-                    raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}")
-                self.steps, self.n_batches = int(meta["steps"]), int(meta["n_batches"])
-                restore_loop(self, *self.resumed)
+        if not resume:
+            return
+        snapshot = load_snapshot(self.checkpoint_dir)
+        if snapshot is None:
+            warnings.warn(f"no EVA checkpoint in {self.checkpoint_dir}: starting from the first batch",
+                          RuntimeWarning, stacklevel=4)
+            return
+        mine, theirs = self.config.statistics_dict(), EvaConfig.from_dict(snapshot.config).statistics_dict()
+        if mine != theirs:
+            changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
+            raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}")
+        self.restore(snapshot)
+
+    def snapshot(self) -> LoopSnapshot:
+        """The loop's state as plain data: what a checkpoint holds."""
+        groups = [GroupSnapshot(rec.names, rec.layer.dim, rec.plan.kind, rec.plan.size, rec.layer.active,
+                                rec.tokens, rec.tracker.total_variance, rec.stat.state_dict(),
+                                rec.tracker.state_dict()) for rec in self.groups]
+        return LoopSnapshot(self.steps, self.n_batches, self.config.to_dict(), self.capture.single_call, groups,
+                            dict(self.ranks), list(self.history))
+
+    def restore(self, snapshot: LoopSnapshot) -> None:
+        """Continue from a snapshot exactly as if the run had never stopped (no probe pass)."""
+        device = self.device or torch.device("cpu")
+        self.capture.restore_groups([(g.names, g.dim) for g in snapshot.groups], device, snapshot.single_call)
+        for layer, saved in zip(self.capture.groups, snapshot.groups):
+            plan = GroupPlan(saved.kind, saved.size, 0, 0)
+            record = self._new_record(layer, plan, statistic_from_state_dict(saved.kind, saved.stat,
+                                                                              self._stat_device(layer)))
+            record.tracker.load_state_dict(saved.tracker, saved.total_variance, self._stat_device(layer))
+            record.layer.active, record.tokens = saved.active, saved.tokens
+        self.steps, self.n_batches = snapshot.steps, snapshot.n_batches
+        self.ranks, self.history = dict(snapshot.ranks), list(snapshot.history)
+        self.capture.set_exit_point(self._exit_enabled())
 
     # ---- the loop ------------------------------------------------------------------------
     def run(self, batches: Iterable[Any]) -> None:
-        """Forward, accumulate, check; every rank takes the same decisions from the same reduced numbers."""
-        bar = tqdm(total=self.config.max_batches, desc="EVA", unit="batch",
-                   disable=not self.config.progress or self.comm.rank != 0, leave=False)
-        stream = _bounded_stream(batches, self.config.max_batches)
+        """Probe, then forward and check until converged, out of data or at max_batches."""
+        stream = bounded_stream(batches, self.config.max_batches)
         for index in range(self.steps):  # resume: skip what the checkpoint already holds
-            if _next_batch(stream, index) is None:
+            if next_batch(stream, index) is None:
                 raise ValueError(f"the batches ended after {index} of the {self.steps} batches the checkpoint "
                                  "covers: resume needs the same batches in the same order")
-        bar.update(self.steps)
         try:
             while True:
-                item = _next_batch(stream, self.steps)
+                item = next_batch(stream, self.steps)
                 if not self.comm.all_have_batch(item is not None):
                     self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
                     break
@@ -139,83 +189,130 @@ class _EvaLoop:
                 if epoch > 0 and self.n_batches and self._tokens() == 0:
                     raise ValueError("no valid token in a full pass over the batches: every token is masked "
                                      "(attention_mask / labels == label_mask_value)")
-                self._forward(batch)
-                bar.update(1)
+                batch = to_device(batch, self.device)
+                if self.groups or not self._probe(batch):  # the probe may have fed this batch already
+                    self._forward(batch)
                 if self.steps % self.config.check_every == 0 and self._check():
                     break
                 if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
-                    save_loop(self.checkpoint_dir, self)
+                    save_snapshot(self.checkpoint_dir, self.snapshot())
                 if self.n_batches >= self.config.max_batches:
                     self.stop_reason = "max_batches"
                     break
-                bar.set_postfix_str(self._progress_text())
         finally:
-            bar.close()
+            self.progress.close()
+        if self.groups:
+            self._share()  # token counts of the batches since the last check
         if self._tokens() == 0:
             raise ValueError("no valid token reached the target layers: every token is masked or batches are empty")
 
-    def _forward(self, batch: Any) -> None:
-        batch = _to_device(batch, self.device)
+    def _probe(self, batch: Any) -> bool:
+        """The pass that groups the layers, then each group's plan. True when it also fed the batch.
+
+        One process without a memory budget decides each group's statistic from its width alone, so
+        the probe creates it on the spot and feeds it: no extra pass. Otherwise every group must be
+        known first (owners, budget) and the batch is fed again afterwards.
+        """
+        local = not self.comm.active and self.config.statistics_budget_mb is None
+        if local:
+            self.capture.on_new_group = self._local_group
         self.capture.set_batch(batch)
+        self._call_model(batch, probe=True)
+        self.capture.finish_probe()
+        self.capture.on_new_group = None
+        self.comm.resolve_mode(batch)
+        self.comm.check_same_groups([g.names for g in self.capture.groups])
+        if local:
+            self.steps, self.n_batches = self.steps + 1, self.n_batches + 1
+        else:
+            layers = self.capture.groups
+            plans = plan_statistics([g.dim for g in layers], self.config, self.comm.size, [g.names[0] for g in layers])
+            for layer, plan in zip(layers, plans):
+                mine = plan.owner == self.comm.rank
+                self._new_record(layer, plan, self._new_statistic(layer, plan) if mine else None)
+        self.capture.set_exit_point(self._exit_enabled())
+        return local
+
+    def _local_group(self, layer: LayerGroup) -> Callable[[torch.Tensor], None] | None:
+        plan = plan_statistics([layer.dim], self.config)[0]
+        return self._new_record(layer, plan, self._new_statistic(layer, plan)).layer.sink
+
+    def _new_statistic(self, layer: LayerGroup, plan: GroupPlan) -> Statistic:
+        dtype, device = getattr(torch, self.config.stats_dtype), self._stat_device(layer)
+        if plan.kind == "exact":
+            return ExactStatistic(layer.dim, device, dtype)
+        return SketchStatistic(layer.dim, plan.size, device, dtype)
+
+    def _new_record(self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None) -> GroupRecord:
+        cap = min(self.config.max_components, layer.dim)
+        tracker = ComponentTracker(cap, make_solver(plan.kind, cap, layer.dim, self.config.seed))
+        record = GroupRecord(layer, plan, cap, tracker, stat)
+        layer.sink = self._sink(record)
+        self.groups.append(record)
+        return record
+
+    def _stat_device(self, layer: LayerGroup) -> torch.device:
+        return torch.device("cpu") if self.config.statistics_device == "cpu" else layer.device
+
+    def _sink(self, record: GroupRecord) -> Callable[[torch.Tensor], None] | None:
+        """Where a group's rows go on this process: its statistic, the owner, or nowhere."""
+        stat, owner = record.stat, record.plan.owner
+        if self.comm.sums_statistics:
+            def send(rows: torch.Tensor) -> None:
+                for part in self.comm.gather_rows(rows, owner) or []:
+                    stat.update(part)
+            return send
+        if stat is None:
+            return None
+        return stat.update
+
+    def _forward(self, batch: Any) -> None:
+        self.capture.set_batch(batch)
+        self._call_model(batch, probe=False)
+        self.steps += 1
+        self.n_batches += self.comm.size if self.comm.sums_statistics else 1
+
+    def _call_model(self, batch: Any, probe: bool) -> None:
         try:
             self.forward_fn(self.model, batch)
         except StopForward:
-            pass
+            for module in self.fsdp_modules:  # FSDP2 reshards in post-forward hooks the exit skipped
+                module.reshard()
+        except CollectiveError:  # raised by a hook's gather: another rank is gone, not a model bug
+            raise
         except Exception as err:
-            raise RuntimeError(f"the model's forward pass failed on batch {self.steps + 1}: {err}") from err
-        self.steps += 1
-        if not self.trackers:  # the probe pass: groups are known now
-            self.capture.finish_probe()
-            self.comm.resolve_mode(batch)
-            self.comm.check_same_groups([g.names for g in self.capture.groups])
-            self._setup_groups()
-        self.n_batches += self.comm.size if self.comm.sums_statistics else 1
+            what = f"batch {self.steps + 1}" + (" (probe pass)" if probe else "")
+            raise RuntimeError(f"the model's forward pass failed on {what}: {err}") from err
 
-    def _setup_groups(self) -> None:
-        """Per-layer caps: round(rank * rho), never above the layer's input width. Across ranks that
-        sum their statistics, every rank adopts rank 0's shift and keeps a running total."""
-        for group in self.capture.groups:
-            cap = min(self.config.max_components, group.dim)
-            for name in group.names:
-                self.caps[name] = cap
-            self.trackers.append(ComponentTracker(cap, group.dim, self.config.seed))
-            if self.comm.sums_statistics:
-                self.comm.share_shift(group.stats)
-                total = CovarianceAccumulator(group.dim, group.stats.device, group.stats.moment.dtype)
-                total.recenter(group.stats.shift)
-                self.totals.append(total)
-
-    def _stats(self, index: int) -> CovarianceAccumulator:
-        """The statistics of every token seen so far by all ranks (the local ones for one process)."""
-        return self.totals[index] if self.totals else self.capture.groups[index].stats
+    def _exit_enabled(self) -> bool:
+        return self.config.early_exit
 
     # ---- convergence ---------------------------------------------------------------------
     def _check(self) -> bool:
-        """Solve active groups, re-allocate ranks, (de)activate groups. True when the loop may stop."""
-        for index, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
-            if not group.active:
-                continue
-            if self.comm.sums_statistics:
-                self.comm.reduce_into(group.stats, self.totals[index])
-            _require_finite(group.names, self._stats(index))
-            if self.comm.owns(index):
-                tracker.check(self._stats(index), self.config.tau)
-        if self.comm.active:
-            self._share_solutions()
-        self.ranks = self._allocate(lambda tracker: tracker.values)
+        """Owners solve their active groups, everyone shares the numbers, ranks are re-allocated.
+        True when the loop may stop."""
+        for record in self.groups:
+            if record.layer.active and record.stat is not None:
+                record.finite = record.stat.is_finite()
+                if record.finite:
+                    record.tracker.check(record.stat, self.config.tau)
+        self._share()
+        self.ranks = self._allocate()
         needed = converged = 0
-        for group, tracker in zip(self.capture.groups, self.trackers):
-            need = max(self.ranks[n] for n in group.names)
-            done = int(tracker.converged[:need].sum())
-            group.active = done < need
+        for record in self.groups:
+            need = max(self.ranks[n] for n in record.names)
+            done = int(record.tracker.converged[:need].sum())
+            record.layer.active = done < need
             needed, converged = needed + need, converged + done
-        self.capture.set_exit_point(self.config.early_exit)
+        self.capture.set_exit_point(self._exit_enabled())
         self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
                              "converged_components": converged,
-                             "active_groups": sum(g.active for g in self.capture.groups),
+                             "active_groups": sum(r.layer.active for r in self.groups),
                              "forward_ends_after": self.capture.exit_layer,
-                             "bytes_communicated": self.comm.bytes_reduced,
+                             "statistic_bytes": sum(r.stat.nbytes for r in self.groups if r.stat is not None),
+                             "bytes_communicated": self.comm.bytes_sent,
                              "seconds": round(time.perf_counter() - self.started, 4)})
+        self.progress.update(self.history[-1], len(self.groups))
         if converged == needed:
             self.stop_reason = "converged"
             return True
@@ -224,73 +321,76 @@ class _EvaLoop:
             return True
         return False
 
-    def _share_solutions(self) -> None:
-        """Owners pack (solved?, values, converged, total variance) per group; one all-reduce shares them."""
-        width = 2 * max((t.k for t in self.trackers), default=0) + 2
-        packed = torch.zeros(len(self.trackers), width, dtype=torch.float64)
-        for index, tracker in enumerate(self.trackers):
-            if self.comm.owns(index) and tracker.values is not None:
-                k = tracker.k
-                packed[index, 0] = 1.0
-                packed[index, 1 : k + 1] = tracker.values.cpu()
-                packed[index, k + 1 : 2 * k + 1] = tracker.converged.to(torch.float64)
-                packed[index, -1] = tracker.total_variance
-        packed = self.comm.share_solutions(packed)
-        for index, tracker in enumerate(self.trackers):
-            if packed[index, 0] == 1.0 and not self.comm.owns(index):
-                k = tracker.k
-                tracker.values = packed[index, 1 : k + 1].clone()
-                tracker.converged = packed[index, k + 1 : 2 * k + 1] > 0.5
-                tracker.total_variance = float(packed[index, -1])
+    def _share(self) -> None:
+        """Owners pack (solved?, tokens, total variance, finite, values, converged) per group; one
+        all-reduce gives every rank the same numbers. NaN / Inf raises on every rank at once."""
+        for record in self.groups:
+            if record.stat is not None:
+                record.tokens, record.finite = record.stat.count, record.stat.is_finite()
+        if self.comm.active:
+            width = 4 + 2 * max(r.cap for r in self.groups)
+            packed = torch.zeros(len(self.groups), width, dtype=torch.float64)
+            for index, record in enumerate(self.groups):
+                if record.stat is not None:
+                    _pack(packed[index], record)
+            packed = self.comm.share_solutions(packed)
+            for index, record in enumerate(self.groups):
+                if record.stat is None:
+                    _unpack(packed[index], record)
+        bad = [r.names for r in self.groups if not r.finite]
+        if bad:
+            raise FloatingPointError(f"NaN or Inf activations reached layer(s) {bad[0]}")
 
-    def _allocate(self, values_of: Callable[[ComponentTracker], torch.Tensor | None]) -> dict[str, int]:
+    def _allocate(self) -> dict[str, int]:
         """Ranks from the current spectra; a group without an estimate yet keeps its full cap."""
         scores: dict[str, torch.Tensor] = {}
-        for group, tracker in zip(self.capture.groups, self.trackers):
-            values = values_of(tracker)
+        caps: dict[str, int] = {}
+        for record in self.groups:
+            values = record.tracker.values
             if values is None:
-                score = torch.full((tracker.k,), float("inf"), dtype=torch.float64)
+                score = torch.full((record.cap,), float("inf"), dtype=torch.float64)
             else:
-                score = rank_scores(values.cpu(), tracker.total_variance, self.config.rank_metric)
-            for name in group.names:
-                scores[name] = score
+                score = rank_scores(values, record.tracker.total_variance, self.config.rank_metric)
+            for name in record.names:
+                scores[name], caps[name] = score, record.cap
         order = [n for n in self.capture.layers if n in scores]
         budget = self.config.rank * len(order)
-        return allocate_ranks({n: scores[n] for n in order}, budget, self.caps, self.config.min_rank)
+        return allocate_ranks({n: scores[n] for n in order}, budget, caps, self.config.min_rank)
 
     # ---- result --------------------------------------------------------------------------
-    def build_state(self, layers: Mapping[str, nn.Module]) -> EvaState:
+    def build_state(self, shapes: Mapping[str, list[int]]) -> EvaState:
+        thin = [r.names for r in self.groups if r.tokens < 2]
+        if thin:
+            count = next(r.tokens for r in self.groups if r.tokens < 2)
+            raise ValueError(f"layer(s) {thin[0]} saw {count} valid token(s); need at least 2")
         comps, values, ratios = [], [], []
-        for index, (group, tracker) in enumerate(zip(self.capture.groups, self.trackers)):
-            stats = self._stats(index)
-            if stats.count < 2:
-                raise ValueError(f"layer(s) {group.names} saw {stats.count} valid token(s); need at least 2")
-            vectors = torch.zeros(tracker.k, group.dim, dtype=torch.float64, device=stats.device)
-            eigen = torch.zeros(tracker.k, dtype=torch.float64, device=stats.device)
-            if self.comm.owns(index):
-                pairs = tracker.finalize(stats)
-                vectors, eigen = pairs.vectors.to(torch.float64), pairs.values.to(torch.float64)
-            vectors = self.comm.broadcast_from_owner(vectors, index)
-            eigen = self.comm.broadcast_from_owner(eigen, index)
-            tracker.values, tracker.total_variance = eigen.cpu(), stats.total_variance()
-            comps.append(vectors.to(torch.float32).cpu())
-            values.append(eigen.cpu())
-            ratios.append(eigen.cpu() / max(tracker.total_variance, 1e-300))
-        self.ranks = self._allocate(lambda tracker: tracker.values)
+        for record in self.groups:
+            vectors = torch.zeros(record.cap, record.layer.dim, dtype=torch.float64)
+            eigen = torch.zeros(record.cap, dtype=torch.float64)
+            if record.stat is not None:
+                pairs = record.tracker.finalize(record.stat)
+                vectors, eigen = pairs.vectors.to(torch.float64).cpu(), pairs.values.to(torch.float64).cpu()
+            vectors = self.comm.broadcast_from(vectors, record.plan.owner)
+            eigen = self.comm.broadcast_from(eigen, record.plan.owner)
+            record.tracker.values = eigen
+            comps.append(vectors.to(torch.float32))
+            values.append(eigen)
+            ratios.append(eigen / max(record.tracker.total_variance, 1e-300))
+        self.ranks = self._allocate()
         unconverged = self._unconverged()
         self._report(unconverged)
-        shapes = {n: [in_features(m), _out_features(m)] for n, m in layers.items()}
-        return EvaState(self.config, [list(g.names) for g in self.capture.groups], comps, values, ratios,
-                        [self._stats(i).count for i in range(len(self.capture.groups))], self.ranks, shapes,
+        return EvaState(self.config, [list(r.names) for r in self.groups], comps, values, ratios,
+                        [r.tokens for r in self.groups], self.ranks, dict(shapes),
                         n_batches=self.n_batches, stop_reason=self.stop_reason, unconverged=unconverged,
-                        history=self.history, versions=_versions())
+                        history=self.history, versions=versions(),
+                        group_statistics=[r.plan.kind for r in self.groups])
 
     def _unconverged(self) -> list[str]:
         out = []
-        for group, tracker in zip(self.capture.groups, self.trackers):
-            need = max(self.ranks[n] for n in group.names)
-            if not bool(tracker.converged[:need].all()):
-                out.extend(group.names)
+        for record in self.groups:
+            need = max(self.ranks[n] for n in record.names)
+            if not bool(record.tracker.converged[:need].all()):
+                out.extend(record.names)
         return out
 
     def _report(self, unconverged: list[str]) -> None:
@@ -299,61 +399,30 @@ class _EvaLoop:
         message = (f"EVA stopped ({self.stop_reason}) after {self.n_batches} batches before {len(unconverged)} "
                    f"layer(s) converged: {unconverged[:8]}{' ...' if len(unconverged) > 8 else ''}; "
                    "raise max_batches, lower tau, or feed more data")
-        if self.config.strict:
+        if self.strict:
             raise EvaNotConvergedError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
 
     def _tokens(self) -> int:
-        return max((self._stats(i).count for i in range(len(self.capture.groups))), default=0)
-
-    def _progress_text(self) -> str:
-        done = sum(not g.active for g in self.capture.groups)
-        return f"converged groups {done}/{len(self.capture.groups)}, tokens {self._tokens()}"
+        return max((r.tokens for r in self.groups), default=0)
 
 
-class _BadBatches(Exception):
-    """Carries an error about the batches argument out of the generator, told apart from user errors."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-def _bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
-    """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators once."""
-    if isinstance(batches, Mapping) or isinstance(batches, torch.Tensor):
-        raise _BadBatches(TypeError("batches must be an iterable of batches (e.g. a list of dicts or a "
-                                    f"DataLoader), not a single {type(batches).__name__}"))
-    one_shot = iter(batches) is batches
-    produced, epoch = 0, 0
-    while produced < limit:
-        empty = True
-        for batch in batches:
-            empty = False
-            yield epoch, batch
-            produced += 1
-            if produced >= limit:
-                return
-        if empty and produced == 0:
-            raise _BadBatches(ValueError("batches is empty: EVA needs at least one batch"))
-        if one_shot or empty:
-            return
-        epoch += 1
+def _pack(row: torch.Tensor, record: GroupRecord) -> None:
+    """[has estimate, tokens, total variance, finite, values (k), converged (k)] of a group its owner holds."""
+    tracker, k = record.tracker, record.cap
+    row[1], row[2], row[3] = float(record.tokens), tracker.total_variance, float(record.finite)
+    if tracker.values is not None:
+        row[0] = 1.0
+        row[4 : 4 + k] = tracker.values
+        row[4 + k : 4 + 2 * k] = tracker.converged.to(torch.float64)
 
 
-def _next_batch(stream: Iterator[tuple[int, Any]], done: int) -> tuple[int, Any] | None:
-    """The next batch, or None at the end; an error inside the user's data pipeline is named as such."""
-    try:
-        return next(stream, None)
-    except _BadBatches as err:  # our own complaint about the iterable itself
-        raise err.error from None
-    except Exception as err:
-        raise RuntimeError(f"the batches iterable raised while producing batch {done + 1}: {err!r}") from err
-
-
-def _require_finite(names: list[str], stats: CovarianceAccumulator) -> None:
-    if not stats.is_finite():
-        raise FloatingPointError(f"NaN or Inf activations reached layer(s) {names}")
+def _unpack(row: torch.Tensor, record: GroupRecord) -> None:
+    tracker, k = record.tracker, record.cap
+    record.tokens, tracker.total_variance, record.finite = int(round(float(row[1]))), float(row[2]), bool(row[3] > 0.5)
+    if row[0] == 1.0:
+        tracker.values = row[4 : 4 + k].clone()
+        tracker.converged = row[4 + k : 4 + 2 * k] > 0.5
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
@@ -364,36 +433,9 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     return model(batch)
 
 
-def _model_device(model: nn.Module) -> torch.device | None:
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return None
-
-
-def _to_device(batch: Any, device: torch.device | None) -> Any:
-    if device is None:
-        return batch
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, Mapping):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
-def _out_features(module: nn.Module) -> int:
-    return module.out_features if isinstance(module, nn.Linear) else int(module.weight.shape[1])
-
-
-def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
-    out = {"torch": torch.__version__}
-    for dist in ("eva-lora", "transformers", "peft", "safetensors"):
-        try:
-            out[dist] = md.version(dist)
-        except md.PackageNotFoundError:
-            pass
-    return out
+def _fsdp_modules(model: nn.Module) -> list[Any]:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]

@@ -1,11 +1,10 @@
-"""Streaming PCA: the numerical core of EVA. Pure torch: no hooks, no I/O, no printing.
+"""PCA linear algebra: the exact second-moment accumulator, Rayleigh-Ritz, the float64 reference.
 
-Why second moments instead of an incremental SVD (PEFT, the authors' code): the sufficient
-statistics of a mean-centred PCA are the token count, the sum and the sum of outer products.
-They cost one matrix product per batch, are exact (the covariance of every token seen, not an
-approximation that forgets), can be summed across processes with one all-reduce, merged in any
-order, and saved to disk as three tensors. The top components are then solved for only when
-convergence is checked, warm-started from the previous answer.
+Pure torch: no hooks, no I/O, no printing. The sufficient statistics of a mean-centred PCA are the
+token count, the sum and the sum of outer products: one matrix product per batch, exact (the
+covariance of every token seen), mergeable in any order and saved as three tensors. The top
+components are solved for only when convergence is checked, warm-started from the previous answer.
+They cost ``d^2`` memory, so wide layers use the bounded sketch of :mod:`eva_lora.statistics`.
 """
 
 from __future__ import annotations
@@ -47,7 +46,6 @@ class CovarianceAccumulator:
         self.shift = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
         self.sum = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
         self.moment = torch.zeros(dim, dim, dtype=dtype, device=device)
-        self.shift_fixed = False  # set by recenter(): processes that sum their statistics share one shift
 
     @property
     def device(self) -> torch.device:
@@ -61,7 +59,7 @@ class CovarianceAccumulator:
         if x.shape[0] == 0:
             return
         x = x.to(device=self.device, dtype=self.moment.dtype)
-        if self.count == 0 and not self.shift_fixed:
+        if self.count == 0:
             self.shift = x.mean(0, dtype=STATS_DTYPE)
         centred = x - self.shift.to(x.dtype)
         for i, (a, b) in enumerate(self.blocks):
@@ -109,27 +107,6 @@ class CovarianceAccumulator:
         self.moment += other.full_moment().to(self.moment) + correction.to(self.moment)
         self.sum += other_sum + other.count * offset
         self.count += other.count
-
-    def recenter(self, shift: torch.Tensor) -> None:
-        """Re-express the statistics around ``shift`` and keep it for later rows.
-
-        Accumulators that share a shift can be summed field by field (an all-reduce).
-        """
-        shift = shift.to(self.device, STATS_DTYPE)
-        if self.count:
-            offset = self.shift - shift
-            correction = (torch.outer(self.sum, offset) + torch.outer(offset, self.sum)
-                          + self.count * torch.outer(offset, offset))
-            self.moment += correction.to(self.moment)
-            self.sum += self.count * offset
-        self.shift = shift.clone()
-        self.shift_fixed = True
-
-    def reset(self) -> None:
-        """Forget every row but keep the shift (a process's increment since the last all-reduce)."""
-        self.count = 0
-        self.sum.zero_()
-        self.moment.zero_()
 
     def mean(self) -> torch.Tensor:
         """(dim,) float64 mean of all rows seen."""

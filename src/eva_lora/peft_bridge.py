@@ -1,7 +1,9 @@
 """From an EvaState to a PEFT LoRA model: rank/alpha patterns, A filled, B = 0.
 
-Also the Table 7 ablations (whiten, perm, rot, redist_only), applied when A is built so that an
-EvaState on disk always holds the plain components.
+``apply_eva_state`` builds the PEFT model from a base model. ``write_eva_weights`` fills an existing
+PEFT model whose adapters already have the state's ranks, including one sharded with FSDP2 (its LoRA
+weights are DTensors) or DeepSpeed ZeRO-3 (gathered with PEFT's ``gather_params_ctx``), which is how
+a model too large for one device gets its EVA initialisation.
 """
 
 from __future__ import annotations
@@ -12,47 +14,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from .capture import SUPPORTED_LAYERS, in_features
+from .lora_init import initial_lora_a
 from .state import EvaState
-
-
-def initial_lora_a(state: EvaState) -> dict[str, torch.Tensor]:
-    """name -> (rank, in_features) float32 initial A for every layer with rank > 0."""
-    config = state.config
-    generator = torch.Generator().manual_seed(config.seed)
-    out: dict[str, torch.Tensor] = {}
-    components, values = state.components, state.eigenvalues
-    for name, rank in state.ranks.items():
-        if rank == 0:
-            continue
-        rows = components[name].to(torch.float32).clone()
-        if config.whiten:
-            scale = values[name][:rank]
-            if not torch.isfinite(scale).all() or (scale <= 0).any():
-                raise ValueError(f"layer {name}: whitening needs positive eigenvalues, this state has {scale.tolist()}")
-            rows = rows / scale.sqrt().to(rows).unsqueeze(1)
-        out[name] = _ablate(rows, config.init_mode, generator)
-    return out
-
-
-def _ablate(rows: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
-    """Table 7: perm keeps each row's values but scrambles their positions (scale kept, directions
-    lost); rot rotates the rows by a random orthogonal matrix (norms kept, directions changed);
-    redist_only draws A like PEFT's default LoRA init (kaiming-uniform, a = sqrt(5))."""
-    if mode == "eva":
-        return rows
-    r, d = rows.shape
-    if mode == "perm":
-        order = torch.argsort(torch.rand(r, d, generator=generator), dim=1)
-        return torch.gather(rows, 1, order)
-    if mode == "rot":
-        q, upper = torch.linalg.qr(torch.randn(r, r, generator=generator, dtype=torch.float64))
-        q = q * torch.sign(torch.diagonal(upper)).unsqueeze(0)  # Haar-distributed rotation
-        return (q.to(rows) @ rows).contiguous()
-    if mode == "redist_only":
-        bound = 1.0 / math.sqrt(d)  # kaiming_uniform_(a=sqrt(5)) on a (r, d) weight
-        return (torch.rand(r, d, generator=generator) * 2 - 1) * bound
-    raise ValueError(f"unknown init_mode {mode!r}")
+from .targets import SUPPORTED_LAYERS, in_features, out_features
 
 
 def check_state_matches(model: nn.Module, state: EvaState) -> None:
@@ -66,7 +30,7 @@ def check_state_matches(model: nn.Module, state: EvaState) -> None:
             raise ValueError(f"the EVA state was computed for another model: layer {name!r} is not in this model")
         if not isinstance(module, SUPPORTED_LAYERS):
             raise ValueError(f"the EVA state was computed for another model: {name} is a {type(module).__name__}")
-        actual_out = module.out_features if isinstance(module, nn.Linear) else int(module.weight.shape[1])
+        actual_out = out_features(module)
         if in_features(module) != width or (out != -1 and actual_out != out):
             raise ValueError(f"the EVA state was computed for another model: layer {name} has shape "
                              f"[in={in_features(module)}, out={actual_out}], the state expects [in={width}, out={out}]")
@@ -101,18 +65,53 @@ def apply_eva_state(model: nn.Module, state: EvaState, lora_alpha: float = 1.0, 
     from peft import get_peft_model
 
     check_state_matches(model, state)
-    init = initial_lora_a(state)
     config = lora_config_for(state, lora_alpha, use_dora=use_dora, **lora_kwargs)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
+    write_eva_weights(peft_model, state, adapter_name)
+    return peft_model
+
+
+def write_eva_weights(peft_model: Any, state: EvaState, adapter_name: str = "default") -> None:
+    """Set each adapted layer's ``A`` to the state's initial rows and ``B`` to zero, in place.
+
+    The adapters must already have the state's ranks (build them with :func:`lora_config_for`).
+    Works on plain, FSDP2-sharded (DTensor) and ZeRO-3-partitioned LoRA weights; every process of a
+    sharded model must call it (each writes its own shard).
+    """
     base = peft_model.base_model.model
+    init = initial_lora_a(state)
     with torch.no_grad():
         for name, rows in init.items():
-            layer = base.get_submodule(name)
-            weight = layer.lora_A[adapter_name].weight
-            if tuple(weight.shape) != tuple(rows.shape):
-                raise RuntimeError(
-                    f"PEFT built A of shape {tuple(weight.shape)} for {name}, expected {tuple(rows.shape)}"
-                )
-            weight.copy_(rows.to(weight))
-            layer.lora_B[adapter_name].weight.zero_()
-    return peft_model
+            try:
+                layer = base.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"the PEFT model has no layer {name!r} from the EVA state") from None
+            if not hasattr(layer, "lora_A") or adapter_name not in layer.lora_A:
+                raise ValueError(f"layer {name} has no LoRA adapter {adapter_name!r}; build the PEFT model with "
+                                 "lora_config_for(state) before writing the EVA weights")
+            _write(layer.lora_A[adapter_name].weight, rows, name)
+            _write(layer.lora_B[adapter_name].weight, None, name)
+
+
+def _write(weight: torch.Tensor, rows: torch.Tensor | None, name: str) -> None:
+    """Copy ``rows`` (or zeros) into a LoRA weight, whatever holds its storage."""
+    from peft.utils.integrations import gather_params_ctx
+
+    with gather_params_ctx(weight, modifier_rank=0):  # ZeRO-3: gather, write on rank 0, re-partition
+        shape = tuple(weight.shape)
+        if rows is not None and shape != tuple(rows.shape):
+            raise ValueError(f"layer {name}: its LoRA A has shape {shape}, the EVA state gives {tuple(rows.shape)}; "
+                             "build the PEFT model with lora_config_for(state) so the ranks match")
+        full = torch.zeros(shape) if rows is None else rows
+        if _is_dtensor(weight):
+            from torch.distributed.tensor import distribute_tensor
+
+            full = distribute_tensor(full.to(weight.dtype).to(weight.device_mesh.device_type),
+                                     weight.device_mesh, weight.placements)
+            weight.to_local().copy_(full.to_local())
+        else:
+            weight.copy_(full.to(weight))
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"

@@ -17,21 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ._atomic import atomic_path, atomic_write_text
 from .config import EvaConfig
+from .files import StateFileError, read_json_manifest, read_safetensors, sha256_file
+from .lora_init import initial_lora_a
 
 FORMAT = "eva-lora-state"
 FORMAT_VERSION = 1
 TENSOR_FILE = "eva_state.safetensors"
 META_FILE = "eva_state.json"
 PEFT_PREFIX = "base_model.model."
-
-
-class StateFileError(ValueError):
-    """A state directory that is missing, truncated, foreign or inconsistent."""
 
 
 @dataclass
@@ -55,6 +52,7 @@ class EvaState:
     unconverged: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
+    group_statistics: list[str] = field(default_factory=list)  # statistic kind per group: exact | sketch
 
     # ---- per-layer views -------------------------------------------------------------------
     def _group_index(self) -> dict[str, int]:
@@ -103,7 +101,7 @@ class EvaState:
             tensors[f"group.{g}.ratios"] = self.group_ratios[g].detach().to("cpu", torch.float64).contiguous()
         with atomic_path(directory / TENSOR_FILE) as tmp:
             save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        meta = self._metadata(_sha256(directory / TENSOR_FILE))
+        meta = self._metadata(sha256_file(directory / TENSOR_FILE))
         meta["meta_sha256"] = _meta_digest(meta)
         atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1, allow_nan=True))
         return directory
@@ -114,7 +112,8 @@ class EvaState:
             "format_version": FORMAT_VERSION,
             "tensors_sha256": digest,
             "config": self.config.to_dict(),
-            "groups": [{"layers": names, "tokens": t} for names, t in zip(self.groups, self.group_tokens)],
+            "groups": [{"layers": names, "tokens": t, "statistic": kind}
+                       for names, t, kind in zip(self.groups, self.group_tokens, self._kinds())],
             "ranks": self.ranks,
             "layer_shapes": self.layer_shapes,
             "model_fingerprint": self.model_fingerprint,
@@ -125,6 +124,9 @@ class EvaState:
             "versions": self.versions,
         }
 
+    def _kinds(self) -> list[str]:
+        return self.group_statistics or ["exact"] * len(self.groups)
+
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> EvaState:
         """Read and validate a state written by :meth:`save`."""
@@ -133,12 +135,13 @@ class EvaState:
         tensor_path = directory / TENSOR_FILE
         if not tensor_path.is_file():
             raise StateFileError(f"{tensor_path} is missing")
-        if _sha256(tensor_path) != meta.get("tensors_sha256"):
+        if sha256_file(tensor_path) != meta.get("tensors_sha256"):
             raise StateFileError(f"{tensor_path} does not match its checksum in {META_FILE} (truncated or replaced)")
         try:
             config = EvaConfig.from_dict(meta["config"])
             groups = [list(g["layers"]) for g in meta["groups"]]
             tokens = [int(g["tokens"]) for g in meta["groups"]]
+            kinds = [str(g.get("statistic", "exact")) for g in meta["groups"]]
             ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
             shapes = {str(k): [int(x) for x in v] for k, v in meta["layer_shapes"].items()}
         except (KeyError, TypeError, ValueError) as err:
@@ -147,7 +150,7 @@ class EvaState:
         state = cls(config, groups, comps, values, ratios, tokens, ranks, shapes,
                     n_batches=int(meta.get("n_batches", 0)), stop_reason=str(meta.get("stop_reason", "unknown")),
                     unconverged=list(meta.get("unconverged", [])), history=list(meta.get("history", [])),
-                    versions=dict(meta.get("versions", {})))
+                    versions=dict(meta.get("versions", {})), group_statistics=kinds)
         state.validate()
         return state
 
@@ -177,8 +180,6 @@ class EvaState:
         Keys are PeftModel module names (``prefix`` + base name); values are the initial A rows
         (whitened / ablated as this state's config says), one per layer with rank > 0.
         """
-        from .peft_bridge import initial_lora_a
-
         return {prefix + name: a for name, a in initial_lora_a(self).items()}
 
     @classmethod
@@ -210,14 +211,6 @@ def model_fingerprint(layer_shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _meta_digest(meta: dict[str, Any]) -> str:
     """SHA-256 of the metadata's canonical JSON (without this digest): an edited JSON is refused too."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
@@ -226,18 +219,7 @@ def _meta_digest(meta: dict[str, Any]) -> str:
 
 def _read_meta(directory: Path) -> dict[str, Any]:
     path = directory / META_FILE
-    if not path.is_file():
-        raise StateFileError(f"{path} not found: not an EVA state directory")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise StateFileError(f"{path} is not valid JSON (truncated?): {err}") from err
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise StateFileError(f"{path} is not an eva-lora state (format field is {meta.get('format')!r})"
-                             if isinstance(meta, dict) else f"{path} is not an eva-lora state")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise StateFileError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
-                             f"(this eva-lora reads {FORMAT_VERSION})")
+    meta = read_json_manifest(path, FORMAT, FORMAT_VERSION, "an eva-lora state directory")
     if meta.get("meta_sha256") != _meta_digest(meta):
         raise StateFileError(f"{path} does not match its own checksum (edited or corrupted)")
     return meta
@@ -245,21 +227,14 @@ def _read_meta(directory: Path) -> dict[str, Any]:
 
 def _read_tensors(path: Path, n_groups: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     expected = {"components": torch.float32, "eigenvalues": torch.float64, "ratios": torch.float64}
+    tensors = read_safetensors(path, finite=False)  # spectra of a state imported from PEFT are NaN
     out: dict[str, list[torch.Tensor]] = {k: [] for k in expected}
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = set(handle.keys())
-            for g in range(n_groups):
-                for kind, dtype in expected.items():
-                    key = f"group.{g}.{kind}"
-                    if key not in keys:
-                        raise StateFileError(f"{path}: tensor {key} is missing")
-                    tensor = handle.get_tensor(key)
-                    if tensor.dtype != dtype:
-                        raise StateFileError(f"{path}: tensor {key} has dtype {tensor.dtype}, expected {dtype}")
-                    out[kind].append(tensor)
-    except StateFileError:
-        raise
-    except Exception as err:  # safetensors raises its own error types for corrupt headers
-        raise StateFileError(f"{path} is not a readable safetensors file: {err}") from err
+    for g in range(n_groups):
+        for kind, dtype in expected.items():
+            key = f"group.{g}.{kind}"
+            if key not in tensors:
+                raise StateFileError(f"{path}: tensor {key} is missing")
+            if tensors[key].dtype != dtype:
+                raise StateFileError(f"{path}: tensor {key} has dtype {tensors[key].dtype}, expected {dtype}")
+            out[kind].append(tensors[key])
     return out["components"], out["eigenvalues"], out["ratios"]

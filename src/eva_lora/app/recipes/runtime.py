@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..distributed import default_timeout, world
+from ...distributed import default_timeout, world
 
 
 def init_distributed() -> tuple[int, int]:

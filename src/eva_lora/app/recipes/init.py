@@ -6,14 +6,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
-from ..engine import compute_eva_state
+from ...engine import compute_eva_state
+from ...state import EvaState
 from ..models import load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
-from ..state import EvaState
 from ..tasks import get_task
 from .runtime import device, init_distributed, require_writable
 
@@ -36,12 +37,14 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))
     start = time.perf_counter()
-    from .._atomic import require_free_space
-    from ..capture import find_target_layers, in_features
+    from ..._atomic import require_free_space
+    from ...planning import plan_statistics
+    from ...targets import find_target_layers, in_features
 
     widths = [in_features(m) for m in find_target_layers(model, cfg.eva).values()]
+    unbounded = dataclasses.replace(cfg.eva, statistics_budget_mb=None)  # one group per layer: an upper bound
     needed = sum(w * cfg.eva.max_components * 8 for w in widths) + (
-        sum(w * w * 8 for w in widths) if checkpoint_every else 0)  # state (+ checkpoints), with margin
+        sum(p.nbytes for p in plan_statistics(widths, unbounded)) if checkpoint_every else 0)  # state (+ checkpoints)
     require_free_space(output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else ""))
     checkpoint = Path(output).with_name(Path(output).name + ".ckpt")
     if resume and not (checkpoint / "eva_checkpoint.json").is_file():

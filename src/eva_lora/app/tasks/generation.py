@@ -168,13 +168,17 @@ COMMONSENSE_TESTS = {"boolq": "boolq", "piqa": "piqa", "siqa": "social_i_qa", "w
 
 GENERATION_TASKS = {
     "gsm8k": Task("gsm8k", "generation", {"train": "gsm8k/train.jsonl", "eval": "gsm8k/test.jsonl"},
-                  read_gsm8k, gsm8k_score, "accuracy", description="GSM8K (MetaMathQA schema accepted)"),
+                  read_gsm8k, gsm8k_score, "accuracy", description="GSM8K (MetaMathQA schema accepted)",
+                  extract=extract_number,
+                  bundled={"train": "gsm8k_train_2000.jsonl", "eval": "gsm8k_test_300.jsonl"}),
     "math": Task("math", "generation", {"train": "gsm8k/train.jsonl", "eval": "math/test.jsonl"},
                  lambda p, s: read_gsm8k(p, s) if s == "train" else read_math(p, s), math_score, "accuracy",
-                 description="MATH (trained on the math set: GSM8K / MetaMathQA schema)"),
+                 description="MATH (trained on the math set: GSM8K / MetaMathQA schema)", extract=extract_boxed),
     "commonsense": Task("commonsense", "generation", {"train": "commonsense/train_parts"}, read_commonsense,
-                        choice_score, "accuracy", description="joint common-sense set; eval = the 7 tasks"),
+                        choice_score, "accuracy", description="joint common-sense set; eval = the 7 tasks",
+                        extract=extract_choice, parts=tuple(COMMONSENSE_TESTS)),
     **{name: Task(name, "generation", {"train": "commonsense/train_parts", "eval": f"commonsense/{folder}/test.json"},
-                  read_commonsense, choice_score, "accuracy", description=f"common sense: {folder}")
+                  read_commonsense, choice_score, "accuracy", description=f"common sense: {folder}",
+                  extract=extract_choice)
        for name, folder in COMMONSENSE_TESTS.items()},
 }

@@ -11,8 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_path
-from .state import EvaState
+from .._atomic import atomic_path
+from ..state import EvaState
 
 _LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
 
@@ -33,17 +33,19 @@ def rank_table(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[lis
     return layers, kinds, matrix
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
+    """Write a PNG under a temporary name and rename it (a killed run never leaves half a figure)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """matplotlib.pyplot with the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,10 +56,16 @@ def _pyplot() -> Any:
 
 def plot_rank_heatmap(state: EvaState, path: str | Path, title: str | None = None) -> Path:
     """Ranks per layer (columns) and module type (rows), annotated; 0 means no adapter."""
-    plt = _pyplot()
-    layers, kinds, matrix = rank_table(state.ranks)
+    return plot_ranks(state.ranks, path, title or f"EVA ranks (r={state.config.rank}, rho={state.config.rho})",
+                      state.config.max_components)
+
+
+def plot_ranks(ranks: Mapping[str, int], path: str | Path, title: str, vmax: int | None = None) -> Path:
+    """The rank heat map from a ranks dict (an EVA state's, or read from any adapter's weights)."""
+    plt = pyplot()
+    layers, kinds, matrix = rank_table(ranks)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(layers), 0.9 + 0.42 * len(kinds)))
-    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0, vmax=state.config.max_components)
+    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0, vmax=vmax or max(ranks.values()))
     ax.set_xticks(range(len(layers)), [str(i) if i >= 0 else "-" for i in layers])
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("layer")
@@ -66,13 +74,13 @@ def plot_rank_heatmap(state: EvaState, path: str | Path, title: str | None = Non
             if value == value:  # not NaN
                 ax.text(col, row, f"{int(value)}", ha="center", va="center", color="w", fontsize=8)
     fig.colorbar(image, ax=ax, label="rank")
-    ax.set_title(title or f"EVA ranks (r={state.config.rank}, rho={state.config.rho})")
-    return _save(fig, path)
+    ax.set_title(title)
+    return save_figure(fig, path)
 
 
 def plot_convergence(state: EvaState, path: str | Path) -> Path:
     """Converged / needed components against batches and seconds (from the state's history)."""
-    plt = _pyplot()
+    plt = pyplot()
     history = state.history
     if not history:
         raise ValueError("this EVA state has no convergence history to plot")
@@ -86,13 +94,13 @@ def plot_convergence(state: EvaState, path: str | Path) -> Path:
     right.set_xlabel("seconds")
     fig.suptitle(f"EVA convergence (tau={state.config.tau}): stop = {state.stop_reason} "
                  f"after {state.n_batches} batches")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                      key: str = "loss") -> Path:
     """One line per run label from Trainer log entries ({"step", "loss", "grad_norm"})."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for label, log in runs.items():
         points = [(e["step"], e[key]) for e in log if key in e]
@@ -102,4 +110,4 @@ def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str 
     ax.set_ylabel(key.replace("_", " "))
     ax.legend()
     ax.set_title(f"training {key.replace('_', ' ')}")
-    return _save(fig, path)
+    return save_figure(fig, path)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from .._atomic import atomic_write_text
+from ..._atomic import atomic_write_text
 from ..models import load_model
 from ..preprocess import Collator, encode_pair
 from ..run_config import RunConfig
@@ -61,14 +61,9 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size:
 def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int = 32,
                   max_new_tokens: int = 256) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns)."""
-    from .. import tasks as tasks_module
-
     if task.kind == "generation":
         texts = generate_answers(model, tokenizer, list(data["prompt"]), batch_size, max_new_tokens)
-        extract = {"gsm8k": tasks_module.generation.extract_number,
-                   "math": tasks_module.generation.extract_boxed}.get(task.name,
-                                                                        tasks_module.generation.extract_choice)
-        predictions = [extract(t) for t in texts]
+        predictions = [task.extract(t) for t in texts]
         references = list(data["answer"])
         records = [{"prediction": p, "reference": r, "generation": t}
                    for p, r, t in zip(predictions, references, texts)]

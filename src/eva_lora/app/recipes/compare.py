@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_write_text
+from ..._atomic import atomic_write_text
 from ..initializers import get_init_method
 from ..run_config import RunConfig
 from ..tasks import eval_tasks

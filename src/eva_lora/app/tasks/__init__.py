@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .base import BUNDLED_DATA, DataError, Task, load_table
-from .generation import COMMONSENSE_TESTS, GENERATION_TASKS
+from .generation import GENERATION_TASKS
 from .glue import GLUE_TASKS
 
 TASKS: dict[str, Task] = {**GLUE_TASKS, **GENERATION_TASKS}
@@ -18,10 +18,9 @@ def get_task(name: str) -> Task:
 
 
 def eval_tasks(name: str) -> list[Task]:
-    """Tasks evaluated for ``name``: the 7 common-sense tests for the joint set, else the task itself."""
-    if name == "commonsense":
-        return [TASKS[n] for n in COMMONSENSE_TESTS]
-    return [get_task(name)]
+    """Tasks evaluated for ``name``: its parts for a joint task (the 7 common-sense tests), else itself."""
+    task = get_task(name)
+    return [TASKS[n] for n in task.parts] if task.parts else [task]
 
 
 __all__ = ["BUNDLED_DATA", "DataError", "TASKS", "Task", "eval_tasks", "get_task", "load_table"]

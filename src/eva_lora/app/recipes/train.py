@@ -13,21 +13,21 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .._atomic import atomic_write_text, require_free_space
+from ..._atomic import atomic_write_text, require_free_space
+from ...model_card import save_adapter
+from ...state import EvaState
 from ..initializers import LoraSettings, build_peft_model, get_init_method
 from ..models import load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
-from ..state import EvaState
 from ..tasks import eval_tasks, get_task
 from .evaluate import evaluate_all
 from .runtime import device, init_distributed, latest_checkpoint, require_writable
@@ -59,7 +59,7 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
     return checkpoint
 
 
-def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
+def train(cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json.
 
     Under torchrun / accelerate launch: EVA is computed once, collectively (each rank feeds its share
@@ -74,31 +74,34 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     collator = Collator(tokenizer.pad_token_id)
     steps = _total_steps(cfg, prepared.kept)
-    settings = LoraSettings(cfg.rank, cfg.lora_alpha, cfg.lora_dropout,
-                            "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS", steps)
+    settings = LoraSettings(cfg.lora_alpha, cfg.lora_dropout, "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
+                            steps)
     state = _existing_state(cfg, out)
     # adapter + trainer checkpoints (LoRA weights and Adam moments: ~2% of the model) + 64 MiB margin
     require_free_space(out, 4 * sum(p.numel() for p in model.parameters()) // 50 + (64 << 20),
                        "the adapter and checkpoints")
     start = time.perf_counter()
-    limit = None if method.eva is not None else cfg.calibration_batches  # CorDA / LoRA-GA budget
+    limit = method.batch_limit(cfg.calibration_batches)
     peft_model, state = build_peft_model(model, method, settings, cfg.eva,
                                          batches=lambda: init_batches(prepared.dataset, collator,
                                                                       cfg.svd_batch_size, cfg.seed, limit,
                                                                       shard=(rank, world_size)),
-                                         eva_state=state)
+                                         eva_state=state, progress=cfg.progress and rank == 0, strict=cfg.strict)
     init_seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     if rank == 0 and state is not None and not (out / STATE_DIR).is_dir():
         state.save(out / STATE_DIR)
     initial = _save_initial(peft_model, out) if method.weight_changing and rank == 0 else None
-    trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg, method.name)
+    trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg,
+                       method.callbacks(peft_model) + list(callbacks or []))
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     train_seconds = time.perf_counter() - start
     if rank != 0:
         return {"rank": rank, "steps": trainer.state.global_step}
-    _save_adapter(peft_model, out / ADAPTER_DIR, initial)
+    _save_adapter(peft_model, out / ADAPTER_DIR, initial, state,
+                  {"base_model": cfg.model, "task": cfg.task, "init": cfg.init, "seed": cfg.seed,
+                   "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 6)})
     metrics = {
         "task": cfg.task, "init": cfg.init, "model": cfg.model, "seed": cfg.seed,
         "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 3),
@@ -120,6 +123,24 @@ def train(cfg: RunConfig, evaluate: bool = True) -> dict[str, Any]:
     return metrics
 
 
+class StepLines:
+    """A transformers TrainerCallback that prints one line per logging step: step, loss, grad norm.
+
+    For runs that want visible progress without a redrawn bar (logs, the demo)."""
+
+    def __new__(cls, label: str, stream: Any = None):
+        from transformers import TrainerCallback
+
+        class _Lines(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kwargs):
+                if logs and "loss" in logs:
+                    extra = f", grad norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
+                    print(f"  [{label}] step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}",
+                          file=stream or sys.stderr, flush=True)
+
+        return _Lines()
+
+
 def _total_steps(cfg: RunConfig, examples: int) -> int:
     if cfg.max_steps > 0:
         return cfg.max_steps
@@ -135,8 +156,9 @@ def _existing_state(cfg: RunConfig, out: Path) -> EvaState | None:
     return None
 
 
-def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: RunConfig, init: str) -> Any:
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: RunConfig,
+             callbacks: list[Any]) -> Any:
+    from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
         output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
@@ -145,21 +167,12 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: 
         warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
         save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=cfg.save_steps or 500,
         save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to="none", bf16=cfg.bf16,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.eva.progress,
+        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         label_names=["labels"],
     )
-    callbacks = []
-    if init == "adalora":
-        class AdaLoraBudget(TrainerCallback):
-            """AdaLoRA prunes ranks from the gradients after every optimiser step (PEFT's contract)."""
-
-            def on_optimizer_step(self, args, state, control, **kwargs):
-                model.base_model.update_and_allocate(state.global_step)
-
-        callbacks.append(AdaLoraBudget())
     trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
-    if not cfg.eva.progress:  # quiet runs: no bar, and no log dict printed per step either
+    if not cfg.progress:  # quiet runs: no bar, and no log dict printed per step either
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
@@ -178,19 +191,13 @@ def _save_initial(peft_model: Any, out: Path) -> Path:
     return initial
 
 
-def _save_adapter(peft_model: Any, target: Path, initial: Path | None) -> None:
-    """Write the adapter into a temporary folder, then swap it in: a crash never leaves half an adapter."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+def _save_adapter(peft_model: Any, target: Path, initial: Path | None, state: EvaState | None = None,
+                  info: dict[str, Any] | None = None) -> None:
+    """The adapter, its model card and EVA state, swapped in atomically (see ``eva_lora.model_card``).
+    PiSSA-like adapters are converted against the saved initial adapter, which is removed afterwards."""
     try:
         kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
-        peft_model.save_pretrained(tmp, **kwargs)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old, ignore_errors=True)
+        save_adapter(peft_model, target, state, info, **kwargs)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         if initial is not None:
             shutil.rmtree(initial.parent, ignore_errors=True)

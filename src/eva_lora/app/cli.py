@@ -17,13 +17,16 @@ EXIT_USAGE = 2
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
+    from .models import BUNDLED_MODELS
+    from .run_config import presets
+    from .tasks import TASKS
+
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="RunConfig / EvaConfig fields, e.g. rank=4 eva.rho=2 max_steps=50")
     parser.add_argument("--config", help="YAML file mirroring RunConfig (with an eva: section)")
-    parser.add_argument("--preset", help="paper hyper-parameters: math | commonsense | glue")
-    parser.add_argument("--model", help="local model folder, or 'minilm' (bundled all-MiniLM-L6-v2)")
-    parser.add_argument("--task", help="sst2 cola rte mrpc stsb gsm8k math commonsense boolq piqa siqa "
-                                       "winogrande arc-e arc-c obqa")
+    parser.add_argument("--preset", help="a bundled recipe config (see `eva presets`): " + " | ".join(presets()))
+    parser.add_argument("--model", help="local model folder, or a bundled model: " + ", ".join(BUNDLED_MODELS))
+    parser.add_argument("--task", help=" ".join(TASKS))
     parser.add_argument("--data-dir", dest="data_dir", help="folder laid out like ../shared/data")
     parser.add_argument("--train-file", dest="train_file", help="training file (json, jsonl, tsv, csv, parquet)")
     parser.add_argument("--eval-file", dest="eval_file", help="evaluation file")
@@ -43,10 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save the streaming statistics every N batches (to <output>.ckpt), atomically")
     p.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after a crash or kill")
 
+    from .initializers import INIT_METHODS
+
     p = sub.add_parser("train", help="LoRA fine-tuning from a registered initialisation")
     _run_options(p)
-    p.add_argument("--init", help="lora eva eva-dora dora pissa olora corda lora-ga adalora eva-whiten eva-perm "
-                                  "eva-rot lora-redist")
+    p.add_argument("--init", help=" ".join(INIT_METHODS))
     p.add_argument("--eva-state", dest="eva_state", help="precomputed state folder (from eva init)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in output_dir")
     p.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
@@ -55,18 +59,25 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--adapter", help="PEFT adapter folder (omit to evaluate the base model)")
     p.add_argument("--output", help="write the metrics JSON here")
+    p.add_argument("--harness", choices=["eva", "lm-eval"], default="eva",
+                   help="our evaluator (default) or lm-evaluation-harness with the same prompts and answer "
+                        "extraction (generation tasks)")
 
     p = sub.add_parser("compare", help="several inits x seeds on one task: mean +/- std table")
     _run_options(p)
     p.add_argument("--inits", default="lora,eva", help="comma-separated init names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
 
+    sub.add_parser("presets", help="list the bundled recipe configs (eva train --preset NAME)")
     p = sub.add_parser("plot", help="rank heat map and convergence of a state; loss curves of a comparison")
     p.add_argument("--state", help="EVA state folder")
+    p.add_argument("--adapter", help="adapter folder: its eva_state/ (ours), else ranks from its LoRA weights")
     p.add_argument("--compare", help="output folder of eva compare (loss curves)")
     p.add_argument("--out", required=True, help="folder for the PNG files")
 
-    p = sub.add_parser("demo", help="EVA vs LoRA on all-MiniLM-L6-v2 and SST-2, table and plots")
+    p = sub.add_parser("demo", help="EVA vs random LoRA on a real model: SmolLM2 on GSM8K (or MiniLM on SST-2)")
+    p.add_argument("--model", default="smollm2", choices=["smollm2", "minilm"],
+                   help="smollm2 (causal LM, math; default) or minilm (encoder, SST-2)")
     p.add_argument("--quick", action="store_true", help="reduced form (CI)")
     p.add_argument("--output-dir", dest="output_dir", default="out/demo")
     p.add_argument("--seed", type=int, default=0)
@@ -97,13 +108,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "demo":
         from .recipes.demo import run_demo
 
-        result = run_demo(args.output_dir, args.quick, args.seed)
+        result = run_demo(args.output_dir, args.quick, args.seed, args.model)
         print(result["table"])
-        print(f"EVA: {result['eva_batches']} batches, stop: {result['eva_stop']}; plots and adapters in "
-              f"{args.output_dir}/")
+        print(result["eva_summary"])
+        print(f"plots and adapters in {args.output_dir}/")
         return 0
     if args.command == "plot":
         return _plot(args)
+    if args.command == "presets":
+        from .run_config import preset_summary, presets
+
+        for name, path in presets().items():
+            print(f"{name:12s} {path}\n{'':12s} {preset_summary(path)}")
+        return 0
     cfg = _config(args)
     if args.command == "init":
         from .recipes.init import run_init
@@ -121,9 +138,14 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: metrics[k] for k in ("task", "init", "steps", "train_loss", "init_seconds")}
                          | ({"eval": metrics["eval"]} if "eval" in metrics else {})))
     elif args.command == "eval":
-        from .recipes.evaluate import run_eval
+        if args.harness == "lm-eval":
+            from .recipes.harness import run_harness
 
-        print(json.dumps(run_eval(cfg, args.adapter, args.output)["metrics"]))
+            print(json.dumps(run_harness(cfg, args.adapter, args.output)["metrics"]))
+        else:
+            from .recipes.evaluate import run_eval
+
+            print(json.dumps(run_eval(cfg, args.adapter, args.output)["metrics"]))
     elif args.command == "compare":
         from .recipes.compare import run_compare, to_markdown
 
@@ -134,13 +156,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_convergence, plot_loss_curves, plot_rank_heatmap
+    from .plots import plot_convergence, plot_loss_curves, plot_rank_heatmap, plot_ranks
 
-    if not args.state and not args.compare:
-        raise ValueError("plot needs --state and/or --compare")
+    if not args.state and not args.compare and not args.adapter:
+        raise ValueError("plot needs --state, --adapter and/or --compare")
     out = Path(args.out)
+    if args.adapter:
+        from ..model_card import STATE_SUBDIR, adapter_ranks
+
+        if (Path(args.adapter) / STATE_SUBDIR).is_dir():
+            args.state = str(Path(args.adapter) / STATE_SUBDIR)
+        else:
+            print(plot_ranks(adapter_ranks(args.adapter), out / "ranks.png", f"LoRA ranks of {args.adapter}"))
+            print(f"no EVA state in {args.adapter} (not saved by eva-lora): convergence not drawn")
     if args.state:
-        from .state import EvaState
+        from ..state import EvaState
 
         state = EvaState.load(args.state)
         print(plot_rank_heatmap(state, out / "ranks.png"))
@@ -156,8 +186,15 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import missing_extras
+
+    missing = missing_extras()
+    if missing:
+        print(f"eva: the command line needs the recipes extra (missing: {', '.join(missing)}): "
+              "pip install 'eva-lora[recipes]'", file=sys.stderr)
+        return EXIT_USAGE
+    from ..state import StateFileError
     from .models import ModelPathError
-    from .state import StateFileError
     from .tasks import DataError
 
     parser = build_parser()

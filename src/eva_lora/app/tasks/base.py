@@ -39,6 +39,8 @@ class Task:
     files: split -> path relative to the data directory.
     read: (path, split) -> Dataset with the normalised columns.
     score: (predictions, references) -> {metric: value}; ``main_metric`` names the headline one.
+    extract: generation only: the answer in a model's text (None when it has none).
+    parts: a joint task evaluated as several tasks (common sense: its 7 test sets), by name.
     """
 
     name: str
@@ -50,6 +52,8 @@ class Task:
     num_labels: int = 1
     description: str = ""
     bundled: dict[str, str] = field(default_factory=dict)  # split -> file shipped in the package
+    extract: Callable[[str], str | None] | None = None
+    parts: tuple[str, ...] = ()
 
     def path(self, split: str, data_dir: str | Path | None) -> Path:
         """The file of ``split``: under ``data_dir`` if given, else the copy bundled with eva-lora."""

@@ -1,0 +1,118 @@
+"""Adapters that explain themselves: a Hugging Face style model card and the EVA state beside the weights.
+
+``save_adapter`` writes a PEFT adapter folder the usual way (``PeftModel.from_pretrained`` loads it)
+and adds ``README.md`` (base model, task, init method, EVA settings, ranks per layer type, stop
+reason, tokens seen, library versions) and, for EVA inits, ``eva_state/`` so that ranks and
+convergence can be drawn from the adapter folder alone (``eva plot --adapter DIR``). The folder is
+assembled under a temporary name and swapped in, so a crash never leaves half an adapter, and it
+gets the permissions of a plain ``mkdir`` under the user's umask.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ._atomic import atomic_write_text, umask_mode
+from .loop_utils import versions
+from .state import EvaState
+
+STATE_SUBDIR = "eva_state"
+CARD = "README.md"
+
+
+def rank_summary(ranks: dict[str, int]) -> list[tuple[str, int, int, float, int]]:
+    """(layer type, layers, min, mean, max) of the ranks, per module type (``q_proj``, ``down_proj`` ...)."""
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for name, rank in ranks.items():
+        by_kind[re.sub(r"^.*?\.\d+\.", "", name)].append(rank)
+    return [(kind, len(v), min(v), sum(v) / len(v), max(v)) for kind, v in sorted(by_kind.items())]
+
+
+def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
+    """The README.md of an adapter folder (YAML front matter as the Hub expects, then a summary)."""
+    base = info.get("base_model", "unknown")
+    lines = ["---", "library_name: peft", f"base_model: {base}", "tags:", "- lora", "- eva", "- eva-lora", "---",
+             "", f"# LoRA adapter for {base}", ""]
+    facts = {"task": info.get("task"), "init method": info.get("init"), "seed": info.get("seed"),
+             "training steps": info.get("steps"), "final training loss": info.get("train_loss")}
+    lines += [f"- **{k}**: {v}" for k, v in facts.items() if v is not None]
+    if state is not None:
+        cfg = state.config
+        lines += ["", "## EVA initialisation", "",
+                  f"- r {cfg.rank}, rho {cfg.rho}, tau {cfg.tau}, delta {cfg.delta}, rank metric {cfg.rank_metric}, "
+                  f"label mask {cfg.use_label_mask}, whiten {cfg.whiten}, init mode {cfg.init_mode}",
+                  f"- statistics: {', '.join(sorted(set(state.group_statistics or ['exact'])))} "
+                  f"(sketch size {cfg.resolved_sketch_size})",
+                  f"- stop reason: {state.stop_reason} after {state.n_batches} batches, {state.n_tokens} tokens "
+                  f"(most in one layer group)",
+                  f"- layers not converged: {len(state.unconverged)}",
+                  f"- rank budget {sum(state.ranks.values())} over {len(state.ranks)} layers "
+                  f"({sum(r == 0 for r in state.ranks.values())} with rank 0)", "",
+                  "| layer type | layers | min rank | mean rank | max rank |", "|---|---|---|---|---|"]
+        lines += [f"| {k} | {n} | {lo} | {mean:.1f} | {hi} |" for k, n, lo, mean, hi in rank_summary(state.ranks)]
+        lines += ["", f"`{STATE_SUBDIR}/` holds the full EVA state (components, spectra, convergence history): "
+                  "`eva plot --adapter .` draws it."]
+    used = {**versions(), **(state.versions if state is not None else {})}
+    lines += ["", "## Made with", "", ", ".join(f"{k} {v}" for k, v in sorted(used.items())), ""]
+    return "\n".join(lines)
+
+
+def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaState | None = None,
+                 info: dict[str, Any] | None = None, **save_kwargs: Any) -> Path:
+    """Save ``peft_model`` to ``directory`` with its model card and EVA state, atomically.
+
+    ``info``: what the card should say (base_model, task, init, seed, steps, train_loss).
+    ``save_kwargs`` go to ``save_pretrained`` (e.g. ``path_initial_model_for_weight_conversion``).
+    """
+    target = Path(directory)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        peft_model.save_pretrained(tmp, **save_kwargs)
+        if state is not None:
+            state.save(tmp / STATE_SUBDIR)
+        info = dict(info or {})
+        info.setdefault("base_model", getattr(getattr(peft_model, "peft_config", {}).get("default"),
+                                              "base_model_name_or_path", None) or "unknown")
+        atomic_write_text(tmp / CARD, model_card_text(state, info))
+        _chmod_tree(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _chmod_tree(root: Path) -> None:
+    """Give a temporary folder (0700) and what is in it the modes of a plain mkdir / open."""
+    os.chmod(root, umask_mode(directory=True))
+    for path in root.rglob("*"):
+        os.chmod(path, umask_mode(directory=path.is_dir()))
+
+
+def adapter_ranks(directory: str | os.PathLike[str]) -> dict[str, int]:
+    """Layer name -> LoRA rank, read from any PEFT adapter folder's weight shapes (ours or PEFT's EVA)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / "adapter_model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: not a PEFT adapter folder")
+    ranks = {}
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            match = re.match(r"^(?:base_model\.model\.)?(.*)\.lora_A(?:\.[^.]+)?\.weight$", key)
+            if match:
+                ranks[match.group(1)] = int(handle.get_slice(key).get_shape()[0])
+    if not ranks:
+        raise ValueError(f"{path} holds no LoRA A weights")
+    return ranks
