@@ -30,10 +30,10 @@ def test_quick_smollm2_demo_prints_progress_rank_spread_and_the_table(tmp_path, 
     assert main(["demo", "--quick", "--output-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     rows = json.loads((tmp_path / "demo.json").read_text())
-    check_table(out, rows, 4)
+    check_table(out, rows, 5)
     assert rows[0]["eval_examples"] == 4
     assert "EVA init:" in out and "ranks min" in out and "mean rank by type" in out
-    assert "[eva] step 2/4: loss" in err and "[lora] step 4/4: loss" in err  # progress lines while training
+    assert "[eva] step 2/5: loss" in err and "[lora] step 5/5: loss" in err  # progress lines while training
     assert "FutureWarning" not in err
     state = json.loads((tmp_path / "eva/eva_state/eva_state.json").read_text())
     assert "lm_head" in state["ranks"]  # the paper's LM recipe adapts the head too

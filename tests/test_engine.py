@@ -193,7 +193,7 @@ def test_forward_error_and_nan_are_reported(tiny_llama):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"rank": 0}, "rank must be"), ({"rho": 0.5}, "rho must be"), ({"tau": 0.0}, "tau must be"),
+    ({"rank": 0}, "rank must be"), ({"rho": 0.5}, "rho must be"), ({"tau": -0.1}, "tau must be"),
     ({"tau": 1.5}, "tau must be"), ({"delta": 0.0}, "delta must be"), ({"rank_metric": "x"}, "rank_metric"),
     ({"max_batches": 0}, "max_batches"), ({"min_rank": 9, "rank": 4}, "min_rank"),
 ])
@@ -350,3 +350,21 @@ def test_the_probe_feeds_the_first_batch_or_it_is_fed_again_with_the_same_result
     assert local.group_tokens == planned.group_tokens and local.n_batches == planned.n_batches == 6
     for a, b in zip(local.group_components, planned.group_components):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_an_fsdp_model_without_a_process_group_is_refused_with_a_clear_error(tiny_llama, tmp_path):
+    """A model sharded with fully_shard whose process group is gone (destroyed, or never started on
+    this process) would fail deep inside FSDP; EVA says what is missing instead."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        for layer in tiny_llama.model.layers:
+            fully_shard(layer)
+    finally:
+        dist.destroy_process_group()
+    fsdp_hooks = hook_count(tiny_llama)  # fully_shard's own
+    with pytest.raises(ValueError, match="sharded with FSDP but torch.distributed has no process group"):
+        compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST))
+    assert hook_count(tiny_llama) == fsdp_hooks

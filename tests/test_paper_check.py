@@ -87,5 +87,61 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
 
     text = report.main(tmp_path / "results", tmp_path / "REPORT.md")
     row = next(line for line in text.splitlines() if line.startswith("| Table 4"))
-    assert "(quick run)" in row and "best EVA (EVA rho=2) average" in row and row.count("|") == 4
+    assert "(quick run)" in row and "paired: EVA rho=2 vs LoRA" in row and row.count("|") == 4
+    assert "threshold n/a (1 seed): not shown" in row  # one seed never shows an effect
     assert text.count("| not run yet |") == len(report.CLAIMS) - 1  # only table4 ran here
+
+
+@pytest.mark.slow
+def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, tiny_llama_dir, capsys):
+    import lm_generation
+    import report
+
+    argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    record = lm_generation.main(argv)
+    assert record["parts"] == ["math", "commonsense"] and set(record["runs"]["math"]) == {"LoRA", "EVA rho=2"}
+    cs = record["runs"]["commonsense"]["EVA rho=2"][0]
+    assert set(cs["per_task"]) == {"boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c", "obqa"}
+    assert len(cs["loss"]) == 3 and len(cs["grad_norm"]) == 3 and cs["eva_batches"] >= 1
+    assert (tmp_path / "lm_generation.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    lm_generation.main(argv)
+    assert capsys.readouterr().err.count("reused") == 4  # 2 parts x 2 methods x 1 seed, none retrained
+    verdict, numbers = report.lm_math_verdict(record)
+    assert verdict == "not shown"  # one seed, and a random tiny model scores 0 everywhere: no signal
+    assert "no test set carries signal" in numbers
+
+
+@pytest.mark.slow
+def test_vision_quick_trains_lora_and_eva_on_the_pretrained_cnn_and_reuses_runs(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    import vision
+
+    from eva_lora.app.vision import lite0_weights
+
+    try:
+        lite0_weights()
+    except ValueError as err:
+        pytest.skip(str(err))
+    argv = ["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    record = vision.main(argv)
+    eva = record["runs"]["eva"][0]
+    assert len(eva["ranks"]) == 32 and sum(eva["ranks"].values()) == 8 * 32  # 31 block convs + the head conv
+    assert eva["steps"] == 2 and 0.0 <= eva["accuracy"] <= 1.0
+    assert "| eva |" in (tmp_path / "vision.md").read_text()
+    capsys.readouterr()
+    vision.main(argv)
+    assert capsys.readouterr().err.count("reused") == 2
+
+
+def test_paired_verdicts_need_an_effect_beyond_the_seed_noise():
+    from verdicts import combine, no_signal, paired
+
+    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69])[0] == "held"  # +0.11, consistent over seeds
+    verdict, mean, threshold = paired([0.80, 0.70, 0.85], [0.75, 0.74, 0.80])  # +0.02 but seed 2 reverses it
+    assert verdict == "not shown" and mean == pytest.approx(0.02) and threshold > mean
+    assert paired([0.5, 0.6, 0.55], [0.7, 0.8, 0.76])[0] == "contradicted"
+    assert paired([0.9], [0.1])[0] == "not shown"  # one seed tells nothing
+    assert no_signal([0.51, 0.52, 0.515]) and not no_signal([0.51, 0.55])
+    assert combine(["held", "held"]) == "held" and combine(["held", "not shown"]) == "partly"
+    assert combine(["not shown", "contradicted"]) == "contradicted"

@@ -74,7 +74,7 @@ def test_the_same_check_applies_to_yaml_files_and_presets(tmp_path):
     with pytest.raises(ValueError, match="bf16 must be true or false, got 'maybe'"):
         build_run_config("glue", file)
     file.write_text("eva:\n  tau: 2\n")
-    with pytest.raises(ValueError, match=r"eva.tau must be a number > 0.0 and <= 1.0, got 2"):
+    with pytest.raises(ValueError, match=r"eva.tau must be a number >= 0.0 and <= 1.0, got 2"):
         build_run_config(None, file)
     for preset in ("math", "commonsense", "glue"):  # every bundled preset passes the same checks
         assert build_run_config(preset).rank >= 1

@@ -101,19 +101,89 @@ def ablations_verdict(r: dict[str, Any]) -> Verdict:
     return combine([v for _, v, _, _ in results]), text
 
 
+def _lm_table(r: dict[str, Any], part: str) -> Verdict:
+    """EVA beats LoRA and the weight-driven inits, EVA+DoRA beats DoRA, on the per-seed mean over the
+    test sets that carry signal (paired over seeds)."""
+    if part not in r.get("runs", {}):
+        return "not run yet", f"the {part} part has not run"
+    runs = r["runs"][part]
+    tasks = list(next(iter(runs.values()))[0]["per_task"])
+    quiet = [t for t in tasks if no_signal([res["per_task"][t] for results in runs.values() for res in results])]
+    used = [t for t in tasks if t not in quiet]
+    if not used:
+        return "not shown", (f"no test set carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): "
+                             + ", ".join(quiet))
+    score = {m: [statistics.fmean(res["per_task"][t] for t in used) for res in results] for m, results in runs.items()}
+    eva = max((m for m in score if m.startswith("EVA rho")), key=lambda m: statistics.fmean(score[m]))
+    pairs = [(eva, b) for b in ("LoRA", "PiSSA", "OLoRA") if b in score]
+    pairs += [("EVA+DoRA rho=2", "DoRA")] if {"EVA+DoRA rho=2", "DoRA"} <= set(score) else []
+    results = [(f"{a} vs {b}", *paired(score[a], score[b])) for a, b in pairs]
+    text = (f"test sets with signal: {', '.join(used)}" + (" (none left out)" if not quiet else
+                                                         f" (no signal, left out: {', '.join(quiet)})")
+            + "; paired: " + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results))
+    return combine([v for _, v, _, _ in results]), text
+
+
+def lm_math_verdict(r: dict[str, Any]) -> Verdict:
+    return _lm_table(r, "math")
+
+
+def lm_commonsense_verdict(r: dict[str, Any]) -> Verdict:
+    return _lm_table(r, "commonsense")
+
+
+def lm_code_verdict(r: dict[str, Any]) -> Verdict:
+    return _lm_table(r, "code")
+
+
+def lm_early_verdict(r: dict[str, Any]) -> Verdict:
+    """Figure 2 on SmolLM2: EVA's loss over steps 6-20 below LoRA's, PiSSA's, OLoRA's; its gradient
+    norm over steps 1-5 larger (paired over seeds, per part)."""
+    found = []
+    for part, runs in r.get("runs", {}).items():
+        if "EVA rho=2" not in runs or any(len(res["loss"]) < 6 for results in runs.values() for res in results):
+            continue  # no EVA run, or logs too short for the windows (a --quick run)
+        loss = {m: [statistics.fmean(res["loss"][5:20]) for res in results] for m, results in runs.items()}
+        grad = {m: [statistics.fmean(res["grad_norm"][:5]) for res in results] for m, results in runs.items()}
+        for other in ("LoRA", "PiSSA", "OLoRA"):
+            if other in runs:
+                found.append((f"{part} loss {other} - EVA", *paired(loss[other], loss["EVA rho=2"])))
+                found.append((f"{part} grad norm EVA - {other}", *paired(grad["EVA rho=2"], grad[other])))
+    if not found:
+        return "not run yet", "no run with EVA rho=2"
+    text = "; ".join(describe(n, v, mean, thr, scale=1.0) for n, v, mean, thr in found)
+    return combine([v for _, v, _, _ in found]), text
+
+
+def vision_verdict(r: dict[str, Any]) -> Verdict:
+    """EVA's test accuracy above LoRA's, paired over seeds."""
+    eva, lora = [x["accuracy"] for x in r["runs"]["eva"]], [x["accuracy"] for x in r["runs"]["lora"]]
+    found, mean, threshold = paired(eva, lora)
+    return found, describe("EVA vs LoRA", found, mean, threshold)
+
+
 CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (script stem, paper claim, rule)
     ("table4", "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE", table4_verdict),
     ("early_training", "Figure 2: loss and gradient norm over the first steps", early_training_verdict),
     ("stability", "Figures 3 / 8: components across batch orders and batch sizes", stability_verdict),
     ("rank_distribution", "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}", rank_distribution_verdict),
     ("ablations", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist", ablations_verdict),
+    ("lm_generation", "Table 3 (SmolLM2): GSM8K accuracy", lm_math_verdict),
+    ("lm_generation", "Table 2 (SmolLM2): common sense, 7 test sets", lm_commonsense_verdict),
+    ("lm_generation", "Figure 2 (SmolLM2): loss and gradient norm over the first steps", lm_early_verdict),
+    ("lm_generation", "Code (SmolLM2): HumanEval and MBPP pass@1, EVA vs LoRA", lm_code_verdict),
+    ("vision", "Table 5 analogue (EfficientNet-Lite0 convs, digits): EVA vs LoRA accuracy", vision_verdict),
 ]
 
-INTRO = """# The paper's claims at small scale (all-MiniLM-L6-v2, real data)
+INTRO = """# The paper's claims at small scale (all-MiniLM-L6-v2 and SmolLM2-135M, real data)
 
 Every section below is written by a script in this folder; `report.py` assembles them and computes
-the verdicts from the scripts' JSON (rules in `report.py`). Machine: 2 CPU cores, torch 2.13.0 CPU;
-no GPU was lent for these runs. A section from a `--quick` run is marked as such and proves nothing.
+the verdicts from the scripts' JSON (rules in `report.py`, the comparison in `verdicts.py`): a claim
+"A beats B" is **held** only when the mean paired difference over seeds exceeds the one-sided 95 %
+paired-t threshold (given with each number), **contradicted** when it is that far the other way,
+**not shown** otherwise; tasks where every run of every method lies within 2 points carry no signal
+and are left out. Machine: 2 CPU cores, torch 2.13.0 CPU; no GPU was lent for these runs. A section
+from a `--quick` run is marked as such and proves nothing.
 
 | claim | here | numbers |
 |---|---|---|
@@ -130,7 +200,9 @@ def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") ->
         record = json.loads(data.read_text(encoding="utf-8"))
         verdict, numbers = rule(record)
         rows.append(f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} |")
-        sections.append(section.read_text(encoding="utf-8"))
+        text = section.read_text(encoding="utf-8")
+        if text not in sections:  # one script can back several claims
+            sections.append(text)
     text = INTRO + "\n".join(rows) + "\n\n" + "\n".join(sections)
     atomic_write_text(report, text)
     print(report)

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .targets import find_target_layers
+from .targets import conv_patches, find_target_layers, row_kind
 
 # select_tokens(layer_input, batch, layer_name) -> (n_tokens, in_features)
 TokenSelector = Callable[[torch.Tensor, Any, str], torch.Tensor]
@@ -65,13 +65,14 @@ def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: tor
 
 @dataclass
 class LayerGroup:
-    """Layers that receive the same input tensor, and where their rows go."""
+    """Layers that receive the same input tensor (and build the same rows from it), and where the rows go."""
 
     names: list[str]
     dim: int
     device: torch.device
     sink: RowSink | None = None  # None: this process does not keep this group's rows
     active: bool = True
+    kind: tuple = ()  # targets.row_kind of its layers
 
 
 class StopForward(Exception):
@@ -95,7 +96,7 @@ class ActivationCapture:
         self.select_tokens = select_tokens
         self.groups: list[LayerGroup] = []
         self._group_of: dict[str, LayerGroup] = {}
-        self._probe_inputs: dict[int, tuple[torch.Tensor, LayerGroup]] | None = {}
+        self._probe_inputs: dict[tuple, tuple[torch.Tensor, LayerGroup]] | None = {}
         self._handles: dict[str, torch.utils.hooks.RemovableHandle] = {}
         self._batch: Any = None
         self._mask: torch.Tensor | None = None
@@ -156,7 +157,7 @@ class ActivationCapture:
                              f"(not in this model / targets: {missing[:5]})")
         self._probe_inputs = None
         for names, dim in groups:
-            group = LayerGroup(list(names), dim, device)
+            group = LayerGroup(list(names), dim, device, kind=row_kind(self.layers[names[0]]))
             self.groups.append(group)
             for name in names:
                 self._group_of[name] = group
@@ -196,14 +197,15 @@ class ActivationCapture:
         return hook
 
     def _assign_group(self, name: str, x: torch.Tensor) -> LayerGroup:
-        seen = self._probe_inputs.get(id(x))
-        if seen is not None and seen[0] is x and seen[1].dim == x.shape[-1]:
+        kind = row_kind(self.layers[name])
+        seen = self._probe_inputs.get((id(x), kind))
+        if seen is not None and seen[0] is x:
             group = seen[1]
             group.names.append(name)
         else:
-            group = LayerGroup([name], int(x.shape[-1]), x.device)
+            group = LayerGroup([name], kind[1], x.device, kind=kind)
             self.groups.append(group)
-            self._probe_inputs[id(x)] = (x, group)
+            self._probe_inputs[(id(x), kind)] = (x, group)
             if self.on_new_group is not None:
                 group.sink = self.on_new_group(group)
         self._group_of[name] = group
@@ -212,6 +214,8 @@ class ActivationCapture:
     def _rows(self, group: LayerGroup, name: str, x: torch.Tensor) -> torch.Tensor:
         if self.select_tokens is not None:
             rows = self.select_tokens(x, self._batch, name)
+        elif group.kind[0] == "conv2d":
+            rows = conv_patches(self.layers[name], x)  # images: every patch (no token mask applies)
         else:
             rows = default_select_tokens(x, self._mask, self._index, name)
         if rows.ndim != 2 or rows.shape[-1] != group.dim:

@@ -43,8 +43,8 @@ class EvaConfig:
         rank: LoRA rank r; the total budget is ``rank * number_of_adapted_layers``.
         rho: redistribution factor (>= 1); a layer may receive up to ``round(rank * rho)``.
             ``rho = 1`` gives exactly uniform ranks.
-        tau: cosine similarity in (0, 1] between successive estimates of a component at which
-            it counts as converged (paper default 0.99).
+        tau: cosine similarity in [0, 1] between successive estimates of a component at which
+            it counts as converged (paper default 0.99; 0 stops after the first check, as in PEFT).
         delta: fraction of all needed components that, once converged, ends the loop (1.0 = all).
         target_modules: PEFT-style selection: a list of name suffixes, or a regex string that
             must match the full module name. ``None`` selects every linear layer except the
@@ -89,7 +89,7 @@ class EvaConfig:
 
     rank: int = field(default=16, metadata={"min": 1})
     rho: float = field(default=2.0, metadata={"min": 1.0})
-    tau: float = field(default=0.99, metadata={"above": 0.0, "max": 1.0})
+    tau: float = field(default=0.99, metadata={"min": 0.0, "max": 1.0})
     delta: float = field(default=1.0, metadata={"above": 0.0, "max": 1.0})
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None

@@ -127,6 +127,9 @@ class _EvaLoop:
         self.checkpoint_every = 0
         self.started = time.perf_counter()
         self.fsdp_modules = _fsdp_modules(model)
+        if self.fsdp_modules and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            raise ValueError("the model is sharded with FSDP but torch.distributed has no process group: start the "
+                             "run with torchrun / accelerate launch (or init_process_group) before compute_eva_state")
         self.progress = EvaProgress(progress and self.comm.rank == 0, config.max_batches)
 
     # ---- checkpoints -----------------------------------------------------------------------

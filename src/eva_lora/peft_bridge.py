@@ -99,6 +99,8 @@ def _write(weight: torch.Tensor, rows: torch.Tensor | None, name: str) -> None:
 
     with gather_params_ctx(weight, modifier_rank=0):  # ZeRO-3: gather, write on rank 0, re-partition
         shape = tuple(weight.shape)
+        if rows is not None and weight.ndim == 4:  # a Conv2d's A: rows are flattened (C_in, kh, kw) kernels
+            rows = rows.reshape(rows.shape[0], *shape[1:]) if rows.shape[1] == weight[0].numel() else rows
         if rows is not None and shape != tuple(rows.shape):
             raise ValueError(f"layer {name}: its LoRA A has shape {shape}, the EVA state gives {tuple(rows.shape)}; "
                              "build the PEFT model with lora_config_for(state) so the ranks match")

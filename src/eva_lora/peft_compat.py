@@ -95,13 +95,13 @@ def _target_layers(model: nn.Module, peft_config: Any) -> dict[str, nn.Module]:
     from peft.tuners.lora.eva import UNSUPPORTED_LORA_MODULES
     from peft.tuners.tuners_utils import check_target_module_exists
 
-    from .targets import SUPPORTED_LAYERS
+    from .targets import LINEAR_LAYERS
 
     if hasattr(model, "peft_config"):
         return {name: module.get_base_layer() for name, module in model.named_modules()
                 if hasattr(module, "base_layer") and not isinstance(module, UNSUPPORTED_LORA_MODULES)}
     return {name: module for name, module in model.named_modules()
-            if isinstance(module, SUPPORTED_LAYERS)
+            if isinstance(module, LINEAR_LAYERS)  # PEFT's EVA: nn.Linear and Conv1D only
             and (peft_config.target_modules is None or check_target_module_exists(peft_config, name))}
 
 

@@ -2,7 +2,9 @@
 
 Generation examples are ``prompt + response + eos`` with the prompt's labels set to -100, so only
 the response is trained (and, with ``EvaConfig.use_label_mask``, only response tokens enter EVA's
-PCA). Over-long examples are either dropped or truncated, and the count is always reported.
+PCA). Conversations (a ``messages`` column) are rendered with the tokenizer's chat template, and only
+the assistant turns keep their labels (``encode_conversation``). Over-long examples are either
+dropped or truncated, and the count is always reported.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ class Prepared:
 
 def tokenize(data: Any, tokenizer: Any, kind: str, max_length: int, drop_long: bool) -> Prepared:
     """Tokenise a task dataset (normalised columns) for training; see the module docstring."""
-    if kind == "generation":
+    if kind == "generation" and "messages" in data.column_names:
+        encoded = data.map(lambda row: encode_conversation(row["messages"], tokenizer),
+                           remove_columns=data.column_names)
+    elif kind == "generation":
         encoded = data.map(lambda row: _encode_generation(row, tokenizer), remove_columns=data.column_names)
     else:
         encoded = data.map(lambda row: encode_pair(row, tokenizer), remove_columns=data.column_names)
@@ -62,6 +67,51 @@ def _encode_generation(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
         response = response + [tokenizer.eos_token_id]
     ids = prompt + response
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE] * len(prompt) + response}
+
+
+def render_user_prompt(tokenizer: Any, prompt: str) -> str:
+    """``prompt`` as one user turn in the chat template, ending where the assistant's answer begins."""
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("this task renders prompts with a chat template, and the tokenizer has none; use a chat "
+                         "(instruct) model or a tokenizer with `chat_template` set")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_conversation(messages: list[dict[str, str]], tokenizer: Any) -> dict[str, Any]:
+    """Token ids of a rendered conversation; labels are -100 except on the assistant turns' tokens.
+
+    Turn by turn: the text the template adds for turn i is ``render(turns[:i+1])`` minus
+    ``render(turns[:i])`` (for an assistant turn, minus the generation prompt, so the role header
+    is not trained either). Each piece is tokenised without added special tokens; the template
+    carries them. A template that does not render a conversation as a growing prefix is refused.
+    """
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError("conversation data needs a tokenizer with a chat template (`tokenizer.chat_template`)")
+    ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for i, turn in enumerate(messages):
+        if turn["role"] == "assistant":
+            header = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            _extend(ids, labels, _piece(header, rendered, tokenizer), trained=False)
+            rendered = header
+        full = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        _extend(ids, labels, _piece(full, rendered, tokenizer), trained=turn["role"] == "assistant")
+        rendered = full
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def _piece(text: str, prefix: str, tokenizer: Any) -> list[int]:
+    if not text.startswith(prefix):
+        raise ValueError("the chat template does not render a conversation as a growing prefix (a later turn "
+                         "changes earlier text), so assistant tokens cannot be located; use another template")
+    return tokenizer(text[len(prefix) :], add_special_tokens=False)["input_ids"]
+
+
+def _extend(ids: list[int], labels: list[int], piece: list[int], trained: bool) -> None:
+    ids.extend(piece)
+    labels.extend(piece if trained else [IGNORE] * len(piece))
 
 
 class Collator:

@@ -27,7 +27,9 @@ def headline(metrics: dict[str, Any], task: str) -> tuple[str, float]:
     """(name, value) of the task's main score in a run's metrics (the mean accuracy for common sense)."""
     tasks = eval_tasks(task)
     if len(tasks) > 1:
-        return "mean_accuracy", metrics["eval"]["mean_accuracy"]
+        metric = tasks[0].main_metric
+        key = "mean_accuracy" if metric == "accuracy" else f"mean_{metric}"
+        return key, metrics["eval"][key]
     return tasks[0].main_metric, metrics["eval"][tasks[0].name][tasks[0].main_metric]
 
 

@@ -39,7 +39,7 @@ SETUPS: dict[str, dict[str, Any]] = {
     "minilm": dict(model="minilm", task="sst2", rank=8, learning_rate=1e-3, batch_size=16, max_length=64,
                    max_steps=200, logging_steps=5, warmup_ratio=0.06, eva={"rho": 2.0}),
 }
-QUICK = {"smollm2": dict(train_limit=48, eval_limit=4, max_new_tokens=24, max_steps=4, logging_steps=2,
+QUICK = {"smollm2": dict(train_limit=48, eval_limit=4, max_new_tokens=24, max_steps=5, logging_steps=1,
                          eva={"max_batches": 6}),
          "minilm": dict(train_limit=256, eval_limit=128, max_steps=16, logging_steps=2)}
 LOSS_STEPS = (5, 10, 20, 25, 50, 100, 200)

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..._atomic import atomic_write_text
 from ..models import load_model
-from ..preprocess import Collator, encode_pair
+from ..preprocess import Collator, encode_pair, render_user_prompt
 from ..run_config import RunConfig
 from ..tasks import Task, eval_tasks
 
@@ -41,14 +41,17 @@ def predict_labels(model: Any, tokenizer: Any, task: Task, data: Any, batch_size
 
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
-                     max_new_tokens: int) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt."""
+                     max_new_tokens: int, special_tokens: bool = True) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt.
+
+    special_tokens=False for prompts rendered by a chat template, which already carries them.
+    """
     model.eval()
     device = next(model.parameters()).device
     collate = Collator(tokenizer.pad_token_id, side="left")
     out: list[str] = []
     for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-        encoded = [tokenizer(p) for p in prompts[start : start + batch_size]]
+        encoded = [tokenizer(p, add_special_tokens=special_tokens) for p in prompts[start : start + batch_size]]
         batch = {k: v.to(device) for k, v in collate([{"input_ids": e["input_ids"],
                                                        "attention_mask": e["attention_mask"]}
                                                       for e in encoded]).items()}
@@ -62,7 +65,10 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size:
                   max_new_tokens: int = 256) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns)."""
     if task.kind == "generation":
-        texts = generate_answers(model, tokenizer, list(data["prompt"]), batch_size, max_new_tokens)
+        prompts = list(data["prompt"])
+        if task.chat:
+            prompts = [render_user_prompt(tokenizer, p) for p in prompts]
+        texts = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, special_tokens=not task.chat)
         predictions = [task.extract(t) for t in texts]
         references = list(data["answer"])
         records = [{"prediction": p, "reference": r, "generation": t}
@@ -85,7 +91,9 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
         metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens)
         results[task.name] = metrics
     if len(results) > 1:
-        results["mean_accuracy"] = round(sum(m["accuracy"] for m in results.values()) / len(results), 6)
+        metric = tasks[0].main_metric  # the parts of a joint task share it (accuracy; pass@1 for code)
+        key = "mean_accuracy" if metric == "accuracy" else f"mean_{metric}"
+        results[key] = round(sum(m[metric] for m in results.values()) / len(results), 6)
     return results
 
 

@@ -1,12 +1,13 @@
-"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense)."""
+"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense, code)."""
 
 from __future__ import annotations
 
 from .base import BUNDLED_DATA, DataError, Task, load_table
+from .code import CODE_TASKS
 from .generation import GENERATION_TASKS
 from .glue import GLUE_TASKS
 
-TASKS: dict[str, Task] = {**GLUE_TASKS, **GENERATION_TASKS}
+TASKS: dict[str, Task] = {**GLUE_TASKS, **GENERATION_TASKS, **CODE_TASKS}
 
 
 def get_task(name: str) -> Task:

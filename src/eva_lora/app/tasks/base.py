@@ -2,8 +2,9 @@
 
 A task turns local files into a ``datasets.Dataset`` with normalised columns:
 - classification / regression (GLUE): ``text``, optional ``text_pair``, ``label``;
-- generation (math, common sense): ``prompt``, ``response`` (training target) and ``answer``
-  (the reference the evaluator compares with).
+- generation (math, common sense, code): ``prompt``, ``response`` (training target) and ``answer``
+  (the reference the evaluator compares with); training data may instead be conversations, a
+  ``messages`` column of role/content turns (code).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Task:
     score: (predictions, references) -> {metric: value}; ``main_metric`` names the headline one.
     extract: generation only: the answer in a model's text (None when it has none).
     parts: a joint task evaluated as several tasks (common sense: its 7 test sets), by name.
+    chat: prompts are a user turn, rendered with the tokenizer's chat template (code tasks).
     """
 
     name: str
@@ -54,6 +56,7 @@ class Task:
     bundled: dict[str, str] = field(default_factory=dict)  # split -> file shipped in the package
     extract: Callable[[str], str | None] | None = None
     parts: tuple[str, ...] = ()
+    chat: bool = False
 
     def path(self, split: str, data_dir: str | Path | None) -> Path:
         """The file of ``split``: under ``data_dir`` if given, else the copy bundled with eva-lora."""
@@ -79,6 +82,8 @@ class Task:
             raise DataError(f"task {self.name}: data file not found: {path}")
         data = self.read(path, split)
         required = ("prompt", "response", "answer") if self.kind == "generation" else ("text", "label")
+        if self.kind == "generation" and split == "train" and "messages" in data.column_names:
+            required = ("messages",)  # conversations: the chat template renders them
         missing = [c for c in required if c not in data.column_names]
         if missing:
             raise DataError(f"task {self.name}: {path} lacks column(s) {missing}; it has {data.column_names}")

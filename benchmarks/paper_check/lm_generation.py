@@ -1,0 +1,211 @@
+"""Paper Tables 3 (math) and 2 (common sense) and Figure 2, on a real pretrained causal LM (SmolLM2-135M).
+
+    python benchmarks/paper_check/lm_generation.py --part math          # Table 3 analogue (+ Figure 2)
+    python benchmarks/paper_check/lm_generation.py --part commonsense   # Table 2 analogue (+ Figure 2)
+    python benchmarks/paper_check/lm_generation.py --part code          # code: LoRA vs EVA, HumanEval + MBPP pass@1
+    python benchmarks/paper_check/lm_generation.py --quick              # math + common sense, tiny, test slices (CI)
+
+The paper's language-generation recipe (``../shared/PAPER.md``): adapters on every linear layer
+including the LM head, r 16, alpha 1, AdamW with weight decay 0, lr 5e-4, linear schedule, warm-up
+0.03, greedy decoding, the paper's prompt templates, only the response trained. Methods: LoRA, EVA
+(rho 1 and 2), PiSSA, OLoRA, DoRA and EVA+DoRA (rho 2), 3 seeds each. Sized to 2 CPU cores (the
+choices are in ``PARTS``): SmolLM2-135M-Instruct (Q4_1 weights in float32) instead of Llama-2-7B;
+a few dozen optimiser steps of batch 4 instead of an epoch of batch 32; SVD batch size 4 instead
+of 16 (the paper shows batch 4 converging fastest); max length 256 (math) / 192 (common sense) with
+over-long examples dropped; a fixed subset of the test questions, the same for every run.
+Common sense: the label mask is off for EVA (one-word answers; the paper found it hurts there).
+Code (the paper's Code-Feedback setting, offline: MBPP's train split as conversations, see the ``code``
+preset): LoRA vs EVA only, conversations truncated at 512 tokens (the paper: 2048), batch 2 x 2,
+30 steps, a fixed 20-problem subset of HumanEval and of MBPP's test split, pass@1 of greedy answers
+executed in the sandbox; the label mask is on (only assistant tokens enter EVA and the loss).
+
+Figure 2's claim (lower loss and a larger gradient norm early for EVA than for LoRA, PiSSA and
+OLoRA) is read from the same runs' per-step logs: unlike MiniLM's classifier, no head is trained in
+full here, so the gradient norm is the adapters'.
+
+Each run is the ``eva train`` recipe into ``--work``; a finished run with the same settings is reused,
+so the grid can be run in several sittings. Results: ``lm_generation.{json,md,png}`` in ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import RESULTS, pyplot, save_png, write_results
+
+from eva_lora.app.recipes.compare import headline
+from eva_lora.app.recipes.train import METRICS_FILE, train
+from eva_lora.app.run_config import RunConfig, build_run_config
+
+REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TEST_DATA = REPO / "tests" / "assets" / "data"
+
+METHODS: list[tuple[str, str, dict[str, Any]]] = [
+    ("LoRA", "lora", {}), ("EVA rho=1", "eva", {"rho": 1.0}), ("EVA rho=2", "eva", {"rho": 2.0}),
+    ("PiSSA", "pissa", {}), ("OLoRA", "olora", {}), ("DoRA", "dora", {}), ("EVA+DoRA rho=2", "eva-dora", {"rho": 2.0}),
+]
+RECIPE = dict(model="smollm2", rank=16, lora_alpha=1.0, lora_dropout=0.0, weight_decay=0.0, learning_rate=5e-4,
+              scheduler="linear", warmup_ratio=0.03, batch_size=4, grad_accum=1, svd_batch_size=4, drop_long=True,
+              logging_steps=1, eval_batch_size=16)
+PARTS: dict[str, dict[str, Any]] = {
+    "math": dict(task="gsm8k", max_length=256, max_steps=40, train_limit=2000, eval_limit=60, max_new_tokens=200,
+                 eva={"target_modules": "all-linear-and-head"}),
+    "commonsense": dict(task="commonsense", max_length=192, max_steps=40, train_limit=2000, eval_limit=30,
+                        max_new_tokens=16, eva={"target_modules": "all-linear-and-head", "use_label_mask": False}),
+    "code": dict(task="code", max_length=512, drop_long=False, max_steps=30, batch_size=2, grad_accum=2, eval_limit=20,
+                 max_new_tokens=192, eval_batch_size=10,
+                 eva={"target_modules": "all-linear-and-head", "use_label_mask": True}),
+}
+PART_METHODS = {"code": ("LoRA", "EVA rho=2")}  # the issue's comparison; the others cost 20 min per method here
+BUNDLED_PARTS = {"code"}  # read the bundled copies of HumanEval / MBPP (the same files as ../shared/data/code)
+QUICK = dict(model=None, max_steps=3, train_limit=16, eval_limit=2, max_new_tokens=8, logging_steps=1)
+FIGURE2_STEPS = 20  # Figure 2 reads the first steps; the verdict uses steps 1-5 (grad norm) and 6-20 (loss)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=["math", "commonsense", "code", "all"], default="all")
+    parser.add_argument("--quick", action="store_true", help="tiny form on the test slices (CI); --model must be given")
+    parser.add_argument("--model", default=None, help="model for --quick (a tiny local causal LM)")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--data-dir", type=Path, default=None, help=f"default {SHARED_DATA} (--quick: test slices)")
+    parser.add_argument("--work", type=Path, default=REPO / "out" / "paper_check" / "lm_generation")
+    parser.add_argument("--seeds", default="0,1,2")
+    args = parser.parse_args(argv)
+    if args.data_dir is None:
+        args.data_dir = TEST_DATA if args.quick else SHARED_DATA
+    if args.quick and not args.model:
+        parser.error("--quick needs --model (a tiny local causal LM folder)")
+    return args
+
+
+def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
+    """(metrics, reused): a finished run with the same settings is read back instead of trained again."""
+    done = Path(cfg.output_dir) / METRICS_FILE
+    if done.is_file():
+        metrics = json.loads(done.read_text())
+        if metrics.get("config") == json.loads(json.dumps(cfg.to_dict(), default=str)):
+            return metrics, True
+    return train(cfg), False
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    parts = (["math", "commonsense"] + ([] if args.quick else ["code"])) if args.part == "all" else [args.part]
+    quick_methods = [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")]
+    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    started, runs, done = time.perf_counter(), {}, 0
+    part_methods = {p: quick_methods if args.quick else [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0])]
+                    for p in parts}
+    total = sum(len(m) for m in part_methods.values()) * len(seeds)
+    for part in parts:
+        methods = part_methods[part]
+        quick = {k: v for k, v in QUICK.items() if v is not None} if args.quick else {}
+        settings = {**RECIPE, **PARTS[part], **quick}
+        if args.quick:
+            settings["model"] = args.model
+        for label, init, eva in methods:
+            for seed in seeds:
+                out = args.work / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
+                cfg = build_run_config(overrides={**settings, "init": init, "seed": seed, "output_dir": str(out),
+                                                  "data_dir": None if part in BUNDLED_PARTS else str(args.data_dir),
+                                                  "progress": False,
+                                                  "eva": {**settings["eva"], **eva}})
+                begun = time.perf_counter()
+                metrics, reused = run_one(cfg)
+                done += 1
+                metric, score = headline(metrics, cfg.task)
+                print(f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
+                      f"{metrics['train_loss']:.4f} ({'reused' if reused else f'{time.perf_counter() - begun:.0f} s'}, "
+                      f"{time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
+                runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
+    record = {"quick": args.quick, "parts": parts, "seeds": seeds,
+              "methods": {p: [m[0] for m in ms] for p, ms in part_methods.items()},
+              "settings": {p: {**RECIPE, **PARTS[p]} for p in parts}, "runs": runs,
+              "seconds": round(time.perf_counter() - started, 1)}
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot(record, args.out / "lm_generation.png")
+    write_results(args.out, "lm_generation", record, markdown(record))
+    return record
+
+
+def _result(metrics: dict[str, Any], task: str, seed: int) -> dict[str, Any]:
+    metric, score = headline(metrics, task)
+    per_task = {k: v["pass@1" if "pass@1" in v else "accuracy"] for k, v in metrics["eval"].items()
+                if isinstance(v, dict)}
+    log = metrics["log"]
+    return {"seed": seed, "metric": metric, "score": score, "per_task": per_task, "train_loss": metrics["train_loss"],
+            "loss": [e["loss"] for e in log][:FIGURE2_STEPS],
+            "grad_norm": [e["grad_norm"] for e in log][:FIGURE2_STEPS],
+            "init_seconds": metrics["init_seconds"], "train_seconds": metrics["train_seconds"],
+            "eval_seconds": metrics.get("eval_seconds"), "eva_batches": (metrics.get("eva") or {}).get("n_batches")}
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{100 * statistics.fmean(values):.2f} +/- {100 * (statistics.stdev(values) if len(values) > 1 else 0):.2f}"
+
+
+def _window_mean(results: list[dict[str, Any]], key: str, start: int, stop: int) -> str:
+    """Mean over seeds of the per-step values in [start, stop); "-" when the runs are shorter (--quick)."""
+    windows = [r[key][start:stop] for r in results]
+    if not all(windows):
+        return "-"
+    return f"{statistics.fmean(statistics.fmean(w) for w in windows):.4f}"
+
+
+def markdown(record: dict[str, Any]) -> str:
+    lines = ["## Tables 2 / 3 and Figure 2 analogues (and code): SmolLM2-135M on math, common sense, code", "",
+             f"`python benchmarks/paper_check/lm_generation.py{' --quick' if record['quick'] else ''}` "
+             f"({record['seconds']} s in this sitting; finished runs are reused). SmolLM2-135M-Instruct "
+             "(Q4_1 weights in float32), adapters on every linear layer and the LM head, r 16, alpha 1, lr 5e-4, "
+             f"linear schedule, warm-up 0.03, batch 4, SVD batch size 4, seeds {record['seeds']}; scores x 100, "
+             "mean +/- std over seeds.", ""]
+    for part in record["parts"]:
+        s, runs = record["settings"][part], record["runs"][part]
+        tasks = list(next(iter(runs.values()))[0]["per_task"])
+        long = "longer dropped" if s["drop_long"] else "longer truncated"
+        lines += [f"### {part}: {s['max_steps']} steps, max length {s['max_length']} ({long}), "
+                  f"{s['eval_limit']} test questions per task, up to {s['max_new_tokens']} new tokens"
+                  + (" (scores: pass@1)" if part == "code" else ""), "",
+                  "| method | " + " | ".join(tasks) + (" | mean |" if len(tasks) > 1 else " |")
+                  + " train loss | loss steps 6-20 | grad norm steps 1-5 | init s |",
+                  "|---" * (len(tasks) + (2 if len(tasks) > 1 else 1) + 4) + "|"]
+        for label, results in runs.items():
+            cells = [_mean_std([r["per_task"][t] for r in results]) for t in tasks]
+            if len(tasks) > 1:
+                cells.append(_mean_std([r["score"] for r in results]))
+            early = _window_mean(results, "loss", 5, FIGURE2_STEPS)
+            grad = _window_mean(results, "grad_norm", 0, 5)
+            loss = statistics.fmean(r["train_loss"] for r in results)
+            init = statistics.fmean(r["init_seconds"] for r in results)
+            tail = f" | {loss:.4f} | {early} | {grad} | {init:.1f} |"
+            lines.append(f"| {label} | " + " | ".join(cells) + tail)
+        lines.append("")
+    lines += ["![loss and gradient norm over the first steps](results/lm_generation.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(record: dict[str, Any], path: Path) -> None:
+    """Figure 2 analogue: loss and gradient norm per step, mean over seeds, for each part."""
+    plt = pyplot()
+    fig, axes = plt.subplots(len(record["parts"]), 2, figsize=(10, 3.2 * len(record["parts"])), squeeze=False)
+    for row, part in zip(axes, record["parts"]):
+        for label, results in record["runs"][part].items():
+            steps = range(1, min(len(r["loss"]) for r in results) + 1)
+            for ax, key in zip(row, ("loss", "grad_norm")):
+                ax.plot(steps, [statistics.fmean(r[key][i - 1] for r in results) for i in steps], label=label)
+        row[0].set(title=f"{part}: training loss", xlabel="step")
+        row[1].set(title=f"{part}: gradient norm", xlabel="step")
+    axes[0][0].legend(fontsize=7)
+    save_png(fig, path)
+
+
+if __name__ == "__main__":
+    main()
