@@ -192,6 +192,10 @@ def test_code_preset_trains_and_evaluates_end_to_end(tmp_path, capsys, tiny_chat
     assert 0.0 <= metrics["eval"]["mean_pass@1"] <= 1.0
     assert metrics["config"]["eva"]["use_label_mask"] is True and metrics["eva"]["n_batches"] >= 1
     code, stdout, err = run_cli(capsys, "eval", "--model", tiny_chat_llama_dir, "--task", "mbpp", "--adapter",
-                                out / "adapter", "eval_limit=3", "max_new_tokens=8", "--output", tmp_path / "e.json")
+                                out / "adapter", "eval_limit=3", "max_new_tokens=8", "samples=5", "temperature=1.0",
+                                "--output", tmp_path / "e.json")
     assert code == 0, err
-    assert json.loads((tmp_path / "e.json").read_text())["metrics"]["mbpp"]["n"] == 3
+    found = json.loads((tmp_path / "e.json").read_text())["metrics"]["mbpp"]
+    assert found["n"] == 3 and set(found) == {"n", "pass@1", "pass@5"}  # 5 samples per problem: pass@1 and @5
+    code, _, err = run_cli(capsys, "eval", "--model", tiny_chat_llama_dir, "--task", "gsm8k", "samples=4")
+    assert code == 2 and "samples > 1 (pass@k) applies to the code tasks" in err

@@ -162,6 +162,13 @@ def vision_verdict(r: dict[str, Any]) -> Verdict:
     return found, describe("EVA vs LoRA", found, mean, threshold)
 
 
+def decision_verdict(r: dict[str, Any]) -> Verdict:
+    """EVA's mean success over the held-out tasks with signal above LoRA's, paired over seeds."""
+    from decision import verdict
+
+    return verdict(r)
+
+
 CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (script stem, paper claim, rule)
     ("table4", "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE", table4_verdict),
     ("early_training", "Figure 2: loss and gradient norm over the first steps", early_training_verdict),
@@ -173,9 +180,10 @@ CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (scrip
     ("lm_generation", "Figure 2 (SmolLM2): loss and gradient norm over the first steps", lm_early_verdict),
     ("lm_generation", "Code (SmolLM2): HumanEval and MBPP pass@1, EVA vs LoRA", lm_code_verdict),
     ("vision", "Table 5 analogue (EfficientNet-Lite0 convs, digits): EVA vs LoRA accuracy", vision_verdict),
+    ("decision", "Decision making (Meta-World, Decision Transformer): EVA vs LoRA success rate", decision_verdict),
 ]
 
-INTRO = """# The paper's claims at small scale (all-MiniLM-L6-v2 and SmolLM2-135M, real data)
+INTRO = """# The paper's claims at small scale (MiniLM, SmolLM2-135M, EfficientNet-Lite0, a Decision Transformer)
 
 Every section below is written by a script in this folder; `report.py` assembles them and computes
 the verdicts from the scripts' JSON (rules in `report.py`, the comparison in `verdicts.py`): a claim

@@ -116,16 +116,22 @@ def _check_max_steps(max_steps: int) -> None:
                          f"got {max_steps}")
 
 
+def _metaworld() -> Any:
+    """The ``metaworld`` module, or an ImportError that says which extra installs it."""
+    try:
+        import metaworld
+        import metaworld.policies  # noqa: F401  (the scripted experts)
+    except ImportError as err:
+        raise ImportError("Meta-World is needed here: pip install 'eva-lora[decision]'") from err
+    return metaworld
+
+
 def task_env(task: str, seed: int) -> tuple[Any, list[Any]]:
     """(environment, goals in episode order): Meta-World's 50 goals of ``MT1(task, seed)``, in a seeded order.
 
     Episode ``i`` uses ``goals[i % 50]`` (``env.set_task(goal)`` then ``env.reset()``); the same seed gives
     the same goals, another seed other goals (how evaluation avoids the demonstrations' goals)."""
-    try:
-        import metaworld
-    except ImportError as err:  # pragma: no cover - exercised only without the extra
-        raise ImportError("Meta-World is needed here: pip install 'eva-lora[decision]'") from err
-    benchmark = metaworld.MT1(task, seed=seed)  # seeds NumPy's global RNG for its draws and restores it
+    benchmark = _metaworld().MT1(task, seed=seed)  # seeds NumPy's global RNG for its draws and restores it
     env = benchmark.train_classes[task]()
     order = np.random.default_rng(_task_seed(seed, task)).permutation(len(benchmark.train_tasks))
     return env, [benchmark.train_tasks[i] for i in order]
@@ -176,17 +182,16 @@ def collect_demonstrations(tasks: Sequence[str], episodes: int, seed: int, max_s
     noise (std ``action_noise``, added before clipping; it widens the states a policy learns from) from
     a seeded generator. An episode stops ``hold_steps`` steps after its first success or at ``max_steps``.
     """
-    from metaworld.policies import ENV_POLICY_MAP
-
+    experts = _metaworld().policies.ENV_POLICY_MAP
     _check_max_steps(max_steps)
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
     trajectories = []
     for task in tasks:
-        if task not in ENV_POLICY_MAP:
-            raise ValueError(f"no scripted expert for {task!r}; Meta-World has: {', '.join(sorted(ENV_POLICY_MAP))}")
+        if task not in experts:
+            raise ValueError(f"no scripted expert for {task!r}; Meta-World has: {', '.join(sorted(experts))}")
         env, goals = task_env(task, seed)
-        act = _expert(ENV_POLICY_MAP[task](), np.random.default_rng(_task_seed(seed + 1, task)), action_noise)
+        act = _expert(experts[task](), np.random.default_rng(_task_seed(seed + 1, task)), action_noise)
         with warnings.catch_warnings():  # the experts warn that their gains exceed the action range
             warnings.simplefilter("ignore", UserWarning)
             for episode in range(episodes):
@@ -293,7 +298,7 @@ class DecisionPolicy(nn.Module):
         self.register_buffer("state_std", state_std.detach().float().clamp_min(config.min_state_std))
 
     def forward(self, states: torch.Tensor, actions: torch.Tensor, returns_to_go: torch.Tensor,
-                timesteps: torch.Tensor, attention_mask: torch.Tensor, **_: Any) -> torch.Tensor:
+                timesteps: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.dt(states=(states - self.state_mean) / self.state_std, actions=actions,
                       returns_to_go=returns_to_go / self.config.return_scale, timesteps=timesteps,
                       attention_mask=attention_mask, return_dict=True)
@@ -542,7 +547,7 @@ def _dt_actor(model: nn.Module, context: int, target: float) -> Callable[..., np
         if real > 1:  # the current step's action is unknown: it stays 0 (training never lets it be seen)
             batch["actions"][0, -real:-1] = torch.stack(actions[start:])
         collected = np.cumsum([0.0, *rewards])  # reward collected before each step so far
-        batch["returns_to_go"][0, -real:, 0] = torch.tensor(target + 0 * collected[start:], dtype=torch.float32)
+        batch["returns_to_go"][0, -real:, 0] = torch.tensor(target - collected[start:], dtype=torch.float32)
         batch["timesteps"][0, -real:] = torch.arange(start, step + 1)
         batch["attention_mask"][0, -real:] = 1
         with torch.no_grad():

@@ -29,6 +29,12 @@ def _task_names() -> tuple[str, ...]:
     return tuple(TASKS)
 
 
+def _eval_task_objects(name: str) -> list:
+    from .tasks import eval_tasks
+
+    return eval_tasks(name)
+
+
 def _init_names() -> tuple[str, ...]:
     from .initializers import INIT_METHODS
 
@@ -66,6 +72,8 @@ class RunConfig:
     eval_limit: int | None = field(default=None, metadata={"min": 1})  # the same rows for every run
     eval_batch_size: int = field(default=32, metadata={"min": 1})
     max_new_tokens: int = field(default=256, metadata={"min": 1})
+    samples: int = field(default=1, metadata={"min": 1})  # code tasks: > 1 samples per problem -> pass@k too
+    temperature: float = field(default=0.8, metadata={"above": 0.0})  # sampling temperature when samples > 1
     svd_batch_size: int = field(default=16, metadata={"min": 1})  # batch size of the EVA / CorDA / LoRA-GA pass
     calibration_batches: int = field(default=8, metadata={"min": 1})  # batches CorDA and LoRA-GA use
     eva_state: str | None = None  # a precomputed state directory (from `eva init`)
@@ -83,6 +91,9 @@ class RunConfig:
         for name, choices in (("task", _task_names()), ("init", _init_names())):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
+        if self.samples > 1 and not any(t.main_metric.startswith("pass@") for t in _eval_task_objects(self.task)):
+            raise ValueError(f"samples > 1 (pass@k) applies to the code tasks (humaneval, mbpp, code), not to "
+                             f"{self.task!r}, which is scored on greedy answers")
         if self.max_steps == 0:
             raise ValueError("max_steps must be -1 (train for `epochs`) or an integer >= 1, got 0")
         if self.eva.rank != self.rank:

@@ -41,8 +41,10 @@ def predict_labels(model: Any, tokenizer: Any, task: Task, data: Any, batch_size
 
 @torch.no_grad()
 def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
-                     max_new_tokens: int, special_tokens: bool = True) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), decoded without the prompt.
+                     max_new_tokens: int, special_tokens: bool = True, samples: int = 1,
+                     temperature: float = 0.8) -> list[str]:
+    """Continuations of ``prompts`` (left-padded batches), decoded without the prompt: greedy, or
+    ``samples`` sampled ones per prompt at ``temperature`` (prompt-major order), for pass@k.
 
     special_tokens=False for prompts rendered by a chat template, which already carries them.
     """
@@ -55,21 +57,31 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size:
         batch = {k: v.to(device) for k, v in collate([{"input_ids": e["input_ids"],
                                                        "attention_mask": e["attention_mask"]}
                                                       for e in encoded]).items()}
-        generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                   pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        decoding = (dict(do_sample=False) if samples == 1 else
+                    dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples))
+        generated = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                   eos_token_id=tokenizer.eos_token_id, **decoding)
         out.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
     return out
 
 
 def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int = 32,
-                  max_new_tokens: int = 256) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns)."""
+                  max_new_tokens: int = 256, samples: int = 1,
+                  temperature: float = 0.8) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns).
+
+    samples > 1 (code tasks): that many sampled answers per problem, scored as pass@1 and pass@k.
+    """
     if task.kind == "generation":
         prompts = list(data["prompt"])
         if task.chat:
             prompts = [render_user_prompt(tokenizer, p) for p in prompts]
-        texts = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, special_tokens=not task.chat)
+        texts = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, special_tokens=not task.chat,
+                                 samples=samples, temperature=temperature)
         predictions = [task.extract(t) for t in texts]
+        if samples > 1:
+            predictions = [predictions[i : i + samples] for i in range(0, len(predictions), samples)]
+            texts = [texts[i : i + samples] for i in range(0, len(texts), samples)]
         references = list(data["answer"])
         records = [{"prediction": p, "reference": r, "generation": t}
                    for p, r, t in zip(predictions, references, texts)]
@@ -87,8 +99,10 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     tasks = eval_tasks(cfg.task)
     file = cfg.eval_file if len(tasks) == 1 else None  # one file cannot hold 7 common-sense test sets
     for task in tasks:
+        torch.manual_seed(cfg.seed)  # sampled answers (samples > 1) are reproducible; greedy ones do not care
         data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
-        metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens)
+        metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens,
+                                   cfg.samples, cfg.temperature)
         results[task.name] = metrics
     if len(results) > 1:
         metric = tasks[0].main_metric  # the parts of a joint task share it (accuracy; pass@1 for code)
