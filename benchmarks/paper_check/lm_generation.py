@@ -71,13 +71,15 @@ FIGURE2_STEPS = 20  # Figure 2 reads the first steps; the verdict uses steps 1-5
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["math", "commonsense", "code", "all"], default="all")
+    parser.add_argument("--part", default="all", help="math, commonsense, code, a comma-separated list, or all")
     parser.add_argument("--quick", action="store_true", help="tiny form on the test slices (CI); --model must be given")
     parser.add_argument("--model", default=None, help="model for --quick (a tiny local causal LM)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--data-dir", type=Path, default=None, help=f"default {SHARED_DATA} (--quick: test slices)")
     parser.add_argument("--work", type=Path, default=REPO / "out" / "paper_check" / "lm_generation")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated subset of the methods (default: all; the grid fills in over sittings)")
     args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = TEST_DATA if args.quick else SHARED_DATA
@@ -98,11 +100,19 @@ def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
-    parts = (["math", "commonsense"] + ([] if args.quick else ["code"])) if args.part == "all" else [args.part]
+    parts = (["math", "commonsense"] + ([] if args.quick else ["code"])) if args.part == "all" else \
+        [p.strip() for p in args.part.split(",")]
+    if not set(parts) <= set(PARTS):
+        raise SystemExit(f"--part: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {list(PARTS)} or all")
     quick_methods = [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")]
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     started, runs, done = time.perf_counter(), {}, 0
-    part_methods = {p: quick_methods if args.quick else [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0])]
+    chosen = None if args.methods is None else [m.strip() for m in args.methods.split(",")]
+    unknown = sorted(set(chosen or []) - {m[0] for m in METHODS})
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {[m[0] for m in METHODS]}")
+    part_methods = {p: quick_methods if args.quick else
+                    [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0]) and (chosen is None or m[0] in chosen)]
                     for p in parts}
     total = sum(len(m) for m in part_methods.values()) * len(seeds)
     for part in parts:

@@ -65,7 +65,7 @@ def early_training_verdict(r: dict[str, Any]) -> Verdict:
     results = [(f"loss {i} - EVA (steps {start + 1}-{r['steps']})", *paired(loss[i], loss["eva"]))
                for i in curves if i != "eva"]
     grads = [(f"grad norm EVA - {i} (steps 1-5)", *paired(grad["eva"], grad[i])) for i in curves if i != "eva"]
-    text = "; ".join(describe(name, v, mean, thr, scale=1.0) for name, v, mean, thr in results + grads)
+    text = "; ".join(describe(name, v, mean, thr, scale=1.0, digits=4) for name, v, mean, thr in results + grads)
     return combine([v for _, v, _, _ in results]), text + " (verdict on the loss)"
 
 
@@ -151,7 +151,7 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
                 found.append((f"{part} grad norm EVA - {other}", *paired(grad["EVA rho=2"], grad[other])))
     if not found:
         return "not run yet", "no run with EVA rho=2"
-    text = "; ".join(describe(n, v, mean, thr, scale=1.0) for n, v, mean, thr in found)
+    text = "; ".join(describe(n, v, mean, thr, scale=1.0, digits=4) for n, v, mean, thr in found)
     return combine([v for _, v, _, _ in found]), text
 
 

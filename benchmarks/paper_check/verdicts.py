@@ -56,6 +56,7 @@ def combine(verdicts: Sequence[str]) -> str:
     return "partly" if any(v == "held" for v in verdicts) else "not shown"
 
 
-def describe(name: str, verdict: str, mean: float, threshold: float, scale: float = 100.0) -> str:
-    bound = "n/a (1 seed)" if math.isinf(threshold) else f"{scale * threshold:.2f}"
-    return f"{name} {scale * mean:+.2f} (threshold {bound}: {verdict})"
+def describe(name: str, verdict: str, mean: float, threshold: float, scale: float = 100.0, digits: int = 2) -> str:
+    """``name +d.dd (threshold t.tt: verdict)``; ``digits`` for small quantities (losses, gradient norms)."""
+    bound = "n/a (1 seed)" if math.isinf(threshold) else f"{scale * threshold:.{digits}f}"
+    return f"{name} {scale * mean:+.{digits}f} (threshold {bound}: {verdict})"
