@@ -130,7 +130,7 @@ def test_converted_adapter_applies_to_the_original_weights(tmp_path, tiny_llama_
      "lacks column(s) ['sentence1', 'sentence2', 'label']"),
     (["train", "--resume"], "resume: no checkpoint-<step> folder"),
     (["train", "rankk=3"], "unknown run setting(s) ['rankk']"),
-    (["train", "--preset", "vision"], "unknown preset 'vision'; choose one of: commonsense, glue, math"),
+    (["train", "--preset", "vision"], "unknown preset 'vision'; choose one of: code, commonsense, glue, math"),
     (["train", "--config", "{bad_yaml}"], "is not valid YAML at line 3, column 1"),
     (["train", "max_steps=abc"], "max_steps must be an integer >= -1, got 'abc'"),
     (["train", "bf16=maybe"], "bf16 must be true or false, got 'maybe'"),
@@ -169,6 +169,18 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path, capsys, tiny_llama_
     assert metrics["steps"] == 4 and [e["step"] for e in metrics["log"]] == [1, 2, 3, 4]
     assert metrics["log"][:2] == first_log
     assert (out / "eva_state/eva_state.safetensors").read_bytes() == state_before  # reused, not recomputed
+
+
+def test_a_second_run_into_the_same_folder_replaces_the_eva_state(tmp_path, capsys, tiny_llama_dir):
+    """The saved eva_state/ must describe the adapter next to it, not an earlier run's."""
+    common = ["train", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA, "--init", "eva",
+              "--output-dir", tmp_path / "run", "--no-eval", *QUICK_GEN]
+    from eva_lora import EvaState
+
+    assert run_cli(capsys, *common, "eva.max_batches=3", "eva.tau=0.99999")[0] == 0
+    assert EvaState.load(tmp_path / "run/eva_state").n_batches == 3
+    assert run_cli(capsys, *common, "eva.max_batches=2", "eva.tau=0.99999")[0] == 0
+    assert EvaState.load(tmp_path / "run/eva_state").n_batches == 2
 
 
 def test_init_then_train_with_the_saved_state(tmp_path, capsys, tiny_llama_dir):

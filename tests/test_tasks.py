@@ -137,7 +137,7 @@ def test_unknown_task_lists_choices_and_missing_columns_are_named(tmp_path):
         get_task("rte").load("train", tmp_path)
     with pytest.raises(DataError, match="no data directory given"):
         get_task("rte").load("train")
-    assert len(TASKS) == 15
+    assert len(TASKS) == 18  # 5 GLUE, gsm8k, math, commonsense + its 7 parts, code, humaneval, mbpp
 
 
 def test_over_long_examples_are_dropped_or_truncated_and_counted(tiny_llama_dir):

@@ -89,8 +89,9 @@ def train(cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = N
                                          eva_state=state, progress=cfg.progress and rank == 0, strict=cfg.strict)
     init_seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
-    if rank == 0 and state is not None and not (out / STATE_DIR).is_dir():
-        state.save(out / STATE_DIR)
+    reused = cfg.resume and (out / STATE_DIR).is_dir()  # the state was read from there: keep it as it is
+    if rank == 0 and state is not None and not reused:
+        state.save(out / STATE_DIR)  # replaces a previous run's state: the folder must describe this adapter
     initial = _save_initial(peft_model, out) if method.weight_changing and rank == 0 else None
     trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg,
                        method.callbacks(peft_model) + list(callbacks or []))
