@@ -27,7 +27,7 @@ test: $(BIN)/.installed
 test-fast: $(BIN)/.installed
 	$(BIN)/python -m pytest -m "not slow"
 
-# The core alone (torch, safetensors, tqdm) in a fresh venv: compute_eva_state on a plain torch model.
+# The core alone (torch, safetensors, numpy, tqdm) in a fresh venv: compute_eva_state on a plain torch model.
 test-core:
 	rm -rf .venv-core
 	$(PY) -m venv .venv-core
