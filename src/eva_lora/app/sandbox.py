@@ -320,6 +320,7 @@ class _Capture:
 
 
 _uid_lock = threading.Lock()
+_spawn_lock = threading.Lock()
 _uids_in_use: set[int] = set()
 
 
@@ -400,6 +401,10 @@ class _Run:
         job.update(processes=self.limits.processes, block_network=self.iso.network == "guard")
         self.pending = memoryview(_encode_job(job, self.nonce))
         command = _command(self.iso, self.workdir, uid, self.limits, self.fds["payload_r"])
+        with _spawn_lock:  # preexec_fn is not thread-safe (Python docs): run_many's threads spawn one at a time
+            self._spawn(command, child_fds)
+
+    def _spawn(self, command: list[str], child_fds: tuple[int, int]) -> None:
         self.proc = subprocess.Popen(
             command,
             stdin=subprocess.DEVNULL,
