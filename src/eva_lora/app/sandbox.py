@@ -8,9 +8,10 @@ Two layers, described in ``docs/sandbox.md``:
 
 * **The boundary** (the parent process and the kernel enforce it; code in the child cannot undo it):
   a separate process in its own session, a wall-clock timeout after which the whole process group
-  is SIGKILLed (also after a normal exit), rlimits set before ``exec`` (CPU, address space, file
-  size, open files, no core dumps), stdin ``/dev/null``, captured output with a size cap, a minimal
-  environment and a fresh working folder that is deleted afterwards. Where the machine allows it
+  is SIGKILLed (also after a normal exit), hard rlimits set before any completion code runs (CPU,
+  address space, file size, open files, processes, no core dumps), stdin ``/dev/null``, captured
+  output with a size cap, a minimal environment and a fresh working folder that is deleted
+  afterwards. Where the machine allows it
   (:func:`isolation`): fresh network, PID and mount namespaces (``unshare``), private ``tmpfs``
   mounts over the working folder and every world-writable temp folder, and, as root, a fresh unused
   uid without capabilities (except CAP_DAC_READ_SEARCH where the interpreter is otherwise
@@ -320,7 +321,6 @@ class _Capture:
 
 
 _uid_lock = threading.Lock()
-_spawn_lock = threading.Lock()
 _uids_in_use: set[int] = set()
 
 
@@ -398,11 +398,11 @@ class _Run:
         self.fds["result_r"], self.fds["result_w"] = os.pipe()
         child_fds = (self.fds["payload_r"], self.fds["result_w"])
         job = {"completion": completion, "tests": tests, "result_fd": self.fds["result_w"]}
-        job.update(processes=self.limits.processes, block_network=self.iso.network == "guard")
+        job.update(rlimits=_rlimit_table(self.limits), processes=self.limits.processes)
+        job.update(block_network=self.iso.network == "guard")
         self.pending = memoryview(_encode_job(job, self.nonce))
         command = _command(self.iso, self.workdir, uid, self.limits, self.fds["payload_r"])
-        with _spawn_lock:  # preexec_fn is not thread-safe (Python docs): run_many's threads spawn one at a time
-            self._spawn(command, child_fds)
+        self._spawn(command, child_fds)
 
     def _spawn(self, command: list[str], child_fds: tuple[int, int]) -> None:
         self.proc = subprocess.Popen(
@@ -415,7 +415,8 @@ class _Run:
             pass_fds=child_fds,
             close_fds=True,
             start_new_session=True,
-            preexec_fn=_rlimit_setter(self.limits),  # only calls a pre-bound setrlimit: no imports, no locks
+            # No preexec_fn: Python code between fork and exec of a parent with threads (torch's, run_many's)
+            # can deadlock or crash the child, and Popen then waits forever. The child sets its own limits.
         )
         self._close("payload_r")
         self._close("result_w")
@@ -516,7 +517,12 @@ def _child_env(workdir: str) -> dict[str, str]:
 
 
 def _rlimit_table(limits: SandboxLimits) -> list[tuple[int, tuple[int, int]]]:
-    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising them needs privilege)."""
+    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising them needs privilege).
+
+    The child applies them (:func:`_apply_limits`) before it runs a line of the completion. They are hard
+    limits too, and the child never holds CAP_SYS_RESOURCE in the initial namespace (except in tier
+    "none" run as root), so the completion cannot raise them again.
+    """
     wanted = [
         (resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1)),  # SIGXCPU first, SIGKILL a second later
         (resource.RLIMIT_AS, (limits.memory_mb * _MiB,) * 2),
@@ -531,19 +537,6 @@ def _rlimit_table(limits: SandboxLimits) -> list[tuple[int, tuple[int, int]]]:
             soft, hard = min(soft, current_hard), min(hard, current_hard)
         table.append((which, (soft, hard)))
     return table
-
-
-def _rlimit_setter(limits: SandboxLimits) -> Callable[[], None]:
-    """The ``preexec_fn``: runs in the forked child before exec. No imports or allocation-heavy work,
-    because it runs between fork and exec of a possibly multi-threaded parent (``run_many``)."""
-    table = _rlimit_table(limits)
-    setrlimit = resource.setrlimit
-
-    def apply_limits() -> None:
-        for which, pair in table:
-            setrlimit(which, pair)
-
-    return apply_limits
 
 
 _SETUP = r"""set -eu
@@ -726,7 +719,7 @@ def _child_main(payload_fd: int, read_exact: Callable[[int], bytes]) -> None:
     if sys.path and sys.path[0] == "":
         del sys.path[0]  # Python < 3.11 has no -P: the working folder must not shadow modules
     job = marshal.loads(read_exact(int(read_exact(16))))
-    _limit_processes(job["processes"])
+    _apply_limits(job["rlimits"], job["processes"])
     _apply_guard(os.path.realpath(os.getcwd()), job["block_network"])
     _preload()
     restore = _snapshot()
@@ -756,10 +749,18 @@ def _read_all(fd: int) -> bytes:
     return b"".join(chunks)
 
 
-def _limit_processes(extra: int) -> None:
-    """RLIMIT_NPROC here, not in preexec_fn: unshare itself must still fork before the child starts."""
+def _apply_limits(table: list[tuple[int, tuple[int, int]]], processes: int) -> None:
+    """Set the rlimits in the child itself, before the completion runs.
+
+    Not in a ``preexec_fn``: that runs Python between fork and exec of a multi-threaded parent, which
+    Python documents as unsafe; in the full test suite (torch loaded, ``run_many``'s threads) children
+    died with SIGSEGV or hung before exec. RLIMIT_NPROC also cannot be set earlier: ``unshare`` must
+    still fork to start the child.
+    """
+    for which, pair in table:
+        resource.setrlimit(which, pair)
     try:
-        resource.setrlimit(resource.RLIMIT_NPROC, (extra + 1, extra + 1))
+        resource.setrlimit(resource.RLIMIT_NPROC, (processes + 1, processes + 1))
     except (ValueError, OSError):
         pass  # the hard limit is already lower
 
