@@ -107,6 +107,10 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, 
     capsys.readouterr()
     lm_generation.main(argv)
     assert capsys.readouterr().err.count("reused") == 4  # 2 parts x 2 methods x 1 seed, none retrained
+    subset = lm_generation.main([*argv, "--methods", "LoRA"])
+    assert capsys.readouterr().err.count("reused") == 2  # only LoRA may train (and is reused) ...
+    assert set(subset["runs"]["math"]) == {"LoRA", "EVA rho=2"}  # ... yet EVA's finished runs are reported too
+    assert subset["runs"]["math"]["EVA rho=2"] == record["runs"]["math"]["EVA rho=2"]
     verdict, numbers = report.lm_math_verdict(record)
     assert verdict == "not shown"  # one seed, and a random tiny model scores 0 everywhere: no signal
     assert "no test set carries signal" in numbers

@@ -88,17 +88,26 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
-    """(metrics, reused): a finished run with the same settings is read back instead of trained again."""
+def finished(cfg: RunConfig) -> dict[str, Any] | None:
+    """The metrics of a finished run with exactly these settings, or None."""
     done = Path(cfg.output_dir) / METRICS_FILE
     if done.is_file():
         metrics = json.loads(done.read_text())
         if metrics.get("config") == json.loads(json.dumps(cfg.to_dict(), default=str)):
-            return metrics, True
-    return train(cfg), False
+            return metrics
+    return None
+
+
+def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
+    """(metrics, reused): a finished run with the same settings is read back instead of trained again."""
+    metrics = finished(cfg)
+    return (metrics, True) if metrics is not None else (train(cfg), False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run (or read back) the grid. ``--methods`` chooses what may be *trained*; finished runs of the other
+    methods with the same settings are read back and reported too, and the results are rewritten after
+    every run, so a grid filled in over several sittings is never lost and always reported whole."""
     args = parse_args(argv)
     parts = (["math", "commonsense"] + ([] if args.quick else ["code"])) if args.part == "all" else \
         [p.strip() for p in args.part.split(",")]
@@ -111,37 +120,55 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(chosen or []) - {m[0] for m in METHODS})
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {[m[0] for m in METHODS]}")
-    part_methods = {p: quick_methods if args.quick else
-                    [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0]) and (chosen is None or m[0] in chosen)]
+    part_methods = {p: quick_methods if args.quick else [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0])]
                     for p in parts}
-    total = sum(len(m) for m in part_methods.values()) * len(seeds)
+    plan = []  # (part, label, seed, cfg, may_train)
     for part in parts:
-        methods = part_methods[part]
         quick = {k: v for k, v in QUICK.items() if v is not None} if args.quick else {}
         settings = {**RECIPE, **PARTS[part], **quick}
         if args.quick:
             settings["model"] = args.model
-        for label, init, eva in methods:
+        for label, init, eva in part_methods[part]:
             for seed in seeds:
                 out = args.work / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
                 cfg = build_run_config(overrides={**settings, "init": init, "seed": seed, "output_dir": str(out),
                                                   "data_dir": None if part in BUNDLED_PARTS else str(args.data_dir),
                                                   "progress": False,
                                                   "eva": {**settings["eva"], **eva}})
-                begun = time.perf_counter()
-                metrics, reused = run_one(cfg)
-                done += 1
-                metric, score = headline(metrics, cfg.task)
-                print(f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
-                      f"{metrics['train_loss']:.4f} ({'reused' if reused else f'{time.perf_counter() - begun:.0f} s'}, "
-                      f"{time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
+                plan.append((part, label, seed, cfg, chosen is None or label in chosen))
+    total = sum(1 for *_, may_train in plan if may_train)
+    for part, label, seed, cfg, may_train in plan:
+        if not may_train:
+            metrics = finished(cfg)
+            if metrics is not None:
                 runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
+            continue
+        begun = time.perf_counter()
+        metrics, reused = run_one(cfg)
+        done += 1
+        metric, score = headline(metrics, cfg.task)
+        print(f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
+              f"{metrics['train_loss']:.4f} ({'reused' if reused else f'{time.perf_counter() - begun:.0f} s'}, "
+              f"{time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
+        runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
+        if not reused:
+            _write(args, parts, seeds, runs, started, final=False)
+    return _write(args, parts, seeds, runs, started, final=True)
+
+
+def _write(args: argparse.Namespace, parts: list[str], seeds: list[int], runs: dict[str, Any], started: float,
+           final: bool) -> dict[str, Any]:
+    """Results of every run found so far, in the grid's order (method, then seed)."""
+    order = {label: i for i, (label, _, _) in enumerate(METHODS)}
+    ordered = {p: {m: sorted(runs[p][m], key=lambda r: r["seed"]) for m in sorted(runs[p], key=order.__getitem__)}
+               for p in parts if p in runs}
     record = {"quick": args.quick, "parts": parts, "seeds": seeds,
-              "methods": {p: [m[0] for m in ms] for p, ms in part_methods.items()},
-              "settings": {p: {**RECIPE, **PARTS[p]} for p in parts}, "runs": runs,
+              "methods": {p: list(ms) for p, ms in ordered.items()},
+              "settings": {p: {**RECIPE, **PARTS[p]} for p in parts}, "runs": ordered,
               "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    plot(record, args.out / "lm_generation.png")
+    if final:
+        plot(record, args.out / "lm_generation.png")
     write_results(args.out, "lm_generation", record, markdown(record))
     return record
 
@@ -177,16 +204,16 @@ def markdown(record: dict[str, Any]) -> str:
              "(Q4_1 weights in float32), adapters on every linear layer and the LM head, r 16, alpha 1, lr 5e-4, "
              f"linear schedule, warm-up 0.03, batch 4, SVD batch size 4, seeds {record['seeds']}; scores x 100, "
              "mean +/- std over seeds.", ""]
-    for part in record["parts"]:
+    for part in record["runs"]:  # a part with no finished run yet is left out
         s, runs = record["settings"][part], record["runs"][part]
         tasks = list(next(iter(runs.values()))[0]["per_task"])
         long = "longer dropped" if s["drop_long"] else "longer truncated"
         lines += [f"### {part}: {s['max_steps']} steps, max length {s['max_length']} ({long}), "
                   f"{s['eval_limit']} test questions per task, up to {s['max_new_tokens']} new tokens"
                   + (" (scores: pass@1)" if part == "code" else ""), "",
-                  "| method | " + " | ".join(tasks) + (" | mean |" if len(tasks) > 1 else " |")
+                  "| method | seeds | " + " | ".join(tasks) + (" | mean |" if len(tasks) > 1 else " |")
                   + " train loss | loss steps 6-20 | grad norm steps 1-5 | init s |",
-                  "|---" * (len(tasks) + (2 if len(tasks) > 1 else 1) + 4) + "|"]
+                  "|---" * (len(tasks) + (2 if len(tasks) > 1 else 1) + 5) + "|"]
         for label, results in runs.items():
             cells = [_mean_std([r["per_task"][t] for r in results]) for t in tasks]
             if len(tasks) > 1:
@@ -196,7 +223,8 @@ def markdown(record: dict[str, Any]) -> str:
             loss = statistics.fmean(r["train_loss"] for r in results)
             init = statistics.fmean(r["init_seconds"] for r in results)
             tail = f" | {loss:.4f} | {early} | {grad} | {init:.1f} |"
-            lines.append(f"| {label} | " + " | ".join(cells) + tail)
+            seeds = ",".join(str(r["seed"]) for r in results)
+            lines.append(f"| {label} | {seeds} | " + " | ".join(cells) + tail)
         lines.append("")
     lines += ["![loss and gradient norm over the first steps](results/lm_generation.png)", ""]
     return "\n".join(lines)
@@ -204,9 +232,12 @@ def markdown(record: dict[str, Any]) -> str:
 
 def plot(record: dict[str, Any], path: Path) -> None:
     """Figure 2 analogue: loss and gradient norm per step, mean over seeds, for each part."""
+    parts = list(record["runs"])
+    if not parts:
+        return
     plt = pyplot()
-    fig, axes = plt.subplots(len(record["parts"]), 2, figsize=(10, 3.2 * len(record["parts"])), squeeze=False)
-    for row, part in zip(axes, record["parts"]):
+    fig, axes = plt.subplots(len(parts), 2, figsize=(10, 3.2 * len(parts)), squeeze=False)
+    for row, part in zip(axes, parts):
         for label, results in record["runs"][part].items():
             steps = range(1, min(len(r["loss"]) for r in results) + 1)
             for ax, key in zip(row, ("loss", "grad_norm")):

@@ -9,6 +9,11 @@ uses (``doc_to_text: prompt``). Generation is greedy (``generate_until``, no sam
 (``Task.extract``, e.g. "the correct answer is X"). What differs is the harness's machinery: its
 batching and padding of prompts, its stop sequences, and how it calls ``generate``; comparing the
 two numbers on one adapter tests that our evaluator has no bug of its own.
+
+The model is loaded here, as our evaluator loads it (``load_model`` + ``PeftModel.from_pretrained``),
+and handed to ``HFLM`` as an object whose ``tie_weights`` does nothing. HFLM calls ``tie_weights()``
+after attaching the adapter, which breaks an adapter on a *tied* LM head (SmolLM2 with the paper's
+recipe: adapters on every linear layer, ``lm_head`` included); transformers tied them at load.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..models import resolve_model_path
+from ..models import load_model
 from ..run_config import RunConfig
 from ..tasks import eval_tasks
 
@@ -68,6 +73,10 @@ def _yaml(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, sort_keys=False) + "process_results: !function utils.process_results\n"
 
 
+def _already_tied(*args: object, **kwargs: object) -> None:
+    """Stands in for ``tie_weights`` on the model handed to HFLM (see ``run_harness``)."""
+
+
 def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
                 samples: bool = False) -> dict[str, Any]:
     """Accuracy per task (and the mean) from lm-evaluation-harness, with our prompts and extraction;
@@ -80,13 +89,19 @@ def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
         raise ValueError("--harness lm-eval needs lm-evaluation-harness (pip install lm-eval)") from None
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
-    path = resolve_model_path(cfg.model)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        names = write_tasks(cfg, Path(tmp))
-        model = HFLM(pretrained=str(path), peft=adapter, batch_size=cfg.eval_batch_size,
-                     device="cuda" if torch.cuda.is_available() else "cpu",
-                     dtype="bfloat16" if cfg.bf16 else "float32", max_length=4096)
+        names = write_tasks(cfg, Path(tmp))  # before loading: a missing data folder fails fast
+        base, tokenizer = load_model(cfg.model, "generation", bf16=cfg.bf16, seed=cfg.seed)
+        if adapter is not None:
+            from peft import PeftModel
+
+            base = PeftModel.from_pretrained(base, adapter)
+        base = base.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        # HFLM calls tie_weights() on whatever it is given. The weights were tied when transformers loaded
+        # the base model; re-tying after PEFT wrapped lm_head fails ("attribute 'weight' already exists").
+        base.tie_weights = _already_tied
+        model = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=cfg.eval_batch_size, max_length=4096)
         found = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=TaskManager(include_path=tmp,
                                                                                             include_defaults=False),
                                         log_samples=samples, random_seed=cfg.seed, torch_random_seed=cfg.seed)
