@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--methods", default=None,
                         help="comma-separated subset of the methods (default: all; the grid fills in over sittings)")
+    parser.add_argument("--max-new-runs", type=int, default=None,
+                        help="train at most this many new runs in this sitting (seed by seed), then report all")
     args = parser.parse_args(argv)
     if args.data_dir is None:
         args.data_dir = TEST_DATA if args.quick else SHARED_DATA
@@ -128,8 +130,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = {**RECIPE, **PARTS[part], **quick}
         if args.quick:
             settings["model"] = args.model
-        for label, init, eva in part_methods[part]:
-            for seed in seeds:
+        for seed in seeds:  # seed-major: a sitting cut short leaves complete, paired seeds
+            for label, init, eva in part_methods[part]:
                 out = args.work / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
                 cfg = build_run_config(overrides={**settings, "init": init, "seed": seed, "output_dir": str(out),
                                                   "data_dir": None if part in BUNDLED_PARTS else str(args.data_dir),
@@ -137,7 +139,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "eva": {**settings["eva"], **eva}})
                 plan.append((part, label, seed, cfg, chosen is None or label in chosen))
     total = sum(1 for *_, may_train in plan if may_train)
+    trained = 0
     for part, label, seed, cfg, may_train in plan:
+        if may_train and args.max_new_runs is not None and trained >= args.max_new_runs and finished(cfg) is None:
+            print(f"skipped {part} {label} seed {seed}: --max-new-runs {args.max_new_runs} reached",
+                  file=sys.stderr, flush=True)
+            may_train = False
         if not may_train:
             metrics = finished(cfg)
             if metrics is not None:
@@ -152,6 +159,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               f"{time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
         runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
         if not reused:
+            trained += 1
             _write(args, parts, seeds, runs, started, final=False)
     return _write(args, parts, seeds, runs, started, final=True)
 
