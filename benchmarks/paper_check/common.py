@@ -21,7 +21,18 @@ def claim_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-__all__ = ["RESULTS", "claim_args", "pyplot", "save_png", "write_results"]
+def grid_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
+    """The command line of a resumable seed grid: --quick, --seeds, --out, and --work (where each run's
+    files live, so a finished run is reused); scripts add their own options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[2] / "out" / "paper_check" / name)
+    return parser
+
+
+__all__ = ["RESULTS", "claim_args", "grid_parser", "pyplot", "save_png", "write_results"]
 
 
 def save_png(fig: Any, path: Path) -> None:

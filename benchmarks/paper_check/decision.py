@@ -47,12 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import RESULTS, write_results
+from common import grid_parser, write_results
 from verdicts import describe, no_signal, paired
 
 from eva_lora._atomic import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
 PRETRAIN_TASKS = ["reach-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "button-press-topdown-v3",
                   "window-open-v3", "faucet-open-v3", "handle-press-v3"]
 FINETUNE_TASKS = ["faucet-close-v3", "push-wall-v3", "push-v3"]  # from CW10
@@ -81,11 +80,7 @@ STAGES = {  # what each stored stage depends on: it is reused only when these se
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, tiny data and steps (CI)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--work", type=Path, default=REPO / "out" / "paper_check" / "decision")
+    parser = grid_parser(__doc__, "decision", "1 seed, tiny data and steps (CI)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: on a shared 2-core machine two threads wait on each other; "
                              "one is 3-10x faster for these small matrices)")

@@ -33,13 +33,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from common import RESULTS, write_results
+from common import grid_parser, write_results
 from verdicts import describe, paired
 
 from eva_lora import EvaConfig, apply_eva_state, compute_eva_state
 from eva_lora._atomic import atomic_write_text
 
-REPO = Path(__file__).resolve().parents[2]
 TARGETS = r".*(_expand_conv|_project_conv|_conv_head)"
 RECIPE = dict(rank=8, rho=2.0, lora_alpha=8.0, lr=1e-3, weight_decay=0.05, batch=64, epochs=8, warmup_epochs=1,
               image_size=64, train_images=1000, svd_batch=64, max_batches=100)
@@ -47,12 +46,7 @@ QUICK = dict(epochs=1, train_images=64, test_images=64, image_size=32, batch=32,
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="1 seed, 1 short epoch (CI)")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--work", type=Path, default=REPO / "out" / "paper_check" / "vision")
-    return parser.parse_args(argv)
+    return grid_parser(__doc__, "vision", "1 seed, 1 short epoch (CI)").parse_args(argv)
 
 
 def split(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -226,18 +226,23 @@ def save_demonstrations(trajectories: Sequence[Trajectory], path: str | Path,
     atomic_write_text(path.with_suffix(".json"), json.dumps(index, indent=1))
 
 
-def load_demonstrations(path: str | Path) -> tuple[list[Trajectory], dict[str, Any]]:
-    """(trajectories, meta) saved by :func:`save_demonstrations`; raises if the pair does not match."""
+def _load_checked(path: Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, index) of a safetensors file and its JSON index, refused unless the index has format
+    ``fmt`` and the file's SHA-256 is the one the index recorded (a torn or swapped pair)."""
     from safetensors.torch import load
 
-    path = Path(path)
     index = json.loads(path.with_suffix(".json").read_text())
-    if index.get("format") != DEMO_FORMAT:
-        raise ValueError(f"{path.with_suffix('.json')} is not a demonstrations index ({DEMO_FORMAT})")
+    if index.get("format") != fmt:
+        raise ValueError(f"{path.with_suffix('.json')} is not a {what} index ({fmt})")
     blob = path.read_bytes()
     if hashlib.sha256(blob).hexdigest() != index["sha256"]:
-        raise ValueError(f"{path} does not match its index (SHA-256 differs): rewrite the demonstrations")
-    tensors = load(blob)
+        raise ValueError(f"{path} does not match its index (SHA-256 differs): rewrite the {what}")
+    return load(blob), index
+
+
+def load_demonstrations(path: str | Path) -> tuple[list[Trajectory], dict[str, Any]]:
+    """(trajectories, meta) saved by :func:`save_demonstrations`; raises if the pair does not match."""
+    tensors, index = _load_checked(Path(path), DEMO_FORMAT, "demonstrations")
     trajectories = [Trajectory(entry["task"], *(tensors[f"{i}.{name}"] for name in
                                                  ("observations", "actions", "rewards", "successes")),
                                entry["stop_reason"]) for i, entry in enumerate(index["trajectories"])]
@@ -335,16 +340,7 @@ def save_policy(model: DecisionPolicy, path: str | Path, info: dict[str, Any] | 
 
 def load_policy(path: str | Path) -> tuple[DecisionPolicy, dict[str, Any]]:
     """(policy in eval mode, info) saved by :func:`save_policy`; strict: every weight must match."""
-    from safetensors.torch import load
-
-    path = Path(path)
-    index = json.loads(path.with_suffix(".json").read_text())
-    if index.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path.with_suffix('.json')} is not a decision policy index ({MODEL_FORMAT})")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != index["sha256"]:
-        raise ValueError(f"{path} does not match its index (SHA-256 differs): rewrite the model")
-    tensors = load(blob)
+    tensors, index = _load_checked(Path(path), MODEL_FORMAT, "decision policy")
     model = DecisionPolicy(PolicyConfig(**index["config"]), tensors["state_mean"], tensors["state_std"])
     model.load_state_dict(tensors, strict=True)
     return model.eval(), index["info"]
