@@ -37,9 +37,9 @@ SETUPS: dict[str, dict[str, Any]] = {
     # init 151 s, 2.5 s a batch, mostly the solves). Now 24 EVA batches, solved every second batch:
     # 7 min 41 s (EVA's init 90 s, training 136 s + 116 s, generation ~50 s per init).
     "smollm2": dict(model="smollm2", task="gsm8k", rank=16, lora_alpha=1.0, learning_rate=1e-3, batch_size=4,
-                    grad_accum=1, max_length=200, drop_long=True, train_limit=600, eval_limit=24,
-                    max_new_tokens=128, eval_batch_size=24, svd_batch_size=4, warmup_ratio=0.03, max_steps=20,
-                    logging_steps=5, eva={"target_modules": "all-linear-and-head", "max_batches": 24,
+                    grad_accum=1, max_length=200, drop_long=True, train_limit=600, eval_limit=16,
+                    max_new_tokens=128, eval_batch_size=16, svd_batch_size=4, warmup_ratio=0.03, max_steps=16,
+                    logging_steps=4, eva={"target_modules": "all-linear-and-head", "max_batches": 16,
                                           "check_every": 2}),
     "minilm": dict(model="minilm", task="sst2", rank=8, learning_rate=1e-3, batch_size=16, max_length=64,
                    max_steps=200, logging_steps=5, warmup_ratio=0.06, eva={"rho": 2.0}),
@@ -47,7 +47,7 @@ SETUPS: dict[str, dict[str, Any]] = {
 QUICK = {"smollm2": dict(train_limit=48, eval_limit=4, max_new_tokens=24, max_steps=5, logging_steps=1,
                          eva={"max_batches": 6}),
          "minilm": dict(train_limit=256, eval_limit=128, max_steps=16, logging_steps=2)}
-LOSS_STEPS = (5, 10, 20, 25, 50, 100, 200)
+LOSS_STEPS = (4, 8, 16, 25, 50, 100, 200)
 
 
 def settings(model: str, quick: bool, seed: int) -> dict[str, Any]:
