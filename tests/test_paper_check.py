@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks/paper_check"))
+DATA = Path(__file__).parent / "assets/data"
 
 
 @pytest.mark.slow
@@ -152,3 +153,27 @@ def test_paired_verdicts_need_an_effect_beyond_the_seed_noise():
     assert no_signal([0.51, 0.52, 0.515]) and not no_signal([0.51, 0.55])
     assert combine(["held", "held"]) == "held" and combine(["held", "not shown"]) == "partly"
     assert combine(["not shown", "contradicted"]) == "contradicted"
+
+
+@pytest.mark.slow
+def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_path, tiny_llama_dir):
+    pytest.importorskip("lm_eval")
+    import evaluators
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from eva_lora.app.models import load_model
+
+    model, _ = load_model(str(tiny_llama_dir), "generation")
+    torch.manual_seed(0)
+    get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+    record = evaluators.main(["--adapter", str(tmp_path / "adapter"), "--model", str(tiny_llama_dir),
+                              "--data-dir", str(DATA), "--eval-limit", "3", "--max-new-tokens", "6",
+                              "--out", str(tmp_path)])
+    assert [r["test set"] for r in record["rows"]] == ["boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c",
+                                                       "obqa"]
+    for row in record["rows"]:
+        assert row["n"] == 3 and row["identical generations"] == 3 and row["ours"] == row["lm-eval"]
+    assert record["differences"] == []
+    assert "21 of 21 generations are identical" in (tmp_path / "evaluators.md").read_text()
