@@ -177,3 +177,8 @@ def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_pat
         assert row["n"] == 3 and row["identical generations"] == 3 and row["ours"] == row["lm-eval"]
     assert record["differences"] == []
     assert "21 of 21 generations are identical" in (tmp_path / "evaluators.md").read_text()
+    import report
+
+    assert report.evaluators_verdict(record) == ("held", "21 of 21 generations identical; accuracy gaps: none")
+    record["rows"][0]["lm-eval"] -= 0.5
+    assert report.evaluators_verdict(record)[0] == "not held" and "boolq +" in report.evaluators_verdict(record)[1]

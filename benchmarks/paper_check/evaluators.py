@@ -59,6 +59,12 @@ def ours(cfg: Any, adapter: str) -> tuple[dict[str, float], dict[str, list[str]]
     return accuracy, generations, time.perf_counter() - start
 
 
+def _shown(path: str) -> str:
+    """The adapter's path relative to the repository when it lies inside it (the report is read there)."""
+    resolved = Path(path).resolve()
+    return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else path
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = build_run_config(overrides={"model": args.model, "task": args.task, "data_dir": str(args.data_dir),
@@ -76,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                      "identical generations": same})
         differences += [{"test set": name, "index": i, "ours": a, "lm-eval": b}
                         for i, (a, b) in enumerate(zip(mine_text[name], theirs)) if a != b]
-    record = {"adapter": args.adapter, "model": args.model, "task": args.task, "eval_limit": args.eval_limit,
+    record = {"adapter": _shown(args.adapter), "model": args.model, "task": args.task, "eval_limit": args.eval_limit,
               "max_new_tokens": args.max_new_tokens, "harness": harness["harness"], "rows": rows,
               "differences": differences, "seconds": {"ours": round(mine_seconds, 1),
                                                       "lm-eval": round(harness_seconds, 1)}}

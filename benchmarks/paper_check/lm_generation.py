@@ -18,8 +18,9 @@ Code (the paper's Code-Feedback setting, offline: MBPP's train split as conversa
 preset): LoRA vs EVA only, conversations truncated at 384 tokens (the paper: 2048), batch 2 x 2,
 20 steps, a fixed 20-problem subset of HumanEval and of MBPP's test split, up to 160 new tokens, pass@1
 of greedy answers executed in the sandbox; the label mask is on (only assistant tokens enter EVA and
-the loss). Measured cost on 2 cores: a math run is ~9-11 min (40 steps ~320 s, 60 answers of up to 200
-tokens ~230 s, EVA ~90 s), which sized the code part down to fit a sitting.
+the loss). Measured cost on 2 cores: a math run takes 9 min with LoRA (40 steps ~320 s, 60 answers of
+up to 200 tokens ~230 s) and ~15 min with EVA (its init needs ~95 batches of 4 to converge at tau
+0.99: ~240 s); a code run 7 min (LoRA) to 12 min (EVA). Run ``--max-new-runs N`` per sitting.
 
 Figure 2's claim (lower loss and a larger gradient norm early for EVA than for LoRA, PiSSA and
 OLoRA) is read from the same runs' per-step logs: unlike MiniLM's classifier, no head is trained in

@@ -169,6 +169,17 @@ def decision_verdict(r: dict[str, Any]) -> Verdict:
     return verdict(r)
 
 
+def evaluators_verdict(r: dict[str, Any]) -> Verdict:
+    """Not a paper claim but the premise of the common-sense numbers: our evaluator scores as the
+    authors' (lm-evaluation-harness) does, test set by test set, on one adapter."""
+    rows = r["rows"]
+    same = sum(x["identical generations"] for x in rows)
+    total = sum(x["n"] for x in rows)
+    gaps = [f"{x['test set']} {100 * (x['ours'] - x['lm-eval']):+.2f}" for x in rows if x["ours"] != x["lm-eval"]]
+    text = f"{same} of {total} generations identical; accuracy gaps: {', '.join(gaps) if gaps else 'none'}"
+    return ("held" if not gaps else "not held"), text
+
+
 CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (script stem, paper claim, rule)
     ("table4", "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE", table4_verdict),
     ("early_training", "Figure 2: loss and gradient norm over the first steps", early_training_verdict),
@@ -181,6 +192,7 @@ CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (scrip
     ("lm_generation", "Code (SmolLM2): HumanEval and MBPP pass@1, EVA vs LoRA", lm_code_verdict),
     ("vision", "Table 5 analogue (EfficientNet-Lite0 convs, digits): EVA vs LoRA accuracy", vision_verdict),
     ("decision", "Decision making (Meta-World, Decision Transformer): EVA vs LoRA success rate", decision_verdict),
+    ("evaluators", "Evaluator check: ours scores as lm-evaluation-harness does (SmolLM2 adapter)", evaluators_verdict),
 ]
 
 INTRO = """# The paper's claims at small scale (MiniLM, SmolLM2-135M, EfficientNet-Lite0, a Decision Transformer)
