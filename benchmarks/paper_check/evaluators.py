@@ -21,8 +21,7 @@ from typing import Any
 
 from common import RESULTS, write_results
 
-from eva_lora.app.models import load_model
-from eva_lora.app.recipes.evaluate import evaluate_task
+from eva_lora.app.recipes.evaluate import evaluate_task, load_with_adapter
 from eva_lora.app.recipes.harness import run_harness
 from eva_lora.app.run_config import build_run_config
 from eva_lora.app.tasks import eval_tasks
@@ -45,11 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def ours(cfg: Any, adapter: str) -> tuple[dict[str, float], dict[str, list[str]], float]:
     """(accuracy per test set, generations per test set, seconds) from eva-lora's evaluator."""
-    from peft import PeftModel
-
     start = time.perf_counter()
-    model, tokenizer = load_model(cfg.model, "generation", bf16=cfg.bf16, seed=cfg.seed)
-    model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer = load_with_adapter(cfg, adapter)
     accuracy, generations = {}, {}
     for task in eval_tasks(cfg.task):
         data = task.load("eval", cfg.data_dir, None, cfg.eval_limit)

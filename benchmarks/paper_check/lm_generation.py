@@ -103,12 +103,6 @@ def finished(cfg: RunConfig) -> dict[str, Any] | None:
     return None
 
 
-def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
-    """(metrics, reused): a finished run with the same settings is read back instead of trained again."""
-    metrics = finished(cfg)
-    return (metrics, True) if metrics is not None else (train(cfg), False)
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Run (or read back) the grid. ``--methods`` chooses what may be *trained*; finished runs of the other
     methods with the same settings are read back and reported too, and the results are rewritten after
@@ -144,17 +138,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     total = sum(1 for *_, may_train in plan if may_train)
     trained = 0
     for part, label, seed, cfg, may_train in plan:
-        if may_train and args.max_new_runs is not None and trained >= args.max_new_runs and finished(cfg) is None:
+        metrics, begun = finished(cfg), time.perf_counter()
+        if may_train and metrics is None and args.max_new_runs is not None and trained >= args.max_new_runs:
             print(f"skipped {part} {label} seed {seed}: --max-new-runs {args.max_new_runs} reached",
                   file=sys.stderr, flush=True)
-            may_train = False
-        if not may_train:
-            metrics = finished(cfg)
+            continue
+        if not may_train:  # only read back: a finished run of a method this sitting may not train
             if metrics is not None:
                 runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
             continue
-        begun = time.perf_counter()
-        metrics, reused = run_one(cfg)
+        reused = metrics is not None
+        if not reused:
+            metrics = train(cfg)
         done += 1
         metric, score = headline(metrics, cfg.task)
         print(f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
@@ -174,7 +169,6 @@ def _write(args: argparse.Namespace, parts: list[str], seeds: list[int], runs: d
     ordered = {p: {m: sorted(runs[p][m], key=lambda r: r["seed"]) for m in sorted(runs[p], key=order.__getitem__)}
                for p in parts if p in runs}
     record = {"quick": args.quick, "parts": parts, "seeds": seeds,
-              "methods": {p: list(ms) for p, ms in ordered.items()},
               "settings": {p: {**RECIPE, **PARTS[p]} for p in parts}, "runs": ordered,
               "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)

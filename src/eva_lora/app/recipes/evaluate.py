@@ -111,21 +111,28 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     return results
 
 
-def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> dict[str, Any]:
-    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if given."""
+def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
+    """(model, tokenizer): the base model for ``cfg.task``'s kind, with the PEFT adapter attached if given.
+    The one way every evaluator (ours, lm-eval's, the paper checks) loads what it scores."""
     from ..tasks import get_task
 
     task = get_task(cfg.task)
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
-    if cfg.eval_file is None:  # fail on a missing data directory before loading the model
-        for each in eval_tasks(cfg.task):
-            each.path("eval", cfg.data_dir)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
     if adapter is not None:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
+    return model, tokenizer
+
+
+def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> dict[str, Any]:
+    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if given."""
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
+    if cfg.eval_file is None:  # fail on a missing data directory before loading the model
+        for each in eval_tasks(cfg.task):
+            each.path("eval", cfg.data_dir)
+    model, tokenizer = load_with_adapter(cfg, adapter)
     start = time.perf_counter()
     results = {"task": cfg.task, "model": cfg.model, "adapter": adapter, "metrics": evaluate_all(model, tokenizer, cfg)}
     results["eval_seconds"] = round(time.perf_counter() - start, 2)

@@ -10,7 +10,7 @@ uses (``doc_to_text: prompt``). Generation is greedy (``generate_until``, no sam
 batching and padding of prompts, its stop sequences, and how it calls ``generate``; comparing the
 two numbers on one adapter tests that our evaluator has no bug of its own.
 
-The model is loaded here, as our evaluator loads it (``load_model`` + ``PeftModel.from_pretrained``),
+The model is loaded here, as our evaluator loads it (``evaluate.load_with_adapter``),
 and handed to ``HFLM`` as an object whose ``tie_weights`` does nothing. HFLM calls ``tie_weights()``
 after attaching the adapter, which breaks an adapter on a *tied* LM head (SmolLM2 with the paper's
 recipe: adapters on every linear layer, ``lm_head`` included); transformers tied them at load.
@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from ..models import load_model
 from ..run_config import RunConfig
 from ..tasks import eval_tasks
+from .evaluate import load_with_adapter
 
 UTILS = '''"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer extraction."""
 from eva_lora.app.tasks import get_task
@@ -92,11 +92,7 @@ def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         names = write_tasks(cfg, Path(tmp))  # before loading: a missing data folder fails fast
-        base, tokenizer = load_model(cfg.model, "generation", bf16=cfg.bf16, seed=cfg.seed)
-        if adapter is not None:
-            from peft import PeftModel
-
-            base = PeftModel.from_pretrained(base, adapter)
+        base, tokenizer = load_with_adapter(cfg, adapter)
         base = base.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         # HFLM calls tie_weights() on whatever it is given. The weights were tied when transformers loaded
         # the base model; re-tying after PEFT wrapped lm_head fails ("attribute 'weight' already exists").
