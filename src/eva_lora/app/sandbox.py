@@ -555,7 +555,8 @@ exec "$@"
 
 def _command(iso: Isolation, workdir: str, uid: int | None, limits: SandboxLimits, payload_fd: int) -> list[str]:
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    python = [sys.executable, "-s", *safe_path, "-c", _BOOTSTRAP, str(payload_fd)]
+    # The real interpreter, not a venv link: a venv under /tmp would be hidden by the private tmpfs on /tmp.
+    python = [os.path.realpath(sys.executable), "-s", *safe_path, "-c", _BOOTSTRAP, str(payload_fd)]
     tools = _tools()
     if tools is None:
         return python
