@@ -35,10 +35,23 @@ def mode(request, monkeypatch) -> str:
     return request.param
 
 
+# The folders the sandbox covers with a private tmpfs (``sandbox._SETUP``): a file there is never the real one.
+PRIVATE_IN_SANDBOX = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
+
+
+def folder_outside_the_private_tmpfs() -> Path:
+    """The tests' folder, or HOME when the checkout itself lies under /tmp (a clone made with ``mktemp -d``)."""
+    for candidate in (Path(__file__).parent, Path.home()):
+        real = candidate.resolve()
+        if not any(real.is_relative_to(private) for private in PRIVATE_IN_SANDBOX):
+            return real
+    pytest.skip("both the checkout and HOME lie under a folder the sandbox replaces with a private tmpfs")
+
+
 @pytest.fixture
 def outside_dir():
     """A root-owned 0755 folder outside every temp folder: only a fresh uid keeps the child out of it."""
-    path = Path(tempfile.mkdtemp(prefix=".sandbox-outside-", dir=Path(__file__).parent))
+    path = Path(tempfile.mkdtemp(prefix=".sandbox-outside-", dir=folder_outside_the_private_tmpfs()))
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
