@@ -389,8 +389,9 @@ def test_run_many_keeps_the_order_of_the_jobs():
     good, bad = ("def f():\n    return 1\n", "assert f() == 1"), ("def f():\n    return 2\n", "assert f() == 1")
     loop = ("while True:\n    pass\n", "")
     results = run_many([good, bad, bad, good, loop], SandboxLimits(timeout_s=3.0), workers=2)
-    assert [result.status for result in results] == ["passed", "failed", "failed", "passed", "timeout"], \
-        [(r.status, r.returncode, r.stderr[-500:]) for r in results]
+    assert [result.status for result in results] == ["passed", "failed", "failed", "passed", "timeout"], [
+        (r.status, r.returncode, r.stderr[-500:]) for r in results
+    ]
 
 
 BAD_INPUT = [
