@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import helpers
 from eva_lora.app.cli import main
 
 DATA = Path(__file__).parent / "assets/data"
@@ -116,6 +117,45 @@ def test_converted_adapter_applies_to_the_original_weights(tmp_path, tiny_llama_
     config = json.loads((tmp_path / "adapter/adapter_config.json").read_text())
     assert config["r"] == 8 and config["init_lora_weights"] is True  # converted adapters hold rank 2r
     original = load_adapter(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), tmp_path / "adapter")
+    with torch.no_grad():
+        got = original(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["lora", "pissa", "olora"])
+def test_an_init_on_a_tied_head_keeps_the_embeddings_and_saves_only_the_adapter(tmp_path, init):
+    """A head tied to the input embeddings: PiSSA / OLoRA must rewrite only the head's weight (PEFT
+    alone writes the residual into the shared tensor, changing the embeddings), and the saved adapter,
+    free of any copy of the head or embeddings (PEFT's "auto" adds one), must reproduce the trained
+    model on the original tied model."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from eva_lora import EvaConfig
+    from eva_lora.app.initializers import LoraSettings, build_peft_model, get_init_method
+    from eva_lora.app.recipes.train import _save_adapter, _save_initial
+
+    helpers.tiny_llama(tie_word_embeddings=True).save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    assert base.lm_head.weight is base.get_input_embeddings().weight
+    embeddings = base.get_input_embeddings().weight.detach().clone()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad():
+        base_logits = base(input_ids=ids).logits
+    trained, _ = build_peft_model(base, init, LoraSettings(task_type="CAUSAL_LM"),
+                                  EvaConfig(rank=4, target_modules="all-linear-and-head"))
+    assert float((trained.get_input_embeddings().weight - embeddings).abs().max()) == 0.0
+    with torch.no_grad():  # PiSSA / OLoRA start from the same function (residual + adapter = W)
+        torch.testing.assert_close(trained(input_ids=ids).logits, base_logits, rtol=1e-4, atol=1e-4)
+    initial = _save_initial(trained, tmp_path) if get_init_method(init).weight_changing else None
+    with torch.no_grad():  # stand-in for training: move every LoRA weight
+        for index, (_, param) in enumerate(p for p in trained.named_parameters() if "lora_" in p[0]):
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(index)))
+        want = trained(input_ids=ids).logits
+    _save_adapter(trained, tmp_path / "adapter", initial)
+    with safe_open(tmp_path / "adapter/adapter_model.safetensors", "pt") as saved:
+        assert [key for key in saved.keys() if "lora_" not in key] == []
+    original = load_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter")
     with torch.no_grad():
         got = original(input_ids=ids).logits
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

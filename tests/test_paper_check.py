@@ -112,6 +112,9 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, 
     assert capsys.readouterr().err.count("reused") == 2  # only LoRA may train (and is reused) ...
     assert set(subset["runs"]["math"]) == {"LoRA", "EVA rho=2"}  # ... yet EVA's finished runs are reported too
     assert subset["runs"]["math"]["EVA rho=2"] == record["runs"]["math"]["EVA rho=2"]
+    one_part = lm_generation.main([*argv, "--part", "commonsense"])
+    assert capsys.readouterr().err.count("reused") == 2  # only common sense may train (and is reused) ...
+    assert one_part["runs"] == record["runs"]  # ... yet the math runs stay in the results
     elsewhere = [*argv[:-1], str(tmp_path / "empty"), "--max-new-runs", "0"]
     assert lm_generation.main(elsewhere)["runs"] == {}  # nothing finished there, nothing may be trained
     assert capsys.readouterr().err.count("--max-new-runs 0 reached") == 4

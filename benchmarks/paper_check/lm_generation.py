@@ -104,12 +104,13 @@ def finished(cfg: RunConfig) -> dict[str, Any] | None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """Run (or read back) the grid. ``--methods`` chooses what may be *trained*; finished runs of the other
-    methods with the same settings are read back and reported too, and the results are rewritten after
-    every run, so a grid filled in over several sittings is never lost and always reported whole."""
+    """Run (or read back) the grid. ``--part`` and ``--methods`` choose what may be *trained*; finished runs
+    of the other parts and methods with the same settings are read back and reported too, and the results
+    are rewritten after every run, so a grid filled in over several sittings is never lost and always
+    reported whole."""
     args = parse_args(argv)
-    parts = (["math", "commonsense"] + ([] if args.quick else ["code"])) if args.part == "all" else \
-        [p.strip() for p in args.part.split(",")]
+    every_part = ["math", "commonsense"] + ([] if args.quick else ["code"])
+    parts = every_part if args.part == "all" else [p.strip() for p in args.part.split(",")]
     if not set(parts) <= set(PARTS):
         raise SystemExit(f"--part: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {list(PARTS)} or all")
     quick_methods = [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")]
@@ -119,10 +120,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(chosen or []) - {m[0] for m in METHODS})
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {[m[0] for m in METHODS]}")
+    reported = parts + [p for p in every_part if p not in parts]  # the chosen parts first; the others read back
     part_methods = {p: quick_methods if args.quick else [m for m in METHODS if m[0] in PART_METHODS.get(p, m[0])]
-                    for p in parts}
+                    for p in reported}
     plan = []  # (part, label, seed, cfg, may_train)
-    for part in parts:
+    for part in reported:
         quick = {k: v for k, v in QUICK.items() if v is not None} if args.quick else {}
         settings = {**RECIPE, **PARTS[part], **quick}
         if args.quick:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "data_dir": None if part in BUNDLED_PARTS else str(args.data_dir),
                                                   "progress": False,
                                                   "eva": {**settings["eva"], **eva}})
-                plan.append((part, label, seed, cfg, chosen is None or label in chosen))
+                plan.append((part, label, seed, cfg, part in parts and (chosen is None or label in chosen)))
     total = sum(1 for *_, may_train in plan if may_train)
     trained = 0
     for part, label, seed, cfg, may_train in plan:
@@ -158,8 +160,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
         if not reused:
             trained += 1
-            _write(args, parts, seeds, runs, started, final=False)
-    return _write(args, parts, seeds, runs, started, final=True)
+            _write(args, reported, seeds, runs, started, final=False)
+    return _write(args, reported, seeds, runs, started, final=True)
 
 
 def _write(args: argparse.Namespace, parts: list[str], seeds: list[int], runs: dict[str, Any], started: float,
@@ -167,9 +169,9 @@ def _write(args: argparse.Namespace, parts: list[str], seeds: list[int], runs: d
     """Results of every run found so far, in the grid's order (method, then seed)."""
     order = {label: i for i, (label, _, _) in enumerate(METHODS)}
     ordered = {p: {m: sorted(runs[p][m], key=lambda r: r["seed"]) for m in sorted(runs[p], key=order.__getitem__)}
-               for p in parts if p in runs}
-    record = {"quick": args.quick, "parts": parts, "seeds": seeds,
-              "settings": {p: {**RECIPE, **PARTS[p]} for p in parts}, "runs": ordered,
+               for p in PARTS if p in runs}  # the grid's order, whatever order this sitting trained in
+    record = {"quick": args.quick, "parts": list(ordered), "seeds": seeds,
+              "settings": {p: {**RECIPE, **PARTS[p]} for p in ordered}, "runs": ordered,
               "seconds": round(time.perf_counter() - started, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     if final:

@@ -13,6 +13,7 @@ read. Code elsewhere asks the entry; nobody compares method names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,8 @@ from ..engine import compute_eva_state
 from ..peft_bridge import apply_eva_state
 from ..state import EvaState
 from ..targets import find_target_layers
+
+logger = logging.getLogger(__name__)
 
 Batches = Callable[[], Iterable[Any]]
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -204,6 +207,38 @@ def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraS
     config = LoraConfig(r=eva.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                         target_modules=targets, init_lora_weights=method.peft_init, use_dora=method.use_dora,
                         task_type=settings.task_type, **method.extra_config())
+    if method.weight_changing:
+        untie_shared_weights(model, targets)
     if method.prepare is not None:
         method.prepare(model, config, batches, loss_fn)
     return get_peft_model(model, config), None
+
+
+def untie_shared_weights(model: nn.Module, targets: Iterable[str]) -> list[str]:
+    """Give every target whose weight another module shares (a tied LM head) its own copy; returns them.
+
+    PiSSA-like inits write the residual ``W - BA`` into the target's base weight. A head tied to the
+    input embeddings shares that tensor, so without a copy the token embeddings silently become the
+    residual as well (PEFT 0.21 does so; it only warns about ``ensure_weight_tying``). The copy leaves
+    the model's function unchanged, and the saved adapter is converted to apply to the original,
+    still tied weights, so loading it is unaffected. Costs one extra copy of the head's weight.
+    """
+    sharers: dict[int, set[int]] = {}
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            sharers.setdefault(id(param), set()).add(id(module))
+    untied = []
+    for name in targets:
+        module = model.get_submodule(name)
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, nn.Parameter) and len(sharers.get(id(weight), ())) > 1:
+            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            untied.append(name)
+    if untied:
+        config = getattr(model, "config", None)
+        for part in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+            if part is not None and getattr(part, "tie_word_embeddings", False):
+                part.tie_word_embeddings = False  # a later tie_weights() must not tie the residual back
+        logger.info("gave %s its own weight (it was tied to another module; the init rewrites it)",
+                    ", ".join(untied))
+    return untied

@@ -187,7 +187,7 @@ def _save_initial(peft_model: Any, out: Path) -> Path:
     config = peft_model.peft_config["default"]
     init_value = config.init_lora_weights
     config.init_lora_weights = True  # PEFT's documented trick: saved as a plain adapter
-    peft_model.save_pretrained(initial)
+    peft_model.save_pretrained(initial, save_embedding_layers=False)  # as save_adapter, see there
     config.init_lora_weights = init_value
     return initial
 
