@@ -93,7 +93,6 @@ def _quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=".*EVA stopped.*")
     # the paper adapts the LM head; SmolLM2 ties it to the embeddings, and the adapter sits on the head only
     warnings.filterwarnings("ignore", message=".*tie_word_embeddings.*")
-    warnings.filterwarnings("ignore", message=".*save_embedding_layers.*")
 
 
 def eva_summary(state: EvaState, seconds: float) -> str:
