@@ -158,6 +158,26 @@ def test_paired_verdicts_need_an_effect_beyond_the_seed_noise():
     assert combine(["not shown", "contradicted"]) == "contradicted"
 
 
+def test_a_grid_with_uneven_seeds_is_paired_on_the_seeds_both_methods_finished():
+    from report import lm_commonsense_verdict
+    from verdicts import paired_by_seed
+
+    verdict, mean, _, seeds = paired_by_seed({0: 0.80, 1: 0.82, 2: 0.81}, {1: 0.71, 2: 0.69})
+    assert (verdict, seeds) == ("held", 2) and mean == pytest.approx(0.115)  # seed 0 has no partner
+    with pytest.raises(ValueError, match="no seed in common"):
+        paired_by_seed({0: 0.8}, {1: 0.7})
+
+    def run(seed: int, score: float) -> dict:
+        return {"seed": seed, "per_task": {"boolq": score, "piqa": score}}
+
+    record = {"runs": {"commonsense": {"LoRA": [run(0, 0.50), run(1, 0.52), run(2, 0.48)],
+                                       "EVA rho=2": [run(0, 0.60), run(1, 0.63), run(2, 0.57)],
+                                       "PiSSA": [run(0, 0.40)]}}}  # a method with one seed so far
+    verdict, text = lm_commonsense_verdict(record)
+    assert verdict == "partly"  # held against LoRA over 3 seeds; PiSSA's single seed shows nothing
+    assert "EVA rho=2 vs LoRA (3 seeds) +10.00" in text and "EVA rho=2 vs PiSSA (1 seed) +20.00" in text
+
+
 @pytest.mark.slow
 def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_path, tiny_llama_dir):
     pytest.importorskip("lm_eval")

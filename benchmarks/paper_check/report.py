@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired
+from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, paired_by_seed
 
 from eva_lora._atomic import atomic_write_text
 
@@ -113,15 +113,21 @@ def _lm_table(r: dict[str, Any], part: str) -> Verdict:
     if not used:
         return "not shown", (f"no test set carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): "
                              + ", ".join(quiet))
-    score = {m: [statistics.fmean(res["per_task"][t] for t in used) for res in results] for m, results in runs.items()}
-    eva = max((m for m in score if m.startswith("EVA rho")), key=lambda m: statistics.fmean(score[m]))
+    score = {m: {res["seed"]: statistics.fmean(res["per_task"][t] for t in used) for res in results}
+             for m, results in runs.items()}
+    eva = max((m for m in score if m.startswith("EVA rho")), key=lambda m: statistics.fmean(score[m].values()))
     pairs = [(eva, b) for b in ("LoRA", "PiSSA", "OLoRA") if b in score]
     pairs += [("EVA+DoRA rho=2", "DoRA")] if {"EVA+DoRA rho=2", "DoRA"} <= set(score) else []
-    results = [(f"{a} vs {b}", *paired(score[a], score[b])) for a, b in pairs]
+    results = [(f"{a} vs {b}" + _seeds(n), v, mean, thr)
+               for a, b in pairs for v, mean, thr, n in [paired_by_seed(score[a], score[b])]]
     text = (f"test sets with signal: {', '.join(used)}" + (" (none left out)" if not quiet else
                                                          f" (no signal, left out: {', '.join(quiet)})")
             + "; paired: " + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results))
     return combine([v for _, v, _, _ in results]), text
+
+
+def _seeds(n: int) -> str:
+    return f" ({n} seed{'s' if n > 1 else ''})"
 
 
 def lm_math_verdict(r: dict[str, Any]) -> Verdict:
@@ -143,12 +149,15 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
     for part, runs in r.get("runs", {}).items():
         if "EVA rho=2" not in runs or any(len(res["loss"]) < 6 for results in runs.values() for res in results):
             continue  # no EVA run, or logs too short for the windows (a --quick run)
-        loss = {m: [statistics.fmean(res["loss"][5:20]) for res in results] for m, results in runs.items()}
-        grad = {m: [statistics.fmean(res["grad_norm"][:5]) for res in results] for m, results in runs.items()}
+        loss = {m: {res["seed"]: statistics.fmean(res["loss"][5:20]) for res in results} for m, results in runs.items()}
+        grad = {m: {res["seed"]: statistics.fmean(res["grad_norm"][:5]) for res in results}
+                for m, results in runs.items()}
         for other in ("LoRA", "PiSSA", "OLoRA"):
             if other in runs:
-                found.append((f"{part} loss {other} - EVA", *paired(loss[other], loss["EVA rho=2"])))
-                found.append((f"{part} grad norm EVA - {other}", *paired(grad["EVA rho=2"], grad[other])))
+                v, mean, thr, n = paired_by_seed(loss[other], loss["EVA rho=2"])
+                found.append((f"{part} loss {other} - EVA" + _seeds(n), v, mean, thr))
+                v, mean, thr, n = paired_by_seed(grad["EVA rho=2"], grad[other])
+                found.append((f"{part} grad norm EVA - {other}" + _seeds(n), v, mean, thr))
     if not found:
         return "not run yet", "no run with EVA rho=2"
     text = "; ".join(describe(n, v, mean, thr, scale=1.0, digits=4) for n, v, mean, thr in found)

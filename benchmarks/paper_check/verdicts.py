@@ -42,6 +42,15 @@ def paired(a: Sequence[float], b: Sequence[float]) -> tuple[str, float, float]:
     return "not shown", mean, threshold
 
 
+def paired_by_seed(a: dict[int, float], b: dict[int, float]) -> tuple[str, float, float, int]:
+    """:func:`paired` on the seeds both sides have finished, and how many those are: a grid filled in over
+    several sittings holds more seeds for some methods than for others, and only same-seed runs pair."""
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        raise ValueError(f"no seed in common: {sorted(a)} and {sorted(b)}")
+    return (*paired([a[s] for s in seeds], [b[s] for s in seeds]), len(seeds))
+
+
 def no_signal(scores: Sequence[float]) -> bool:
     """True when all runs of a task (every method and seed) lie within NO_SIGNAL_RANGE of each other."""
     return max(scores) - min(scores) < NO_SIGNAL_RANGE
