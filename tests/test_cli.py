@@ -161,6 +161,55 @@ def test_an_init_on_a_tied_head_keeps_the_embeddings_and_saves_only_the_adapter(
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+def test_a_converted_classifier_adapter_keeps_its_trained_head(tmp_path):
+    """PEFT's PiSSA conversion writes only lora_A / lora_B; the trained classification head
+    (modules_to_save) must be in the saved adapter too, or it loads with the base model's head."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from eva_lora import EvaConfig
+    from eva_lora.app.initializers import LoraSettings, build_peft_model
+    from eva_lora.app.recipes.train import _save_adapter, _save_initial
+
+    helpers.tiny_bert().save_pretrained(tmp_path / "base")
+    trained, _ = build_peft_model(AutoModelForSequenceClassification.from_pretrained(tmp_path / "base"), "pissa",
+                                  LoraSettings(task_type="SEQ_CLS"), EvaConfig(rank=4))
+    initial = _save_initial(trained, tmp_path)
+    with torch.no_grad():  # stand-in for training: move the LoRA weights and the head
+        moved = [p for n, p in trained.named_parameters() if p.requires_grad]
+        assert any("classifier" in n and p.requires_grad for n, p in trained.named_parameters())
+        for index, param in enumerate(moved):
+            param.add_(0.05 * torch.randn(param.shape, generator=torch.Generator().manual_seed(index)))
+        ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+        want = trained(input_ids=ids).logits
+    _save_adapter(trained, tmp_path / "adapter", initial)
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, want, rtol=1e-4, atol=1e-4)
+
+
+def test_trainer_checkpoints_hold_no_copy_of_the_embeddings(tmp_path):
+    """The Trainer calls save_pretrained(dir) with PEFT's defaults; a checkpoint of an adapter on a tied
+    LM head must not carry the head's base weight (the vocab x hidden matrix) either."""
+    from safetensors import safe_open
+
+    from eva_lora import EvaConfig
+    from eva_lora.app.initializers import LoraSettings, build_peft_model
+    from eva_lora.app.recipes.train import checkpoints_without_embedding_copies
+
+    peft_model, _ = build_peft_model(helpers.tiny_llama(tie_word_embeddings=True), "lora",
+                                     LoraSettings(task_type="CAUSAL_LM"),
+                                     EvaConfig(rank=4, target_modules="all-linear-and-head"))
+    checkpoints_without_embedding_copies(peft_model)
+    peft_model.save_pretrained(tmp_path / "checkpoint")  # as Trainer._save does
+    with safe_open(tmp_path / "checkpoint/adapter_model.safetensors", "pt") as saved:
+        assert [key for key in saved.keys() if "lora_" not in key] == []
+    peft_model.save_pretrained(tmp_path / "asked", save_embedding_layers=True)  # an explicit choice still wins
+    with safe_open(tmp_path / "asked/adapter_model.safetensors", "pt") as saved:
+        assert any("lm_head.base_layer" in key for key in saved.keys())
+
+
 @pytest.mark.parametrize("argv,message", [
     (["train", "--init", "eva2"], "init must be one of lora, eva, eva-dora"),
     (["train", "--task", "qnli"], "task must be one of sst2, cola"),

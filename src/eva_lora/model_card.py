@@ -22,6 +22,10 @@ from ._atomic import atomic_write_text, umask_mode
 from .loop_utils import versions
 from .state import EvaState
 
+# Our inits never change the base vocabulary or embeddings, but PEFT's save_embedding_layers="auto" copies
+# the whole embedding matrix into the adapter whenever the LM head is a target (130 of 136 MB for SmolLM2).
+NO_EMBEDDING_COPY = {"save_embedding_layers": False}
+
 STATE_SUBDIR = "eva_state"
 CARD = "README.md"
 
@@ -73,11 +77,11 @@ def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaS
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    # Our inits never change the base vocabulary or embeddings: PEFT's "auto" would copy the whole
-    # embedding matrix into the adapter whenever the LM head is a target (130 of 136 MB for SmolLM2).
-    save_kwargs.setdefault("save_embedding_layers", False)
+    save_kwargs = {**NO_EMBEDDING_COPY, **save_kwargs}
     try:
         peft_model.save_pretrained(tmp, **save_kwargs)
+        if save_kwargs.get("path_initial_model_for_weight_conversion"):
+            _restore_tensors_the_conversion_drops(peft_model, tmp, save_kwargs["save_embedding_layers"])
         if state is not None:
             state.save(tmp / STATE_SUBDIR)
         info = dict(info or {})
@@ -94,6 +98,22 @@ def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaS
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _restore_tensors_the_conversion_drops(peft_model: Any, folder: Path, save_embedding_layers: Any) -> None:
+    """PEFT's PiSSA-like conversion writes only ``lora_A`` / ``lora_B`` (``subtract_mutated_init``): the
+    trained ``modules_to_save`` (a classification head) would be lost, and the adapter would load with
+    the base model's untrained head. Put every other tensor of the adapter back into the file."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "adapter_model.safetensors"
+    converted = load_file(path)
+    whole = get_peft_model_state_dict(peft_model, save_embedding_layers=save_embedding_layers)
+    others = {k: v.detach().cpu().contiguous() for k, v in whole.items()
+              if "lora_A" not in k and "lora_B" not in k and k not in converted}
+    if others:
+        save_file({**converted, **others}, path, metadata={"format": "pt"})
 
 
 def _chmod_tree(root: Path) -> None:

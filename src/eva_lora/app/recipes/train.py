@@ -11,6 +11,7 @@ save the adapter and metrics atomically.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from ..._atomic import atomic_write_text, require_free_space
-from ...model_card import save_adapter
+from ...model_card import NO_EMBEDDING_COPY, save_adapter
 from ...state import EvaState
 from ..initializers import LoraSettings, build_peft_model, get_init_method
 from ..models import load_model, resolve_model_path
@@ -93,6 +94,7 @@ def train(cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = N
     if rank == 0 and state is not None and not reused:
         state.save(out / STATE_DIR)  # replaces a previous run's state: the folder must describe this adapter
     initial = _save_initial(peft_model, out) if method.weight_changing and rank == 0 else None
+    checkpoints_without_embedding_copies(peft_model)
     trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg,
                        method.callbacks(peft_model) + list(callbacks or []))
     start = time.perf_counter()
@@ -157,6 +159,14 @@ def _existing_state(cfg: RunConfig, out: Path) -> EvaState | None:
     return None
 
 
+def checkpoints_without_embedding_copies(peft_model: Any) -> None:
+    """The Trainer saves checkpoints with ``save_pretrained(dir, state_dict=...)``, i.e. with PEFT's
+    defaults: make ours (``NO_EMBEDDING_COPY``) this model's default, so that a checkpoint is not a copy
+    of the embeddings either. A caller's explicit ``save_embedding_layers`` still wins."""
+    peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
+                                                   **NO_EMBEDDING_COPY)
+
+
 def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: RunConfig,
              callbacks: list[Any]) -> Any:
     from transformers import Trainer, TrainingArguments
@@ -187,7 +197,7 @@ def _save_initial(peft_model: Any, out: Path) -> Path:
     config = peft_model.peft_config["default"]
     init_value = config.init_lora_weights
     config.init_lora_weights = True  # PEFT's documented trick: saved as a plain adapter
-    peft_model.save_pretrained(initial, save_embedding_layers=False)  # as save_adapter, see there
+    peft_model.save_pretrained(initial, **NO_EMBEDDING_COPY)
     config.init_lora_weights = init_value
     return initial
 
