@@ -172,6 +172,7 @@ def test_a_grid_with_uneven_seeds_is_paired_on_the_seeds_both_methods_finished()
 
     record = {"runs": {"commonsense": {"LoRA": [run(0, 0.50), run(1, 0.52), run(2, 0.48)],
                                        "EVA rho=2": [run(0, 0.60), run(1, 0.63), run(2, 0.57)],
+                                       "EVA rho=1": [run(0, 0.90)],  # one lucky seed must not stand for EVA
                                        "PiSSA": [run(0, 0.40)]}}}  # a method with one seed so far
     verdict, text = lm_commonsense_verdict(record)
     assert verdict == "partly"  # held against LoRA over 3 seeds; PiSSA's single seed shows nothing

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     reported whole."""
     args = parse_args(argv)
     every_part = ["math", "commonsense"] + ([] if args.quick else ["code"])
-    parts = every_part if args.part == "all" else [p.strip() for p in args.part.split(",")]
+    parts = every_part if args.part == "all" else list(dict.fromkeys(p.strip() for p in args.part.split(",")))
     if not set(parts) <= set(PARTS):
         raise SystemExit(f"--part: unknown part(s) {sorted(set(parts) - set(PARTS))}; choose from {list(PARTS)} or all")
     quick_methods = [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")]
