@@ -73,6 +73,8 @@ def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaS
 
     ``info``: what the card should say (base_model, task, init, seed, steps, train_loss).
     ``save_kwargs`` go to ``save_pretrained`` (e.g. ``path_initial_model_for_weight_conversion``).
+    The embeddings are not copied into the adapter (``NO_EMBEDDING_COPY``): pass
+    ``save_embedding_layers=True`` if you resized the vocabulary or trained the embeddings in full.
     """
     target = Path(directory)
     target.parent.mkdir(parents=True, exist_ok=True)
