@@ -94,7 +94,7 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
 
 
 @pytest.mark.slow
-def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, tiny_llama_dir, capsys):
+def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     import lm_generation
     import report
 
@@ -115,6 +115,17 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, 
     one_part = lm_generation.main([*argv, "--part", "commonsense"])
     assert capsys.readouterr().err.count("reused") == 2  # only common sense may train (and is reused) ...
     assert one_part["runs"] == record["runs"]  # ... yet the math runs stay in the results
+    # A run retrained first in the grid's order: the results written right after it (what a sitting cut
+    # short leaves) must already hold every other finished run.
+    (tmp_path / "work/math/LoRA/seed0" / lm_generation.METRICS_FILE).unlink()
+    written = []
+    real_write = lm_generation._write
+    monkeypatch.setattr(lm_generation, "_write", lambda *a, final: written.append(real_write(*a, final=final)))
+    lm_generation.main(argv)
+    assert len(written) == 2 and {p: set(m) for p, m in written[0]["runs"].items()} == \
+        {"math": {"LoRA", "EVA rho=2"}, "commonsense": {"LoRA", "EVA rho=2"}}
+    monkeypatch.undo()
+    capsys.readouterr()
     elsewhere = [*argv[:-1], str(tmp_path / "empty"), "--max-new-runs", "0"]
     assert lm_generation.main(elsewhere)["runs"] == {}  # nothing finished there, nothing may be trained
     assert capsys.readouterr().err.count("--max-new-runs 0 reached") == 4

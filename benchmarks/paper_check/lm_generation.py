@@ -138,26 +138,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                   "eva": {**settings["eva"], **eva}})
                 plan.append((part, label, seed, cfg, part in parts and (chosen is None or label in chosen)))
     total = sum(1 for *_, may_train in plan if may_train)
+    # Every finished run is read first, so that the results written after each new run hold the whole grid.
+    found = [finished(cfg) for *_, cfg, _ in plan]
+    for (part, label, seed, cfg, _), metrics in zip(plan, found):
+        if metrics is not None:
+            runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
     trained = 0
-    for part, label, seed, cfg, may_train in plan:
-        metrics, begun = finished(cfg), time.perf_counter()
-        if may_train and metrics is None and args.max_new_runs is not None and trained >= args.max_new_runs:
+    for (part, label, seed, cfg, may_train), metrics in zip(plan, found):
+        if not may_train:  # only read back (above): a part or method this sitting may not train
+            continue
+        if metrics is None and args.max_new_runs is not None and trained >= args.max_new_runs:
             print(f"skipped {part} {label} seed {seed}: --max-new-runs {args.max_new_runs} reached",
                   file=sys.stderr, flush=True)
             continue
-        if not may_train:  # only read back: a finished run of a method this sitting may not train
-            if metrics is not None:
-                runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
-            continue
-        reused = metrics is not None
+        begun, reused = time.perf_counter(), metrics is not None
         if not reused:
             metrics = train(cfg)
+            runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
         done += 1
         metric, score = headline(metrics, cfg.task)
         print(f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
               f"{metrics['train_loss']:.4f} ({'reused' if reused else f'{time.perf_counter() - begun:.0f} s'}, "
               f"{time.perf_counter() - started:.0f} s so far)", file=sys.stderr, flush=True)
-        runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
         if not reused:
             trained += 1
             _write(args, reported, seeds, runs, started, final=False)
