@@ -44,7 +44,8 @@ def test_the_dora_cache_is_reused_across_forwards_and_emptied_on_exit():
             assert on and dora.ENABLE_DORA_CACHING
             first = model(input_ids=ids).logits
             caches = _caches(model)
-            assert len(caches) == 2 * 7 and all(len(c) == 2 for c in caches)  # 7 linears x 2 blocks ("all-linear" leaves lm_head out); norm + s*BA each
+            # 7 linears x 2 blocks ("all-linear" leaves lm_head out), each caching its norm and s*BA
+            assert len(caches) == 2 * 7 and all(len(c) == 2 for c in caches)
             held = [dict(c) for c in caches]
             second = model(input_ids=ids).logits
             assert all(c[k] is h[k] for c, h in zip(_caches(model), held) for k in h)  # reused, not recomputed

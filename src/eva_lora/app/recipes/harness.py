@@ -28,7 +28,7 @@ import torch
 
 from ..run_config import RunConfig
 from ..tasks import eval_tasks
-from .evaluate import load_with_adapter
+from .evaluate import dora_inference_cache, load_with_adapter
 
 UTILS = '''"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer extraction."""
 from eva_lora.app.tasks import get_task
@@ -98,9 +98,10 @@ def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
         # the base model; re-tying after PEFT wrapped lm_head fails ("attribute 'weight' already exists").
         base.tie_weights = _already_tied
         model = HFLM(pretrained=base, tokenizer=tokenizer, batch_size=cfg.eval_batch_size, max_length=4096)
-        found = lm_eval.simple_evaluate(model=model, tasks=names, task_manager=TaskManager(include_path=tmp,
-                                                                                            include_defaults=False),
-                                        log_samples=samples, random_seed=cfg.seed, torch_random_seed=cfg.seed)
+        with dora_inference_cache(base):  # as in our evaluator: DoRA adapters generate ~3x faster, same answers
+            found = lm_eval.simple_evaluate(model=model, tasks=names,
+                                            task_manager=TaskManager(include_path=tmp, include_defaults=False),
+                                            log_samples=samples, random_seed=cfg.seed, torch_random_seed=cfg.seed)
     metrics = {name.removeprefix("eva_").replace("_", "-"): round(float(found["results"][name]["acc,none"]), 6)
                for name in names}
     if len(metrics) > 1:
