@@ -169,6 +169,42 @@ def test_paired_verdicts_need_an_effect_beyond_the_seed_noise():
     assert combine(["not shown", "contradicted"]) == "contradicted"
 
 
+def test_scores_that_count_few_items_need_five_items_net_over_the_seeds():
+    from report import lm_math_verdict
+    from verdicts import paired
+
+    one_ahead = ([1 / 60, 1 / 60], [0.0, 0.0])  # one GSM8K question ahead in each seed: seed spread 0
+    assert paired(*one_ahead)[0] == "held"  # the bare t-rule is fooled by the zero spread
+    verdict, mean, threshold = paired(*one_ahead, items=60)
+    assert verdict == "not shown" and threshold == pytest.approx(4.5 / 120)  # 2 items net, 5 needed
+    assert paired([2 / 60, 2 / 60, 1 / 60], [0.0, 0.0, 0.0], items=60)[0] == "held"  # 5 items net
+    assert paired([2 / 60, 1 / 60, 1 / 60], [0.0, 0.0, 0.0], items=60)[0] == "not shown"  # 4: the floor decides
+    assert paired([1 / 60, 2 / 60, 1 / 60], [0.0, 1 / 60, 1 / 60], items=60)[0] == "not shown"
+    assert paired([0.0, 0.0, 0.0], [2 / 60, 2 / 60, 1 / 60], items=60)[0] == "contradicted"
+    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], items=500)[2] < 0.02  # many items: the t-rule decides
+
+    def run(seed: int, score: float) -> dict:
+        return {"seed": seed, "per_task": {"gsm8k": score}}
+
+    record = {"settings": {"math": {"eval_limit": 60}},
+              "runs": {"math": {"LoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
+                                "EVA rho=1": [run(0, 1 / 60), run(1, 1 / 60), run(2, 1 / 60)],
+                                "DoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
+                                "EVA+DoRA rho=2": [run(0, 0.05), run(1, 0.05), run(2, 0.0)]}}}
+    verdict, text = lm_math_verdict(record)  # 3 items net for EVA, 6 for EVA+DoRA
+    assert "60 questions per seed" in text and "EVA rho=1 vs LoRA (3 seeds) +1.67 (threshold 2.50: not shown)" in text
+    # EVA+DoRA: 6 items net, past the floor, but within the seed noise (t-threshold 4.87)
+    assert "EVA+DoRA rho=2 vs DoRA (3 seeds) +3.33 (threshold 4.87: not shown)" in text and verdict == "not shown"
+
+    from report import lm_commonsense_verdict
+
+    two_sets = {"settings": {"commonsense": {"eval_limit": 30}},  # a mean over 2 sets of 30 counts 60 items
+                "runs": {"commonsense": {m: [{"seed": i, "per_task": {"boolq": x, "piqa": x}} for i in range(3)]
+                                         for m, x in (("LoRA", 0.5), ("EVA rho=1", 0.5 + 1 / 30))}}}
+    verdict, text = lm_commonsense_verdict(two_sets)  # 1 question per set and seed: 6 items net
+    assert verdict == "held" and "60 questions per seed" in text and "(threshold 2.50: held)" in text
+
+
 def test_a_grid_with_uneven_seeds_is_paired_on_the_seeds_both_methods_finished():
     from report import lm_commonsense_verdict
     from verdicts import paired_by_seed

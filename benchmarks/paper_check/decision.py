@@ -310,7 +310,8 @@ def verdict(record: dict[str, Any]) -> tuple[str, str]:
     tasks = signal_tasks(record)
     if not tasks:
         return "not shown", "no held-out task carries signal (every run scored the same)"
-    found, mean, threshold = paired(per_seed_means(record, "eva", tasks), per_seed_means(record, "lora", tasks))
+    found, mean, threshold = paired(per_seed_means(record, "eva", tasks), per_seed_means(record, "lora", tasks),
+                                    items=len(tasks) * record["settings"]["eval_episodes"])
     return found, describe(f"EVA vs LoRA (success rate, mean of {len(tasks)} task(s))", found, mean, threshold)
 
 

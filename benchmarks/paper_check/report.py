@@ -21,6 +21,8 @@ from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, pair
 from eva_lora._atomic import atomic_write_text
 
 HERE = Path(__file__).parent
+SST2_TEST = 300  # the bundled SST-2 test sentences
+DIGITS = 1797  # scikit-learn's digits: vision.py trains on train_images of them and tests on the rest
 Verdict = tuple[str, str]  # ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)
 
 
@@ -95,7 +97,9 @@ def ablations_verdict(r: dict[str, Any]) -> Verdict:
     if "per_seed" not in r:
         return "not shown", "no per-seed scores in this result: rerun the script"
     scores = r["per_seed"]
-    results = [(f"EVA vs {name}", *paired(scores["eva"], other)) for name, other in scores.items() if name != "eva"]
+    items = 64 if r["quick"] else SST2_TEST  # ablations.py: accuracy on the bundled test sentences
+    results = [(f"EVA vs {name}", *paired(scores["eva"], other, items)) for name, other in scores.items()
+               if name != "eva"]
     text = (f"EVA {100 * statistics.fmean(scores['eva']):.2f}; paired over {len(scores['eva'])} seeds: "
             + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results))
     return combine([v for _, v, _, _ in results]), text
@@ -123,11 +127,15 @@ def _lm_table(r: dict[str, Any], part: str) -> Verdict:
     pairs = [(eva, b) for b in ("LoRA", "PiSSA", "OLoRA") if b in score]
     pairs += [("EVA+DoRA rho=2", "DoRA")] if {"EVA+DoRA rho=2", "DoRA"} <= set(score) else []
     pairs = [(a, b) for a, b in pairs if score[a].keys() & score[b].keys()]  # only same-seed runs pair
+    # each score is a mean over the used test sets of eval_limit questions each: it counts that many items
+    limit = r.get("settings", {}).get(part, {}).get("eval_limit")
+    items = len(used) * limit if limit else None
     results = [(f"{a} vs {b}" + _seeds(n), v, mean, thr)
-               for a, b in pairs for v, mean, thr, n in [paired_by_seed(score[a], score[b])]]
+               for a, b in pairs for v, mean, thr, n in [paired_by_seed(score[a], score[b], items)]]
     text = (f"test sets with signal: {', '.join(used)}" + (" (none left out)" if not quiet else
                                                          f" (no signal, left out: {', '.join(quiet)})")
-            + "; paired: " + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results))
+            + (f", {items} questions per seed" if items else "") + "; paired: "
+            + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results))
     return combine([v for _, v, _, _ in results]), text
 
 
@@ -172,7 +180,8 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
 def vision_verdict(r: dict[str, Any]) -> Verdict:
     """EVA's test accuracy above LoRA's, paired over seeds."""
     eva, lora = [x["accuracy"] for x in r["runs"]["eva"]], [x["accuracy"] for x in r["runs"]["lora"]]
-    found, mean, threshold = paired(eva, lora)
+    s = r["settings"]
+    found, mean, threshold = paired(eva, lora, items=s.get("test_images", DIGITS - s["train_images"]))
     return found, describe("EVA vs LoRA", found, mean, threshold)
 
 
@@ -215,9 +224,11 @@ Every section below is written by a script in this folder; `report.py` assembles
 the verdicts from the scripts' JSON (rules in `report.py`, the comparison in `verdicts.py`): a claim
 "A beats B" is **held** only when the mean paired difference over seeds exceeds the one-sided 95 %
 paired-t threshold (given with each number), **contradicted** when it is that far the other way,
-**not shown** otherwise; tasks where every run of every method lies within 2 points carry no signal
-and are left out. Machine: 2 CPU cores, torch 2.13.0 CPU; no GPU was lent for these runs. A section
-from a `--quick` run is marked as such and proves nothing.
+**not shown** otherwise; where scores count test items (accuracy, success over episodes) the
+difference must also add up to at least 5 items net over the seeds (fewer cannot pass an exact sign
+test at 5 %; the threshold shown includes this floor); tasks where every run of every method lies
+within 2 points carry no signal and are left out. Machine: 2 CPU cores, torch 2.13.0 CPU; no GPU
+was lent for these runs. A section from a `--quick` run is marked as such and proves nothing.
 
 | claim | here | numbers |
 |---|---|---|
