@@ -1,6 +1,6 @@
 """The main job on a real pretrained causal LM: EVA vs random LoRA on SmolLM2-135M-Instruct and GSM8K.
 
-    eva demo                   # SmolLM2 on math (bundled GSM8K slices), ~5 min on 2 CPU cores
+    eva demo                   # SmolLM2 on math (bundled GSM8K slices), ~6 min on 2 CPU cores
     eva demo --model minilm    # all-MiniLM-L6-v2 on SST-2 (bundled), ~2.5 min
     eva demo --quick           # the CI form: fewer examples and steps
 
@@ -31,11 +31,13 @@ from ..run_config import build_run_config
 from .train import STATE_DIR, StepLines, train
 
 SETUPS: dict[str, dict[str, Any]] = {
-    # Sized to fit about 5 minutes on 2 CPU cores with the first dequantisation of SmolLM2 included.
+    # Sized to fit about 6 minutes on 2 CPU cores with the first dequantisation of SmolLM2 included.
     # Measured 2026-11-25 on 2 cores: 40 steps and 40 questions x 160 new tokens took ~12 min; then 20
     # steps, 24 questions x 128 tokens and 60 EVA batches checked at every batch took 7.7 min (EVA's
     # init 151 s, 2.5 s a batch, mostly the solves). Now 24 EVA batches, solved every second batch:
-    # 7 min 41 s (EVA's init 90 s, training 136 s + 116 s, generation ~50 s per init).
+    # 7 min 41 s (EVA's init 90 s, training 136 s + 116 s, generation ~50 s per init). Now 16 steps, 16
+    # questions and 16 EVA batches: `make demo` on a fresh clone with an empty model cache took 5 min
+    # 49 s (2026-11-26, EVA's init 47 s).
     "smollm2": dict(model="smollm2", task="gsm8k", rank=16, lora_alpha=1.0, learning_rate=1e-3, batch_size=4,
                     grad_accum=1, max_length=200, drop_long=True, train_limit=600, eval_limit=16,
                     max_new_tokens=128, eval_batch_size=16, svd_batch_size=4, warmup_ratio=0.03, max_steps=16,
