@@ -205,6 +205,17 @@ def test_scores_that_count_few_items_need_five_items_net_over_the_seeds():
     assert verdict == "held" and "60 questions per seed" in text and "(threshold 2.50: held)" in text
 
 
+def test_item_counts_are_the_sizes_of_the_test_sets_the_scripts_score():
+    import ablations
+    import vision
+
+    full, quick = vision.RECIPE, {**vision.RECIPE, **vision.QUICK}
+    assert vision.test_size(full) == 797 and vision.test_size(quick) == 64
+    assert len(vision.split(quick)[3]) == vision.test_size(quick)  # the split the runs are scored on
+    assert len(vision.split({**full, "image_size": 8})[3]) == vision.test_size(full)
+    assert ablations.test_size(quick=False) == 300 and ablations.test_size(quick=True) == 64
+
+
 def test_a_grid_with_uneven_seeds_is_paired_on_the_seeds_both_methods_finished():
     from report import lm_commonsense_verdict
     from verdicts import paired_by_seed

@@ -18,6 +18,12 @@ from eva_lora.app.recipes.compare import run_compare
 from eva_lora.app.run_config import build_run_config
 
 INITS = ["eva", "eva-whiten", "eva-perm", "eva-rot", "lora-redist"]
+TEST_SENTENCES, QUICK_TEST_SENTENCES = 300, 64  # the bundled SST-2 test set; its first 64 in --quick
+
+
+def test_size(quick: bool) -> int:
+    """How many test sentences each accuracy counts: the verdict's item count."""
+    return QUICK_TEST_SENTENCES if quick else TEST_SENTENCES
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = build_run_config(overrides={"model": "minilm", "task": "sst2", "rank": 8, "max_steps": steps,
                                           "batch_size": 16, "learning_rate": 1e-3, "warmup_ratio": 0.06,
                                           "max_length": 64, "logging_steps": 5, "output_dir": tmp,
-                                          "eval_limit": 64 if args.quick else None,
+                                          "eval_limit": QUICK_TEST_SENTENCES if args.quick else None,
                                           "progress": False, "eva": {"rho": 2.0}})
         result = run_compare(cfg, inits, seeds)
     from eva_lora.app.recipes.compare import headline

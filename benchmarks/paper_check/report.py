@@ -21,8 +21,6 @@ from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, pair
 from eva_lora._atomic import atomic_write_text
 
 HERE = Path(__file__).parent
-SST2_TEST = 300  # the bundled SST-2 test sentences
-DIGITS = 1797  # scikit-learn's digits: vision.py trains on train_images of them and tests on the rest
 Verdict = tuple[str, str]  # ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)
 
 
@@ -97,7 +95,9 @@ def ablations_verdict(r: dict[str, Any]) -> Verdict:
     if "per_seed" not in r:
         return "not shown", "no per-seed scores in this result: rerun the script"
     scores = r["per_seed"]
-    items = 64 if r["quick"] else SST2_TEST  # ablations.py: accuracy on the bundled test sentences
+    from ablations import test_size
+
+    items = test_size(r["quick"])
     results = [(f"EVA vs {name}", *paired(scores["eva"], other, items)) for name, other in scores.items()
                if name != "eva"]
     text = (f"EVA {100 * statistics.fmean(scores['eva']):.2f}; paired over {len(scores['eva'])} seeds: "
@@ -178,11 +178,10 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
 
 
 def vision_verdict(r: dict[str, Any]) -> Verdict:
-    """EVA's test accuracy above LoRA's, paired over seeds."""
-    eva, lora = [x["accuracy"] for x in r["runs"]["eva"]], [x["accuracy"] for x in r["runs"]["lora"]]
-    s = r["settings"]
-    found, mean, threshold = paired(eva, lora, items=s.get("test_images", DIGITS - s["train_images"]))
-    return found, describe("EVA vs LoRA", found, mean, threshold)
+    """EVA's test accuracy above LoRA's, paired over seeds (the rule lives with the script, as for decision)."""
+    from vision import verdict
+
+    return verdict(r)
 
 
 def decision_verdict(r: dict[str, Any]) -> Verdict:

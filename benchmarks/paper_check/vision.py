@@ -49,6 +49,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return grid_parser(__doc__, "vision", "1 seed, 1 short epoch (CI)").parse_args(argv)
 
 
+DIGITS = 1797  # images in scikit-learn's digits
+
+
+def test_size(settings: dict[str, Any]) -> int:
+    """How many images :func:`split` tests on (without loading them): the verdict's item count."""
+    return min(settings.get("test_images", DIGITS), DIGITS - settings["train_images"])
+
+
 def split(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed train / test split of the digits (a seeded permutation, independent of the run's seed)."""
     from eva_lora.app.vision import digits
@@ -157,7 +165,7 @@ def verdict(record: dict[str, Any]) -> tuple[str, str]:
     """(verdict, text) for "EVA beats LoRA in test accuracy" (paired over seeds)."""
     eva = [r["accuracy"] for r in record["runs"]["eva"]]
     lora = [r["accuracy"] for r in record["runs"]["lora"]]
-    found, mean, threshold = paired(eva, lora)
+    found, mean, threshold = paired(eva, lora, items=test_size(record["settings"]))
     return found, describe("EVA vs LoRA", found, mean, threshold)
 
 
