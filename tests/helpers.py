@@ -70,7 +70,7 @@ def free_port() -> int:
 
 
 def hook_count(model: torch.nn.Module) -> int:
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 def minilm_batches(tokenizer, n_sentences: int, batch: int = 16, max_length: int = 64):

@@ -257,8 +257,8 @@ def test_early_exit_skips_converged_tail_without_changing_the_result(tiny_llama)
     assert fast.n_batches == slow.n_batches and fast.group_tokens == slow.group_tokens
     for name in slow.ranks:
         torch.testing.assert_close(fast.components[name], slow.components[name], rtol=0, atol=0)
-    # With early exit only the first (probe) pass reaches the head; without it, every pass does.
-    assert full_calls == slow.n_batches and cut_calls == 1
+    # With early exit only the probe (one sequence, 16 tokens) reaches the head; without it every pass does.
+    assert full_calls == slow.n_batches + 1 and cut_calls == 1
     assert hook_count(tiny_llama) == 0
 
 
@@ -330,23 +330,23 @@ def test_a_compiled_submodule_is_refused_with_a_clear_error(tiny_llama):
     assert hook_count(tiny_llama) == 0
 
 
-def test_the_probe_feeds_the_first_batch_or_it_is_fed_again_with_the_same_result(tiny_llama):
-    """One process without a budget accumulates during the probe; with a budget the probe only groups
-    and the first batch is fed once more. Same rows, same order: bit-identical states."""
-    batches = token_batches(101, 6)
-    calls = []
-    handle = tiny_llama.lm_head.register_forward_hook(lambda *a: calls.append(1))
+def test_the_probe_runs_on_one_short_sequence_then_every_batch_is_fed_once(tiny_llama):
+    """The probe groups the layers on a slice of the first batch (1 sequence, 16 tokens); every batch,
+    the first included, is then fed once, with or without a memory budget: bit-identical states."""
+    batches = token_batches(101, 6, batch=3, seq=24)
+    shapes = []
+    handle = tiny_llama.lm_head.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[:2])))
     states = {}
     for budget in (None, 1000.0):
-        calls.clear()
+        shapes.clear()
         cfg = EvaConfig(rank=2, rho=2.0, tau=0.999999, max_batches=6, early_exit=False,
                         statistics_budget_mb=budget)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            states[budget] = (compute_eva_state(tiny_llama, batches, cfg), len(calls))
+            states[budget] = (compute_eva_state(tiny_llama, batches, cfg), list(shapes))
     handle.remove()
     (local, local_passes), (planned, planned_passes) = states[None], states[1000.0]
-    assert (local_passes, planned_passes) == (6, 7)
+    assert local_passes == planned_passes == [(1, 16)] + [(3, 24)] * 6
     assert local.group_tokens == planned.group_tokens and local.n_batches == planned.n_batches == 6
     for a, b in zip(local.group_components, planned.group_components):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -368,3 +368,73 @@ def test_an_fsdp_model_without_a_process_group_is_refused_with_a_clear_error(tin
     with pytest.raises(ValueError, match="sharded with FSDP but torch.distributed has no process group"):
         compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST))
     assert hook_count(tiny_llama) == fsdp_hooks
+
+
+@pytest.mark.parametrize("kind", ["exact", "sketch"])
+def test_bf16_model_runs_the_whole_engine_against_a_float64_reference(tiny_llama, kind):
+    """bf16 activations are cast to float32 in bounded chunks: every group's components capture the
+    float64 PCA of the very same (bf16) rows. A sketch as wide as its group truncates nothing."""
+    model = tiny_llama.to(torch.bfloat16)
+    batches = token_batches(101, 6, batch=4, seq=16)
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=6, statistics=kind, sketch_size=48)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(model, batches, cfg)
+    reference = exact_stats(model, batches, cfg)
+    assert set(state.group_statistics) == {kind}
+    for names, comps, tokens in zip(state.groups, state.group_components, state.group_tokens):
+        ref = reference[names[0]]
+        assert tokens == ref.count
+        cov = ref.covariance()
+        # float32 statistics of bf16 rows: the exact moment to 1e-5, the sketch's float32 windows to 1e-4
+        assert captured_variance(cov, comps.double()) >= (1 - 1e-5 if kind == "exact" else 1 - 1e-4), names[0]
+        torch.testing.assert_close(state.group_eigenvalues[state.groups.index(names)],
+                                   torch.linalg.eigvalsh(cov).flip(0)[: comps.shape[0]], rtol=1e-4, atol=1e-6)
+
+
+def test_passes_compute_no_loss_no_cache_and_never_reach_the_head(tiny_llama):
+    """labels only mask tokens (the model never sees them, so never builds a loss), no KV cache is built,
+    and after the probe no pass reaches the LM head: no logits, whatever the vocabulary."""
+    seen, head_inputs = [], []
+    outer = tiny_llama.register_forward_pre_hook(lambda m, args, kwargs: seen.append(dict(kwargs)),
+                                                 with_kwargs=True)
+    head = tiny_llama.lm_head.register_forward_pre_hook(lambda m, args: head_inputs.append(args[0].shape))
+    batches = token_batches(101, 4, batch=4, seq=16)
+    for b in batches:
+        b["labels"] = b["input_ids"].clone()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            compute_eva_state(tiny_llama, batches, EvaConfig(rank=2, max_batches=4, tau=0.999999))
+    finally:
+        outer.remove(), head.remove()
+    assert len(seen) == 5 and all("labels" not in kw for kw in seen)  # probe + 4 batches
+    assert tiny_llama.config.use_cache is True  # restored afterwards
+    assert len(head_inputs) == 1 and head_inputs[0][:2] == (1, 16)  # only the probe's 16 tokens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_between_checks_the_loop_never_synchronises_the_gpu(tiny_llama, monkeypatch):
+    """Hooks, token selection and statistic updates of the batches between checks run under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host wait raises."""
+    from eva_lora.capture import ActivationCapture
+
+    model = tiny_llama.cuda()
+    make_hook, set_batch = ActivationCapture._make_hook, ActivationCapture.set_batch
+
+    def strict(fn):
+        def run(*args, **kwargs):
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        return run
+
+    monkeypatch.setattr(ActivationCapture, "_make_hook", lambda self, name: strict(make_hook(self, name)))
+    monkeypatch.setattr(ActivationCapture, "set_batch", strict(set_batch))
+    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, check_every=4, exact_max_dim=40, sketch_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(model, token_batches(101, 8), cfg)
+    assert set(state.group_statistics) == {"exact", "sketch"} and state.n_batches == 8

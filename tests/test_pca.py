@@ -104,7 +104,7 @@ def test_tracker_recovers_planted_components(seed):
     assert captured_variance(cov, pairs.vectors) >= 0.999
     assert component_cosine(exact.vectors, pairs.vectors.double()).min() >= 0.99
     assert torch.allclose(pairs.values, exact.values, rtol=1e-3)
-    assert bool(tracker.converged.all())
+    assert all(tracker.converged)
 
 
 def test_tracker_is_deterministic_and_leaves_global_rng_alone():

@@ -59,7 +59,7 @@ def allocate_ranks(
     if torch.isnan(flat_values).any():
         raise ValueError("rank scores contain NaN")
     order = torch.sort(flat_values, descending=True, stable=True).indices[:remaining]
-    counts = torch.bincount(flat_owners[order], minlength=len(names))
+    counts = torch.bincount(flat_owners[order], minlength=len(names)).tolist()  # one read, not one per layer
     for index, name in enumerate(names):
-        ranks[name] += int(counts[index])
+        ranks[name] += counts[index]
     return ranks

@@ -1,13 +1,17 @@
-"""Capture the input rows of target layers with forward hooks.
+"""Capture the input rows of target layers with forward *pre*-hooks.
 
 Hooks live in a context manager so that none survives a normal run or an exception. A first
 *probe* pass groups layers whose input is the *same tensor object* (q/k/v, gate/up) so that they
 share one PCA: identity is free to test, and the probe keeps a reference to every input it has
-seen during that pass so a freed tensor's id cannot be reused by another one. Each group's rows go
-to its ``sink`` (a statistic's ``update``, or a collective that sends them to the owner process); a
-group with ``active = False`` costs nothing. When a group's statistic can be chosen on its own
-(``on_new_group``), the probe already feeds it; otherwise (several processes, a memory budget) the
-probe only groups, and the engine feeds the first batch again once every group is known.
+seen during that pass so a freed tensor's id cannot be reused by another one. The engine runs the
+probe on a slice of the first batch (one sequence of a few tokens, :func:`probe_slice`), so those
+references cost nothing, and it learns the order in which the layers run.
+
+After the probe each group's rows go to its ``sink`` (a statistic's ``update``, or a collective that
+sends them to the owner process) inside the hook, so at most one layer's input is alive at a time;
+a group with ``active = False`` costs nothing. The hooks run *before* their layer: the deepest group
+that still needs data raises :class:`StopForward` before its layer computes anything, so a pass never
+builds what EVA does not read (an LM head's logits, a loss).
 """
 
 from __future__ import annotations
@@ -28,17 +32,54 @@ TokenSelector = Callable[[torch.Tensor, Any, str], torch.Tensor]
 RowSink = Callable[[torch.Tensor], None]
 
 
+PROBE_TOKENS = 16  # tokens of the one sequence the probe pass runs
+
+
 def token_mask(batch: Any, use_label_mask: bool = True, label_mask_value: int = -100) -> torch.Tensor | None:
-    """(batch, seq) bool mask of tokens that enter the PCA, or None when the batch has no mask."""
+    """(batch, seq) bool mask of tokens that enter the PCA, or None when the batch has no mask.
+
+    An ``attention_mask`` or ``labels`` whose shape is not the ``input_ids``' is an error: ignored,
+    it would let padding (or untrained tokens) into the PCA without a word."""
     if not isinstance(batch, Mapping):
         return None
+    ids = batch.get("input_ids")
     mask = batch.get("attention_mask")
-    mask = mask.bool() if isinstance(mask, torch.Tensor) else None
     labels = batch.get("labels")
+    token_labels = labels if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2 else None
+    for key, value in (("attention_mask", mask), ("labels", token_labels)):  # (batch,) labels are classes
+        if isinstance(ids, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != ids.shape:
+            raise ValueError(f"the batch's {key} has shape {tuple(value.shape)} but its input_ids have shape "
+                             f"{tuple(ids.shape)}: they must match token for token")
+    mask = mask.bool() if isinstance(mask, torch.Tensor) else None
     if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
         keep = labels != label_mask_value
         mask = keep if mask is None else mask & keep
     return mask
+
+
+def probe_slice(batch: Any) -> Any:
+    """A small copy of a token batch for the probe pass: its first sequence, first few tokens.
+
+    Tensors shaped like ``input_ids`` (masks, labels, position ids) are cut the same way, other
+    tensors with the batch's leading size keep their first row. None when the batch is not a
+    mapping with 2-D ``input_ids`` (images, RL windows: the probe then runs on the whole batch)."""
+    if not isinstance(batch, Mapping):
+        return None
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+        return None
+    rows, length = ids.shape
+    if rows == 1 and length <= PROBE_TOKENS:
+        return None  # already small
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (rows, length):
+            out[key] = value[:1, :PROBE_TOKENS]
+        elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
+            out[key] = value[:1]
+        else:
+            out[key] = value
+    return out
 
 
 def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
@@ -89,9 +130,6 @@ class ActivationCapture:
     def __init__(self, layers: Mapping[str, nn.Module], use_label_mask: bool = True, label_mask_value: int = -100,
                  select_tokens: TokenSelector | None = None) -> None:
         self.layers = dict(layers)
-        # Called with each group as the probe creates it; the sink it returns already receives the
-        # probe's rows (a single process without a budget decides a group's statistic on its own).
-        self.on_new_group: Callable[[LayerGroup], RowSink | None] | None = None
         self.use_label_mask, self.label_mask_value = use_label_mask, label_mask_value
         self.select_tokens = select_tokens
         self.groups: list[LayerGroup] = []
@@ -111,7 +149,7 @@ class ActivationCapture:
 
     def __enter__(self) -> ActivationCapture:
         for name, module in self.layers.items():
-            self._handles[name] = module.register_forward_hook(self._make_hook(name), with_kwargs=True)
+            self._handles[name] = module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -123,17 +161,31 @@ class ActivationCapture:
         self._handles.clear()
         self._probe_inputs = None
 
-    def set_batch(self, batch: Any) -> None:
+    def set_batch(self, batch: Any, host_batch: Any = None) -> None:
+        """The batch the next pass runs: its token mask becomes one index of the kept tokens, once.
+
+        ``host_batch`` is the same batch before it was moved to the model's device (as a data loader
+        yields it): the index is computed there (``nonzero``, one read of host memory) and sent over
+        without waiting, so the device is never asked for a value. Without it, the one ``nonzero``
+        per batch runs where the batch is, whatever the number of layers."""
         self._batch = batch
-        self._mask = token_mask(batch, self.use_label_mask, self.label_mask_value)
-        if self._mask is not None and bool(self._mask.all()):
-            self._mask = None  # nothing to drop: layers hand over a view of their input, not a copy
+        source = batch if host_batch is None else host_batch
+        self._mask = token_mask(source, self.use_label_mask, self.label_mask_value)
         self._index = None if self._mask is None else self._mask.reshape(-1).nonzero().squeeze(1)
+        if self._index is not None and self._index.numel() == self._mask.numel():
+            self._mask = self._index = None  # nothing to drop: layers hand over a view of their input
+        device = _first_device(batch)
+        if self._index is not None and device is not None:
+            self._index = self._index.to(device, non_blocking=True)
+
+    def missing_layers(self) -> list[str]:
+        """Target layers the probe has not seen called (yet)."""
+        return [n for n in self.layers if n not in self._group_of]
 
     def finish_probe(self) -> None:
         """Freeze the grouping after the first pass and keep one hook per group."""
         self._probe_inputs = None
-        missing = [n for n in self.layers if n not in self._group_of]
+        missing = self.missing_layers()
         if missing:
             raise RuntimeError(
                 "these target layers were not called during the forward pass, so EVA cannot see "
@@ -178,14 +230,18 @@ class ActivationCapture:
         """The layer after which forward passes now stop (None: they run to the end)."""
         return None if self._exit_group is None else self._exit_group.names[0]
 
+    def restart_probe(self) -> None:
+        """Forget a probe that saw too little (a slice that missed some layers): probe again."""
+        self.groups, self._group_of, self._probe_inputs = [], {}, {}
+        self._probe_calls.clear()
+
     def _make_hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             x = _first_tensor(args, kwargs, name)
             if self._probe_inputs is not None:
                 self._probe_calls[name] += 1
-                group = self._group_of.get(name) or self._assign_group(name, x)
-                if group.names[0] == name and group.sink is not None:
-                    group.sink(self._rows(group, name, x))
+                if name not in self._group_of:
+                    self._assign_group(name, x)
                 return
             group = self._group_of[name]
             if group.active:
@@ -206,8 +262,6 @@ class ActivationCapture:
             group = LayerGroup([name], kind[1], x.device, kind=kind)
             self.groups.append(group)
             self._probe_inputs[(id(x), kind)] = (x, group)
-            if self.on_new_group is not None:
-                group.sink = self.on_new_group(group)
         self._group_of[name] = group
         return group
 
@@ -222,6 +276,14 @@ class ActivationCapture:
             raise ValueError(f"layer {name}: token selection returned shape {tuple(rows.shape)}, "
                              f"expected (n_tokens, {group.dim})")
         return rows.detach()
+
+
+def _first_device(batch: Any) -> torch.device | None:
+    if isinstance(batch, Mapping):
+        for value in batch.values():
+            if isinstance(value, torch.Tensor):
+                return value.device
+    return None
 
 
 def _first_tensor(args: tuple, kwargs: dict, name: str) -> torch.Tensor:

@@ -24,7 +24,7 @@ from ._atomic import atomic_path, atomic_write_text
 from .files import StateFileError, read_json_manifest, read_safetensors, sha256_file
 
 FORMAT = "eva-lora-checkpoint"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: the windowed sketch statistic and the subspace convergence rule
 META = "eva_checkpoint.json"
 STAT_PREFIX, TRACKER_PREFIX = "stat", "trk"  # tensor keys: "<prefix>.<group>.<name>"
 
@@ -42,6 +42,7 @@ class GroupSnapshot:
     total_variance: float
     stat: dict[str, torch.Tensor] = field(repr=False)
     tracker: dict[str, torch.Tensor] = field(repr=False)
+    stop_batch: int | None = None
 
 
 @dataclass
@@ -68,7 +69,8 @@ def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
             for key, value in part.items():
                 tensors[f"{prefix}.{g}.{key}"] = value.detach().cpu().contiguous()
         groups.append({"names": group.names, "dim": group.dim, "kind": group.kind, "size": group.size,
-                       "active": group.active, "tokens": group.tokens, "total_variance": group.total_variance})
+                       "active": group.active, "tokens": group.tokens, "total_variance": group.total_variance,
+                       "stop_batch": group.stop_batch})
     name = f"eva_checkpoint-{snapshot.steps}.safetensors"
     with atomic_path(directory / name) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
@@ -101,7 +103,8 @@ def load_snapshot(directory: str | Path) -> LoopSnapshot | None:
             groups.append(GroupSnapshot([str(n) for n in info["names"]], int(info["dim"]), str(info["kind"]),
                                         None if info["size"] is None else int(info["size"]), bool(info["active"]),
                                         int(info["tokens"]), float(info["total_variance"]),
-                                        parts[STAT_PREFIX], parts[TRACKER_PREFIX]))
+                                        parts[STAT_PREFIX], parts[TRACKER_PREFIX],
+                                        None if info.get("stop_batch") is None else int(info["stop_batch"])))
         return LoopSnapshot(int(meta["steps"]), int(meta["n_batches"]), dict(meta["config"]),
                             bool(meta["single_call"]), groups, {str(k): int(v) for k, v in meta["ranks"].items()},
                             list(meta["history"]))

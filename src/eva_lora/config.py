@@ -23,7 +23,7 @@ from ._fields import check_fields, coerce_numbers, unknown_keys
 RankMetric = Literal["ratio", "raw", "max"]
 InitMode = Literal["eva", "perm", "rot", "redist_only"]
 INIT_FIELDS = ("whiten", "adjust_alpha", "init_mode")  # used when A is built, after the statistics
-RUNTIME_FIELDS = ("statistics_device",)  # where the work happens, not what it computes
+RUNTIME_FIELDS = ("statistics_device", "statistics_tf32")  # where / how the work happens
 
 
 @dataclass(frozen=True)
@@ -43,8 +43,13 @@ class EvaConfig:
         rank: LoRA rank r; the total budget is ``rank * number_of_adapted_layers``.
         rho: redistribution factor (>= 1); a layer may receive up to ``round(rank * rho)``.
             ``rho = 1`` gives exactly uniform ranks.
-        tau: cosine similarity in [0, 1] between successive estimates of a component at which
-            it counts as converged (paper default 0.99; 0 stops after the first check, as in PEFT).
+        tau: convergence threshold in [0, 1] (paper default 0.99; 0 stops after the first check,
+            as in PEFT). The paper reads it as the cosine between successive estimates of each
+            component; eva-lora applies it to each group's subspace: the estimate of the components
+            a layer needs, made on at most half of the tokens seen, may miss at most
+            ``epsilon = 0.5 * (1 - tau^2)`` of the variance of the best subspace now
+            (:mod:`eva_lora.convergence`). ``implementation="peft"`` in the PEFT drop-in keeps
+            PEFT's per-component test.
         delta: fraction of all needed components that, once converged, ends the loop (1.0 = all).
         target_modules: PEFT-style selection: a list of name suffixes, or a regex string that
             must match the full module name. ``None`` selects every linear layer except the
@@ -79,6 +84,9 @@ class EvaConfig:
     Where the work happens (free to change on resume):
         statistics_device: "model" keeps statistics on the model's device; "cpu" keeps them in host
             memory (rows are copied over at each batch) for when the accelerator is full.
+        statistics_tf32: let the statistics' float32 products use TF32 on GPUs that have it (faster,
+            10 mantissa bits). Off by default: they run at full float32 precision whatever the
+            user's ``torch.backends.cuda.matmul`` setting for training.
     Applied when A is built (:attr:`init_options`, free to change on resume):
         whiten: scale each component by ``1 / sqrt(eigenvalue)`` so ``A x`` has unit variance.
         adjust_alpha: change each layer's alpha with its new rank so its LoRA scaling is the
@@ -108,6 +116,7 @@ class EvaConfig:
     exact_max_dim: int = field(default=1024, metadata={"min": 1})
     statistics_budget_mb: float | None = field(default=None, metadata={"above": 0.0})
     statistics_device: Literal["model", "cpu"] = "model"
+    statistics_tf32: bool = False
     whiten: bool = False
     adjust_alpha: bool = True
     init_mode: InitMode = "eva"

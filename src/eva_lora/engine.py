@@ -8,6 +8,7 @@ converged groups switched off). It is bounded by ``max_batches`` and always reco
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import warnings
@@ -20,15 +21,16 @@ import torch
 from torch import nn
 
 from .allocation import allocate_ranks, rank_scores
-from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, eager
+from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, eager, probe_slice
 from .checkpoint import GroupSnapshot, LoopSnapshot, load_snapshot, save_snapshot
 from .config import EvaConfig
-from .convergence import ComponentTracker, make_solver
+from .convergence import ComponentTracker, advance, check_slack, make_solver, residual_certified, subspace_epsilon
 from .distributed import CollectiveError, Communicator
 from .loop_utils import EvaProgress, bounded_stream, model_device, next_batch, to_device, versions
+from .numerics import batched_eigh, single_thread, statistics_precision
 from .planning import GroupPlan, plan_statistics
 from .state import EvaState
-from .statistics import ExactStatistic, SketchStatistic, Statistic, statistic_from_state_dict
+from .statistics import ExactStatistic, SketchStatistic, Statistic, compress_sketches, statistic_from_state_dict
 from .targets import find_target_layers, layer_shapes
 
 ForwardFn = Callable[[nn.Module, Any], Any]
@@ -76,7 +78,7 @@ def compute_eva_state(
         raise ValueError("checkpoint_every / resume need checkpoint_dir")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
-    with eager(model) as runnable:
+    with eager(model) as runnable, _no_kv_cache(runnable):
         layers = dict(layers) if layers is not None else find_target_layers(runnable, config)
         was_training = runnable.training
         runnable.eval()
@@ -102,6 +104,7 @@ class GroupRecord:
     stat: Statistic | None = None
     tokens: int = 0  # rows the owner has absorbed, as last shared
     finite: bool = True
+    stop_batch: int | None = None  # batch count at which the group last met the convergence rule
 
     @property
     def names(self) -> list[str]:
@@ -156,7 +159,7 @@ class _EvaLoop:
         """The loop's state as plain data: what a checkpoint holds."""
         groups = [GroupSnapshot(rec.names, rec.layer.dim, rec.plan.kind, rec.plan.size, rec.layer.active,
                                 rec.tokens, rec.tracker.total_variance, rec.stat.state_dict(),
-                                rec.tracker.state_dict()) for rec in self.groups]
+                                rec.tracker.state_dict(), rec.stop_batch) for rec in self.groups]
         return LoopSnapshot(self.steps, self.n_batches, self.config.to_dict(), self.capture.single_call, groups,
                             dict(self.ranks), list(self.history))
 
@@ -169,7 +172,7 @@ class _EvaLoop:
             record = self._new_record(layer, plan, statistic_from_state_dict(saved.kind, saved.stat,
                                                                               self._stat_device(layer)))
             record.tracker.load_state_dict(saved.tracker, saved.total_variance, self._stat_device(layer))
-            record.layer.active, record.tokens = saved.active, saved.tokens
+            record.layer.active, record.tokens, record.stop_batch = saved.active, saved.tokens, saved.stop_batch
         self.steps, self.n_batches = snapshot.steps, snapshot.n_batches
         self.ranks, self.history = dict(snapshot.ranks), list(snapshot.history)
         self.capture.set_exit_point(self._exit_enabled())
@@ -192,9 +195,10 @@ class _EvaLoop:
                 if epoch > 0 and self.n_batches and self._tokens() == 0:
                     raise ValueError("no valid token in a full pass over the batches: every token is masked "
                                      "(attention_mask / labels == label_mask_value)")
-                batch = to_device(batch, self.device)
-                if self.groups or not self._probe(batch):  # the probe may have fed this batch already
-                    self._forward(batch)
+                on_device = to_device(batch, self.device)
+                if not self.groups:
+                    self._probe(on_device, batch)
+                self._forward(on_device, batch)
                 if self.steps % self.config.check_every == 0 and self._check():
                     break
                 if self.checkpoint_every and self.steps % self.checkpoint_every == 0:
@@ -209,42 +213,41 @@ class _EvaLoop:
         if self._tokens() == 0:
             raise ValueError("no valid token reached the target layers: every token is masked or batches are empty")
 
-    def _probe(self, batch: Any) -> bool:
-        """The pass that groups the layers, then each group's plan. True when it also fed the batch.
+    def _probe(self, batch: Any, host_batch: Any = None) -> None:
+        """The pass that groups the layers and finds their order, then each group's plan.
 
-        One process without a memory budget decides each group's statistic from its width alone, so
-        the probe creates it on the spot and feeds it: no extra pass. Otherwise every group must be
-        known first (owners, budget) and the batch is fed again afterwards.
+        It runs on one short sequence cut from the first batch (:func:`~eva_lora.capture.probe_slice`),
+        so the references it keeps to every layer input cost nothing; if that slice fails or misses
+        a layer (a router that sends 16 tokens to few experts), it runs again on the whole batch.
         """
-        local = not self.comm.active and self.config.statistics_budget_mb is None
-        if local:
-            self.capture.on_new_group = self._local_group
-        self.capture.set_batch(batch)
-        self._call_model(batch, probe=True)
+        small = probe_slice(batch)
+        if small is not None:
+            try:
+                self.capture.set_batch(small, probe_slice(host_batch) if host_batch is not None else None)
+                self._call_model(small, probe=True)
+            except (RuntimeError, ValueError, IndexError, TypeError):
+                small = None
+            if small is None or self.capture.missing_layers():
+                self.capture.restart_probe()
+                small = None
+        if small is None:
+            self.capture.set_batch(batch, host_batch)
+            self._call_model(batch, probe=True)
         self.capture.finish_probe()
-        self.capture.on_new_group = None
         self.comm.resolve_mode(batch)
         self.comm.check_same_groups([g.names for g in self.capture.groups])
-        if local:
-            self.steps, self.n_batches = self.steps + 1, self.n_batches + 1
-        else:
-            layers = self.capture.groups
-            plans = plan_statistics([g.dim for g in layers], self.config, self.comm.size, [g.names[0] for g in layers])
-            for layer, plan in zip(layers, plans):
-                mine = plan.owner == self.comm.rank
-                self._new_record(layer, plan, self._new_statistic(layer, plan) if mine else None)
+        layers = self.capture.groups
+        plans = plan_statistics([g.dim for g in layers], self.config, self.comm.size, [g.names[0] for g in layers])
+        for layer, plan in zip(layers, plans):
+            mine = plan.owner == self.comm.rank
+            self._new_record(layer, plan, self._new_statistic(layer, plan) if mine else None)
         self.capture.set_exit_point(self._exit_enabled())
-        return local
-
-    def _local_group(self, layer: LayerGroup) -> Callable[[torch.Tensor], None] | None:
-        plan = plan_statistics([layer.dim], self.config)[0]
-        return self._new_record(layer, plan, self._new_statistic(layer, plan)).layer.sink
 
     def _new_statistic(self, layer: LayerGroup, plan: GroupPlan) -> Statistic:
         dtype, device = getattr(torch, self.config.stats_dtype), self._stat_device(layer)
         if plan.kind == "exact":
             return ExactStatistic(layer.dim, device, dtype)
-        return SketchStatistic(layer.dim, plan.size, device, dtype)
+        return SketchStatistic(layer.dim, plan.size, device, dtype, seed=self.config.seed)
 
     def _new_record(self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None) -> GroupRecord:
         cap = min(self.config.max_components, layer.dim)
@@ -254,23 +257,34 @@ class _EvaLoop:
         self.groups.append(record)
         return record
 
+    def _stat_device_type(self) -> torch.device:
+        """Where the statistics live (their small solves run on one thread when that is the CPU)."""
+        if self.config.statistics_device == "cpu" or self.device is None:
+            return torch.device("cpu")
+        return self.device
+
     def _stat_device(self, layer: LayerGroup) -> torch.device:
         return torch.device("cpu") if self.config.statistics_device == "cpu" else layer.device
 
     def _sink(self, record: GroupRecord) -> Callable[[torch.Tensor], None] | None:
         """Where a group's rows go on this process: its statistic, the owner, or nowhere."""
-        stat, owner = record.stat, record.plan.owner
+        stat, owner, tf32 = record.stat, record.plan.owner, self.config.statistics_tf32
         if self.comm.sums_statistics:
             def send(rows: torch.Tensor) -> None:
-                for part in self.comm.gather_rows(rows, owner) or []:
-                    stat.update(part)
+                with statistics_precision(tf32):
+                    for part in self.comm.gather_rows(rows, owner) or []:
+                        stat.update(part)
             return send
         if stat is None:
             return None
-        return stat.update
 
-    def _forward(self, batch: Any) -> None:
-        self.capture.set_batch(batch)
+        def absorb(rows: torch.Tensor) -> None:
+            with statistics_precision(tf32):
+                stat.update(rows)
+        return absorb
+
+    def _forward(self, batch: Any, host_batch: Any = None) -> None:
+        self.capture.set_batch(batch, host_batch)
         self._call_model(batch, probe=False)
         self.steps += 1
         self.n_batches += self.comm.size if self.comm.sums_statistics else 1
@@ -294,18 +308,18 @@ class _EvaLoop:
     def _check(self) -> bool:
         """Owners solve their active groups, everyone shares the numbers, ranks are re-allocated.
         True when the loop may stop."""
-        for record in self.groups:
-            if record.layer.active and record.stat is not None:
-                record.finite = record.stat.is_finite()
-                if record.finite:
-                    record.tracker.check(record.stat, self.config.tau)
+        self._solve()
         self._share()
         self.ranks = self._allocate()
         needed = converged = 0
         for record in self.groups:
             need = max(self.ranks[n] for n in record.names)
-            done = int(record.tracker.converged[:need].sum())
-            record.layer.active = done < need
+            done = converged_prefix(record.tracker.converged, need)
+            was_active, record.layer.active = record.layer.active, done < need
+            if was_active and not record.layer.active:
+                record.stop_batch = self.n_batches
+            elif record.layer.active:
+                record.stop_batch = None
             needed, converged = needed + need, converged + done
         self.capture.set_exit_point(self._exit_enabled())
         self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
@@ -324,12 +338,40 @@ class _EvaLoop:
             return True
         return False
 
+    def _solve(self) -> None:
+        """Every active group this process owns: fold sketch windows in, solve, measure the loss.
+
+        The small eigenproblems of all groups go through one batched call per size, and everything
+        a decision needs is read back in one transfer per device (:func:`read_together`)."""
+        active = [r for r in self.groups if r.layer.active and r.stat is not None]
+        with statistics_precision(self.config.statistics_tf32), single_thread(self._stat_device_type()):
+            compress_sketches([r.stat for r in active if isinstance(r.stat, SketchStatistic)])
+            ready = [r for r in active if r.stat.count > r.cap]  # fewer tokens than components: wait
+            references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
+            exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
+            requests = [r.tracker.solver.request(r.stat, references[id(r)]) for r in exact]
+            solved = dict(zip(map(id, exact), batched_eigh(requests)))
+            packs = []
+            for record in ready:
+                solver = record.tracker.solver
+                if id(record) in solved:
+                    pairs = solver.solve(*solved[id(record)])
+                    trusted = residual_certified(pairs, record.cap, check_slack(self.config.tau))
+                else:
+                    pairs = solver.estimate(record.stat)
+                    trusted = torch.ones(record.cap, dtype=torch.bool)
+                packs.append(record.tracker.measure(record.stat, pairs, trusted, references[id(record)]))
+            advance([r.tracker.solver for r in exact])
+        epsilon = subspace_epsilon(self.config.tau)
+        for record, row in zip(ready, read_together(packs)):
+            record.finite = record.tracker.decide(row, epsilon)
+
     def _share(self) -> None:
         """Owners pack (solved?, tokens, total variance, finite, values, converged) per group; one
         all-reduce gives every rank the same numbers. NaN / Inf raises on every rank at once."""
         for record in self.groups:
             if record.stat is not None:
-                record.tokens, record.finite = record.stat.count, record.stat.is_finite()
+                record.tokens = record.stat.count
         if self.comm.active:
             width = 4 + 2 * max(r.cap for r in self.groups)
             packed = torch.zeros(len(self.groups), width, dtype=torch.float64)
@@ -367,11 +409,12 @@ class _EvaLoop:
             count = next(r.tokens for r in self.groups if r.tokens < 2)
             raise ValueError(f"layer(s) {thin[0]} saw {count} valid token(s); need at least 2")
         comps, values, ratios = [], [], []
-        for record in self.groups:
+        with single_thread(self._stat_device_type()):
+            finals = [r.tracker.finalize(r.stat) if r.stat is not None else None for r in self.groups]
+        for record, pairs in zip(self.groups, finals):
             vectors = torch.zeros(record.cap, record.layer.dim, dtype=torch.float64)
             eigen = torch.zeros(record.cap, dtype=torch.float64)
-            if record.stat is not None:
-                pairs = record.tracker.finalize(record.stat)
+            if pairs is not None:
                 vectors, eigen = pairs.vectors.to(torch.float64).cpu(), pairs.values.to(torch.float64).cpu()
             vectors = self.comm.broadcast_from(vectors, record.plan.owner)
             eigen = self.comm.broadcast_from(eigen, record.plan.owner)
@@ -386,13 +429,14 @@ class _EvaLoop:
                         [r.tokens for r in self.groups], self.ranks, dict(shapes),
                         n_batches=self.n_batches, stop_reason=self.stop_reason, unconverged=unconverged,
                         history=self.history, versions=versions(),
-                        group_statistics=[r.plan.kind for r in self.groups])
+                        group_statistics=[r.plan.kind for r in self.groups],
+                        group_stop_batches=[r.stop_batch for r in self.groups])
 
     def _unconverged(self) -> list[str]:
         out = []
         for record in self.groups:
             need = max(self.ranks[n] for n in record.names)
-            if not bool(record.tracker.converged[:need].all()):
+            if converged_prefix(record.tracker.converged, need) < need:
                 out.extend(record.names)
         return out
 
@@ -417,7 +461,7 @@ def _pack(row: torch.Tensor, record: GroupRecord) -> None:
     if tracker.values is not None:
         row[0] = 1.0
         row[4 : 4 + k] = tracker.values
-        row[4 + k : 4 + 2 * k] = tracker.converged.to(torch.float64)
+        row[4 + k : 4 + 2 * k] = torch.tensor(tracker.converged, dtype=torch.float64)
 
 
 def _unpack(row: torch.Tensor, record: GroupRecord) -> None:
@@ -425,12 +469,46 @@ def _unpack(row: torch.Tensor, record: GroupRecord) -> None:
     record.tokens, tracker.total_variance, record.finite = int(round(float(row[1]))), float(row[2]), bool(row[3] > 0.5)
     if row[0] == 1.0:
         tracker.values = row[4 : 4 + k].clone()
-        tracker.converged = row[4 + k : 4 + 2 * k] > 0.5
+        tracker.converged = (row[4 + k : 4 + 2 * k] > 0.5).tolist()
+
+
+def converged_prefix(flags: list[bool], need: int) -> int:
+    """Components of a group counted as converged: the longest prefix up to ``need`` that met the rule."""
+    return max((j + 1 for j, hit in enumerate(flags[:need]) if hit), default=0)
+
+
+def read_together(packs: list[torch.Tensor]) -> list[list[float]]:
+    """Every group's packed numbers as Python floats: one transfer per device, whatever the groups."""
+    out: list[list[float]] = [[] for _ in packs]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, pack in enumerate(packs):
+        by_device.setdefault(pack.device, []).append(index)
+    for indices in by_device.values():
+        width = max(packs[i].numel() for i in indices)
+        stack = torch.stack([torch.nn.functional.pad(packs[i], (0, width - packs[i].numel())) for i in indices])
+        host = stack.cpu().tolist()
+        for slot, index in enumerate(indices):
+            out[index] = host[slot][: packs[index].numel()]
+    return out
+
+
+@contextlib.contextmanager
+def _no_kv_cache(model: nn.Module) -> Any:
+    """transformers models build a KV cache on every forward unless told not to; EVA never reads it."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is not True:
+        yield
+        return
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):
-        return model(**batch)
+    if isinstance(batch, Mapping):  # labels only mask tokens: passed on, the model would compute a loss
+        return model(**{k: v for k, v in batch.items() if k != "labels"})
     if isinstance(batch, (tuple, list)):
         return model(*batch)
     return model(batch)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .numerics import column_sum, float_chunks, sum_rows
+
 STATS_DTYPE = torch.float64
 
 
@@ -58,14 +60,15 @@ class CovarianceAccumulator:
             raise ValueError(f"expected rows of shape (n, {self.dim}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             return
-        x = x.to(device=self.device, dtype=self.moment.dtype)
+        x = x.detach().to(self.device)
         if self.count == 0:
-            self.shift = x.mean(0, dtype=STATS_DTYPE)
-        centred = x - self.shift.to(x.dtype)
-        for i, (a, b) in enumerate(self.blocks):
-            for c, e in self.blocks[i:]:
-                self.moment[a:b, c:e].addmm_(centred[:, a:b].T, centred[:, c:e])
-        self.sum += centred.sum(0, dtype=STATS_DTYPE)
+            self.shift = column_sum(x, self.moment.dtype) / x.shape[0]
+        shift = self.shift.to(self.moment.dtype)
+        for centred in float_chunks(x, self.moment.dtype, shift=shift):  # bounded copies, centred in place
+            for i, (a, b) in enumerate(self.blocks):
+                for c, e in self.blocks[i:]:
+                    self.moment[a:b, c:e].addmm_(centred[:, a:b].T, centred[:, c:e])
+            self.sum += sum_rows(centred)
         self.count += x.shape[0]
 
     def full_moment(self) -> torch.Tensor:
@@ -121,16 +124,16 @@ class CovarianceAccumulator:
         cov /= self.count - 1
         return 0.5 * (cov + cov.T)
 
-    def total_variance(self) -> float:
-        """trace(C): the denominator of the explained variance ratio."""
+    def total_variance(self) -> torch.Tensor:
+        """trace(C), a 0-dim float64 tensor: the denominator of the explained variance ratio."""
         self._require(2)
         centred_mean = self.sum / self.count
         diag = torch.diagonal(self.moment).to(STATS_DTYPE) - self.count * centred_mean**2
-        return float(diag.sum() / (self.count - 1))
+        return diag.sum() / (self.count - 1)
 
-    def is_finite(self) -> bool:
-        """False once a NaN/Inf row has entered (it poisons the sum, which is cheap to check)."""
-        return bool(torch.isfinite(self.sum).all())
+    def is_finite(self) -> torch.Tensor:
+        """0-dim bool tensor, False once a NaN/Inf row has entered (it poisons the sum, cheap to check)."""
+        return torch.isfinite(self.sum).all()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors that fully describe the accumulator (safetensors-ready, no Python objects)."""

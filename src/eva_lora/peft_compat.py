@@ -30,6 +30,7 @@ Not supported: a ``rank_pattern`` in the incoming LoraConfig (per-layer budgets)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
 from copy import deepcopy
@@ -156,6 +157,13 @@ def get_eva_state_dict(
                                        show_progress_bar)
     if implementation != "eva-lora":
         raise ValueError(f"implementation must be 'eva-lora' or 'peft', got {implementation!r}")
+    if hasattr(model, "peft_config") and not _target_layers(model, peft_config):
+        # PEFT's behaviour: LoRA layers EVA cannot initialise (embeddings, attention, convolutions) keep
+        # their default init, and its loader says so; nothing to compute.
+        warnings.warn("none of the model's LoRA layers can be initialised by EVA (unsupported: "
+                      "Embedding, MultiheadAttention, convolutions); they keep init_lora_weights=True",
+                      UserWarning, stacklevel=2)
+        return {}
     state = compute_peft_style_state(model, dataloader, peft_config, forward_fn, prepare_model_inputs_fn,
                                      prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
                                      show_progress_bar, eva_lora_config)

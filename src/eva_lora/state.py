@@ -53,6 +53,7 @@ class EvaState:
     history: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
     group_statistics: list[str] = field(default_factory=list)  # statistic kind per group: exact | sketch
+    group_stop_batches: list[int | None] = field(default_factory=list)  # batch a group met the rule (None: never)
 
     # ---- per-layer views -------------------------------------------------------------------
     def _group_index(self) -> dict[str, int]:
@@ -112,8 +113,9 @@ class EvaState:
             "format_version": FORMAT_VERSION,
             "tensors_sha256": digest,
             "config": self.config.to_dict(),
-            "groups": [{"layers": names, "tokens": t, "statistic": kind}
-                       for names, t, kind in zip(self.groups, self.group_tokens, self._kinds())],
+            "groups": [{"layers": names, "tokens": t, "statistic": kind, "stop_batch": stop}
+                       for names, t, kind, stop in zip(self.groups, self.group_tokens, self._kinds(),
+                                                       self._stop_batches())],
             "ranks": self.ranks,
             "layer_shapes": self.layer_shapes,
             "model_fingerprint": self.model_fingerprint,
@@ -126,6 +128,9 @@ class EvaState:
 
     def _kinds(self) -> list[str]:
         return self.group_statistics or ["exact"] * len(self.groups)
+
+    def _stop_batches(self) -> list[int | None]:
+        return self.group_stop_batches or [None] * len(self.groups)
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> EvaState:
@@ -142,6 +147,7 @@ class EvaState:
             groups = [list(g["layers"]) for g in meta["groups"]]
             tokens = [int(g["tokens"]) for g in meta["groups"]]
             kinds = [str(g.get("statistic", "exact")) for g in meta["groups"]]
+            stops = [None if g.get("stop_batch") is None else int(g["stop_batch"]) for g in meta["groups"]]
             ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
             shapes = {str(k): [int(x) for x in v] for k, v in meta["layer_shapes"].items()}
         except (KeyError, TypeError, ValueError) as err:
@@ -150,7 +156,7 @@ class EvaState:
         state = cls(config, groups, comps, values, ratios, tokens, ranks, shapes,
                     n_batches=int(meta.get("n_batches", 0)), stop_reason=str(meta.get("stop_reason", "unknown")),
                     unconverged=list(meta.get("unconverged", [])), history=list(meta.get("history", [])),
-                    versions=dict(meta.get("versions", {})), group_statistics=kinds)
+                    versions=dict(meta.get("versions", {})), group_statistics=kinds, group_stop_batches=stops)
         state.validate()
         return state
 

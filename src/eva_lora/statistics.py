@@ -6,31 +6,36 @@ it has seen, refreshed batch after batch. Two kinds of running statistic impleme
 - :class:`ExactStatistic`: the token count, the float64 sum and the ``d x d`` second moment. Exact,
   merges exactly in any order, but costs ``d^2`` memory and ``n d^2`` flops per batch: 822 MB and
   2.75x a forward pass for a Llama-3-8B ``down_proj``. Used where ``d`` is small.
-- :class:`SketchStatistic`: an incremental PCA (scikit-learn's ``IncrementalPCA`` update, in Gram
-  form) that keeps the top ``size`` directions of the centred rows, a few times more than the
-  components EVA needs. ``O(d * size)`` memory, ``O(n * d * size)`` flops per batch, one small
-  ``eigh`` per chunk of ``size`` rows. Chosen by measurement (``benchmarks/README.md``): on real
-  activations it captures >= 0.9995 of the exact PCA's variance at ``size = 4k``; among the
-  bounded-memory candidates we measured (Frequent Directions, a fixed Nystrom sketch, randomized
-  warm-started range finders) it loses least on flat spectra, because every chunk enters exactly
-  and only the truncation to ``size`` directions forgets.
+- :class:`SketchStatistic`: the top ``size`` directions of the centred rows (a few times more than
+  the components EVA needs), refreshed once per window of batches by a block Krylov step:
+  ``O(d * size)`` memory, ``O(n * d * (size + 2 * explore))`` flops per batch, matrix products
+  only while batches arrive, two small batched ``eigh`` calls for *all* sketches when a window is
+  folded in (:func:`compress_sketches`, at each convergence check). Chosen by measurement
+  (``benchmarks/README.md``): it captures as much of the exact PCA's variance as the incremental PCA
+  it replaced (0.99+ on flat random spectra, 0.999+ on real activations at ``size = 4k``); among
+  the bounded-memory candidates measured (Frequent Directions, fixed and warm-started Nystrom
+  sketches, randomized range finders) only the two keep the rows' exact moment inside the kept span.
 
-Both implement ``update(rows)``, ``merge(other)``, ``total_variance()``, ``state_dict()`` /
-``from_state_dict()`` and ``nbytes``; :func:`eva_lora.convergence.make_solver` gives the solver that
-turns each kind into eigenpairs at a convergence check.
+Both implement ``update(rows)`` (no host read, no decomposition), ``merge(other)``,
+``total_variance()`` and ``is_finite()`` (device tensors, read by the engine once per check for
+every group together), ``state_dict()`` / ``from_state_dict()`` and ``nbytes``;
+:func:`eva_lora.convergence.make_solver` gives the solver that turns each kind into eigenpairs.
 """
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 
+from .numerics import batched_eigh, column_sum, float_chunks, squared_norm, sum_rows
 from .pca import STATS_DTYPE, CovarianceAccumulator, Eigenpairs, canonical_signs
 
 KINDS = ("exact", "sketch")
+GRAM_FLOOR = 1e-6  # new directions whose Gram eigenvalue is below this share of the largest are dependent
+NEW_DIRECTION_FLOOR = 1e-3  # a new direction must keep this share of its norm outside the kept basis
 
 
 class Statistic(ABC):
@@ -53,12 +58,13 @@ class Statistic(ABC):
         """Add the rows another statistic of the same kind has seen (another process's, say)."""
 
     @abstractmethod
-    def total_variance(self) -> float:
-        """trace of the covariance of every row seen: the denominator of the explained variance ratio."""
+    def total_variance(self) -> torch.Tensor:
+        """trace of the covariance of every row seen (a 0-dim float64 tensor on the statistic's device):
+        the denominator of the explained variance ratio."""
 
     @abstractmethod
-    def is_finite(self) -> bool:
-        """False once a NaN or Inf row has entered."""
+    def is_finite(self) -> torch.Tensor:
+        """0-dim bool tensor: False once a NaN or Inf row has entered."""
 
     @property
     @abstractmethod
@@ -95,13 +101,13 @@ class ExactStatistic(Statistic):
             raise TypeError(f"cannot merge a {other.kind} statistic into an exact one")
         self.acc.merge(other.acc)
 
-    def total_variance(self) -> float:
+    def total_variance(self) -> torch.Tensor:
         return self.acc.total_variance()
 
     def covariance(self) -> torch.Tensor:
         return self.acc.covariance()
 
-    def is_finite(self) -> bool:
+    def is_finite(self) -> torch.Tensor:
         return self.acc.is_finite()
 
     @property
@@ -119,27 +125,36 @@ class ExactStatistic(Statistic):
         return out
 
 
-
 class SketchStatistic(Statistic):
-    """Incremental PCA of the centred rows that keeps the top ``size`` directions (bounded memory).
+    """Bounded-memory PCA: an orthonormal ``basis`` (dim, <= size) of the directions that matter so far
+    and ``power``, the centred sum of squares of every row seen along each of them, largest first.
 
-    State: the row count, the float64 mean, the float64 sum of squared distances to the mean (so the
-    total variance, and with it the explained variance ratio, stays exact), and the low-rank part:
-    ``basis`` (dim, <= size) orthonormal columns with ``power`` (<= size,) the sum of squares of the
-    centred rows along each column, largest first.
+    Rows arrive in *windows*: the batches between two calls of :func:`compress_sketches` (the
+    engine calls it at each convergence check, so by default a window is one batch). The first
+    batch of a window picks ``2 * explore`` new directions: ``G = X^T Phi`` (random combinations of
+    its centred rows, so they lie where the data are) and ``A G`` (one power step on the current
+    statistic ``A``), both made orthogonal to the basis. Every batch of the window then adds
+    ``W^T W`` with ``W = X K``, ``K = [basis, G, A G]``: the exact second moment of its rows inside
+    ``span(K)``. Nothing in a batch is a decomposition or reads a value back to the host: two to
+    four matrix products per chunk of rows.
 
-    An update takes rows in chunks of ``chunk`` rows. With ``S = diag(sqrt(power)) basis^T`` the
-    centred data seen so far in compressed form, ``X`` the chunk centred on its own mean and ``c``
-    scikit-learn's mean-correction row ``sqrt(n m / (n + m)) (mean - chunk mean)``, the new state is
-    the top ``size`` right-singular pairs of ``M = [S; X; c]``, found from the small Gram matrix
-    ``M M^T`` (float64 ``eigh``) so that the ``d``-wide work is four matrix products. ``discarded``
-    accumulates the squared singular values dropped by the truncation (the sketch's only loss).
+    At the end of a window the new statistic, restricted to ``span(K)``, is known exactly: the old
+    ``basis diag(power) basis^T``, the window's centred moment and the rank-one correction for the
+    shift between the old mean and the window's (scikit-learn's incremental-PCA algebra). Its top
+    ``size`` eigenvectors (a Rayleigh-Ritz step) become the new basis. This is a block Krylov step
+    per window: as good as the incremental PCA it replaces (which absorbed rows 128 at a time, with
+    one decomposition and six host reads per chunk) at the same size, on flat spectra too
+    (``benchmarks/README.md``). Only directions outside ``span(K)`` are lost; ``discarded`` is that
+    energy (sum of squares not represented by ``power``).
+
+    count, mean and the total sum of squares are exact, so the total variance (the denominator of
+    the explained variance ratio) is exact whatever the truncation.
     """
 
     kind = "sketch"
 
     def __init__(self, dim: int, size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 chunk: int | None = None) -> None:
+                 explore: int | None = None, seed: int = 0) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if size < 1:
@@ -148,18 +163,38 @@ class SketchStatistic(Statistic):
             raise ValueError(f"sketch dtype must be float32 or float64, got {dtype}")
         self.dim = dim
         self.size = min(size, dim)
-        self.chunk = max(1, chunk if chunk is not None else self.size)
+        self.explore = default_explore(self.size) if explore is None else max(1, explore)
         self.dtype = dtype
+        self.seed = seed
+        self.windows = 0  # windows folded in so far: seeds the next window's random combinations
         self._count = 0
         self.mean = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
-        self.sq_dist = 0.0  # sum over rows of ||x - mean||^2, float64
+        self.sq_dist = torch.zeros((), dtype=STATS_DTYPE, device=device)  # sum of ||x - mean||^2
         self.basis = torch.zeros(dim, 0, dtype=dtype, device=device)
         self.power = torch.zeros(0, dtype=STATS_DTYPE, device=device)
-        self.discarded = 0.0
+        if self.size == dim:  # room for every direction: the identity basis makes the sketch exact
+            self.basis = torch.eye(dim, dtype=dtype, device=device)
+            self.power = torch.zeros(dim, dtype=STATS_DTYPE, device=device)
+        self._close_window()
+
+    # ---- the running window -------------------------------------------------------------------
+    def _close_window(self) -> None:
+        self.shift: torch.Tensor | None = None  # (dim,) float64: the window's first batch mean
+        self.extra: torch.Tensor | None = None  # (dim, e): new directions, orthogonal to the basis
+        self.moment: torch.Tensor | None = None  # (m, m) float64: sum of W^T W, W = (x - shift) K
+        self.window_sum: torch.Tensor | None = None  # (dim,) float64: sum of (x - shift)
+        self.window_sq: torch.Tensor | None = None  # () float64: sum of ||x - shift||^2
+        self.window_count = 0
+        self._transform: torch.Tensor | None = None
+
+    @property
+    def pending(self) -> bool:
+        """Rows have arrived since the last :func:`compress_sketches`."""
+        return self.window_count > 0
 
     @property
     def count(self) -> int:
-        return self._count
+        return self._count + self.window_count
 
     @property
     def device(self) -> torch.device:
@@ -169,129 +204,280 @@ class SketchStatistic(Statistic):
     def update(self, rows: torch.Tensor) -> None:
         if rows.ndim != 2 or rows.shape[1] != self.dim:
             raise ValueError(f"expected rows of shape (n, {self.dim}), got {tuple(rows.shape)}")
-        rows = rows.to(device=self.device, dtype=self.dtype)
-        for part in rows.split(self.chunk):
-            mean = part.mean(0, dtype=STATS_DTYPE)
-            centred = part - mean.to(self.dtype)
-            sq = float(torch.linalg.vector_norm(centred, dtype=STATS_DTYPE)) ** 2  # no float64 copy of the chunk
-            self._absorb(centred, part.shape[0], mean, sq)
-
-    def merge(self, other: Statistic) -> None:
-        """Absorb another sketch: its compressed rows ``diag(sqrt(power)) basis^T`` enter like a chunk."""
-        if not isinstance(other, SketchStatistic):
-            raise TypeError(f"cannot merge a {other.kind} statistic into a sketch")
-        if other.dim != self.dim:
-            raise ValueError(f"cannot merge sketches of width {other.dim} and {self.dim}")
-        if other.count == 0:
+        if rows.shape[0] == 0:
             return
-        rows = (other.basis.to(self.device, self.dtype) * other.power.sqrt().to(self.device, self.dtype)).T
-        self._absorb(rows, other.count, other.mean.to(self.device), other.sq_dist)
-        self.discarded += other.discarded
+        rows = rows.detach().to(self.device)
+        if not self.pending:
+            self._open_window(rows)
+        for x in float_chunks(rows, self.dtype, shift=self.shift.to(self.dtype)):
+            w = torch.cat([x @ self.basis, x @ self.extra], 1)
+            self.moment += (w.T @ w).to(STATS_DTYPE)
+            self.window_sum += sum_rows(x)
+            self.window_sq += squared_norm(x)
+        self.window_count += rows.shape[0]
 
-    def _absorb(self, centred: torch.Tensor, n_new: int, mean_new: torch.Tensor, sq_new: float) -> None:
-        """Fold ``n_new`` rows, given as centred rows (or any rows with the same Gram), into the state.
+    def _explore_width(self) -> int:
+        """New directions of each kind for the next window: enough to fill an empty basis at once."""
+        kept = self.basis.shape[1]
+        width = max(self.explore, -(-(self.size - kept) // 2))
+        return max(0, min(width, (self.dim - kept) // 2))
 
-        The Gram matrix of ``M = [S; X; c]`` is assembled block by block (no stacked copy of M), and
-        the new basis is one product plus one in-place ``addmm_``: the only d-wide temporaries are
-        the chunk itself and the new basis.
-        """
-        if n_new == 0:
-            return
-        n_old = self._count
+    def _open_window(self, rows: torch.Tensor) -> None:
+        """The window's new directions, from its first batch ``X`` (centred on its own mean):
+        ``G = X^T Phi`` (random combinations of rows), ``A G`` and ``A basis`` (one power step, the
+        directions the kept subspace is turning towards) and the shift of the mean. All are made
+        orthogonal to the basis; their own orthonormalisation waits for :func:`compress_sketches`."""
+        self.shift = column_sum(rows, self.dtype) / rows.shape[0]
+        shift = self.shift.to(self.dtype)
+        width = self._explore_width()
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.windows)
+        mixing = torch.randn(rows.shape[0], width, generator=generator, dtype=self.dtype, device=self.device)
+        guide = torch.zeros(self.dim, width, dtype=self.dtype, device=self.device)
+        start = 0
+        for x in float_chunks(rows, self.dtype, shift=shift):
+            guide.addmm_(x.T, mixing[start : start + x.shape[0]])
+            start += x.shape[0]
+        guide = self._new_directions(guide)
+        kept = self.basis.shape[1]
+        probe = torch.cat([guide, self.basis], 1)  # A [G, basis]: rows times both, in one pass
+        powered = torch.zeros_like(probe)
+        for x in float_chunks(rows, self.dtype, shift=shift):
+            powered.addmm_(x.T, x @ probe)
+        parts = [guide, self._new_directions(powered)]
+        if kept:  # the shift between the old mean and this window's: a direction of its own
+            parts.append(self._new_directions((self.mean - self.shift).to(self.dtype)[:, None]))
+        self.extra = torch.cat(parts, 1)
+        m = kept + self.extra.shape[1]
+        self.moment = torch.zeros(m, m, dtype=STATS_DTYPE, device=self.device)
+        self.window_sum = torch.zeros(self.dim, dtype=STATS_DTYPE, device=self.device)
+        self.window_sq = torch.zeros((), dtype=STATS_DTYPE, device=self.device)
+
+    def _orthogonal(self, columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
+        """``columns`` minus their part in span(basis), projected twice ("twice is enough")."""
+        for _ in range(passes if self.basis.shape[1] else 0):
+            columns = columns - self.basis @ (self.basis.T @ columns)
+        return columns
+
+    def _new_directions(self, columns: torch.Tensor) -> torch.Tensor:
+        """Unit columns orthogonal to the basis; a column (almost) inside span(basis) becomes zero.
+
+        Normalising what is left of such a column would blow its rounding error, which lies
+        partly inside span(basis), up to a unit vector: the basis and the new directions would no
+        longer be orthogonal, which the window's algebra assumes."""
+        before = torch.linalg.vector_norm(columns, dim=0)
+        left = self._orthogonal(columns)
+        after = torch.linalg.vector_norm(left, dim=0)
+        keep = after > NEW_DIRECTION_FLOOR * before
+        left = torch.where(keep, left / after.clamp_min(torch.finfo(left.dtype).tiny), torch.zeros_like(left))
+        return _unit_columns(self._orthogonal(left, passes=1))
+
+    # ---- folding a window in (called through compress_sketches) -------------------------------
+    def _extra_gram(self) -> torch.Tensor:
+        extra = self.extra.to(STATS_DTYPE)
+        return extra.T @ extra
+
+    def _projected_moment(self, gram_values: torch.Tensor, gram_vectors: torch.Tensor) -> torch.Tensor:
+        """The window's statistic in an orthonormal basis of span(K): ``R^T H R``.
+
+        ``R`` keeps the basis and orthonormalises the new directions (dropping numerically
+        dependent ones, whose columns of ``R`` are zero)."""
+        keep = gram_values > gram_values.max().clamp_min(torch.finfo(STATS_DTYPE).tiny) * GRAM_FLOOR
+        scale = torch.where(keep, gram_values.clamp_min(torch.finfo(STATS_DTYPE).tiny).rsqrt(),
+                            torch.zeros_like(gram_values))
+        self._transform = gram_vectors * scale  # (e, e): orthonormal new directions = extra @ transform
+        kept = self.basis.shape[1]
+        moment = self._window_moment()
+        out = torch.empty_like(moment)
+        out[:kept, :kept] = moment[:kept, :kept]
+        out[:kept, kept:] = moment[:kept, kept:] @ self._transform
+        out[kept:, :kept] = out[:kept, kept:].T
+        out[kept:, kept:] = self._transform.T @ moment[kept:, kept:] @ self._transform
+        return out
+
+    def _window_moment(self) -> torch.Tensor:
+        """K^T A K for the statistic after the window: old part + centred window + mean shift."""
+        n_old, n_new = self._count, self.window_count
         total = n_old + n_new
-        corr = None  # scikit-learn's mean-correction row, once there is an old mean to correct
+        projected_sum = self._in_k(self.window_sum)
+        moment = self.moment - torch.outer(projected_sum, projected_sum) / n_new
         if n_old:
-            shift = self.mean - mean_new
-            corr = (math.sqrt(n_old * n_new / total) * shift).to(self.dtype).unsqueeze(0)  # (1, dim)
-            self.sq_dist += sq_new + n_old * n_new / total * float(shift.pow(2).sum())
+            kept = self.basis.shape[1]
+            moment[:kept, :kept] += torch.diag(self.power)  # basis orthonormal, extra orthogonal to it
+            shift = self._in_k(self.mean - (self.shift + self.window_sum / n_new))
+            moment += (n_old * n_new / total) * torch.outer(shift, shift)
+        return moment
+
+    def _in_k(self, vector: torch.Tensor) -> torch.Tensor:
+        """K^T v for a float64 vector (products in the statistic's dtype)."""
+        v = vector.to(self.dtype)
+        return torch.cat([self.basis.T @ v, self.extra.T @ v]).to(STATS_DTYPE)
+
+    def _finish_window(self, values: torch.Tensor, vectors: torch.Tensor) -> None:
+        values, vectors = values.flip(0)[: self.size], vectors.flip(1)[:, : self.size]
+        kept = self.basis.shape[1]
+        new_dirs = self.extra @ self._transform.to(self.dtype)
+        basis = self.basis @ vectors[:kept].to(self.dtype)
+        basis.addmm_(new_dirs, vectors[kept:].to(self.dtype))
+        n_old, n_new = self._count, self.window_count
+        total = n_old + n_new
+        window_mean = self.shift + self.window_sum / n_new
+        window_sq = self.window_sq - self.window_sum.dot(self.window_sum) / n_new
+        if n_old:
+            shift = self.mean - window_mean
+            self.sq_dist = self.sq_dist + window_sq + (n_old * n_new / total) * shift.dot(shift)
+            self.mean = self.mean + (window_mean - self.mean) * (n_new / total)
         else:
-            self.sq_dist = sq_new
-        scale = self.power.sqrt()  # (kept,)
-        kept, rows = scale.numel(), centred.shape[0]
-        extra = 0 if corr is None else 1
-        size = kept + rows + extra
-        gram = torch.empty(size, size, dtype=STATS_DTYPE, device=self.device)
-        gram[:kept, :kept] = torch.diag(self.power)
-        projected = (centred @ self.basis).to(STATS_DTYPE) * scale  # (rows, kept): X S^T
-        gram[kept : kept + rows, :kept] = projected
-        gram[:kept, kept : kept + rows] = projected.T
-        gram[kept : kept + rows, kept : kept + rows] = (centred @ centred.T).to(STATS_DTYPE)
-        if corr is not None:
-            corr_proj = (corr @ self.basis).to(STATS_DTYPE) * scale  # (1, kept)
-            corr_rows = (centred @ corr.T).to(STATS_DTYPE)  # (rows, 1)
-            gram[-1, :kept], gram[:kept, -1] = corr_proj[0], corr_proj[0]
-            gram[kept : kept + rows, -1], gram[-1, kept : kept + rows] = corr_rows[:, 0], corr_rows[:, 0]
-            gram[-1, -1] = float((corr.to(STATS_DTYPE) ** 2).sum())
-        values, vectors = torch.linalg.eigh(gram)
-        values, vectors = values.flip(0), vectors.flip(1)
-        keep = int(min(self.size, (values > values[0].clamp_min(0) * 1e-12).sum()))
-        self.discarded += float(values[keep:].clamp_min(0).sum())
-        values, vectors = values[:keep], vectors[:, :keep]
-        inv = values.rsqrt()
-        top = (vectors[:kept] * scale.unsqueeze(1) * inv).to(self.dtype)
-        middle = (vectors[kept : kept + rows] * inv).to(self.dtype)
-        basis = self.basis @ top  # contiguous (dim, keep): a resumed run multiplies the same layout
-        basis.addmm_(centred.T, middle)
-        if corr is not None:
-            basis.addmm_(corr.T, (vectors[-1:] * inv).to(self.dtype))
-        self.basis = basis
-        self.power = values
-        self.mean = self.mean + (mean_new - self.mean) * (n_new / total)
-        self._count = total
+            self.sq_dist, self.mean = window_sq, window_mean
+        self.basis, self.power = basis.contiguous(), values.clamp_min(0)
+        self._count, self.windows = total, self.windows + 1
+        self._close_window()
+
+    def compress(self) -> None:
+        """Fold the pending window in (one sketch; the engine folds all of them together)."""
+        compress_sketches([self])
+
+    # ---- reading ------------------------------------------------------------------------------
+    @property
+    def discarded(self) -> torch.Tensor:
+        """Centred sum of squares the kept directions do not hold (the truncation's loss)."""
+        return self.sq_dist - self.power.sum()
+
+    def estimate(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, rows): the current top ``k`` covariance eigenvalues and directions, no decomposition.
+
+        The basis is orthonormal up to rounding; :meth:`top` re-orthonormalises for the final answer."""
+        if self.pending:
+            self.compress()
+        k = min(k, self.basis.shape[1])
+        return self.power[:k] / max(self._count - 1, 1), self.basis[:, :k].T
 
     def top(self, k: int) -> Eigenpairs:
-        """The top ``k`` components (rows, canonical signs) and covariance eigenvalues of the sketch."""
+        """The top ``k`` components (orthonormal rows, canonical signs) and covariance eigenvalues."""
+        if self.pending:
+            self.compress()
         if self._count < 2:
             raise ValueError(f"need at least 2 rows, have {self._count}")
         basis, power = self.basis[:, :k].to(STATS_DTYPE), self.power[:k]
         if basis.shape[1] < k:  # rows span fewer than k directions: complete with zero-variance ones
             filler = torch.randn(self.dim, k - basis.shape[1], generator=torch.Generator().manual_seed(0),
                                  dtype=STATS_DTYPE).to(self.device)
-            basis = torch.linalg.qr(torch.cat([basis, filler], 1)).Q
+            basis = torch.cat([basis, filler], 1)
             power = torch.cat([power, power.new_zeros(k - power.numel())])
-        vectors = canonical_signs(basis.T)
+        q, r = torch.linalg.qr(basis)
+        vectors = canonical_signs((q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).T)
         values = power / (self._count - 1)
         return Eigenpairs(values, vectors, torch.zeros_like(values))
 
-    def total_variance(self) -> float:
+    def total_variance(self) -> torch.Tensor:
+        if self.pending:
+            self.compress()
         if self._count < 2:
             raise ValueError(f"need at least 2 rows, have {self._count}")
         return self.sq_dist / (self._count - 1)
 
-    def is_finite(self) -> bool:
-        return math.isfinite(self.sq_dist) and bool(torch.isfinite(self.mean).all())
+    def is_finite(self) -> torch.Tensor:
+        finite = torch.isfinite(self.mean).all() & torch.isfinite(self.sq_dist)
+        if self.pending:
+            finite = finite & torch.isfinite(self.window_sum).all()
+        return finite
+
+    def merge(self, other: Statistic) -> None:
+        """Absorb another sketch: its ``basis diag(power) basis^T`` and mean enter as one window."""
+        if not isinstance(other, SketchStatistic):
+            raise TypeError(f"cannot merge a {other.kind} statistic into a sketch")
+        if other.dim != self.dim:
+            raise ValueError(f"cannot merge sketches of width {other.dim} and {self.dim}")
+        compress_sketches([self, other])
+        if other.count == 0:
+            return
+        basis, power = other.basis.to(self.device, self.dtype), other.power.to(self.device)
+        if self._count == 0:
+            self.mean, self.sq_dist = other.mean.to(self.device).clone(), other.sq_dist.to(self.device).clone()
+            self.basis, self.power, self._count = basis.clone(), power.clone(), other.count
+            return
+        self.shift = other.mean.to(self.device).clone()
+        self.extra = self._new_directions(basis)
+        in_k = torch.cat([self.basis.T @ basis, self.extra.T @ basis]).to(STATS_DTYPE)  # K^T basis_other
+        self.moment = in_k @ (power[:, None] * in_k.T)
+        self.window_sum = torch.zeros(self.dim, dtype=STATS_DTYPE, device=self.device)
+        self.window_sq = other.sq_dist.to(self.device).clone()
+        self.window_count = other.count
+        self.compress()
 
     @property
     def nbytes(self) -> int:
-        return sketch_bytes(self.dim, self.size, torch.empty(0, dtype=self.dtype).element_size())
+        return sketch_bytes(self.dim, self.size, torch.empty(0, dtype=self.dtype).element_size(), self.explore)
 
+    # ---- files ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {
-            "count": torch.tensor([self._count], dtype=torch.int64),
-            "size": torch.tensor([self.size, self.chunk], dtype=torch.int64),
+        out = {
+            "count": torch.tensor([self._count, self.window_count], dtype=torch.int64),
+            "size": torch.tensor([self.size, self.explore, self.seed, self.windows], dtype=torch.int64),
             "mean": self.mean.cpu(),
-            "scalars": torch.tensor([self.sq_dist, self.discarded], dtype=STATS_DTYPE),
+            "scalars": self.sq_dist.reshape(1).cpu(),
             "basis": self.basis.cpu().contiguous(),
             "power": self.power.cpu(),
         }
+        if self.pending:
+            out.update({"window.shift": self.shift.cpu(), "window.extra": self.extra.cpu().contiguous(),
+                        "window.moment": self.moment.cpu(), "window.sum": self.window_sum.cpu(),
+                        "window.sq": self.window_sq.reshape(1).cpu()})
+        return out
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> SketchStatistic:
         dim = int(state["mean"].shape[0])
-        size, chunk = (int(v) for v in state["size"].reshape(-1)[:2])
-        out = cls(dim, size, device, state["basis"].dtype, chunk)
+        size, explore, seed, windows = (int(v) for v in state["size"].reshape(-1)[:4])
+        out = cls(dim, size, device, state["basis"].dtype, explore, seed)
         basis, power = state["basis"], state["power"]
         if basis.ndim != 2 or basis.shape[0] != dim or power.shape != (basis.shape[1],) or basis.shape[1] > out.size:
             raise ValueError(f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
                              f"power {tuple(power.shape)}")
-        out._count = int(state["count"].reshape(-1)[0])
-        if out._count < 0:
-            raise ValueError(f"sketch count must be >= 0, got {out._count}")
+        counts = [int(v) for v in state["count"].reshape(-1)[:2]]
+        if min(counts) < 0:
+            raise ValueError(f"sketch count must be >= 0, got {counts}")
+        out._count, out.windows = counts[0], windows
         out.mean = state["mean"].to(device, STATS_DTYPE)
-        out.sq_dist, out.discarded = (float(v) for v in state["scalars"].reshape(-1)[:2])
+        out.sq_dist = state["scalars"].reshape(-1)[0].to(device, STATS_DTYPE)
         out.basis = basis.to(device).contiguous()
         out.power = power.to(device, STATS_DTYPE)
+        if counts[1]:
+            extra = state["window.extra"]
+            m = basis.shape[1] + extra.shape[1]
+            if extra.shape[0] != dim or tuple(state["window.moment"].shape) != (m, m):
+                raise ValueError(f"inconsistent sketch window shapes for width {dim}")
+            out.shift = state["window.shift"].to(device, STATS_DTYPE)
+            out.extra = extra.to(device).contiguous()
+            out.moment = state["window.moment"].to(device, STATS_DTYPE)
+            out.window_sum = state["window.sum"].to(device, STATS_DTYPE)
+            out.window_sq = state["window.sq"].reshape(-1)[0].to(device, STATS_DTYPE)
+            out.window_count = counts[1]
         return out
+
+
+def compress_sketches(sketches: Sequence[SketchStatistic]) -> None:
+    """Fold every pending window in: two batched ``eigh`` calls for all the sketches together.
+
+    One call orthonormalises each window's new directions (their small Gram matrix), the other
+    solves the statistic restricted to the window's span; sketches of equal size share each call.
+    """
+    pending = [s for s in sketches if s.pending]
+    if not pending:
+        return
+    orthonormal = batched_eigh([s._extra_gram() for s in pending])
+    restricted = [s._projected_moment(values, vectors) for s, (values, vectors) in zip(pending, orthonormal)]
+    for sketch, (values, vectors) in zip(pending, batched_eigh(restricted)):
+        sketch._finish_window(values, vectors)
+
+
+def default_explore(size: int) -> int:
+    """New directions of each kind a window adds: an eighth of the sketch (at least 8)."""
+    return max(8, size // 8)
+
+
+def _unit_columns(columns: torch.Tensor) -> torch.Tensor:
+    norms = torch.linalg.vector_norm(columns, dim=0)
+    return columns / norms.clamp_min(torch.finfo(columns.dtype).tiny)
 
 
 def exact_bytes(dim: int, element_size: int = 4) -> int:
@@ -299,18 +485,21 @@ def exact_bytes(dim: int, element_size: int = 4) -> int:
     return dim * dim * element_size + 2 * 8 * dim
 
 
-def sketch_bytes(dim: int, size: int, element_size: int = 4) -> int:
-    """Bytes a sketch holds between batches: the (dim, size) basis, the float64 mean and power."""
+def sketch_bytes(dim: int, size: int, element_size: int = 4, explore: int | None = None) -> int:
+    """Bytes a sketch holds while a window is open: the (dim, size) basis, the window's new directions
+    (G, A G: 2 * explore; A basis: size; the mean shift: 1) and its (m, m) float64 moment, the float64
+    mean and power."""
     size = min(size, dim)
-    return size * dim * element_size + 8 * (dim + size)
+    extra = 2 * (default_explore(size) if explore is None else explore) + size + 1
+    return (size + extra) * dim * element_size + 8 * (dim + size + (size + extra) ** 2)
 
 
-def sketch_update_bytes(dim: int, size: int, chunk: int | None = None, element_size: int = 4) -> int:
-    """Extra bytes while a sketch absorbs a chunk: the new basis, the chunk's rows and the Gram matrix.
-    Only one group updates at a time, so a process needs this once, not once per group."""
+def sketch_update_bytes(dim: int, size: int, explore: int | None = None, element_size: int = 4) -> int:
+    """Extra bytes while a window is folded in: the new basis and the float64 copies of the new directions.
+    Only one group folds at a time, so a process needs this once, not once per group."""
     size = min(size, dim)
-    chunk = chunk if chunk is not None else size
-    return (size + chunk + 1) * dim * element_size + 8 * (size + chunk + 1) ** 2
+    extra = 2 * (default_explore(size) if explore is None else explore) + size + 1
+    return size * dim * element_size + 8 * extra * dim
 
 
 def statistic_from_state_dict(kind: str, state: dict[str, torch.Tensor],

@@ -79,21 +79,30 @@ def plot_ranks(ranks: Mapping[str, int], path: str | Path, title: str, vmax: int
 
 
 def plot_convergence(state: EvaState, path: str | Path) -> Path:
-    """Converged / needed components against batches and seconds (from the state's history)."""
+    """Converged / needed components against batches and seconds, and when each group met the rule
+    (from the state's history and per-group stop batches)."""
     plt = pyplot()
     history = state.history
     if not history:
         raise ValueError("this EVA state has no convergence history to plot")
     batches = [h["batch"] for h in history]
     share = [h["converged_components"] / max(h["needed_components"], 1) for h in history]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), sharey=True)
+    fig, (left, middle, right) = plt.subplots(1, 3, figsize=(13, 3.2))
     left.plot(batches, share, marker=".")
     left.set_xlabel("batches")
     left.set_ylabel("share of needed components converged")
-    right.plot([h["seconds"] for h in history], share, marker=".", color="tab:orange")
-    right.set_xlabel("seconds")
+    middle.plot([h["seconds"] for h in history], share, marker=".", color="tab:orange")
+    middle.set_xlabel("seconds")
+    middle.sharey(left)
+    stops = state.group_stop_batches or [None] * len(state.groups)
+    met = sorted(s for s in stops if s is not None)
+    right.step([0] + met, [0] + list(range(1, len(met) + 1)), where="post", color="tab:green")
+    right.axhline(len(stops), color="grey", linestyle=":", linewidth=1)
+    right.set_xlabel("batch at which the group met the rule")
+    right.set_ylabel(f"groups ({len(met)} of {len(stops)} met it)")
     fig.suptitle(f"EVA convergence (tau={state.config.tau}): stop = {state.stop_reason} "
                  f"after {state.n_batches} batches")
+    fig.tight_layout()
     return save_figure(fig, path)
 
 
