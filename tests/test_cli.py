@@ -228,6 +228,17 @@ def test_trainer_checkpoints_hold_no_copy_of_the_embeddings(tmp_path):
     (["train", "eva.rho=0.5"], "eva.rho must be a number >= 1.0, got 0.5"),
     (["train", "eva.rank=4"], "set rank at the top level"),
     (["eval", "--adapter", "{empty}"], "has no adapter_config.json"),
+    (["init", "eva.target_modules=(unclosed"], "eva.target_modules '(unclosed' is not a valid regular expression"),
+    (["train", "eva.exclude_modules=[a"], "eva.exclude_modules '[a' is not a valid regular expression"),
+    (["train", "--train-file", "{empty_file}"], "empty.jsonl is empty"),
+    (["train", "--train-file", "{malformed}"], "malformed.jsonl cannot be parsed (ArrowInvalid"),
+    (["init", "--train-file", "{malformed}"], "malformed.jsonl cannot be parsed (ArrowInvalid"),
+    (["train", "max_length=4096"], "max_length 4096 is above the 512 positions model 'minilm' declares"),
+    (["init", "max_length=4096"], "max_length 4096 is above the 512 positions"),
+    (["eval", "max_length=4096"], "max_length 4096 is above the 512 positions"),
+    (["init", "--output", "{a_file}"], "is an existing file, not a state folder"),
+    (["init", "--output", "{used}"], "already holds a state (or other files)"),
+    (["eval", "--output", "{empty}"], "is a folder, expected a file path"),
 ])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
     (tmp_path / "empty").mkdir()
@@ -235,13 +246,33 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv,
     (tmp_path / "config_only/config.json").write_text("{}")
     (tmp_path / "bad.tsv").write_text("sentence\tscore\nhello\t1\n")
     (tmp_path / "bad.yaml").write_text("task: rte\nrank: [4\n")
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "malformed.jsonl").write_text('{"text": "fine", "label": 1}\n{"text": broken\n')
+    (tmp_path / "a_file").write_text("not a folder")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used/eva_state.json").write_text("{}")
     paths = {"empty": tmp_path / "empty", "config_only": tmp_path / "config_only", "bad_columns": tmp_path / "bad.tsv",
-             "bad_yaml": tmp_path / "bad.yaml"}
+             "bad_yaml": tmp_path / "bad.yaml", "empty_file": tmp_path / "empty.jsonl",
+             "malformed": tmp_path / "malformed.jsonl", "a_file": tmp_path / "a_file", "used": tmp_path / "used"}
+    before = sorted((p, p.stat().st_size) for p in tmp_path.rglob("*"))
     out = tmp_path / "out"
     argv = [a.format(**paths) for a in argv] + ["--output-dir", str(out)]
     code, stdout, err = run_cli(capsys, *argv)
     assert code == 2 and message in err
-    assert err.count("\n") == 1 and not out.exists()
+    assert err.count("\n") == 1 and "Traceback" not in err and not out.exists()
+    assert sorted((p, p.stat().st_size) for p in tmp_path.rglob("*")) == before  # nothing written anywhere
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--state", "{missing}", "--out", "{a_file}"], "is an existing file, expected a folder for the PNG files"),
+    (["--state", "{missing}", "--out", "{plots}"], "not found"),
+])
+def test_plot_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, argv, message):
+    (tmp_path / "a_file").write_text("x")
+    paths = {"a_file": tmp_path / "a_file", "missing": tmp_path / "no_state", "plots": tmp_path / "plots"}
+    code, _, err = run_cli(capsys, "plot", *[a.format(**paths) for a in argv])
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 
 
 def test_resume_continues_from_the_last_checkpoint(tmp_path, capsys, tiny_llama_dir):
@@ -268,7 +299,9 @@ def test_a_second_run_into_the_same_folder_replaces_the_eva_state(tmp_path, caps
 
     assert run_cli(capsys, *common, "eva.max_batches=3", "eva.tau=0.99999")[0] == 0
     assert EvaState.load(tmp_path / "run/eva_state").n_batches == 3
-    assert run_cli(capsys, *common, "eva.max_batches=2", "eva.tau=0.99999")[0] == 0
+    code, _, err = run_cli(capsys, *common, "eva.max_batches=2", "eva.tau=0.99999")
+    assert code == 2 and "holds another run" in err  # not silently mixed with the first run's files
+    assert run_cli(capsys, *common, "eva.max_batches=2", "eva.tau=0.99999", "--overwrite")[0] == 0
     assert EvaState.load(tmp_path / "run/eva_state").n_batches == 2
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from eva_lora import EvaConfig, compute_eva_state
-from eva_lora.app.decision import (
+from eva_lora.experiments.decision import (
     ACT_DIM,
     STATE_DIM,
     TARGETS,

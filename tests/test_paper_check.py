@@ -139,7 +139,7 @@ def test_vision_quick_trains_lora_and_eva_on_the_pretrained_cnn_and_reuses_runs(
     pytest.importorskip("sklearn")
     import vision
 
-    from eva_lora.app.vision import lite0_weights
+    from eva_lora.experiments.vision import lite0_weights
 
     try:
         lite0_weights()

@@ -261,7 +261,10 @@ def test_raw_writes_elsewhere_are_refused_by_the_kernel(outside_dir):
     sentinel.write_text("keep")
     paths = [str(outside_dir / "escape.txt")]
     result = run(RAW_WRITES.format(paths=paths, deletions=[str(sentinel)]))
-    assert f"{paths[0]} refused Permission denied" in result.stdout
+    # refused: "Permission denied" by the fresh uid, or "No such file" where the folder is outside the
+    # child's minimal root altogether
+    assert f"{paths[0]} refused Permission denied" in result.stdout or \
+        f"{paths[0]} refused No such file or directory" in result.stdout
     assert f"{sentinel} kept" in result.stdout
     assert not os.path.exists(paths[0]) and sentinel.read_text() == "keep"
 
@@ -416,3 +419,24 @@ BAD_INPUT = [
 def test_bad_input_is_refused_with_a_clear_error(call, error, message):
     with pytest.raises(error, match=message):
         call()
+
+
+def test_the_child_cannot_read_the_hosts_files():
+    """Secrets planted outside the sandbox (beside the tests and in HOME, mode 0600) and /etc/shadow:
+    where namespaces work the child lives in a minimal root that holds none of them
+    (FileNotFoundError), whatever its uid and capabilities."""
+    require("namespaces")
+    folder = Path(tempfile.mkdtemp(prefix=".sandbox-secret-", dir=folder_outside_the_private_tmpfs()))
+    planted = [folder / "secret.txt", Path.home() / f".eva-sandbox-secret-{uuid.uuid4().hex}"]
+    try:
+        for path in planted:
+            path.write_text("the planted secret\n")
+            path.chmod(0o600)
+        for path in [*planted, Path("/etc/shadow")]:
+            result = run(f"print(open({str(path)!r}).read())\n")
+            assert result.status == "failed", (path, result.stdout)
+            assert "FileNotFoundError" in result.stderr and "planted" not in result.stdout, (path, result.stderr)
+        assert not sandbox.isolation().read_capability  # the uid needs no capability to start Python
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+        planted[1].unlink(missing_ok=True)

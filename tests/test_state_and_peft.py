@@ -6,7 +6,16 @@ import warnings
 import pytest
 import torch
 
-from eva_lora import EvaConfig, EvaState, StateFileError, apply_eva_state, compute_eva_state, initial_lora_a
+from eva_lora import (
+    EvaConfig,
+    EvaState,
+    StateFileError,
+    apply_eva_state,
+    compute_eva_state,
+    initial_lora_a,
+    peft_a_rows,
+    state_from_peft_state_dict,
+)
 from eva_lora.state import META_FILE, TENSOR_FILE
 from helpers import token_batches
 
@@ -54,9 +63,9 @@ def test_load_rejects_inconsistent_ranks(llama_state, tmp_path):
     (d / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(StateFileError, match="does not match its own checksum"):
         EvaState.load(d)
-    from eva_lora.state import _meta_digest
+    from eva_lora.files import manifest_digest
 
-    meta["meta_sha256"] = _meta_digest(meta)  # a re-signed but inconsistent file still fails validation
+    meta["meta_sha256"] = manifest_digest(meta, "meta_sha256")  # re-signed but inconsistent: still fails
     (d / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(StateFileError, match="rank 999 outside"):
         EvaState.load(d)
@@ -127,9 +136,9 @@ def test_state_for_another_model_is_refused(llama_state, tiny_gpt2, tiny_llama):
 def test_peft_state_dict_round_trip_and_peft_loader(tiny_llama, llama_state):
     from peft import LoraConfig, get_peft_model, initialize_lora_eva_weights
 
-    sd = llama_state.to_peft_state_dict()
+    sd = peft_a_rows(llama_state)
     assert all(k.startswith("base_model.model.") for k in sd)
-    back = EvaState.from_peft_state_dict(sd, layer_shapes=llama_state.layer_shapes)
+    back = state_from_peft_state_dict(sd, layer_shapes=llama_state.layer_shapes)
     assert {n: r for n, r in back.ranks.items()} == {n: r for n, r in llama_state.ranks.items() if r > 0}
     cfg = LoraConfig(r=4, lora_alpha=1, target_modules=sorted(llama_state.ranks), init_lora_weights="eva")
     peft_model = get_peft_model(tiny_llama, cfg)

@@ -203,7 +203,7 @@ def test_decision_transformer_with_a_token_selector():
 @pytest.mark.slow
 def test_pretrained_efficientnet_lite0_loads_strictly_and_its_convs_take_eva():
     pytest.importorskip("sklearn")
-    from eva_lora.app.vision import digits, load_lite0
+    from eva_lora.experiments.vision import digits, load_lite0
 
     try:
         model = load_lite0(num_classes=10)

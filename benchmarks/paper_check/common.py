@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from eva_lora._atomic import atomic_write_text
 from eva_lora.app.plots import pyplot, save_figure
+from eva_lora.files import atomic_write_text
 
 RESULTS = Path(__file__).parent / "results"
 

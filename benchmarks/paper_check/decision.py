@@ -50,7 +50,7 @@ import torch
 from common import grid_parser, write_results
 from verdicts import describe, no_signal, paired
 
-from eva_lora._atomic import atomic_write_text
+from eva_lora.files import atomic_write_text
 
 PRETRAIN_TASKS = ["reach-v3", "pick-place-v3", "door-open-v3", "drawer-open-v3", "button-press-topdown-v3",
                   "window-open-v3", "faucet-open-v3", "handle-press-v3"]
@@ -98,7 +98,7 @@ def subset(settings: dict[str, Any], stage: str) -> dict[str, Any]:
 
 def configs(settings: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     """(PolicyConfig, pre-training TrainConfig, fine-tuning TrainConfig, AdapterConfig) from the settings."""
-    from eva_lora.app.decision import AdapterConfig, PolicyConfig, TrainConfig
+    from eva_lora.experiments.decision import AdapterConfig, PolicyConfig, TrainConfig
 
     policy = PolicyConfig(hidden=settings["hidden"], layers=settings["layers"], heads=settings["heads"],
                           context=settings["context"], dropout=settings["dropout"])
@@ -120,7 +120,7 @@ def log(text: str) -> None:
 
 def demonstrations(kind: str, settings: dict[str, Any], work: Path, timings: dict[str, float]) -> list[Any]:
     """The stored demonstrations of ``kind`` ("pretrain" / "finetune") when their settings match, else collected."""
-    from eva_lora.app.decision import collect_demonstrations, load_demonstrations, save_demonstrations
+    from eva_lora.experiments.decision import collect_demonstrations, load_demonstrations, save_demonstrations
 
     path, wanted = work / f"{kind}_demos.safetensors", subset(settings, f"{kind}_demos")
     if path.is_file() and path.with_suffix(".json").is_file():
@@ -153,7 +153,7 @@ def demo_summary(trajectories: list[Any]) -> dict[str, Any]:
 def pretrained_model(settings: dict[str, Any], demos: list[Any], work: Path,
                      timings: dict[str, float]) -> tuple[Any, dict[str, Any]]:
     """The stored pre-trained policy when its settings match, else pre-trained (and checked on its own tasks)."""
-    from eva_lora.app.decision import evaluate_success, load_policy, pretrain, save_policy, target_return
+    from eva_lora.experiments.decision import evaluate_success, load_policy, pretrain, save_policy, target_return
 
     path, wanted = work / "pretrained.safetensors", subset(settings, "pretrained")
     if path.is_file() and path.with_suffix(".json").is_file():
@@ -180,7 +180,7 @@ def pretrained_model(settings: dict[str, Any], demos: list[Any], work: Path,
 def run_one(init: str, task: str, seed: int, settings: dict[str, Any], model: Any, demos: list[Any], work: Path,
             timings: dict[str, float]) -> tuple[dict[str, Any], bool]:
     """A finished run with the same settings is read back (the grid resumes); else trained, evaluated, stored."""
-    from eva_lora.app.decision import evaluate_success, finetune, target_return
+    from eva_lora.experiments.decision import evaluate_success, finetune, target_return
 
     file = work / f"{init}_{task}_seed{seed}.json"
     if file.is_file():
@@ -207,7 +207,7 @@ def run_one(init: str, task: str, seed: int, settings: dict[str, Any], model: An
 
 def zero_shot(settings: dict[str, Any], model: Any, demos: list[Any], work: Path) -> dict[str, float]:
     """The pre-trained model on the held-out tasks, before any fine-tuning (stored, reused)."""
-    from eva_lora.app.decision import evaluate_success, target_return
+    from eva_lora.experiments.decision import evaluate_success, target_return
 
     file = work / "zero_shot.json"
     wanted = {**subset(settings, "pretrained"), **subset(settings, "finetune_demos"),
@@ -225,7 +225,7 @@ def zero_shot(settings: dict[str, Any], model: Any, demos: list[Any], work: Path
 
 def measure_setup(timings: dict[str, float]) -> None:
     """Seconds to set up one task's environment and goals (Meta-World builds 50 goals each time)."""
-    from eva_lora.app.decision import task_env
+    from eva_lora.experiments.decision import task_env
 
     begun = time.perf_counter()
     task_env(PRETRAIN_TASKS[0], 0)[0].close()

@@ -43,6 +43,7 @@ from typing import Any
 from common import RESULTS, pyplot, save_png, write_results
 
 from eva_lora.app.recipes.compare import headline
+from eva_lora.app.recipes.run_folder import same_settings
 from eva_lora.app.recipes.train import METRICS_FILE, train
 from eva_lora.app.run_config import RunConfig, build_run_config
 
@@ -98,7 +99,7 @@ def finished(cfg: RunConfig) -> dict[str, Any] | None:
     done = Path(cfg.output_dir) / METRICS_FILE
     if done.is_file():
         metrics = json.loads(done.read_text())
-        if metrics.get("config") == json.loads(json.dumps(cfg.to_dict(), default=str)):
+        if same_settings(metrics.get("config") or {}, cfg):
             return metrics
     return None
 
@@ -133,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for label, init, eva in part_methods[part]:
                 out = args.work / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
                 cfg = build_run_config(overrides={**settings, "init": init, "seed": seed, "output_dir": str(out),
+                                                  "overwrite": True,  # an unfinished run starts again
                                                   "data_dir": None if part in BUNDLED_PARTS else str(args.data_dir),
                                                   "progress": False,
                                                   "eva": {**settings["eva"], **eva}})

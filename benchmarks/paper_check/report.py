@@ -18,7 +18,7 @@ from typing import Any
 
 from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, paired_by_seed
 
-from eva_lora._atomic import atomic_write_text
+from eva_lora.files import atomic_write_text
 
 HERE = Path(__file__).parent
 Verdict = tuple[str, str]  # ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)

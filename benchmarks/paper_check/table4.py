@@ -27,6 +27,7 @@ from typing import Any
 from common import RESULTS, pyplot, save_png, write_results
 
 from eva_lora.app.recipes.compare import headline
+from eva_lora.app.recipes.run_folder import same_settings
 from eva_lora.app.recipes.train import METRICS_FILE, train
 from eva_lora.app.run_config import RunConfig, build_run_config
 
@@ -82,7 +83,7 @@ def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
     done = Path(cfg.output_dir) / METRICS_FILE
     if done.is_file():
         metrics = json.loads(done.read_text())
-        if metrics.get("config") == json.loads(json.dumps(cfg.to_dict(), default=str)):
+        if same_settings(metrics.get("config") or {}, cfg):
             return metrics, True
     return train(cfg), False
 
@@ -99,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
                 out = args.work / task / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
                 cfg = build_run_config(overrides={**settings, "task": task, "init": init, "seed": seed,
                                                   "max_steps": steps[task], "data_dir": str(args.data_dir),
-                                                  "output_dir": str(out),
+                                                  "output_dir": str(out), "overwrite": True,  # unfinished: again
                                                   "progress": False, "eva": {**eva}})
                 run_started = time.perf_counter()
                 metrics, reused = run_one(cfg)

@@ -37,7 +37,7 @@ from common import grid_parser, write_results
 from verdicts import describe, paired
 
 from eva_lora import EvaConfig, apply_eva_state, compute_eva_state
-from eva_lora._atomic import atomic_write_text
+from eva_lora.files import atomic_write_text
 
 TARGETS = r".*(_expand_conv|_project_conv|_conv_head)"
 RECIPE = dict(rank=8, rho=2.0, lora_alpha=8.0, lr=1e-3, weight_decay=0.05, batch=64, epochs=8, warmup_epochs=1,
@@ -59,7 +59,7 @@ def test_size(settings: dict[str, Any]) -> int:
 
 def split(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed train / test split of the digits (a seeded permutation, independent of the run's seed)."""
-    from eva_lora.app.vision import digits
+    from eva_lora.experiments.vision import digits
 
     images, labels = digits(settings["image_size"])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
@@ -73,7 +73,7 @@ def build(init: str, seed: int, settings: dict[str, Any], x: torch.Tensor) -> tu
     """(PEFT model, info): EVA computes its state from the training images; LoRA is PEFT's default init."""
     from peft import LoraConfig, get_peft_model
 
-    from eva_lora.app.vision import load_lite0
+    from eva_lora.experiments.vision import load_lite0
 
     model = load_lite0(num_classes=10, seed=seed)
     info: dict[str, Any] = {}

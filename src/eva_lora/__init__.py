@@ -10,7 +10,7 @@ from .config import EvaConfig, InitOptions
 from .engine import EvaNotConvergedError, compute_eva_state
 from .lora_init import initial_lora_a
 from .model_card import save_adapter
-from .peft_bridge import apply_eva_state, lora_config_for, write_eva_weights
+from .peft_bridge import apply_eva_state, lora_config_for, peft_a_rows, state_from_peft_state_dict, write_eva_weights
 from .peft_compat import get_eva_state_dict, initialize_lora_eva_weights
 from .state import EvaState, StateFileError
 
@@ -28,6 +28,8 @@ __all__ = [
     "compute_eva_state",
     "initial_lora_a",
     "lora_config_for",
+    "peft_a_rows",
+    "state_from_peft_state_dict",
     "rank_scores",
     "write_eva_weights",
 ]

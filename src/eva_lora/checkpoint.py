@@ -12,16 +12,13 @@ the same result as an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from ._atomic import atomic_path, atomic_write_text
-from .files import StateFileError, read_json_manifest, read_safetensors, sha256_file
+from .files import StateFileError, read_pair, write_pair
 
 FORMAT = "eva-lora-checkpoint"
 FORMAT_VERSION = 3  # 3: the windowed sketch statistic and the subspace convergence rule
@@ -58,6 +55,23 @@ class LoopSnapshot:
     history: list[dict[str, Any]]
 
 
+def has_snapshot(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a committed checkpoint (its manifest)."""
+    return (Path(directory) / META).is_file()
+
+
+def checkpoint_bytes(widths: list[int], config: Any) -> int:
+    """Upper bound of a checkpoint's size: every group's statistic (one group per layer) plus the tracker
+    snapshots, as planned without a memory budget."""
+    import dataclasses
+
+    from .planning import plan_statistics
+
+    unbounded = dataclasses.replace(config, statistics_budget_mb=None)
+    snapshots = sum(2 * config.max_components * w * 4 for w in widths)
+    return sum(p.nbytes for p in plan_statistics(widths, unbounded)) + snapshots
+
+
 def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
     """Write tensors under a fresh name, commit by renaming the JSON, then drop older tensor files."""
     directory = Path(directory)
@@ -72,13 +86,10 @@ def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
                        "active": group.active, "tokens": group.tokens, "total_variance": group.total_variance,
                        "stop_batch": group.stop_batch})
     name = f"eva_checkpoint-{snapshot.steps}.safetensors"
-    with atomic_path(directory / name) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    record = {"format": FORMAT, "format_version": FORMAT_VERSION, "tensor_file": name,
-              "tensors_sha256": sha256_file(directory / name), "steps": snapshot.steps,
-              "n_batches": snapshot.n_batches, "config": snapshot.config, "single_call": snapshot.single_call,
-              "groups": groups, "ranks": snapshot.ranks, "history": snapshot.history}
-    atomic_write_text(directory / META, json.dumps(record, indent=1, allow_nan=True))
+    write_pair(directory / name, tensors, directory / META, {
+        "steps": snapshot.steps, "n_batches": snapshot.n_batches, "config": snapshot.config,
+        "single_call": snapshot.single_call, "groups": groups, "ranks": snapshot.ranks, "history": snapshot.history,
+    }, format_name=FORMAT, version=FORMAT_VERSION)
     for old in directory.glob("eva_checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -90,21 +101,19 @@ def load_snapshot(directory: str | Path) -> LoopSnapshot | None:
     directory = Path(directory)
     if not (directory / META).is_file():
         return None
-    meta = read_json_manifest(directory / META, FORMAT, FORMAT_VERSION, "an eva-lora checkpoint")
-    tensor_path = directory / str(meta.get("tensor_file", ""))
-    if not tensor_path.is_file() or sha256_file(tensor_path) != meta.get("tensors_sha256"):
-        raise StateFileError(f"{tensor_path} is missing or does not match its checksum in {directory / META}")
-    tensors = read_safetensors(tensor_path)
+    meta, tensors = read_pair(directory / META, format_name=FORMAT, version=FORMAT_VERSION,
+                              what="an eva-lora checkpoint")
     try:
         groups = []
         for g, info in enumerate(meta["groups"]):
             parts = {prefix: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{g}.")}
                      for prefix in (STAT_PREFIX, TRACKER_PREFIX)}
-            groups.append(GroupSnapshot([str(n) for n in info["names"]], int(info["dim"]), str(info["kind"]),
-                                        None if info["size"] is None else int(info["size"]), bool(info["active"]),
-                                        int(info["tokens"]), float(info["total_variance"]),
-                                        parts[STAT_PREFIX], parts[TRACKER_PREFIX],
-                                        None if info.get("stop_batch") is None else int(info["stop_batch"])))
+            stop = info.get("stop_batch")
+            groups.append(GroupSnapshot(
+                names=[str(n) for n in info["names"]], dim=int(info["dim"]), kind=str(info["kind"]),
+                size=None if info["size"] is None else int(info["size"]), active=bool(info["active"]),
+                tokens=int(info["tokens"]), total_variance=float(info["total_variance"]),
+                stat=parts[STAT_PREFIX], tracker=parts[TRACKER_PREFIX], stop_batch=None if stop is None else int(stop)))
         return LoopSnapshot(int(meta["steps"]), int(meta["n_batches"]), dict(meta["config"]),
                             bool(meta["single_call"]), groups, {str(k): int(v) for k, v in meta["ranks"].items()},
                             list(meta["history"]))

@@ -15,15 +15,17 @@ of :func:`~eva_lora.compute_eva_state`, not configuration.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ._fields import check_fields, coerce_numbers, unknown_keys
+from .fields import check_fields, coerce_numbers, unknown_keys
 
 RankMetric = Literal["ratio", "raw", "max"]
 InitMode = Literal["eva", "perm", "rot", "redist_only"]
 INIT_FIELDS = ("whiten", "adjust_alpha", "init_mode")  # used when A is built, after the statistics
 RUNTIME_FIELDS = ("statistics_device", "statistics_tf32")  # where / how the work happens
+SELECTION_KEYWORDS = ("all-linear", "all-linear-and-head")  # target_modules names that are not regexes
 
 
 @dataclass(frozen=True)
@@ -43,11 +45,12 @@ class EvaConfig:
         rank: LoRA rank r; the total budget is ``rank * number_of_adapted_layers``.
         rho: redistribution factor (>= 1); a layer may receive up to ``round(rank * rho)``.
             ``rho = 1`` gives exactly uniform ranks.
-        tau: convergence threshold in [0, 1] (paper default 0.99; 0 stops after the first check,
-            as in PEFT). The paper reads it as the cosine between successive estimates of each
-            component; eva-lora applies it to each group's subspace: the estimate of the components
-            a layer needs, made on at most half of the tokens seen, may miss at most
-            ``epsilon = 0.5 * (1 - tau^2)`` of the variance of the best subspace now
+        tau: convergence threshold in [0, 1] (paper default 0.99; small values stop as soon as a
+            group has an older estimate to compare with). The paper reads it as the cosine between
+            successive estimates of each component; eva-lora applies it to each group's subspace:
+            the estimate of the components a layer needs, made on at most half of the tokens seen,
+            may miss at most ``epsilon = min(4 * (1 - tau^2), 1)`` of the variance of the best
+            subspace now (the factor 4 was measured: benchmarks/README.md)
             (:mod:`eva_lora.convergence`). ``implementation="peft"`` in the PEFT drop-in keeps
             PEFT's per-component test.
         delta: fraction of all needed components that, once converged, ends the loop (1.0 = all).
@@ -127,6 +130,13 @@ class EvaConfig:
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
         check_fields(self)
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value not in SELECTION_KEYWORDS:
+                try:
+                    re.compile(value)
+                except re.error as err:
+                    raise ValueError(f"{name} {value!r} is not a valid regular expression: {err}") from None
         if self.min_rank > self.rank:
             raise ValueError(f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}")
         k = self.max_components

@@ -93,6 +93,11 @@ def compute_eva_state(
         return loop.build_state(layer_shapes(layers))
 
 
+# A converged group keeps absorbing the batches the pass computes anyway (measured: MiniLM's whole-data
+# captured variance at 42 passes, mean 0.977 -> 0.993; see benchmarks/README.md). False: it stops at once.
+FEED_CONVERGED = True
+
+
 @dataclass
 class GroupRecord:
     """Everything the loop knows about one input group (on every rank; ``stat`` only on its owner)."""
@@ -157,9 +162,10 @@ class _EvaLoop:
 
     def snapshot(self) -> LoopSnapshot:
         """The loop's state as plain data: what a checkpoint holds."""
-        groups = [GroupSnapshot(rec.names, rec.layer.dim, rec.plan.kind, rec.plan.size, rec.layer.active,
-                                rec.tokens, rec.tracker.total_variance, rec.stat.state_dict(),
-                                rec.tracker.state_dict(), rec.stop_batch) for rec in self.groups]
+        groups = [GroupSnapshot(names=rec.names, dim=rec.layer.dim, kind=rec.plan.kind, size=rec.plan.size,
+                                active=rec.layer.active, tokens=rec.tokens, total_variance=rec.tracker.total_variance,
+                                stat=rec.stat.state_dict(), tracker=rec.tracker.state_dict(), stop_batch=rec.stop_batch)
+                  for rec in self.groups]
         return LoopSnapshot(self.steps, self.n_batches, self.config.to_dict(), self.capture.single_call, groups,
                             dict(self.ranks), list(self.history))
 
@@ -241,6 +247,11 @@ class _EvaLoop:
         for layer, plan in zip(layers, plans):
             mine = plan.owner == self.comm.rank
             self._new_record(layer, plan, self._new_statistic(layer, plan) if mine else None)
+        narrow = [g.names[0] for g in layers if g.dim < self.config.max_components]
+        if narrow and self.comm.rank == 0:
+            warnings.warn(f"{len(narrow)} layer group(s) are narrower than the {self.config.max_components} "
+                          f"components asked for (round(rank * rho)), so they get at most their width: "
+                          f"{narrow[:4]}{' ...' if len(narrow) > 4 else ''}", stacklevel=2)
         self.capture.set_exit_point(self._exit_enabled())
 
     def _new_statistic(self, layer: LayerGroup, plan: GroupPlan) -> Statistic:
@@ -315,16 +326,16 @@ class _EvaLoop:
         for record in self.groups:
             need = max(self.ranks[n] for n in record.names)
             done = converged_prefix(record.tracker.converged, need)
-            was_active, record.layer.active = record.layer.active, done < need
-            if was_active and not record.layer.active:
+            if done >= need and record.stop_batch is None:
                 record.stop_batch = self.n_batches
-            elif record.layer.active:
+            elif done < need:
                 record.stop_batch = None
             needed, converged = needed + need, converged + done
+        self._set_feeding()
         self.capture.set_exit_point(self._exit_enabled())
         self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
                              "converged_components": converged,
-                             "active_groups": sum(r.layer.active for r in self.groups),
+                             "active_groups": sum(r.stop_batch is None for r in self.groups),
                              "forward_ends_after": self.capture.exit_layer,
                              "statistic_bytes": sum(r.stat.nbytes for r in self.groups if r.stat is not None),
                              "bytes_communicated": self.comm.bytes_sent,
@@ -338,6 +349,16 @@ class _EvaLoop:
             return True
         return False
 
+    def _set_feeding(self) -> None:
+        """Which groups absorb the next batches: those still converging and, with ``FEED_CONVERGED``,
+        also the converged groups the pass reaches anyway (at or before the deepest unconverged one in
+        execution order). Their rows cost one matmul each and no pass; their final components then use
+        every batch the loop ran, not only those until they met the rule."""
+        needy = [r.stop_batch is None for r in self.groups]
+        last = max((i for i, n in enumerate(needy) if n), default=-1)
+        for index, record in enumerate(self.groups):
+            record.layer.active = needy[index] or (FEED_CONVERGED and index <= last)
+
     def _solve(self) -> None:
         """Every active group this process owns: fold sketch windows in, solve, measure the loss.
 
@@ -346,7 +367,8 @@ class _EvaLoop:
         active = [r for r in self.groups if r.layer.active and r.stat is not None]
         with statistics_precision(self.config.statistics_tf32), single_thread(self._stat_device_type()):
             compress_sketches([r.stat for r in active if isinstance(r.stat, SketchStatistic)])
-            ready = [r for r in active if r.stat.count > r.cap]  # fewer tokens than components: wait
+            # converged groups that are still fed are not judged again; fewer tokens than components: wait
+            ready = [r for r in active if r.stop_batch is None and r.stat.count > r.cap]
             references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
             exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
             requests = [r.tracker.solver.request(r.stat, references[id(r)]) for r in exact]
@@ -425,11 +447,11 @@ class _EvaLoop:
         self.ranks = self._allocate()
         unconverged = self._unconverged()
         self._report(unconverged)
-        return EvaState(self.config, [list(r.names) for r in self.groups], comps, values, ratios,
-                        [r.tokens for r in self.groups], self.ranks, dict(shapes),
-                        n_batches=self.n_batches, stop_reason=self.stop_reason, unconverged=unconverged,
-                        history=self.history, versions=versions(),
-                        group_statistics=[r.plan.kind for r in self.groups],
+        return EvaState(config=self.config, groups=[list(r.names) for r in self.groups], group_components=comps,
+                        group_eigenvalues=values, group_ratios=ratios, group_tokens=[r.tokens for r in self.groups],
+                        ranks=self.ranks, layer_shapes=dict(shapes), n_batches=self.n_batches,
+                        stop_reason=self.stop_reason, unconverged=unconverged, history=self.history,
+                        versions=versions(), group_statistics=[r.plan.kind for r in self.groups],
                         group_stop_batches=[r.stop_batch for r in self.groups])
 
     def _unconverged(self) -> list[str]:

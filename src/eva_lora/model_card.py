@@ -10,6 +10,7 @@ gets the permissions of a plain ``mkdir`` under the user's umask.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -18,16 +19,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from ._atomic import atomic_write_text, umask_mode
+from .files import atomic_write_text, umask_mode
 from .loop_utils import versions
-from .state import EvaState
+from .state import STATE_DIR, EvaState
 
 # Our inits never change the base vocabulary or embeddings, but PEFT's save_embedding_layers="auto" copies
 # the whole embedding matrix into the adapter whenever the LM head is a target (130 of 136 MB for SmolLM2).
 NO_EMBEDDING_COPY = {"save_embedding_layers": False}
 
-STATE_SUBDIR = "eva_state"
+STATE_SUBDIR = STATE_DIR  # the adapter folder keeps its EVA state here
 CARD = "README.md"
+MANIFEST = "eva_manifest.json"  # the base model's fingerprint: `eva eval` refuses an adapter for another model
+MODEL_IDENTITY = ("architecture", "model_type", "parameters", "shapes_sha256")  # what an adapter is checked on
 
 
 def rank_summary(ranks: dict[str, int]) -> list[tuple[str, int, int, float, int]]:
@@ -36,6 +39,25 @@ def rank_summary(ranks: dict[str, int]) -> list[tuple[str, int, int, float, int]
     for name, rank in ranks.items():
         by_kind[re.sub(r"^.*?\.\d+\.", "", name)].append(rank)
     return [(kind, len(v), min(v), sum(v) / len(v), max(v)) for kind, v in sorted(by_kind.items())]
+
+
+def check_adapter_model(adapter: str | os.PathLike[str], model: Any, force: bool = False) -> None:
+    """Refuse an adapter saved for another base model (its ``eva_manifest.json`` says which), unless
+    ``force``. Adapters saved without a manifest (by PEFT itself) are taken as they are."""
+    from .fingerprints import differences, model_fingerprint
+
+    path = Path(adapter) / MANIFEST
+    if force or not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{path} is not a readable adapter manifest: {err}") from None
+    actual = model_fingerprint(model)
+    changed = differences(recorded, {k: actual.get(k) for k in MODEL_IDENTITY})
+    if changed:
+        raise ValueError(f"the adapter {adapter} was trained on another base model ({'; '.join(changed[:2])}); "
+                         "evaluate it with its own base model, or pass force=true to load it anyway")
 
 
 def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
@@ -68,10 +90,13 @@ def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
 
 
 def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaState | None = None,
-                 info: dict[str, Any] | None = None, **save_kwargs: Any) -> Path:
+                 info: dict[str, Any] | None = None, model: dict[str, Any] | None = None,
+                 **save_kwargs: Any) -> Path:
     """Save ``peft_model`` to ``directory`` with its model card and EVA state, atomically.
 
     ``info``: what the card should say (base_model, task, init, seed, steps, train_loss).
+    ``model``: the base model's :func:`~eva_lora.fingerprints.model_fingerprint`, taken before any
+    init rewrote its weights; its identity (:data:`MODEL_IDENTITY`) is kept in ``eva_manifest.json``.
     ``save_kwargs`` go to ``save_pretrained`` (e.g. ``path_initial_model_for_weight_conversion``).
     The embeddings are not copied into the adapter (``NO_EMBEDDING_COPY``): pass
     ``save_embedding_layers=True`` if you resized the vocabulary or trained the embeddings in full.
@@ -90,6 +115,9 @@ def save_adapter(peft_model: Any, directory: str | os.PathLike[str], state: EvaS
         info.setdefault("base_model", getattr(getattr(peft_model, "peft_config", {}).get("default"),
                                               "base_model_name_or_path", None) or "unknown")
         atomic_write_text(tmp / CARD, model_card_text(state, info))
+        if model is not None:
+            identity = {k: model.get(k) for k in MODEL_IDENTITY}
+            atomic_write_text(tmp / MANIFEST, json.dumps({"format": "eva-lora-adapter", "model": identity}, indent=2))
         _chmod_tree(tmp)
         old = target.with_name(f".{target.name}.old")
         if target.exists():

@@ -14,13 +14,64 @@ from typing import Any
 import torch
 from torch import nn
 
+from .config import EvaConfig
 from .lora_init import initial_lora_a
 from .state import EvaState
-from .targets import SUPPORTED_LAYERS, in_features, out_features
+from .targets import SUPPORTED_LAYERS, find_target_layers, in_features, out_features
+
+PEFT_PREFIX = "base_model.model."  # how a PeftModel names the base model's modules
+IMPORTED_FROM_PEFT = "imported_from_peft"  # stop_reason of a state wrapped from PEFT's rows
 
 
-def check_state_matches(model: nn.Module, state: EvaState) -> None:
-    """Raise naming the first layer whose name, type or shape differs between state and model."""
+def peft_a_rows(state: EvaState, prefix: str = PEFT_PREFIX, rank_zero: bool = False) -> dict[str, torch.Tensor]:
+    """The one path from a state to PEFT's EVA state dict: ``prefix + name`` -> initial A rows.
+
+    Rows are whitened / ablated as the state's config says (:func:`~eva_lora.initial_lora_a`);
+    ``peft.initialize_lora_eva_weights(model, eva_state_dict=...)`` loads the result. With
+    ``rank_zero``, layers of rank 0 are included as (0, in_features) tensors, as PEFT's own
+    ``get_eva_state_dict`` returns them.
+    """
+    rows = initial_lora_a(state)
+    out = {}
+    for name in state.ranks:
+        if name in rows:
+            out[prefix + name] = rows[name]
+        elif rank_zero:
+            out[prefix + name] = torch.zeros(0, state.layer_shapes[name][0])
+    return out
+
+
+def state_from_peft_state_dict(state_dict: dict[str, torch.Tensor], config: EvaConfig | None = None,
+                               layer_shapes: dict[str, list[int]] | None = None) -> EvaState:
+    """Wrap PEFT's ``get_eva_state_dict`` output in an EvaState; spectra are unknown and stored as NaN.
+
+    Each layer becomes its own group and its rank is its number of rows. ``layer_shapes``
+    (name -> [in, out]) makes the state checkable against a model; without it the output
+    width is recorded as -1.
+    """
+    if not state_dict:
+        raise ValueError("the PEFT EVA state dict is empty")
+    names, comps = [], []
+    for key, rows in state_dict.items():
+        names.append(key.removeprefix(PEFT_PREFIX))
+        comps.append(rows.detach().to("cpu", torch.float32).reshape(-1, rows.shape[-1]))
+    config = config or EvaConfig(rank=max(1, round(sum(c.shape[0] for c in comps) / len(comps))), whiten=False)
+    nan = [torch.full((c.shape[0],), math.nan, dtype=torch.float64) for c in comps]
+    shapes = layer_shapes or {n: [c.shape[1], -1] for n, c in zip(names, comps)}
+    return EvaState(config=config, groups=[[n] for n in names], group_components=comps, group_eigenvalues=nan,
+                    group_ratios=[v.clone() for v in nan], group_tokens=[0] * len(names),
+                    ranks={n: c.shape[0] for n, c in zip(names, comps)}, layer_shapes=shapes,
+                    stop_reason=IMPORTED_FROM_PEFT)
+
+
+def check_state_matches(model: nn.Module, state: EvaState, force: bool = False) -> None:
+    """Raise naming the first layer whose name, type or shape differs between state and model.
+
+    A state computed here also has to cover the model: every layer its own selection
+    (``state.config.target_modules``) picks in this model must be in it, or a larger model of the
+    same family would silently get no adapter on its extra layers. ``force=True`` skips that
+    coverage test (layer shapes are always checked); states imported from PEFT carry no selection.
+    """
     if hasattr(model, "peft_config"):
         raise TypeError("apply_eva_state expects the base model, not a PeftModel")
     modules = dict(model.named_modules())
@@ -34,6 +85,14 @@ def check_state_matches(model: nn.Module, state: EvaState) -> None:
         if in_features(module) != width or (out != -1 and actual_out != out):
             raise ValueError(f"the EVA state was computed for another model: layer {name} has shape "
                              f"[in={in_features(module)}, out={actual_out}], the state expects [in={width}, out={out}]")
+    if force or state.stop_reason == IMPORTED_FROM_PEFT:
+        return
+    extra = [n for n in find_target_layers(model, state.config) if n not in state.layer_shapes]
+    if extra:
+        raise ValueError(f"the EVA state was computed for another model: this model has {len(extra)} target "
+                         f"layer(s) the state does not cover (first: {extra[0]}), which would get no adapter; "
+                         "compute a state for this model, or pass force=True (CLI: --force) to adapt only the "
+                         "state's layers")
 
 
 def lora_config_for(state: EvaState, lora_alpha: float = 1.0, **lora_kwargs: Any):
@@ -56,15 +115,17 @@ def lora_config_for(state: EvaState, lora_alpha: float = 1.0, **lora_kwargs: Any
 
 
 def apply_eva_state(model: nn.Module, state: EvaState, lora_alpha: float = 1.0, *, use_dora: bool = False,
-                    adapter_name: str = "default", **lora_kwargs: Any):
+                    adapter_name: str = "default", force: bool = False, **lora_kwargs: Any):
     """Wrap ``model`` in a ``peft.PeftModel`` whose LoRA A rows are EVA's components and B = 0.
 
     Extra keyword arguments go to ``LoraConfig`` (``lora_dropout``, ``use_rslora``, ...). Layers
-    with rank 0 get no adapter. At initialisation the outputs equal the base model's.
+    with rank 0 get no adapter. At initialisation the outputs equal the base model's. The state
+    must match the model (:func:`check_state_matches`; ``force=True`` accepts a state that covers
+    only part of the model's target layers).
     """
     from peft import get_peft_model
 
-    check_state_matches(model, state)
+    check_state_matches(model, state, force)
     config = lora_config_for(state, lora_alpha, use_dora=use_dora, **lora_kwargs)
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     write_eva_weights(peft_model, state, adapter_name)

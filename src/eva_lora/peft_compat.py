@@ -167,15 +167,11 @@ def get_eva_state_dict(
     state = compute_peft_style_state(model, dataloader, peft_config, forward_fn, prepare_model_inputs_fn,
                                      prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
                                      show_progress_bar, eva_lora_config)
-    from .lora_init import initial_lora_a
+    from .peft_bridge import peft_a_rows
 
-    rows = initial_lora_a(state)
     device = _device(model)
-    out = {}
-    for name in state.ranks:  # every layer, rank-0 ones as (0, in_features) like PEFT
-        tensor = rows.get(name, torch.zeros(0, state.layer_shapes[name][0]))
-        out[name] = tensor.to(device) if device is not None else tensor
-    return out
+    rows = peft_a_rows(state, prefix="", rank_zero=True)  # every layer, rank-0 ones as (0, in) like PEFT
+    return {name: a.to(device) if device is not None else a for name, a in rows.items()}
 
 
 def compute_peft_style_state(model: nn.Module, dataloader: Iterable[Any], peft_config: Any = None,

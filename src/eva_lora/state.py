@@ -9,26 +9,22 @@ hash detects a truncated or swapped tensor file.
 from __future__ import annotations
 
 import hashlib
-import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from ._atomic import atomic_path, atomic_write_text
 from .config import EvaConfig
-from .files import StateFileError, read_json_manifest, read_safetensors, sha256_file
-from .lora_init import initial_lora_a
+from .files import StateFileError, read_pair, write_pair
 
 FORMAT = "eva-lora-state"
 FORMAT_VERSION = 1
 TENSOR_FILE = "eva_state.safetensors"
 META_FILE = "eva_state.json"
-PEFT_PREFIX = "base_model.model."
+STATE_DIR = "eva_state"  # the folder a state is saved to inside a run or adapter folder
+DIGEST_KEY = "meta_sha256"  # the manifest's SHA-256 of its own content
 
 
 @dataclass
@@ -92,26 +88,19 @@ class EvaState:
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the state atomically into ``directory`` (created if needed)."""
+        """Write the state atomically into ``directory`` (created if needed): tensors, then the manifest."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for g in range(len(self.groups)):
-            tensors[f"group.{g}.components"] = self.group_components[g].detach().to("cpu", torch.float32).contiguous()
-            tensors[f"group.{g}.eigenvalues"] = self.group_eigenvalues[g].detach().to("cpu", torch.float64).contiguous()
-            tensors[f"group.{g}.ratios"] = self.group_ratios[g].detach().to("cpu", torch.float64).contiguous()
-        with atomic_path(directory / TENSOR_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
-        meta = self._metadata(sha256_file(directory / TENSOR_FILE))
-        meta["meta_sha256"] = _meta_digest(meta)
-        atomic_write_text(directory / META_FILE, json.dumps(meta, indent=1, allow_nan=True))
+            tensors[f"group.{g}.components"] = self.group_components[g].detach().to("cpu", torch.float32)
+            tensors[f"group.{g}.eigenvalues"] = self.group_eigenvalues[g].detach().to("cpu", torch.float64)
+            tensors[f"group.{g}.ratios"] = self.group_ratios[g].detach().to("cpu", torch.float64)
+        write_pair(directory / TENSOR_FILE, tensors, directory / META_FILE, self._metadata(), format_name=FORMAT,
+                   version=FORMAT_VERSION, digest_key=DIGEST_KEY)
         return directory
 
-    def _metadata(self, digest: str) -> dict[str, Any]:
+    def _metadata(self) -> dict[str, Any]:
         return {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "tensors_sha256": digest,
             "config": self.config.to_dict(),
             "groups": [{"layers": names, "tokens": t, "statistic": kind, "stop_batch": stop}
                        for names, t, kind, stop in zip(self.groups, self.group_tokens, self._kinds(),
@@ -136,12 +125,9 @@ class EvaState:
     def load(cls, directory: str | os.PathLike[str]) -> EvaState:
         """Read and validate a state written by :meth:`save`."""
         directory = Path(directory)
-        meta = _read_meta(directory)
-        tensor_path = directory / TENSOR_FILE
-        if not tensor_path.is_file():
-            raise StateFileError(f"{tensor_path} is missing")
-        if sha256_file(tensor_path) != meta.get("tensors_sha256"):
-            raise StateFileError(f"{tensor_path} does not match its checksum in {META_FILE} (truncated or replaced)")
+        meta, tensors = read_pair(directory / META_FILE, format_name=FORMAT, version=FORMAT_VERSION,
+                                  what="an eva-lora state directory", finite=False, digest_key=DIGEST_KEY,
+                                  tensor_file=TENSOR_FILE)  # spectra of a state imported from PEFT are NaN
         try:
             config = EvaConfig.from_dict(meta["config"])
             groups = [list(g["layers"]) for g in meta["groups"]]
@@ -152,8 +138,9 @@ class EvaState:
             shapes = {str(k): [int(x) for x in v] for k, v in meta["layer_shapes"].items()}
         except (KeyError, TypeError, ValueError) as err:
             raise StateFileError(f"{directory / META_FILE} is not a valid EVA state: {err}") from err
-        comps, values, ratios = _read_tensors(tensor_path, len(groups))
-        state = cls(config, groups, comps, values, ratios, tokens, ranks, shapes,
+        comps, values, ratios = _group_tensors(tensors, directory / TENSOR_FILE, len(groups))
+        state = cls(config=config, groups=groups, group_components=comps, group_eigenvalues=values,
+                    group_ratios=ratios, group_tokens=tokens, ranks=ranks, layer_shapes=shapes,
                     n_batches=int(meta.get("n_batches", 0)), stop_reason=str(meta.get("stop_reason", "unknown")),
                     unconverged=list(meta.get("unconverged", [])), history=list(meta.get("history", [])),
                     versions=dict(meta.get("versions", {})), group_statistics=kinds, group_stop_batches=stops)
@@ -179,36 +166,11 @@ class EvaState:
                 if not 0 <= self.ranks[name] <= k:
                     raise StateFileError(f"layer {name}: rank {self.ranks[name]} outside [0, {k}]")
 
-    # ---- PEFT interop ----------------------------------------------------------------------
-    def to_peft_state_dict(self, prefix: str = PEFT_PREFIX) -> dict[str, torch.Tensor]:
-        """The dict ``peft.initialize_lora_eva_weights(model, eva_state_dict=...)`` accepts.
 
-        Keys are PeftModel module names (``prefix`` + base name); values are the initial A rows
-        (whitened / ablated as this state's config says), one per layer with rank > 0.
-        """
-        return {prefix + name: a for name, a in initial_lora_a(self).items()}
-
-    @classmethod
-    def from_peft_state_dict(cls, state_dict: dict[str, torch.Tensor], config: EvaConfig | None = None,
-                             layer_shapes: dict[str, list[int]] | None = None) -> EvaState:
-        """Wrap PEFT's ``get_eva_state_dict`` output; spectra are unknown and stored as NaN.
-
-        Each layer becomes its own group and its rank is its number of rows. ``layer_shapes``
-        (name -> [in, out]) makes the state checkable against a model; without it the output
-        width is recorded as -1.
-        """
-        if not state_dict:
-            raise ValueError("the PEFT EVA state dict is empty")
-        names, comps = [], []
-        for key, rows in state_dict.items():
-            name = key[len(PEFT_PREFIX):] if key.startswith(PEFT_PREFIX) else key
-            names.append(name)
-            comps.append(rows.detach().to("cpu", torch.float32).reshape(-1, rows.shape[-1]))
-        config = config or EvaConfig(rank=max(1, round(sum(c.shape[0] for c in comps) / len(comps))), whiten=False)
-        nan = [torch.full((c.shape[0],), math.nan, dtype=torch.float64) for c in comps]
-        shapes = layer_shapes or {n: [c.shape[1], -1] for n, c in zip(names, comps)}
-        return cls(config, [[n] for n in names], comps, nan, [v.clone() for v in nan], [0] * len(names),
-                   {n: c.shape[0] for n, c in zip(names, comps)}, shapes, stop_reason="imported_from_peft")
+def state_bytes(widths: list[int], components: int) -> int:
+    """Upper bound of a saved state's size: per layer, ``components`` float32 rows of its width and two
+    float64 spectra (one group per layer; shared groups only make it smaller), plus 1 MiB of JSON."""
+    return sum(w * components * 4 + 2 * components * 8 for w in widths) + (1 << 20)
 
 
 def model_fingerprint(layer_shapes: dict[str, list[int]]) -> str:
@@ -217,23 +179,9 @@ def model_fingerprint(layer_shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _meta_digest(meta: dict[str, Any]) -> str:
-    """SHA-256 of the metadata's canonical JSON (without this digest): an edited JSON is refused too."""
-    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, allow_nan=True).encode()).hexdigest()
-
-
-def _read_meta(directory: Path) -> dict[str, Any]:
-    path = directory / META_FILE
-    meta = read_json_manifest(path, FORMAT, FORMAT_VERSION, "an eva-lora state directory")
-    if meta.get("meta_sha256") != _meta_digest(meta):
-        raise StateFileError(f"{path} does not match its own checksum (edited or corrupted)")
-    return meta
-
-
-def _read_tensors(path: Path, n_groups: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _group_tensors(tensors: dict[str, torch.Tensor], path: Path,
+                   n_groups: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     expected = {"components": torch.float32, "eigenvalues": torch.float64, "ratios": torch.float64}
-    tensors = read_safetensors(path, finite=False)  # spectra of a state imported from PEFT are NaN
     out: dict[str, list[torch.Tensor]] = {k: [] for k in expected}
     for g in range(n_groups):
         for kind, dtype in expected.items():

@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: nothing was computed or written
+EXIT_NOT_CONVERGED = 3  # strict=true and EVA stopped before converging: no state or adapter written
 
 
 def _run_options(parser: argparse.ArgumentParser) -> None:
@@ -32,6 +33,10 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-file", dest="eval_file", help="evaluation file")
     parser.add_argument("--output-dir", dest="output_dir")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--overwrite", action="store_true", default=None,
+                        help="replace what an earlier run left in the output folder (else it is refused)")
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="accept a state, adapter or resumed run made for other settings, model or data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,7 +93,8 @@ def _config(args: argparse.Namespace) -> Any:
     from .run_config import build_run_config, parse_overrides
 
     overrides = parse_overrides(args.overrides)
-    for key in ("model", "task", "data_dir", "train_file", "eval_file", "output_dir", "seed", "init", "eva_state"):
+    for key in ("model", "task", "data_dir", "train_file", "eval_file", "output_dir", "seed", "init", "eva_state",
+                "overwrite", "force"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value
@@ -123,9 +129,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     cfg = _config(args)
     if args.command == "init":
+        from ..state import STATE_DIR
         from .recipes.init import run_init
 
-        output = args.output or str(Path(cfg.output_dir) / "eva_state")
+        output = args.output or str(Path(cfg.output_dir) / STATE_DIR)
         state, seconds = run_init(cfg, output, args.checkpoint_every, args.resume)
         print(f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} tokens, "
               f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}")
@@ -161,6 +168,11 @@ def _plot(args: argparse.Namespace) -> int:
     if not args.state and not args.compare and not args.adapter:
         raise ValueError("plot needs --state, --adapter and/or --compare")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, expected a folder for the PNG files")
+    from .recipes.runtime import require_writable
+
+    require_writable(out)
     if args.adapter:
         from ..model_card import STATE_SUBDIR, adapter_ranks
 
@@ -193,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"eva: the command line needs the recipes extra (missing: {', '.join(missing)}): "
               "pip install 'eva-lora[recipes]'", file=sys.stderr)
         return EXIT_USAGE
+    from ..engine import EvaNotConvergedError
     from ..state import StateFileError
     from .models import ModelPathError
     from .tasks import DataError
@@ -210,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, DataError, ModelPathError, StateFileError, FileNotFoundError) as err:
         print(f"eva {args.command}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except EvaNotConvergedError as err:  # strict=true: the work ran, its result is not accepted
+        print(f"eva {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_NOT_CONVERGED
 
 
 if __name__ == "__main__":

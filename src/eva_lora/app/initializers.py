@@ -177,15 +177,27 @@ def eva_config_for(method: InitMethod, eva: EvaConfig) -> EvaConfig:
     return dataclasses.replace(eva, **(method.eva or {}))
 
 
+def check_state_settings(state: EvaState, eva: EvaConfig) -> None:
+    """Refuse a given state whose rank budget differs from the run's: the adapter would silently get
+    the state's ranks, not the ones asked for."""
+    differ = [f"{key} {getattr(state.config, key)} (run: {getattr(eva, key)})" for key in ("rank", "rho")
+              if getattr(state.config, key) != getattr(eva, key)]
+    if differ:
+        raise ValueError(f"the EVA state was made with {', '.join(differ)}: compute a state with the run's "
+                         "settings, set them to the state's, or pass --force (force=True) to use the state's ranks")
+
+
 def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraSettings, eva: EvaConfig,
                      batches: Batches | None = None, eva_state: EvaState | None = None,
                      loss_fn: LossFn | None = None, progress: bool = False,
-                     strict: bool = False) -> tuple[Any, EvaState | None]:
+                     strict: bool = False, force: bool = False) -> tuple[Any, EvaState | None]:
     """Wrap ``model`` in a PeftModel initialised by ``method`` at rank ``eva.rank``; returns
     (peft_model, eva_state or None).
 
     batches() yields the initialisation batches (SVD batch size) for data-driven methods;
-    eva_state, when given, is used instead of computing one. loss_fn(model, batch) is LoRA-GA's loss.
+    eva_state, when given, is used instead of computing one; it must have been made with the
+    run's rank and rho and cover the model (else ValueError; ``force=True`` accepts it as it is).
+    loss_fn(model, batch) is LoRA-GA's loss.
     """
     method = get_init_method(method) if isinstance(method, str) else method
     eva = eva_config_for(method, eva)
@@ -195,9 +207,11 @@ def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraS
         if eva_state is None:
             eva_state = compute_eva_state(model, batches(), eva, progress=progress, strict=strict)
         else:
+            if not force:
+                check_state_settings(eva_state, eva)
             eva_state = dataclasses.replace(eva_state, config=dataclasses.replace(eva_state.config, **method.eva))
         peft_model = apply_eva_state(model, eva_state, settings.lora_alpha, use_dora=method.use_dora,
-                                     lora_dropout=settings.lora_dropout, task_type=settings.task_type)
+                                     lora_dropout=settings.lora_dropout, task_type=settings.task_type, force=force)
         return peft_model, eva_state
     targets = sorted(find_target_layers(model, eva))
     if method.build is not None:

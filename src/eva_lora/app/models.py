@@ -106,14 +106,49 @@ def smollm2_path() -> Path:
     return target
 
 
-def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, seed: int = 0) -> tuple[Any, Any]:
+POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+def model_positions(spec: str) -> int | None:
+    """The longest sequence the model's config declares (None when it declares none), read from
+    config.json alone: no weights are loaded."""
+    import json
+
+    path = resolve_model_path(spec)
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise ModelPathError(f"model folder {path}: config.json is not readable JSON: {err}") from None
+    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    for name in POSITION_FIELDS:
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_max_length(cfg: Any) -> None:
+    """``max_length`` above the model's positions fails mid-run (absolute positions) or silently degrades
+    (RoPE models past their trained length): refuse it before any work."""
+    positions = model_positions(cfg.model)
+    if positions is not None and cfg.max_length > positions:
+        raise ValueError(f"max_length {cfg.max_length} is above the {positions} positions model {cfg.model!r} "
+                         f"declares (config.json); set max_length <= {positions}")
+
+
+def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, seed: int = 0,
+               progress: bool = True) -> tuple[Any, Any]:
     """(model, tokenizer) for a task kind: a sequence classifier for classification/regression,
     a causal LM for generation. A new classification head is seeded (``seed``) without touching
-    the global RNG."""
+    the global RNG. ``progress=False`` also hides transformers' weight-loading bar."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
     logging.set_verbosity_error()
+    if progress:
+        logging.enable_progress_bar()
+    else:
+        logging.disable_progress_bar()
     path = resolve_model_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if bf16 else torch.float32

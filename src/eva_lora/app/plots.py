@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._atomic import atomic_path
+from ..files import atomic_path
 from ..state import EvaState
 
 _LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._fields import check_fields, coerce_numbers, unknown_keys
 from ..config import EvaConfig
+from ..fields import check_fields, coerce_numbers, unknown_keys
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
@@ -80,7 +80,9 @@ class RunConfig:
     seed: int = field(default=0, metadata={"min": 0})
     logging_steps: int = field(default=5, metadata={"min": 1})
     save_steps: int = field(default=0, metadata={"min": 0})  # 0: checkpoint once per epoch
-    resume: bool = False  # continue from the latest checkpoint in output_dir
+    resume: bool = False  # continue from the latest checkpoint in output_dir (its run.json must match)
+    overwrite: bool = False  # start afresh in an output_dir that holds another run (its files are replaced)
+    force: bool = False  # accept a mismatching EVA state / adapter / resumed run on purpose
     bf16: bool = False
     progress: bool = True  # progress bars (EVA and training) and a log line every logging_steps
     strict: bool = False  # EVA raises instead of warning when it stops before converging

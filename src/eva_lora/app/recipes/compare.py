@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import atomic_write_text
+from ...files import atomic_write_text
 from ..initializers import get_init_method
 from ..run_config import RunConfig
 from ..tasks import eval_tasks
@@ -46,7 +46,8 @@ def run_compare(cfg: RunConfig, inits: list[str], seeds: list[int]) -> dict[str,
         for seed in seeds:
             out = root / name / f"seed{seed}"
             done = out / METRICS_FILE
-            run_cfg = dataclasses.replace(cfg, init=name, seed=seed, output_dir=str(out), resume=False)
+            run_cfg = dataclasses.replace(cfg, init=name, seed=seed, output_dir=str(out), resume=False,
+                                          overwrite=True)  # an unfinished run starts again
             metrics = json.loads(done.read_text()) if done.is_file() else train(run_cfg)
             runs.setdefault(name, []).append(metrics)
     summary = summarise(runs, cfg.task)

@@ -23,12 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from ..._atomic import atomic_write_text
+from ...files import atomic_write_text
 from ...model_card import rank_summary
-from ...state import EvaState
+from ...state import STATE_DIR, EvaState
 from ..plots import plot_convergence, plot_loss_curves, plot_rank_heatmap
 from ..run_config import build_run_config
-from .train import STATE_DIR, StepLines, train
+from .train import StepLines, train
 
 SETUPS: dict[str, dict[str, Any]] = {
     # Sized to fit about 6 minutes on 2 CPU cores with the first dequantisation of SmolLM2 included.
@@ -72,7 +72,7 @@ def run_demo(output_dir: str = "out/demo", quick: bool = False, seed: int = 0, m
         for init in ("eva", "lora"):
             print(f"{init}: fine-tuning {base.model} on {base.task} for {base.max_steps} steps", file=sys.stderr)
             start = time.perf_counter()
-            results[init] = train(dataclasses.replace(base, init=init, output_dir=str(root / init)),
+            results[init] = train(dataclasses.replace(base, init=init, output_dir=str(root / init), overwrite=True),
                                   callbacks=[StepLines(init)])
             results[init]["total_seconds"] = round(time.perf_counter() - start, 2)
             if init == "eva":

@@ -15,11 +15,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..._atomic import atomic_write_text
-from ..models import load_model
+from ...files import atomic_write_text
+from ..models import check_max_length, load_model
 from ..preprocess import Collator, encode_pair, render_user_prompt
 from ..run_config import RunConfig
 from ..tasks import Task, eval_tasks
+from .runtime import check_output_file
 
 EVAL_MAX_LENGTH = 512  # GLUE inputs are truncated as in the paper's setup (max length 512)
 
@@ -157,10 +158,13 @@ def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
     from ..tasks import get_task
 
     task = get_task(cfg.task)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
     if adapter is not None:
         from peft import PeftModel
 
+        from ...model_card import check_adapter_model
+
+        check_adapter_model(adapter, model, cfg.force)
         model = PeftModel.from_pretrained(model, adapter)
     return model, tokenizer
 
@@ -172,6 +176,9 @@ def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> 
     if cfg.eval_file is None:  # fail on a missing data directory before loading the model
         for each in eval_tasks(cfg.task):
             each.path("eval", cfg.data_dir)
+    check_max_length(cfg)
+    if output is not None:
+        check_output_file(Path(output))
     model, tokenizer = load_with_adapter(cfg, adapter)
     start = time.perf_counter()
     results = {"task": cfg.task, "model": cfg.model, "adapter": adapter, "metrics": evaluate_all(model, tokenizer, cfg)}

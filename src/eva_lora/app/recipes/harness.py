@@ -26,9 +26,11 @@ from typing import Any
 
 import torch
 
+from ..models import check_max_length
 from ..run_config import RunConfig
 from ..tasks import eval_tasks
 from .evaluate import dora_inference_cache, load_with_adapter
+from .runtime import check_output_file
 
 UTILS = '''"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer extraction."""
 from eva_lora.app.tasks import get_task
@@ -89,6 +91,9 @@ def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
         raise ValueError("--harness lm-eval needs lm-evaluation-harness (pip install lm-eval)") from None
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
+    check_max_length(cfg)
+    if output is not None:
+        check_output_file(Path(output))
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         names = write_tasks(cfg, Path(tmp))  # before loading: a missing data folder fails fast
@@ -113,7 +118,7 @@ def run_harness(cfg: RunConfig, adapter: str | None, output: str | None = None,
                                  [s["resps"][0][0] for s in sorted(found["samples"][name], key=lambda s: s["doc_id"])]
                                  for name in names}
     if output is not None:
-        from ..._atomic import atomic_write_text
+        from ...files import atomic_write_text
 
         atomic_write_text(output, json.dumps(result, indent=2))
     return result

@@ -6,13 +6,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
+from ...checkpoint import has_snapshot
 from ...engine import compute_eva_state
 from ...state import EvaState
-from ..models import load_model, resolve_model_path
+from ..models import check_max_length, load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import get_task
@@ -28,29 +28,38 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)
-    require_writable(Path(output))
+    output = Path(output)
+    require_writable(output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is an existing file, not a state folder")
+    checkpoint = output.with_name(output.name + ".ckpt")
+    if resume and not has_snapshot(checkpoint):
+        raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
+    if not resume and not cfg.overwrite and output.is_dir() and any(output.iterdir()):
+        raise ValueError(f"--output {output} already holds a state (or other files): choose another folder, "
+                         "or pass --overwrite to replace it")
+    check_max_length(cfg)
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
     model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))
     start = time.perf_counter()
-    from ..._atomic import require_free_space
-    from ...planning import plan_statistics
+    from ...checkpoint import checkpoint_bytes
+    from ...files import require_free_space
+    from ...state import state_bytes
     from ...targets import find_target_layers, in_features
 
     widths = [in_features(m) for m in find_target_layers(model, cfg.eva).values()]
-    unbounded = dataclasses.replace(cfg.eva, statistics_budget_mb=None)  # one group per layer: an upper bound
-    needed = sum(w * cfg.eva.max_components * 8 for w in widths) + (
-        sum(p.nbytes for p in plan_statistics(widths, unbounded)) if checkpoint_every else 0)  # state (+ checkpoints)
+    needed = state_bytes(widths, cfg.eva.max_components)
+    if checkpoint_every:
+        needed += checkpoint_bytes(widths, cfg.eva)
     require_free_space(output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else ""))
-    checkpoint = Path(output).with_name(Path(output).name + ".ckpt")
-    if resume and not (checkpoint / "eva_checkpoint.json").is_file():
-        raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
     state = compute_eva_state(model, batches, cfg.eva, checkpoint_dir=checkpoint if checkpoint_every or resume
-                              else None, checkpoint_every=checkpoint_every, resume=resume)
+                              else None, checkpoint_every=checkpoint_every, resume=resume,
+                              progress=cfg.progress and rank == 0, strict=cfg.strict)
     seconds = time.perf_counter() - start
     if rank == 0:  # every rank holds the same state; one writes it
         state.save(output)

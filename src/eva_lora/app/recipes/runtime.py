@@ -40,6 +40,16 @@ def require_writable(out: Path) -> None:
         raise ValueError(f"output folder {out} is not writable")
 
 
+def check_output_file(path: Path) -> None:
+    """A file the command will write at the end: refuse, before any work, a folder in its place or a
+    folder it cannot be written to (the work would be lost at the last step)."""
+    if path.is_dir():
+        raise ValueError(f"output {path} is a folder, expected a file path")
+    require_writable(path.parent if path.parent != Path("") else Path("."))
+    if path.exists() and not os.access(path, os.W_OK):
+        raise ValueError(f"output {path} is not writable")
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The Trainer checkpoint with the highest step in ``output_dir`` (None if there is none)."""
     found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]

@@ -4,7 +4,8 @@
     eva train --preset math --model path/to/llama --init eva-dora
 
 Order of work: validate everything (task, init, model folder, data files, resume checkpoint,
-output folder) before any file is written; tokenise; initialise the adapters (EVA computes or loads
+output folder: a folder holding another run is refused, see :mod:`.run_folder`) before any file is
+written; record the run in ``run.json``; tokenise; initialise the adapters (EVA computes or loads
 its state on the SVD batch size) before the optimiser exists; train with transformers' Trainer;
 save the adapter and metrics atomically.
 """
@@ -17,23 +18,26 @@ import math
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..._atomic import atomic_write_text, require_free_space
+from ...files import atomic_write_text, require_free_space
+from ...fingerprints import data_fingerprint, model_fingerprint
 from ...model_card import NO_EMBEDDING_COPY, save_adapter
-from ...state import EvaState
-from ..initializers import LoraSettings, build_peft_model, get_init_method
-from ..models import load_model, resolve_model_path
+from ...state import STATE_DIR, EvaState
+from ..initializers import InitMethod, LoraSettings, build_peft_model, get_init_method
+from ..models import check_max_length, load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import eval_tasks, get_task
 from .evaluate import evaluate_all
+from .run_folder import check_inputs, check_output_folder, clear_previous_run, write_run_manifest
 from .runtime import device, init_distributed, latest_checkpoint, require_writable
 
-STATE_DIR, ADAPTER_DIR, METRICS_FILE = "eva_state", "adapter", "metrics.json"
+ADAPTER_DIR, METRICS_FILE = "adapter", "metrics.json"
 
 
 def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
@@ -41,7 +45,7 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
     task = get_task(cfg.task)
     method = get_init_method(cfg.init)
     resolve_model_path(cfg.model)
-    source = Path(cfg.train_file) if cfg.train_file else task.path("train", cfg.data_dir)
+    source = _train_source(cfg, task)
     if not source.exists():
         raise ValueError(f"task {task.name}: training data not found: {source}")
     if evaluate and cfg.eval_file is None:
@@ -57,72 +61,146 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
         if checkpoint is None:
             raise ValueError(f"resume: no checkpoint-<step> folder in {out}; run without resume to start")
     require_writable(out)
+    check_output_folder(cfg, out)
+    check_max_length(cfg)
     return checkpoint
+
+
+@dataclass
+class Setup:
+    """What :func:`prepare` gives the later phases: the run's task, data, model and where it writes."""
+
+    task: Any
+    method: InitMethod
+    out: Path
+    checkpoint: Path | None  # the trainer checkpoint a resumed run continues from
+    rank: int
+    world_size: int
+    model: Any
+    tokenizer: Any
+    data: Any  # preprocess.Prepared: the tokenised training set and what was dropped / truncated
+    collator: Collator
+    settings: LoraSettings
+    model_fingerprint: dict[str, Any]  # of the base model as loaded (before an init rewrote it)
+
+
+@dataclass
+class Initialised:
+    """What :func:`initialise` gives: the PEFT model, its EVA state (EVA inits), the initial adapter
+    (inits that rewrite the base weights) and the seconds it took."""
+
+    peft_model: Any
+    state: EvaState | None
+    initial: Path | None
+    seconds: float
+
+
+@dataclass
+class Fitted:
+    trainer: Any
+    result: Any
+    seconds: float
 
 
 def train(cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
     """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json.
 
+    Four phases: :func:`prepare` (checks, data, model), :func:`initialise` (the adapter's init, EVA
+    included), :func:`fit` (the trainer) and :func:`report` (adapter, metrics, evaluation).
     Under torchrun / accelerate launch: EVA is computed once, collectively (each rank feeds its share
     of the initialisation batches), training is DDP, and only rank 0 writes files and evaluates.
     """
+    run = prepare(cfg, evaluate)
+    init = initialise(cfg, run)
+    fitted = fit(cfg, run, init, callbacks)
+    if run.rank != 0:
+        return {"rank": run.rank, "steps": fitted.trainer.state.global_step}
+    return report(cfg, run, init, fitted, evaluate)
+
+
+def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
+    """Check everything that needs no model, then load the data and the model and tokenise."""
     checkpoint = validate(cfg, evaluate)
     rank, world_size = init_distributed()
     task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
+    fingerprints = model_fingerprint(model), data_fingerprint(_train_source(cfg, task))  # before any init
+    check_inputs(cfg, out, *fingerprints)
     model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
-    collator = Collator(tokenizer.pad_token_id)
-    steps = _total_steps(cfg, prepared.kept)
-    settings = LoraSettings(cfg.lora_alpha, cfg.lora_dropout, "CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
-                            steps)
-    state = _existing_state(cfg, out)
+    settings = LoraSettings(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                            task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
+                            total_steps=_total_steps(cfg, prepared.kept))
     # adapter + trainer checkpoints (LoRA weights and Adam moments: ~2% of the model) + 64 MiB margin
     require_free_space(out, 4 * sum(p.numel() for p in model.parameters()) // 50 + (64 << 20),
                        "the adapter and checkpoints")
+    if rank == 0:
+        if cfg.overwrite and not cfg.resume:
+            clear_previous_run(out)
+        write_run_manifest(cfg, out, *fingerprints)
+    return Setup(task=task, method=method, out=out, checkpoint=checkpoint, rank=rank, world_size=world_size,
+                    model=model, tokenizer=tokenizer, data=prepared, collator=Collator(tokenizer.pad_token_id),
+                    settings=settings, model_fingerprint=fingerprints[0])
+
+
+def initialise(cfg: RunConfig, run: Setup) -> Initialised:
+    """Build the PEFT model with its initialisation (computing EVA, or reusing a given / earlier state)."""
+    state = _existing_state(cfg, run.out)
     start = time.perf_counter()
-    limit = method.batch_limit(cfg.calibration_batches)
-    peft_model, state = build_peft_model(model, method, settings, cfg.eva,
-                                         batches=lambda: init_batches(prepared.dataset, collator,
-                                                                      cfg.svd_batch_size, cfg.seed, limit,
-                                                                      shard=(rank, world_size)),
-                                         eva_state=state, progress=cfg.progress and rank == 0, strict=cfg.strict)
-    init_seconds = time.perf_counter() - start
-    out.mkdir(parents=True, exist_ok=True)
-    reused = cfg.resume and (out / STATE_DIR).is_dir()  # the state was read from there: keep it as it is
-    if rank == 0 and state is not None and not reused:
-        state.save(out / STATE_DIR)  # replaces a previous run's state: the folder must describe this adapter
-    initial = _save_initial(peft_model, out) if method.weight_changing and rank == 0 else None
-    checkpoints_without_embedding_copies(peft_model)
-    trainer = _trainer(peft_model, tokenizer, prepared.dataset, collator, cfg,
-                       method.callbacks(peft_model) + list(callbacks or []))
+    limit = run.method.batch_limit(cfg.calibration_batches)
+
+    def batches():
+        return init_batches(run.data.dataset, run.collator, cfg.svd_batch_size, cfg.seed, limit,
+                            shard=(run.rank, run.world_size))
+
+    peft_model, state = build_peft_model(run.model, run.method, run.settings, cfg.eva, batches=batches,
+                                         eva_state=state, progress=cfg.progress and run.rank == 0,
+                                         strict=cfg.strict, force=cfg.force)
+    seconds = time.perf_counter() - start
+    run.out.mkdir(parents=True, exist_ok=True)
+    reused = cfg.resume and (run.out / STATE_DIR).is_dir()  # the state was read from there: keep it as it is
+    if run.rank == 0 and state is not None and not reused:
+        state.save(run.out / STATE_DIR)  # replaces a previous run's state: the folder must describe this adapter
+    initial = _save_initial(peft_model, run.out) if run.method.weight_changing and run.rank == 0 else None
+    return Initialised(peft_model=peft_model, state=state, initial=initial, seconds=seconds)
+
+
+def fit(cfg: RunConfig, run: Setup, init: Initialised, callbacks: list[Any] | None = None) -> Fitted:
+    """Train with transformers' Trainer (resuming from the checkpoint :func:`prepare` found)."""
+    checkpoints_without_embedding_copies(init.peft_model)
+    trainer = _trainer(init.peft_model, run.tokenizer, run.data.dataset, run.collator, cfg,
+                       run.method.callbacks(init.peft_model) + list(callbacks or []))
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    train_seconds = time.perf_counter() - start
-    if rank != 0:
-        return {"rank": rank, "steps": trainer.state.global_step}
-    _save_adapter(peft_model, out / ADAPTER_DIR, initial, state,
+    result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
+    return Fitted(trainer=trainer, result=result, seconds=time.perf_counter() - start)
+
+
+def report(cfg: RunConfig, run: Setup, init: Initialised, fitted: Fitted, evaluate: bool = True) -> dict[str, Any]:
+    """Save the adapter (with its model card and state), evaluate, write metrics.json; returns the metrics."""
+    trainer, loss = fitted.trainer, round(float(fitted.result.training_loss), 6)
+    _save_adapter(init.peft_model, run.out / ADAPTER_DIR, init.initial, init.state,
                   {"base_model": cfg.model, "task": cfg.task, "init": cfg.init, "seed": cfg.seed,
-                   "steps": trainer.state.global_step, "train_loss": round(float(result.training_loss), 6)})
+                   "steps": trainer.state.global_step, "train_loss": loss}, run.model_fingerprint)
+    state, data = init.state, run.data
     metrics = {
         "task": cfg.task, "init": cfg.init, "model": cfg.model, "seed": cfg.seed,
-        "init_seconds": round(init_seconds, 3), "train_seconds": round(train_seconds, 3),
-        "train_loss": round(float(result.training_loss), 6), "steps": trainer.state.global_step,
-        "examples": prepared.kept, "dropped_long": prepared.dropped, "truncated_long": prepared.truncated,
-        "trainable_parameters": sum(p.numel() for p in peft_model.parameters() if p.requires_grad),
+        "init_seconds": round(init.seconds, 3), "train_seconds": round(fitted.seconds, 3),
+        "train_loss": loss, "steps": trainer.state.global_step,
+        "examples": data.kept, "dropped_long": data.dropped, "truncated_long": data.truncated,
+        "trainable_parameters": sum(p.numel() for p in init.peft_model.parameters() if p.requires_grad),
         "log": [{k: v for k, v in e.items() if k in ("step", "loss", "grad_norm", "learning_rate")}
                 for e in trainer.state.log_history if "loss" in e],
         "eva": None if state is None else {"n_batches": state.n_batches, "stop_reason": state.stop_reason,
                                            "ranks": state.ranks},
-        "world_size": world_size,
+        "world_size": run.world_size,
         "config": cfg.to_dict(),
     }
     if evaluate:
         start = time.perf_counter()
-        metrics["eval"] = evaluate_all(peft_model, tokenizer, cfg)
+        metrics["eval"] = evaluate_all(init.peft_model, run.tokenizer, cfg)
         metrics["eval_seconds"] = round(time.perf_counter() - start, 3)
-    atomic_write_text(out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
+    atomic_write_text(run.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
     return metrics
 
 
@@ -142,6 +220,10 @@ class StepLines:
                           file=stream or sys.stderr, flush=True)
 
         return _Lines()
+
+
+def _train_source(cfg: RunConfig, task: Any) -> Path:
+    return Path(cfg.train_file) if cfg.train_file else task.path("train", cfg.data_dir)
 
 
 def _total_steps(cfg: RunConfig, examples: int) -> int:
@@ -203,12 +285,12 @@ def _save_initial(peft_model: Any, out: Path) -> Path:
 
 
 def _save_adapter(peft_model: Any, target: Path, initial: Path | None, state: EvaState | None = None,
-                  info: dict[str, Any] | None = None) -> None:
+                  info: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> None:
     """The adapter, its model card and EVA state, swapped in atomically (see ``eva_lora.model_card``).
     PiSSA-like adapters are converted against the saved initial adapter, which is removed afterwards."""
     try:
         kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
-        save_adapter(peft_model, target, state, info, **kwargs)
+        save_adapter(peft_model, target, state, info, model, **kwargs)
     finally:
         if initial is not None:
             shutil.rmtree(initial.parent, ignore_errors=True)

@@ -10,6 +10,7 @@ A task turns local files into a ``datasets.Dataset`` with normalised columns:
 from __future__ import annotations
 
 import csv
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,7 +81,16 @@ class Task:
         path = Path(file) if file is not None else self.path(split, data_dir)
         if not path.exists():
             raise DataError(f"task {self.name}: data file not found: {path}")
-        data = self.read(path, split)
+        if path.is_file() and path.stat().st_size == 0:
+            raise DataError(f"task {self.name}: {path} is empty")
+        try:
+            data = self.read(path, split)
+        except DataError:
+            raise
+        except Exception as err:  # datasets / pyarrow / pandas parse errors have no common base class
+            cause = str(err.__cause__ or err).strip().splitlines()
+            raise DataError(f"task {self.name}: {path} cannot be parsed ({type(err.__cause__ or err).__name__}"
+                            f"{': ' + cause[0][:160] if cause else ''})") from None
         required = ("prompt", "response", "answer") if self.kind == "generation" else ("text", "label")
         if self.kind == "generation" and split == "train" and "messages" in data.column_names:
             required = ("messages",)  # conversations: the chat template renders them
@@ -104,6 +114,8 @@ def load_table(path: Path, columns: Sequence[str] | None = None, header: bool = 
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    datasets.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # we say it once
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix in (".json", ".jsonl"):
         data = datasets.load_dataset("json", data_files=str(path), split="train")

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import hashlib
-import json
 import math
 import time
 import warnings
@@ -50,13 +48,13 @@ import torch
 from torch import nn
 
 from eva_lora import EvaConfig, apply_eva_state, compute_eva_state
-from eva_lora._atomic import atomic_path, atomic_write_text
+from eva_lora.files import read_pair, write_pair
 
 STATE_DIM, ACT_DIM = 39, 4  # Meta-World v3 observation and action widths (every task)
 META_WORLD_MAX_STEPS = 500  # Meta-World's episode length: an environment refuses steps beyond it
 # GPT-2 blocks of the DT: fused qkv, attention output, MLP in and out (transformers' Conv1D layers).
 TARGETS = r".*\.h\.\d+\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)"
-DEMO_FORMAT, MODEL_FORMAT = "eva-lora-demonstrations/1", "eva-lora-decision-policy/1"
+DEMO_FORMAT, MODEL_FORMAT, FORMAT_VERSION = "eva-lora-demonstrations", "eva-lora-decision-policy", 2
 Init = Literal["lora", "eva"]
 
 
@@ -207,42 +205,24 @@ def collect_demonstrations(tasks: Sequence[str], episodes: int, seed: int, max_s
 
 def save_demonstrations(trajectories: Sequence[Trajectory], path: str | Path,
                         meta: dict[str, Any] | None = None) -> None:
-    """``path`` (safetensors: every tensor) + ``path.with_suffix('.json')`` (tasks, stop reasons, meta, SHA-256).
-
-    Both written atomically, the JSON last: it names the tensors file's hash, so a crash between the
-    two writes, or a JSON paired with another tensors file, is caught by :func:`load_demonstrations`."""
-    from safetensors.torch import save
-
+    """``path`` (safetensors: every tensor) + ``path.with_suffix('.json')`` (tasks, stop reasons, meta,
+    SHA-256), as an :func:`eva_lora.files.write_pair`: a crash between the two writes, or a JSON
+    paired with another tensors file, is caught by :func:`load_demonstrations`."""
     path = Path(path)
     tensors = {}
     for i, t in enumerate(trajectories):
         for name in ("observations", "actions", "rewards", "successes"):
-            tensors[f"{i}.{name}"] = getattr(t, name).contiguous()
-    blob = save(tensors)
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(blob)
-    index = {"format": DEMO_FORMAT, "sha256": hashlib.sha256(blob).hexdigest(), "meta": meta or {},
-             "trajectories": [{"task": t.task, "length": t.length, "stop_reason": t.stop_reason} for t in trajectories]}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(index, indent=1))
-
-
-def _load_checked(path: Path, fmt: str, what: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(tensors, index) of a safetensors file and its JSON index, refused unless the index has format
-    ``fmt`` and the file's SHA-256 is the one the index recorded (a torn or swapped pair)."""
-    from safetensors.torch import load
-
-    index = json.loads(path.with_suffix(".json").read_text())
-    if index.get("format") != fmt:
-        raise ValueError(f"{path.with_suffix('.json')} is not a {what} index ({fmt})")
-    blob = path.read_bytes()
-    if hashlib.sha256(blob).hexdigest() != index["sha256"]:
-        raise ValueError(f"{path} does not match its index (SHA-256 differs): rewrite the {what}")
-    return load(blob), index
+            tensors[f"{i}.{name}"] = getattr(t, name)
+    write_pair(path, tensors, path.with_suffix(".json"), {
+        "meta": meta or {},
+        "trajectories": [{"task": t.task, "length": t.length, "stop_reason": t.stop_reason} for t in trajectories],
+    }, format_name=DEMO_FORMAT, version=FORMAT_VERSION)
 
 
 def load_demonstrations(path: str | Path) -> tuple[list[Trajectory], dict[str, Any]]:
     """(trajectories, meta) saved by :func:`save_demonstrations`; raises if the pair does not match."""
-    tensors, index = _load_checked(Path(path), DEMO_FORMAT, "demonstrations")
+    index, tensors = read_pair(Path(path).with_suffix(".json"), format_name=DEMO_FORMAT, version=FORMAT_VERSION,
+                               what="a demonstrations file")
     trajectories = [Trajectory(entry["task"], *(tensors[f"{i}.{name}"] for name in
                                                  ("observations", "actions", "rewards", "successes")),
                                entry["stop_reason"]) for i, entry in enumerate(index["trajectories"])]
@@ -326,21 +306,17 @@ def build_policy(config: PolicyConfig, trajectories: Sequence[Trajectory], seed:
 
 def save_policy(model: DecisionPolicy, path: str | Path, info: dict[str, Any] | None = None) -> None:
     """``path`` (safetensors: weights and normalisation buffers) + ``path.with_suffix('.json')`` (config,
-    info, SHA-256), atomically, the JSON last."""
-    from safetensors.torch import save
-
+    info, SHA-256), as an :func:`eva_lora.files.write_pair`."""
     path = Path(path)
-    blob = save({k: v.contiguous() for k, v in model.state_dict().items()})
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(blob)
-    index = {"format": MODEL_FORMAT, "sha256": hashlib.sha256(blob).hexdigest(),
-             "config": dataclasses.asdict(model.config), "info": info or {}}
-    atomic_write_text(path.with_suffix(".json"), json.dumps(index, indent=1))
+    write_pair(path, model.state_dict(), path.with_suffix(".json"),
+               {"config": dataclasses.asdict(model.config), "info": info or {}},
+               format_name=MODEL_FORMAT, version=FORMAT_VERSION)
 
 
 def load_policy(path: str | Path) -> tuple[DecisionPolicy, dict[str, Any]]:
     """(policy in eval mode, info) saved by :func:`save_policy`; strict: every weight must match."""
-    tensors, index = _load_checked(Path(path), MODEL_FORMAT, "decision policy")
+    index, tensors = read_pair(Path(path).with_suffix(".json"), format_name=MODEL_FORMAT, version=FORMAT_VERSION,
+                               what="a decision policy file")
     model = DecisionPolicy(PolicyConfig(**index["config"]), tensors["state_mean"], tensors["state_std"])
     model.load_state_dict(tensors, strict=True)
     return model.eval(), index["info"]
