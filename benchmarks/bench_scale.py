@@ -5,6 +5,8 @@
     python benchmarks/bench_scale.py measure --batch 4 --seq 512  # (b) the same at 4 x 512
     python benchmarks/bench_scale.py measure --device cuda --layers 8 --batch 4 --seq 512  # (c) on a GPU
     python benchmarks/bench_scale.py vocab                        # (d) EVA's peak memory vs the vocabulary size
+    python benchmarks/bench_scale.py sequential --layers 8        # (e) 8B widths from disk: sequential vs whole
+    python benchmarks/bench_scale.py plan-sequential              # (f) Llama-3-8B / 70B on one 24 / 48 / 80 GB GPU
 
 ``plan`` builds the model on the meta device (no weights), runs one probe pass to find the input groups
 (q/k/v and gate/up share one), and prints for each method the statistic memory per rank (the largest
@@ -13,7 +15,11 @@ and on the same batches: plain forward passes, eva-lora (statistics="auto", whic
 these widths; and statistics="exact", the previous design), and PEFT's ``get_eva_state_dict``; every
 group is kept active for every batch (tau close to 1). Quality is the captured variance of each
 group's components against the float64 PCA of exactly the tokens that group absorbed.
-Each line of output is one JSON record.
+``sequential`` writes a random Llama at 8B widths (bf16 safetensors, one shard per block) and runs EVA
+on it twice, each in its own process: sequential (weights read block by block, ``empty_model_from_folder``)
+and whole-model (``from_pretrained``), on the same tokens (tau = 1: both absorb every batch); it prints
+each one's peak resident memory, the formula's prediction, and how far the two results agree.
+``plan-sequential`` prints the formula for the real models. Each line of output is one JSON record.
 """
 
 from __future__ import annotations
@@ -362,9 +368,165 @@ def vocab(args: argparse.Namespace, emit) -> None:
         del model
 
 
+# ---- (e) sequential, (f) its plan ------------------------------------------------------------------
+GB = 2**30
+RUNTIME_GB = 1.0  # the allowance for the Python runtime, torch and transformers, as the issue sets it
+
+
+def sequential_peak(block_bytes: float, outer_bytes: float, cache_bytes: float, stat_bytes: float) -> float:
+    """Bytes sequential EVA holds at its peak on the compute device, without the runtime: one block, the
+    modules outside the blocks (embeddings, final norm, head), the hidden states of the calibration set
+    (two blocks' worth while one block runs), and the statistics of one block's groups."""
+    return block_bytes + outer_bytes + 2 * cache_bytes + stat_bytes
+
+
+def block_sizes(config, bytes_per_param: float) -> tuple[float, float]:
+    """(one decoder block, everything outside the blocks) in bytes for a Llama config."""
+    h, i, kv = config.hidden_size, config.intermediate_size, config.num_key_value_heads
+    head_dim = h // config.num_attention_heads
+    block = 2 * h * h + 2 * h * kv * head_dim + 3 * h * i
+    outer = config.vocab_size * h * (1 if config.tie_word_embeddings else 2)
+    return block * bytes_per_param + 2 * h * 2, outer * bytes_per_param + h * 2
+
+
+def block_statistics_bytes(config, settings: EvaConfig) -> float:
+    """One Llama block's statistics: its input groups are q/k/v, o, gate/up (hidden wide) and down."""
+    groups = [config.hidden_size] * 3 + [config.intermediate_size]
+    plans = plan_statistics(groups, settings, 1)
+    return float(rank_loads(plans, groups, settings.resolved_sketch_size, 1)[0])
+
+
+def plan_sequential(args: argparse.Namespace, emit) -> None:
+    settings = EvaConfig(rank=args.rank, rho=args.rho)
+    tokens = args.batches * args.batch * args.seq
+    for name in CONFIGS:
+        config = llama_config(name)
+        for dtype, per_param in (("bf16", 2.0), ("nf4", 0.5 + 0.5 / 64 * 4 / 2)):  # 4 bits + a scale per 64
+            block, outer = block_sizes(config, per_param)
+            if dtype == "nf4":  # bitsandbytes keeps embeddings and the head in the compute dtype
+                outer = block_sizes(config, 2.0)[1]
+            cache = tokens * config.hidden_size * 2  # bf16 hidden states, offloaded to the CPU by default
+            stats = block_statistics_bytes(config, settings)
+            activations = 2 * args.batch * args.seq * config.intermediate_size * 4  # one batch in the MLP, fp32
+            on_device = sequential_peak(block, outer, 0, stats) + activations
+            whole_gb = (block * config.num_hidden_layers + outer) / GB
+            for gpu in (24, 48, 80):
+                emit(model=name, dtype=dtype, gpu_gb=gpu, calibration_tokens=tokens,
+                     block_gb=round(block / GB, 2), outside_blocks_gb=round(outer / GB, 2),
+                     block_statistics_gb=round(stats / GB, 2), cpu_cache_gb=round(2 * cache / GB, 2),
+                     sequential_device_peak_gb=round(on_device / GB, 2), fits=on_device / GB + RUNTIME_GB <= gpu,
+                     whole_model_weights_gb=round(whole_gb, 1), whole_model_fits=whole_gb + RUNTIME_GB <= gpu)
+
+
+def write_synthetic(folder: Path, layers: int, vocab: int) -> int:
+    """A random Llama at 8B widths as bf16 safetensors, one shard per block, written without ever holding more
+    than one block: returns the bytes on disk."""
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = llama_config("llama-3-8b", layers, vocab)
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(folder)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    shards: dict[str, dict[str, torch.Tensor]] = {}
+    for name, param in model.named_parameters():
+        key = name.split(".")[2] if name.startswith("model.layers.") else "outer"
+        shards.setdefault(key, {})[name] = param
+    generator = torch.Generator().manual_seed(0)
+    weight_map = {}
+    for key, params in shards.items():
+        file = f"model-{key}.safetensors"
+        tensors = {n: (torch.ones(p.shape) if n.endswith("norm.weight") else
+                       torch.randn(p.shape, generator=generator) * 0.02).to(torch.bfloat16) for n, p in params.items()}
+        save_file(tensors, str(folder / file), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        del tensors
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+
+
+def rss_mb(field: str = "VmHWM") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def sequential(args: argparse.Namespace, emit) -> None:
+    import subprocess
+    import tempfile
+
+    folder = Path(args.folder or tempfile.mkdtemp(prefix="eva-8b-")) / f"llama-8b-widths-{args.layers}"
+    if not (folder / "model.safetensors.index.json").exists():
+        began = time.perf_counter()
+        disk = write_synthetic(folder, args.layers, args.vocab)
+        emit(step="write", seconds=round(time.perf_counter() - began, 1), disk_mb=round(disk / MB, 1))
+    disk = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    records = {}
+    for mode in ("sequential", "whole"):
+        command = [sys.executable, __file__, "sequential-child", "--mode", mode, "--folder", str(folder),
+                   "--batch", str(args.batch), "--seq", str(args.seq), "--batches", str(args.batches),
+                   "--rank", str(args.rank), "--rho", str(args.rho)]
+        out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        records[mode] = json.loads(out.strip().splitlines()[-1])
+        emit(**records[mode], model_on_disk_mb=round(disk / MB, 1),
+             disk_over_peak=round(disk / MB / records[mode]["peak_rss_mb"], 2))
+    from eva_lora import EvaState
+
+    a, b = (EvaState.load(folder.parent / f"state-{m}") for m in ("sequential", "whole"))
+    mine = {tuple(g): c for g, c in zip(a.groups, a.group_components)}
+    theirs = {tuple(g): c for g, c in zip(b.groups, b.group_components)}
+    cos = torch.cat([(mine[k] * theirs[k]).sum(1).abs() for k in mine])
+    emit(agreement="|cos| per component, sequential vs whole-model", min=round(float(cos.min()), 6),
+         mean=round(float(cos.mean()), 6), same_ranks=a.ranks == b.ranks,
+         seconds_ratio=round(records["sequential"]["seconds"] / records["whole"]["seconds"], 2),
+         peak_ratio=round(records["sequential"]["peak_rss_mb"] / records["whole"]["peak_rss_mb"], 3))
+
+
+def sequential_child(args: argparse.Namespace, emit) -> None:
+    from transformers import AutoConfig, LlamaForCausalLM
+
+    from eva_lora.disk_weights import empty_model_from_folder
+    from eva_lora.sequential import SequentialOptions
+
+    torch.manual_seed(0)
+    folder = Path(args.folder)
+    config = AutoConfig.from_pretrained(folder)
+    start = rss_mb("VmRSS")
+    batches = [{"input_ids": torch.randint(0, config.vocab_size, (args.batch, args.seq)),
+                "attention_mask": torch.ones(args.batch, args.seq, dtype=torch.long)} for _ in range(args.batches)]
+    settings = EvaConfig(rank=args.rank, rho=args.rho, tau=1.0, max_batches=args.batches)
+    began = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if args.mode == "sequential":
+            model, weights = empty_model_from_folder(folder, torch.bfloat16)
+            state = compute_eva_state(model, batches, settings, progress=False,
+                                      sequential=SequentialOptions(weights=weights, calibration_batches=args.batches))
+        else:
+            model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+            state = compute_eva_state(model, batches, settings, progress=False)
+    seconds = time.perf_counter() - began
+    state.save(folder.parent / f"state-{args.mode}")
+    block, outer = block_sizes(config, 2.0)
+    cache = args.batches * args.batch * args.seq * config.hidden_size * 2
+    stats = max(h["statistic_bytes"] for h in state.history) if state.history else 0
+    predicted = start + sequential_peak(block, outer, cache, stats) / MB
+    emit(mode=args.mode, seconds=round(seconds, 1), peak_rss_mb=round(rss_mb(), 1), start_rss_mb=round(start, 1),
+         block_mb=round(block / MB, 1), outside_blocks_mb=round(outer / MB, 1), cache_mb=round(cache / MB, 1),
+         block_statistics_mb=round(stats / MB, 1), formula_mb=round(predicted, 1) if args.mode == "sequential"
+         else None, batches=state.n_batches, tokens=state.n_tokens)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["plan", "measure", "vocab"])
+    parser.add_argument("what", choices=["plan", "measure", "vocab", "sequential", "plan-sequential",
+                                         "sequential-child"])
+    parser.add_argument("--folder", help="sequential: where the synthetic model is written (default: a temp folder)")
+    parser.add_argument("--vocab", type=int, default=32000, help="sequential: vocabulary of the synthetic model")
+    parser.add_argument("--mode", choices=["sequential", "whole"], help=argparse.SUPPRESS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=2, help="decoder blocks at 8B widths (measure, vocab)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden width (vocab)")
@@ -378,7 +540,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-quality", action="store_true", help="no float64 reference (a quick smoke run)")
     args = parser.parse_args(argv)
     emit = lambda **kw: print(json.dumps(kw), flush=True)  # noqa: E731
-    {"plan": plan, "measure": measure, "vocab": vocab}[args.what](args, emit)
+    {"plan": plan, "measure": measure, "vocab": vocab, "sequential": sequential, "plan-sequential": plan_sequential,
+     "sequential-child": sequential_child}[args.what](args, emit)
 
 
 if __name__ == "__main__":

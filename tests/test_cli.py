@@ -379,3 +379,20 @@ def test_a_full_disk_is_reported_before_the_work_starts(tmp_path, capsys, tiny_l
     code, _, err = run_cli(capsys, "init", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", DATA,
                            *QUICK_GEN, "--output", out)
     assert code == 2 and "not enough free space for the EVA state" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_init_takes_a_gguf_file_directly(tmp_path, capsys, monkeypatch):
+    from eva_lora.app.models import smollm2_gguf
+
+    monkeypatch.setenv("EVA_LORA_CACHE", str(tmp_path / "cache"))
+    gguf = smollm2_gguf()
+    code, out, err = run_cli(capsys, "init", "--model", gguf, "--task", "gsm8k", "--data-dir", DATA,
+                             "--output", tmp_path / "state", "train_limit=8", "svd_batch_size=4", "max_length=384",
+                             "progress=false", "rank=2", "eva.max_batches=2")
+    assert code == 0, err
+    assert "210 layers" in out  # SmolLM2's 30 blocks x 7 linear layers
+    cached = list((tmp_path / "cache").iterdir())
+    assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()  # dequantised once, reused after
+    code, _, err = run_cli(capsys, "init", "--model", tmp_path / "missing.gguf", "--task", "gsm8k")
+    assert code == 2 and "not found" in err

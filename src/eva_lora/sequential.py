@@ -1,0 +1,422 @@
+"""Sequential EVA: one decoder block at a time, so a model that does not fit on the device still gets EVA.
+
+GPTQ calibration solved the same problem (llm-compressor's *sequential onloading*): the calibration
+batches go through one block at a time. Here the batches are a fixed calibration set (the first
+``calibration_batches``, consumed once); for block ``i`` each batch runs through the model with the
+blocks before ``i`` *replayed*: their ``forward`` returns the output block ``i - 1`` produced for that
+batch, kept in a :class:`BlockOutputs` cache (CPU memory or a folder). Block ``i`` runs for real,
+its target layers feed their statistics as in the whole-model loop, its output goes to the next
+cache, and a forward hook ends the pass there. Everything a block needs from the model (attention
+masks, position embeddings, a per-layer sliding-window mask) is computed by the model's own forward
+exactly as in a whole-model pass, so no block signature has to be known. Targets outside the blocks
+(an LM head) get one last loop with every block replayed.
+
+Only one block's weights need to be on the compute device: a block is *onloaded* before its loop
+(moved there, or read from a safetensors folder by :class:`~eva_lora.disk_weights.DiskWeights`) and
+*offloaded* after it. Every group absorbs every calibration batch (the block runs on them anyway to
+produce the next block's inputs; ``engine.FEED_CONVERGED``), so with the same batches and exact
+statistics the result equals the whole-model loop's that consumed the same batches.
+Ranks are allocated across the whole model at the end, as in the whole-model loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import engine
+from .capture import ActivationCapture, StopForward, eager
+from .config import EvaConfig
+from .files import atomic_path, require_free_space
+from .loop_utils import bounded_stream, eval_mode, next_batch, to_device
+from .state import EvaState
+from .targets import find_target_layers, layer_shapes
+
+# Calibration batches when none are given: each one passes through every block once and its hidden
+# states are kept (batch x seq x hidden per batch), so the set is fixed and modest. The whole-model loop
+# needed 42-65 passes on the real models we measured (benchmarks/README.md).
+DEFAULT_CALIBRATION_BATCHES = 64
+INDEX_KEY = "_eva_calibration_index"
+SPACE_MARGIN = 1.1  # a folder cache must find this much more free space than its estimate
+
+
+@dataclass
+class SequentialOptions:
+    """How sequential EVA runs (``compute_eva_state(..., sequential=SequentialOptions(...))``).
+
+    offload: where the hidden states between blocks wait: ``"cpu"`` or a folder (a private
+        subfolder is created there and removed at the end).
+    calibration_batches: how many batches form the calibration set (at most ``max_batches``).
+    blocks: dotted name of the ``nn.ModuleList`` of decoder blocks, when it cannot be found from
+        the model's ``_no_split_modules``.
+    device: where each block computes (default: the model's device, or CUDA when the model's
+        weights are on disk or on the meta device and a GPU is present).
+    weights: where blocks not yet in memory are read from (a :class:`~eva_lora.disk_weights.DiskWeights`),
+        for a model built without its weights (meta device).
+    """
+
+    offload: str | Path = "cpu"
+    calibration_batches: int | None = None
+    blocks: str | None = None
+    device: str | torch.device | None = None
+    weights: Any = None
+
+
+def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
+    """(dotted name, ModuleList) of the model's decoder blocks.
+
+    Found as accelerate and llm-compressor find them: the ``nn.ModuleList`` whose children are all of a
+    class named in the model's ``_no_split_modules`` (the largest one when several qualify)."""
+    if name is not None:
+        try:
+            found = model.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"blocks={name!r} is not a submodule of this model") from err
+        if not isinstance(found, nn.ModuleList) or len(found) == 0:
+            raise ValueError(f"blocks={name!r} is a {type(found).__name__}, not a non-empty nn.ModuleList")
+        return name, found
+    classes = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
+                  and classes and all(type(child).__name__ in classes for child in m)]
+    if not candidates:
+        lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+        raise ValueError("sequential EVA could not find the decoder blocks: "
+                         + ("the model declares no _no_split_modules" if not classes else
+                            f"no nn.ModuleList holds only {sorted(classes)}")
+                         + f"; name them with blocks= (--blocks), e.g. one of {lists[:4] or ['<none found>']}")
+    return max(candidates, key=lambda item: len(item[1]))
+
+
+class BlockOutputs:
+    """What one block returned for each calibration batch, in CPU memory or in a folder.
+
+    A block may return a tensor or a (nested) tuple / list of tensors and other values; the tensors
+    are stored (safetensors files in a folder, written atomically), the structure stays in memory."""
+
+    def __init__(self, folder: Path | None, count: int) -> None:
+        self.folder, self.count = folder, count
+        self._items: dict[int, Any] = {}
+        self._checked_space = False
+
+    def put(self, index: int, value: Any) -> None:
+        tensors: list[torch.Tensor] = []
+        skeleton = _flatten(value, tensors)
+        tensors = [t.detach().to("cpu", copy=False).contiguous() for t in tensors]
+        if self.folder is None:
+            self._items[index] = (skeleton, tensors)
+            return
+        self._check_space(sum(t.numel() * t.element_size() for t in tensors))
+        from safetensors.torch import save_file
+
+        path = self.folder / f"{index}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({str(k): t for k, t in enumerate(tensors)}, str(tmp))
+        self._items[index] = (skeleton, len(tensors))
+
+    def get(self, index: int, device: torch.device) -> Any:
+        skeleton, tensors = self._items[index]
+        if self.folder is not None:
+            from safetensors.torch import load_file
+
+            loaded = load_file(str(self.folder / f"{index}.safetensors"))
+            tensors = [loaded[str(k)] for k in range(tensors)]
+        return _unflatten(skeleton, iter([t.to(device, non_blocking=True) for t in tensors]))
+
+    def nbytes(self) -> int:
+        if self.folder is not None:
+            return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
+        return sum(t.numel() * t.element_size() for _, ts in self._items.values() for t in ts)
+
+    def _check_space(self, per_batch: int) -> None:
+        """Before the first file: the next block's cache and this one coexist, so twice the estimate."""
+        if self._checked_space:
+            return
+        self._checked_space = True
+        need = int(2 * per_batch * self.count * SPACE_MARGIN)
+        require_free_space(self.folder, need, f"the hidden states of {self.count} calibration batches (point the "
+                           "offload at another folder, or use fewer calibration batches)")
+
+
+def _flatten(value: Any, out: list[torch.Tensor]) -> Any:
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+        return ("tensor", len(out) - 1)
+    if isinstance(value, (tuple, list)):
+        return (type(value).__name__, [_flatten(v, out) for v in value])
+    return ("value", value)
+
+
+def _unflatten(skeleton: Any, tensors: Iterator[torch.Tensor]) -> Any:
+    kind, payload = skeleton
+    if kind == "tensor":
+        return next(tensors)
+    if kind in ("tuple", "list"):
+        items = [_unflatten(s, tensors) for s in payload]
+        return tuple(items) if kind == "tuple" else items
+    return payload
+
+
+class _BlockLoop(engine._EvaLoop):
+    """The whole-model loop restricted to one block's groups: it runs every calibration batch (the next
+    block needs their outputs), never ends a pass before the block's end, and probes on a whole batch
+    (a probe slice would not line up with the replayed hidden states)."""
+
+    probe_on_slice = False
+
+    def _exit_enabled(self) -> bool:
+        return False
+
+    def _set_feeding(self) -> None:
+        for record in self.groups:
+            record.layer.active = engine.FEED_CONVERGED or record.stop_batch is None
+
+    def _check(self) -> bool:
+        if self.groups and all(r.stop_batch is not None for r in self.groups):
+            return False  # this block has converged: no more solves, the batches still run
+        super()._check()
+        return False
+
+
+class _Replay:
+    """Blocks before the current one return the cached output of the block just before it."""
+
+    def __init__(self, blocks: nn.ModuleList) -> None:
+        self.blocks = blocks
+        self.cache: BlockOutputs | None = None
+        self.index = 0
+        self.device = torch.device("cpu")
+
+    @contextlib.contextmanager
+    def before(self, upto: int) -> Iterator[None]:
+        def replay(*args: Any, **kwargs: Any) -> Any:
+            return self.cache.get(self.index, self.device)
+
+        for block in list(self.blocks)[:upto]:
+            block.forward = replay
+        try:
+            yield
+        finally:
+            for block in list(self.blocks)[:upto]:
+                del block.forward
+
+
+def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaConfig, options: SequentialOptions,
+                         *, progress: bool = True, strict: bool = False,
+                         layers: Mapping[str, nn.Module] | None = None) -> EvaState:
+    """EVA computed block by block (see the module docstring); ``compute_eva_state(sequential=...)`` calls it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        raise ValueError("sequential EVA runs in one process; under torch.distributed, shard the model with "
+                         "FSDP2 and use the whole-model loop instead")
+    with eager(model) as runnable, engine._no_kv_cache(runnable):
+        blocks_name, blocks = find_blocks(runnable, options.blocks)
+        targets = dict(layers) if layers is not None else find_target_layers(runnable, config)
+        calibration = _calibration_set(batches, config, options)
+        device = _compute_device(runnable, options)
+        offload_root = None if str(options.offload) == "cpu" else Path(options.offload)
+        if offload_root is not None:
+            offload_root.mkdir(parents=True, exist_ok=True)
+            _check_room(runnable, calibration, offload_root)
+        scratch = None if offload_root is None else Path(tempfile.mkdtemp(prefix="eva-offload-", dir=offload_root))
+        try:
+            with eval_mode(runnable), _OnDevice(runnable, blocks, device, options.weights) as placement:
+                loops = _run_blocks(runnable, blocks_name, blocks, targets, calibration, config, placement,
+                                    scratch, progress)
+            final = engine._EvaLoop(runnable, ActivationCapture(targets), config, None, progress=False,
+                                    strict=strict)
+            final.adopt(loops)
+            return final.build_state(layer_shapes(targets))
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _run_blocks(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, targets: dict[str, nn.Module],
+                calibration: list[dict[str, Any]], config: EvaConfig, placement: _OnDevice, scratch: Path | None,
+                progress: bool) -> list[engine._EvaLoop]:
+    replay = _Replay(blocks)
+    replay.device = placement.device
+    loops: list[engine._EvaLoop] = []
+    inside = [f"{blocks_name}.{i}." for i in range(len(blocks))]
+    bar = _block_bar(progress, len(blocks))
+    previous: BlockOutputs | None = None
+    for i, block in enumerate(blocks):
+        mine = {n: m for n, m in targets.items() if n.startswith(inside[i])}
+        folder = None if scratch is None else scratch / f"block{i}"
+        if folder is not None:
+            folder.mkdir()
+        outputs = BlockOutputs(folder, len(calibration))
+        replay.cache = previous
+        with placement.onloaded(block, f"{blocks_name}.{i}"), replay.before(i):
+            loop = _run_one(model, block, mine, calibration, config, replay, outputs)
+        if loop is not None:
+            loops.append(loop)
+        if previous is not None and previous.folder is not None:
+            shutil.rmtree(previous.folder, ignore_errors=True)
+        previous = outputs
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    outer = {n: m for n, m in targets.items() if not any(n.startswith(p) for p in inside)}
+    if outer:  # e.g. an LM head: every block replayed, the model runs to its end
+        replay.cache = previous
+        with replay.before(len(blocks)):
+            loops.append(_run_one(model, None, outer, calibration, config, replay, None))
+    if not loops:
+        raise ValueError("no target layer was found in the model")
+    return loops
+
+
+def _run_one(model: nn.Module, block: nn.Module | None, layers: dict[str, nn.Module],
+             calibration: list[dict[str, Any]], config: EvaConfig, replay: _Replay,
+             outputs: BlockOutputs | None) -> engine._EvaLoop | None:
+    """One block's loop over the calibration set (or, with ``block=None``, the targets outside the blocks)."""
+
+    def forward(runnable: nn.Module, batch: Any) -> None:
+        replay.index = batch[INDEX_KEY]
+        runnable(**{k: v for k, v in batch.items() if k not in (INDEX_KEY, "labels")})
+
+    handle = None
+    if block is not None:
+        def keep_output(module: nn.Module, args: Any, output: Any) -> None:
+            outputs.put(replay.index, output)
+            raise StopForward
+
+        handle = block.register_forward_hook(keep_output)
+    try:
+        if not layers:  # a block without targets still has to produce the next block's inputs
+            for batch in calibration:
+                with contextlib.suppress(StopForward), torch.no_grad():
+                    forward(model, to_device(batch, replay.device))
+            return None
+        capture = ActivationCapture(layers, config.use_label_mask, config.label_mask_value)
+        loop_class = _BlockLoop if block is not None else engine._EvaLoop
+        with torch.no_grad(), capture:
+            loop = loop_class(model, capture, config, forward, progress=False)
+            loop.run(iter(calibration))
+        loop.release_statistics()  # a finished block's statistics leave the device
+        return loop
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _calibration_set(batches: Iterable[Any], config: EvaConfig, options: SequentialOptions) -> list[dict[str, Any]]:
+    """The first ``calibration_batches`` batches (bounded by ``max_batches``), each tagged with its index."""
+    count = options.calibration_batches or DEFAULT_CALIBRATION_BATCHES
+    if count < 1:
+        raise ValueError(f"calibration_batches must be >= 1, got {count}")
+    count = min(count, config.max_batches)
+    stream = bounded_stream(batches, count)
+    out = []
+    while (item := next_batch(stream, len(out))) is not None and item[0] == 0:
+        batch = item[1]
+        if not isinstance(batch, Mapping):
+            raise TypeError("sequential EVA takes token batches (dicts such as {'input_ids': ..., "
+                            f"'attention_mask': ...}}), not {type(batch).__name__}")
+        out.append({**batch, INDEX_KEY: len(out)})
+    return out
+
+
+def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Path) -> None:
+    """Before any work: two blocks' worth of hidden states (tokens x hidden width) must fit in ``folder``."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    width = getattr(embeddings, "embedding_dim", None)
+    if width is None:
+        return  # checked again before the first file is written
+    itemsize = torch.finfo(embeddings.weight.dtype).bits // 8
+    tokens = sum(b["input_ids"].numel() for b in calibration if isinstance(b.get("input_ids"), torch.Tensor))
+    require_free_space(folder, int(2 * tokens * width * itemsize * SPACE_MARGIN),
+                       f"the hidden states of {len(calibration)} calibration batches (point the offload at another "
+                       "folder, or use fewer calibration batches)")
+
+
+def _compute_device(model: nn.Module, options: SequentialOptions) -> torch.device:
+    if options.device is not None:
+        return torch.device(options.device)
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class _OnDevice:
+    """Puts the modules outside the blocks on the compute device for the run, and one block at a time.
+
+    A block whose weights are in memory (CPU, or already on the device) is moved to the device and
+    back; one on the meta device is read from ``weights`` and dropped again afterwards."""
+
+    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device, weights: Any) -> None:
+        self.model, self.blocks, self.device, self.weights = model, blocks, device, weights
+        self._moved: list[tuple[nn.Module, torch.device]] = []
+
+    def __enter__(self) -> _OnDevice:
+        inside = {id(m) for m in self.blocks.modules()}
+        for name, module in self.model.named_modules():
+            if id(module) in inside:
+                continue
+            own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+            if any(t.device.type == "meta" for t in own):
+                self._need_weights(name)
+                self.weights.load(self.model, module, name, self.device, recurse=False)
+            elif any(t.device != self.device for t in own):
+                self._moved.append((module, own[0].device))
+                _move_own(module, self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, home in self._moved:
+            _move_own(module, home)
+
+    @contextlib.contextmanager
+    def onloaded(self, block: nn.Module, name: str) -> Iterator[None]:
+        params = list(block.parameters())
+        if any(p.device.type == "meta" for p in params):
+            self._need_weights(name)
+            self.weights.load(self.model, block, name, self.device)
+            try:
+                yield
+            finally:
+                self.weights.release(block)
+            return
+        home = params[0].device if params else self.device
+        if home != self.device:
+            block.to(self.device)
+        try:
+            yield
+        finally:
+            if home != self.device:
+                block.to(home)
+
+    def _need_weights(self, name: str) -> None:
+        if self.weights is None:
+            raise ValueError(f"{name or 'the model'} has weights on the meta device and no weights= source to "
+                             "read them from (load the model with eva_lora.disk_weights.empty_model_from_folder)")
+
+
+def _move_own(module: nn.Module, device: torch.device) -> None:
+    """Move a module's own parameters and buffers (not its children's), in place: a parameter shared with
+    another module (tied embeddings) stays one object."""
+    for param in module._parameters.values():
+        if param is not None:
+            param.data = param.data.to(device)
+    for key, buf in list(module._buffers.items()):
+        if buf is not None:
+            module._buffers[key] = buf.to(device)
+
+
+def _block_bar(enabled: bool, total: int) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="EVA (sequential): blocks done", leave=False, dynamic_ncols=True)
+
