@@ -51,17 +51,22 @@ def single_process(scenario: str, check_every: int = 1, replicated: bool = False
     import dataclasses
 
     cfg = dataclasses.replace(dist_worker.config(scenario), check_every=check_every)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return compute_eva_state(tiny_llama(), iter(dist_worker.batches()), cfg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): bit-equal sums need the same reduction order
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return compute_eva_state(tiny_llama(), iter(dist_worker.batches()), cfg)
+    finally:
+        torch.set_num_threads(threads)
 
 
-def assert_identical(got: EvaState, want: EvaState) -> None:
+def assert_identical(got: EvaState, want: EvaState, eigen_rtol: float = 0.0) -> None:
     assert (got.n_batches, got.group_tokens, got.ranks) == (want.n_batches, want.group_tokens, want.ranks)
     for a, b in zip(got.group_components, want.group_components):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(got.group_eigenvalues, want.group_eigenvalues):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+        torch.testing.assert_close(a, b, rtol=eigen_rtol, atol=0)
 
 
 @pytest.mark.parametrize("scenario", ["sharded", "sketch"])
@@ -73,7 +78,9 @@ def test_sharded_ranks_equal_one_process_fed_the_union(tmp_path, scenario):
     states = [EvaState.load(tmp_path / f"rank{r}") for r in range(2)]
     for state in states:
         assert state.n_batches == 8 and state.group_statistics == ref.group_statistics
-        assert_identical(state, ref)
+        # the sketch's float64 eigenvalues differ from one process's by a few ulps on some CPUs (measured
+        # 1.7e-15 relative, 2026-12-05; bit-equal on the machine of 2026-12-04); components are bit-equal
+        assert_identical(state, ref, eigen_rtol=1e-13 if scenario == "sketch" else 0.0)
     if scenario == "sharded":
         cfg = dist_worker.config(scenario)
         exact = {g.names[0]: g.stats.covariance() for g in collect_statistics(tiny_llama(), dist_worker.batches(), cfg)}
