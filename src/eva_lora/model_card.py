@@ -19,6 +19,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from .files import atomic_write_text, umask_mode
 from .loop_utils import versions
 from .state import STATE_DIR, EvaState
@@ -169,3 +171,32 @@ def adapter_ranks(directory: str | os.PathLike[str]) -> dict[str, int]:
     if not ranks:
         raise ValueError(f"{path} holds no LoRA A weights")
     return ranks
+
+
+def save_ready_adapter(model: nn.Module, state: EvaState, directory: str | os.PathLike[str], *,
+                       lora_alpha: float = 1.0, info: dict[str, Any] | None = None,
+                       fingerprint: dict[str, Any] | None = None, **lora_kwargs: Any) -> Path:
+    """An untrained PEFT LoRA adapter for ``model`` (A = EVA's components, B = 0) with its card and state.
+
+    Any LoRA tool that starts from an existing PEFT adapter (``PeftModel.from_pretrained(base, dir,
+    is_trainable=True)``, axolotl's ``lora_model_dir``, LLaMA-Factory's ``adapter_name_or_path``) then
+    trains from EVA without knowing about it. ``model`` is left as it was: the LoRA layers are added,
+    saved and removed again. A model whose weights are on the meta device (sequential EVA from disk)
+    works too: only the small LoRA tensors are materialised."""
+    from .peft_bridge import apply_eva_state
+
+    peft_model = apply_eva_state(model, state, lora_alpha, **lora_kwargs)
+    try:
+        for module in peft_model.modules():
+            for part in ("lora_A", "lora_B"):
+                layers = getattr(module, part, None)
+                if isinstance(layers, nn.ModuleDict):
+                    for layer in layers.values():
+                        if any(p.is_meta for p in layer.parameters()):
+                            layer.to_empty(device="cpu")
+        from .peft_bridge import write_eva_weights
+
+        write_eva_weights(peft_model, state)
+        return save_adapter(peft_model, directory, state, info, model=fingerprint)
+    finally:
+        peft_model.unload()  # the base model without LoRA layers, as it came

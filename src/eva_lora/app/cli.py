@@ -1,4 +1,4 @@
-"""``eva``: init | train | eval | compare | plot | demo.
+"""``eva``: init | train | eval | merge | compare | plot | demo.
 
 Settings come from ``--preset``, ``--config file.yaml`` and ``key=value`` overrides (``eva.rho=2``),
 in that order of precedence (later wins); the common ones also have flags. Any bad input ends with
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
                    help="save the streaming statistics every N batches (to <output>.ckpt), atomically")
     p.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after a crash or kill")
+    p.add_argument("--adapter-out", dest="adapter_out",
+                   help="where the ready, untrained PEFT adapter goes (default: <output>_adapter)")
+    p.add_argument("--no-adapter", dest="no_adapter", action="store_true", help="save the state only")
     p.add_argument("--sequential", action="store_true", default=None,
                    help="one decoder block at a time over the first min(64, eva.max_batches) batches: a model "
                         "larger than the device; weights read block by block from a safetensors folder")
@@ -79,6 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--inits", default="lora,eva", help="comma-separated init names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+
+    p = sub.add_parser("merge", help="fold a trained LoRA adapter into its base and save a plain model")
+    _run_options(p)
+    p.add_argument("--adapter", required=True, help="PEFT LoRA adapter folder (from eva train, or any PEFT tool)")
+    p.add_argument("--output", required=True, help="folder for the merged model (safetensors shards + tokenizer)")
+    p.add_argument("--max-shard-size", dest="max_shard_size", default="5GB", help="largest safetensors shard")
 
     sub.add_parser("presets", help="list the bundled recipe configs (eva train --preset NAME)")
     p = sub.add_parser("plot", help="rank heat map and convergence of a state; loss curves of a comparison")
@@ -137,12 +146,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = _config(args)
     if args.command == "init":
         from ..state import STATE_DIR
-        from .recipes.init import run_init
+        from .recipes.init import ready_adapter_path, run_init
 
         output = args.output or str(Path(cfg.output_dir) / STATE_DIR)
-        state, seconds = run_init(cfg, output, args.checkpoint_every, args.resume)
+        adapter = None if args.no_adapter else args.adapter_out or str(ready_adapter_path(Path(output)))
+        state, seconds = run_init(cfg, output, args.checkpoint_every, args.resume, adapter)
         print(f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} tokens, "
-              f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}")
+              f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}"
+              + (f"; ready adapter (B = 0) -> {adapter}" if adapter else ""))
+    elif args.command == "merge":
+        from .recipes.merge import run_merge
+
+        out = run_merge(cfg, args.adapter, args.output, args.max_shard_size)
+        print(f"merged {args.adapter} into {cfg.model} -> {out}")
     elif args.command == "train":
         from .recipes.train import train
 

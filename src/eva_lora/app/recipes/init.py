@@ -16,6 +16,8 @@ import torch
 
 from ...checkpoint import has_snapshot
 from ...engine import compute_eva_state
+from ...fingerprints import model_fingerprint
+from ...model_card import save_ready_adapter
 from ...sequential import SequentialOptions
 from ...state import EvaState
 from ..models import check_max_length, is_quantized, load_model, resolve_model_path
@@ -25,12 +27,14 @@ from ..tasks import get_task
 from .runtime import device, init_distributed, require_writable
 
 
-def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
-             resume: bool = False) -> tuple[EvaState, float]:
+def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resume: bool = False,
+             adapter_out: str | Path | None = None) -> tuple[EvaState, float]:
     """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved to ``output``.
 
     With ``checkpoint_every`` the statistics are checkpointed to ``<output>.ckpt``; ``resume``
     continues from there (the batches are the same seeded sequence, so the result is the same).
+    ``adapter_out``: also write a ready, untrained PEFT adapter there (A = the components, B = 0), which
+    any LoRA trainer can continue from (``PeftModel.from_pretrained(base, dir, is_trainable=True)``).
     """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)
@@ -44,6 +48,14 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     if not resume and not cfg.overwrite and output.is_dir() and any(output.iterdir()):
         raise ValueError(f"--output {output} already holds a state (or other files): choose another folder, "
                          "or pass --overwrite to replace it")
+    if adapter_out is not None:
+        adapter_out = Path(adapter_out)
+        require_writable(adapter_out)
+        if adapter_out.exists() and not adapter_out.is_dir():
+            raise ValueError(f"--adapter-out {adapter_out} is an existing file, not a folder")
+        if not cfg.overwrite and adapter_out.is_dir() and any(adapter_out.iterdir()):
+            raise ValueError(f"--adapter-out {adapter_out} already holds files: choose another folder, pass "
+                             "--overwrite to replace it, or --no-adapter")
     check_max_length(cfg)
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
@@ -75,7 +87,18 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0,
     seconds = time.perf_counter() - start
     if rank == 0:  # every rank holds the same state; one writes it
         state.save(output)
+        if adapter_out is not None:
+            save_ready_adapter(model, state, adapter_out, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                               task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
+                               info={"base_model": cfg.model, "task": cfg.task, "init": "eva (untrained)",
+                                     "seed": cfg.seed, "steps": 0},
+                               fingerprint=None if weights is not None else model_fingerprint(model))
     return state, seconds
+
+
+def ready_adapter_path(output: Path) -> Path:
+    """Where ``eva init`` puts the untrained adapter by default: beside the state folder."""
+    return output.with_name(output.name + "_adapter")
 
 
 def _load(cfg: RunConfig, task: Any) -> tuple[Any, Any, Any]:
