@@ -333,7 +333,7 @@ def test_compare_and_plot(tmp_path, capsys, tiny_llama_dir):
     code, stdout, err = run_cli(capsys, "plot", "--state", out / "eva/seed0/eva_state", "--compare", out,
                                 "--out", tmp_path / "plots")
     assert code == 0, err
-    for name in ("ranks.png", "convergence.png", "loss.png"):
+    for name in ("ranks.png", "convergence.png", "diagnostics.png", "loss.png"):
         assert (tmp_path / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

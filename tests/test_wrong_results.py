@@ -163,3 +163,39 @@ def test_groups_without_an_estimate_keep_absorbing_rows_whatever_their_provision
         state = compute_eva_state(helpers.tiny_llama(layers=3), batches, config, progress=False)
     valid = sum(int(b["attention_mask"].sum()) for b in batches)
     assert state.group_tokens == [valid] * len(state.groups)
+
+
+def test_diagnostics_flag_a_label_mask_that_keeps_nothing_or_everything(tmp_path):
+    """PEFT's label mask did nothing for 18 months without anyone noticing: a mask that keeps every token,
+    or batches it empties, must be said, in the state, the warning and the model card."""
+    import warnings
+
+    import helpers
+    from eva_lora import EvaConfig, EvaState, compute_eva_state
+    from eva_lora.diagnostics import flags, summary_lines
+    from eva_lora.model_card import model_card_text
+
+    batches = helpers.token_batches(helpers.VOCAB, 6, seq=16)
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].clone()  # nothing marked -100: the mask keeps everything
+    config = EvaConfig(rank=4, rho=1.0, tau=1.0, statistics="exact", max_batches=6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        state = compute_eva_state(helpers.tiny_llama(), batches, config, progress=False)
+    assert state.token_counts == {"batches": 6, "tokens": 6 * 48, "kept": 6 * 48, "label_masked_batches": 6,
+                                  "empty_batches": 0}
+    assert any("label mask kept every one of 288 tokens" in str(w.message) for w in caught)
+    state.save(tmp_path / "s")
+    assert EvaState.load(tmp_path / "s").token_counts == state.token_counts
+    assert "label mask kept every one" in model_card_text(state, {})
+
+    for batch in batches[:2]:
+        batch["labels"][:] = -100  # these batches keep nothing
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        state = compute_eva_state(helpers.tiny_llama(), batches, config, progress=False)
+    assert state.token_counts["empty_batches"] == 2 and state.token_counts["kept"] == 4 * 48
+    assert flags(state)[0] == "2 of 6 batches had no token left after the attention and label masks"
+    agreement = [a for a in state.group_stability if a is not None]
+    assert agreement and all(0.0 <= a <= 1.0 for a in agreement)
+    assert any(line.startswith("half-data agreement") for line in summary_lines(state))

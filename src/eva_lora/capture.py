@@ -142,6 +142,8 @@ class ActivationCapture:
         self._probe_calls: Counter[str] = Counter()
         self.single_call = False  # every target layer ran exactly once in the probe pass
         self._exit_group: LayerGroup | None = None
+        # tokens the batches held (attention mask) and kept (attention and label masks): diagnostics.py
+        self.counts = {"batches": 0, "tokens": 0, "kept": 0, "label_masked_batches": 0, "empty_batches": 0}
 
     @property
     def probing(self) -> bool:
@@ -161,7 +163,7 @@ class ActivationCapture:
         self._handles.clear()
         self._probe_inputs = None
 
-    def set_batch(self, batch: Any, host_batch: Any = None) -> None:
+    def set_batch(self, batch: Any, host_batch: Any = None, count: bool = False) -> None:
         """The batch the next pass runs: its token mask becomes one index of the kept tokens, once.
 
         ``host_batch`` is the same batch before it was moved to the model's device (as a data loader
@@ -172,11 +174,30 @@ class ActivationCapture:
         source = batch if host_batch is None else host_batch
         self._mask = token_mask(source, self.use_label_mask, self.label_mask_value)
         self._index = None if self._mask is None else self._mask.reshape(-1).nonzero().squeeze(1)
+        if count:
+            self._count(source)
         if self._index is not None and self._index.numel() == self._mask.numel():
             self._mask = self._index = None  # nothing to drop: layers hand over a view of their input
         device = _first_device(batch)
         if self._index is not None and device is not None:
             self._index = self._index.to(device, non_blocking=True)
+
+    def _count(self, source: Any) -> None:
+        """Add this batch's token counts (only from host memory: a count must never wait for a device)."""
+        if not isinstance(source, Mapping) or not isinstance(source.get("input_ids"), torch.Tensor):
+            return
+        ids, attention = source["input_ids"], source.get("attention_mask")
+        if ids.device.type != "cpu":
+            return
+        total = int(attention.sum()) if isinstance(attention, torch.Tensor) else ids.numel()
+        kept = int(self._index.numel()) if self._index is not None else total
+        labels = source.get("labels")
+        self.counts["batches"] += 1
+        self.counts["tokens"] += total
+        self.counts["kept"] += kept
+        self.counts["empty_batches"] += int(kept == 0)
+        if self.use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
+            self.counts["label_masked_batches"] += 1
 
     def missing_layers(self) -> list[str]:
         """Target layers the probe has not seen called (yet)."""

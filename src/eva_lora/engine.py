@@ -25,6 +25,7 @@ from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, 
 from .checkpoint import GroupSnapshot, LoopSnapshot, load_snapshot, save_snapshot
 from .config import EvaConfig
 from .convergence import ComponentTracker, advance, check_slack, make_solver, residual_certified, subspace_epsilon
+from .diagnostics import flags as diagnostic_flags
 from .distributed import CollectiveError, Communicator
 from .loop_utils import EvaProgress, bounded_stream, eval_mode, model_device, next_batch, to_device, versions
 from .numerics import batched_eigh, single_thread, statistics_precision
@@ -311,7 +312,7 @@ class _EvaLoop:
         return absorb
 
     def _forward(self, batch: Any, host_batch: Any = None) -> None:
-        self.capture.set_batch(batch, host_batch)
+        self.capture.set_batch(batch, host_batch, count=True)
         self._call_model(batch, probe=False)
         self.steps += 1
         self.n_batches += self.comm.size if self.comm.sums_statistics else 1
@@ -465,6 +466,7 @@ class _EvaLoop:
         self.n_batches = max(part.n_batches for part in parts)
         self.steps = max(part.steps for part in parts)
         self.history = [dict(entry, part=index) for index, part in enumerate(parts) for entry in part.history]
+        self.capture.counts = dict(parts[0].capture.counts)  # every part saw the same calibration batches
         done = all(r.stop_batch is not None for r in self.groups)
         self.stop_reason = "converged" if done else parts[-1].stop_reason
 
@@ -492,12 +494,26 @@ class _EvaLoop:
         self.ranks = self._allocate()
         unconverged = self._unconverged()
         self._report(unconverged)
-        return EvaState(config=self.config, groups=[list(r.names) for r in self.groups], group_components=comps,
+        agreement = [self._agreement(r) for r in self.groups]
+        state = EvaState(config=self.config, groups=[list(r.names) for r in self.groups], group_components=comps,
                         group_eigenvalues=values, group_ratios=ratios, group_tokens=[r.tokens for r in self.groups],
                         ranks=self.ranks, layer_shapes=dict(shapes), n_batches=self.n_batches,
                         stop_reason=self.stop_reason, unconverged=unconverged, history=self.history,
                         versions=versions(), group_statistics=[r.plan.kind for r in self.groups],
-                        group_stop_batches=[r.stop_batch for r in self.groups])
+                        group_stop_batches=[r.stop_batch for r in self.groups], group_stability=agreement,
+                        token_counts=dict(self.capture.counts) if self.capture.counts["batches"] else {})
+        for text in diagnostic_flags(state):
+            warnings.warn(text, RuntimeWarning, stacklevel=4)
+        return state
+
+    def _agreement(self, record: GroupRecord) -> float | None:
+        """1 - the subspace loss, at the group's rank, of its estimate on at most half of the tokens
+        (the last check's): how much the components still moved with more data."""
+        need = max(self.ranks[n] for n in record.names)
+        loss = record.tracker.loss
+        if not need or loss is None or need > len(loss):
+            return None
+        return round(min(1.0, max(0.0, 1.0 - float(loss[need - 1]))), 6)
 
     def _unconverged(self) -> list[str]:
         out = []

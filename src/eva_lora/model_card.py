@@ -21,6 +21,7 @@ from typing import Any
 
 from torch import nn
 
+from .diagnostics import summary_lines
 from .files import atomic_write_text, umask_mode
 from .loop_utils import versions
 from .state import STATE_DIR, EvaState
@@ -84,6 +85,7 @@ def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
                   f"({sum(r == 0 for r in state.ranks.values())} with rank 0)", "",
                   "| layer type | layers | min rank | mean rank | max rank |", "|---|---|---|---|---|"]
         lines += [f"| {k} | {n} | {lo} | {mean:.1f} | {hi} |" for k, n, lo, mean, hi in rank_summary(state.ranks)]
+        lines += ["", "Diagnostics:", ""] + [f"- {line}" for line in summary_lines(state)]
         lines += ["", f"`{STATE_SUBDIR}/` holds the full EVA state (components, spectra, convergence history): "
                   "`eva plot --adapter .` draws it."]
     used = {**versions(), **(state.versions if state is not None else {})}

@@ -50,6 +50,8 @@ class EvaState:
     versions: dict[str, str] = field(default_factory=dict)
     group_statistics: list[str] = field(default_factory=list)  # statistic kind per group: exact | sketch
     group_stop_batches: list[int | None] = field(default_factory=list)  # batch a group met the rule (None: never)
+    group_stability: list[float | None] = field(default_factory=list)  # half-data agreement (diagnostics.py)
+    token_counts: dict[str, int] = field(default_factory=dict)  # tokens the masks saw and kept (diagnostics.py)
 
     # ---- per-layer views -------------------------------------------------------------------
     def _group_index(self) -> dict[str, int]:
@@ -102,9 +104,10 @@ class EvaState:
     def _metadata(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
-            "groups": [{"layers": names, "tokens": t, "statistic": kind, "stop_batch": stop}
-                       for names, t, kind, stop in zip(self.groups, self.group_tokens, self._kinds(),
-                                                       self._stop_batches())],
+            "groups": [{"layers": names, "tokens": t, "statistic": kind, "stop_batch": stop, "agreement": agree}
+                       for names, t, kind, stop, agree in zip(self.groups, self.group_tokens, self._kinds(),
+                                                              self._stop_batches(), self._stability())],
+            "token_counts": self.token_counts,
             "ranks": self.ranks,
             "layer_shapes": self.layer_shapes,
             "model_fingerprint": self.model_fingerprint,
@@ -121,6 +124,9 @@ class EvaState:
     def _stop_batches(self) -> list[int | None]:
         return self.group_stop_batches or [None] * len(self.groups)
 
+    def _stability(self) -> list[float | None]:
+        return self.group_stability or [None] * len(self.groups)
+
     @classmethod
     def load(cls, directory: str | os.PathLike[str]) -> EvaState:
         """Read and validate a state written by :meth:`save`."""
@@ -134,6 +140,8 @@ class EvaState:
             tokens = [int(g["tokens"]) for g in meta["groups"]]
             kinds = [str(g.get("statistic", "exact")) for g in meta["groups"]]
             stops = [None if g.get("stop_batch") is None else int(g["stop_batch"]) for g in meta["groups"]]
+            agreement = [None if g.get("agreement") is None else float(g["agreement"]) for g in meta["groups"]]
+            counts = {str(k): int(v) for k, v in (meta.get("token_counts") or {}).items()}
             ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
             shapes = {str(k): [int(x) for x in v] for k, v in meta["layer_shapes"].items()}
         except (KeyError, TypeError, ValueError) as err:
@@ -143,7 +151,8 @@ class EvaState:
                     group_ratios=ratios, group_tokens=tokens, ranks=ranks, layer_shapes=shapes,
                     n_batches=int(meta.get("n_batches", 0)), stop_reason=str(meta.get("stop_reason", "unknown")),
                     unconverged=list(meta.get("unconverged", [])), history=list(meta.get("history", [])),
-                    versions=dict(meta.get("versions", {})), group_statistics=kinds, group_stop_batches=stops)
+                    versions=dict(meta.get("versions", {})), group_statistics=kinds, group_stop_batches=stops,
+                    group_stability=agreement, token_counts=counts)
         state.validate()
         return state
 

@@ -154,6 +154,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} tokens, "
               f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}"
               + (f"; ready adapter (B = 0) -> {adapter}" if adapter else ""))
+        from ..diagnostics import summary_lines
+
+        for line in summary_lines(state):
+            print(f"  {line}")
     elif args.command == "merge":
         from .recipes.merge import run_merge
 
@@ -186,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from .plots import plot_convergence, plot_loss_curves, plot_rank_heatmap, plot_ranks
+    from .plots import plot_convergence, plot_diagnostics, plot_loss_curves, plot_rank_heatmap, plot_ranks
 
     if not args.state and not args.compare and not args.adapter:
         raise ValueError("plot needs --state, --adapter and/or --compare")
@@ -210,6 +214,7 @@ def _plot(args: argparse.Namespace) -> int:
         state = EvaState.load(args.state)
         print(plot_rank_heatmap(state, out / "ranks.png"))
         print(plot_convergence(state, out / "convergence.png"))
+        print(plot_diagnostics(state, out / "diagnostics.png"))
     if args.compare:
         source = Path(args.compare) / "comparison.json"
         if not source.is_file():

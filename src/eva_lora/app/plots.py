@@ -106,6 +106,33 @@ def plot_convergence(state: EvaState, path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_diagnostics(state: EvaState, path: str | Path) -> Path:
+    """Per group (in model order): the variance its rank captures and its half-data agreement
+    (diagnostics.py), with the agreement's warning level; the run's mask counts in the title."""
+    from ..diagnostics import LOW_AGREEMENT, group_rows
+
+    plt = pyplot()
+    rows = [r for r in group_rows(state) if r["rank"]]
+    if not rows:
+        raise ValueError("no layer of this EVA state got a rank: nothing to diagnose")
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.2))
+    left.bar(range(len(rows)), [r["captured"] for r in rows], color="tab:blue")
+    left.set_xlabel("layer group (model order)")
+    left.set_ylabel("variance captured by its rank")
+    agreement = [r["agreement"] if r["agreement"] is not None else float("nan") for r in rows]
+    right.plot(range(len(rows)), agreement, marker=".", linestyle="", color="tab:green")
+    right.axhline(LOW_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"warning below {LOW_AGREEMENT}")
+    right.set_ylim(0, 1.02)
+    right.set_xlabel("layer group (model order)")
+    right.set_ylabel("half-data agreement")
+    right.legend(loc="lower left")
+    counts = state.token_counts or {}
+    kept = f"; masks kept {counts['kept']} of {counts['tokens']} tokens" if counts.get("tokens") else ""
+    fig.suptitle(f"EVA diagnostics: {len(rows)} groups{kept}")
+    fig.tight_layout()
+    return save_figure(fig, path)
+
+
 def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
                      key: str = "loss") -> Path:
     """One line per run label from Trainer log entries ({"step", "loss", "grad_norm"})."""
