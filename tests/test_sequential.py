@@ -158,3 +158,56 @@ def test_eva_init_sequential_reads_the_model_folder_and_saves_the_same_state(tmp
         assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     assert_same_state(EvaState.load(outs["whole"]), EvaState.load(outs["sequential"]))
     assert json.loads((outs["sequential"] / "eva_state.json").read_text())["n_batches"] == 4
+
+
+class CrashingWeights(CountingWeights):
+    """The real reader, failing when asked for the block named ``crash_at`` (a killed run)."""
+
+    crash_at = "model.layers.2"
+
+    def load(self, root, module, prefix, device, recurse=True):
+        if prefix == self.crash_at:
+            raise RuntimeError("killed")
+        super().load(root, module, prefix, device, recurse)
+
+
+def test_a_crashed_sequential_run_resumes_at_the_first_unfinished_block(tmp_path):
+    model = build("llama")
+    model.save_pretrained(tmp_path / "model")
+    batches = helpers.token_batches(helpers.VOCAB, 5)
+    checkpoint = tmp_path / "ckpt"
+    empty, _ = empty_model_from_folder(tmp_path / "model")
+    with pytest.raises(RuntimeError, match="killed"):
+        quiet(compute_eva_state, empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
+            weights=CrashingWeights(tmp_path / "model"), checkpoint_dir=checkpoint))
+    assert sorted(p.name for p in checkpoint.glob("block-*.json")) == ["block-0.json", "block-1.json"]
+    outputs = {p.name for p in checkpoint.glob("outputs-*")}  # block 2's may be half written: resume redoes it
+    assert "outputs-1" in outputs and "outputs-0" not in outputs  # block 0's went when block 1 was committed
+    with pytest.raises(ValueError, match="holds a sequential EVA checkpoint"):
+        compute_eva_state(empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
+            weights=CountingWeights(tmp_path / "model"), checkpoint_dir=checkpoint))
+    with pytest.raises(ValueError, match="calibration_sha256"):
+        compute_eva_state(empty, helpers.token_batches(helpers.VOCAB, 5, seed=1), SAME_TOKENS, progress=False,
+                          sequential=SequentialOptions(weights=CountingWeights(tmp_path / "model"),
+                                                       checkpoint_dir=checkpoint, resume=True))
+    weights = CountingWeights(tmp_path / "model")
+    resumed = quiet(compute_eva_state, empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
+        weights=weights, checkpoint_dir=checkpoint, resume=True))
+    assert weights.loads == 1  # blocks 0 and 1 were taken from the checkpoint
+    whole = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False)
+    assert_same_state(whole, resumed)
+    assert resumed.token_counts == whole.token_counts
+
+
+def test_eva_init_sequential_commits_blocks_and_resumes(tmp_path, capsys, tiny_llama_dir):
+    from eva_lora.app.cli import main
+
+    argv = ["init", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", helpers.ROOT / "tests/assets/data",
+            "train_limit=16", "svd_batch_size=4", "max_length=96", "progress=false", "rank=4", "eva.max_batches=4",
+            "--output", tmp_path / "state", "--sequential", "--checkpoint-every", "1", "--no-adapter"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    ckpt = tmp_path / "state.ckpt"
+    assert sorted(p.name for p in ckpt.glob("block-*.json")) == ["block-0.json", "block-1.json"]
+    first = EvaState.load(tmp_path / "state")
+    assert main([str(a) for a in [*argv, "--resume"]]) == 0, capsys.readouterr().err
+    assert_same_state(first, EvaState.load(tmp_path / "state"))

@@ -38,13 +38,14 @@ TRAIN_ONLY = {"init": "the init method", "lora_alpha": "LoRA training", "lora_dr
 EVAL_ONLY = {"eval_file": "evaluation data", "eval_limit": "evaluation", "eval_batch_size": "evaluation",
              "max_new_tokens": "generation at evaluation", "samples": "pass@k at evaluation",
              "temperature": "sampling at evaluation (samples > 1)"}
+READY_ADAPTER = ("lora_alpha", "lora_dropout")  # init writes a ready adapter with them
 RANK = "reaches the code as eva.rank (RunConfig copies it there when it is built)"
 NOT_READ = {
-    "init": {**TRAIN_ONLY, **EVAL_ONLY, "eva_state": "init computes the state", "rank": RANK,
+    "init": {**{k: v for k, v in TRAIN_ONLY.items() if k not in READY_ADAPTER}, **EVAL_ONLY,
+             "eva_state": "init computes the state", "rank": RANK,
              "output_dir": "--output is given", "calibration_batches": "CorDA / LoRA-GA only",
              "force": "nothing is loaded from an earlier run", "offload": "sequential only",
-             "blocks": "sequential only", "eva.whiten": "A rows are built by train",
-             "eva.adjust_alpha": "A rows are built by train", "eva.init_mode": "A rows are built by train"},
+             "blocks": "sequential only"},
     "train": {"rank": RANK, "offload": "sequential only (refused by train)",
               "blocks": "sequential only (refused by train)"},
     "eval": {**TRAIN_ONLY, "eva_state": "no init", "calibration_batches": "no init", "svd_batch_size": "no init",
@@ -94,11 +95,11 @@ def reads(tiny_llama_dir, tmp_path_factory) -> dict[str, set[str]]:
         seen: set[str] = set()
         run_class, eva_class = tracked(RunConfig, "", seen), tracked(EvaConfig, "eva.", seen)
 
-        def build(*args, **kwargs):
+        def build(*args, _seen=seen, _run=run_class, _eva=eva_class, **kwargs):
             cfg = real(*args, **kwargs)
-            eva = eva_class(**{f: getattr(cfg.eva, f) for f in EVA_FIELDS})
-            made = run_class(**{f: getattr(cfg, f) for f in RUN_FIELDS}, eva=eva)
-            seen.clear()  # construction and checks read everything
+            eva = _eva(**{f: getattr(cfg.eva, f) for f in EVA_FIELDS})
+            made = _run(**{f: getattr(cfg, f) for f in RUN_FIELDS}, eva=eva)
+            _seen.clear()  # construction and checks read everything
             return made
 
         run_config.build_run_config = build

@@ -33,6 +33,7 @@ RowSink = Callable[[torch.Tensor], None]
 
 
 PROBE_TOKENS = 16  # tokens of the one sequence the probe pass runs
+COUNT_KEYS = ("batches", "tokens", "kept", "label_masked_batches", "empty_batches")
 
 
 def token_mask(batch: Any, use_label_mask: bool = True, label_mask_value: int = -100) -> torch.Tensor | None:
@@ -142,8 +143,10 @@ class ActivationCapture:
         self._probe_calls: Counter[str] = Counter()
         self.single_call = False  # every target layer ran exactly once in the probe pass
         self._exit_group: LayerGroup | None = None
-        # tokens the batches held (attention mask) and kept (attention and label masks): diagnostics.py
-        self.counts = {"batches": 0, "tokens": 0, "kept": 0, "label_masked_batches": 0, "empty_batches": 0}
+        # tokens the batches held (attention mask) and kept (attention and label masks): diagnostics.py.
+        # Summed as a host tensor, read once at the end (:attr:`counts`): a batch costs no host read.
+        self._counts = torch.zeros(len(COUNT_KEYS), dtype=torch.int64)
+        self._counts_override: dict[str, int] | None = None
 
     @property
     def probing(self) -> bool:
@@ -189,15 +192,23 @@ class ActivationCapture:
         ids, attention = source["input_ids"], source.get("attention_mask")
         if ids.device.type != "cpu":
             return
-        total = int(attention.sum()) if isinstance(attention, torch.Tensor) else ids.numel()
-        kept = int(self._index.numel()) if self._index is not None else total
+        total = attention.sum().to(torch.int64) if isinstance(attention, torch.Tensor) else torch.tensor(ids.numel())
+        kept = torch.tensor(self._index.numel()) if self._index is not None else total
         labels = source.get("labels")
-        self.counts["batches"] += 1
-        self.counts["tokens"] += total
-        self.counts["kept"] += kept
-        self.counts["empty_batches"] += int(kept == 0)
-        if self.use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
-            self.counts["label_masked_batches"] += 1
+        labelled = self.use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2
+        self._counts += torch.stack([torch.tensor(1), total, kept, torch.tensor(int(labelled)),
+                                     (kept == 0).to(torch.int64)])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Token counts of the batches fed so far (one read of a host tensor)."""
+        if self._counts_override is not None:
+            return dict(self._counts_override)
+        return dict(zip(COUNT_KEYS, self._counts.tolist()))
+
+    @counts.setter
+    def counts(self, value: dict[str, int]) -> None:
+        self._counts_override = dict(value)
 
     def missing_layers(self) -> list[str]:
         """Target layers the probe has not seen called (yet)."""

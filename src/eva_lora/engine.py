@@ -501,7 +501,7 @@ class _EvaLoop:
                         stop_reason=self.stop_reason, unconverged=unconverged, history=self.history,
                         versions=versions(), group_statistics=[r.plan.kind for r in self.groups],
                         group_stop_batches=[r.stop_batch for r in self.groups], group_stability=agreement,
-                        token_counts=dict(self.capture.counts) if self.capture.counts["batches"] else {})
+                        token_counts=_nonempty(self.capture.counts))
         for text in diagnostic_flags(state):
             warnings.warn(text, RuntimeWarning, stacklevel=4)
         return state
@@ -553,6 +553,10 @@ def _unpack(row: torch.Tensor, record: GroupRecord) -> None:
     if row[0] == 1.0:
         tracker.values = row[4 : 4 + k].clone()
         tracker.converged = (row[4 + k : 4 + 2 * k] > 0.5).tolist()
+
+
+def _nonempty(counts: dict[str, int]) -> dict[str, int]:
+    return counts if counts.get("batches") else {}
 
 
 def converged_prefix(flags: list[bool], need: int) -> int:

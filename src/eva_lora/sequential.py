@@ -22,6 +22,7 @@ Ranks are allocated across the whole model at the end, as in the whole-model loo
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -35,8 +36,9 @@ from torch import nn
 from . import engine
 from .capture import ActivationCapture, StopForward, eager
 from .config import EvaConfig
-from .files import atomic_path, require_free_space
+from .files import atomic_path, atomic_write_text, require_free_space
 from .loop_utils import bounded_stream, eval_mode, next_batch, to_device
+from .sequential_checkpoint import BlockCheckpoint, calibration_digest
 from .state import EvaState
 from .targets import find_target_layers, layer_shapes
 
@@ -61,6 +63,8 @@ class SequentialOptions:
         weights are on disk or on the meta device and a GPU is present).
     weights: where blocks not yet in memory are read from (a :class:`~eva_lora.disk_weights.DiskWeights`),
         for a model built without its weights (meta device).
+    checkpoint_dir / resume: commit every finished block there (its groups and its outputs,
+        :mod:`eva_lora.sequential_checkpoint`); ``resume=True`` continues at the first unfinished block.
     """
 
     offload: str | Path = "cpu"
@@ -68,6 +72,8 @@ class SequentialOptions:
     blocks: str | None = None
     device: str | torch.device | None = None
     weights: Any = None
+    checkpoint_dir: str | Path | None = None
+    resume: bool = False
 
 
 def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
@@ -130,6 +136,22 @@ class BlockOutputs:
             tensors = [loaded[str(k)] for k in range(tensors)]
         return _unflatten(skeleton, iter([t.to(device, non_blocking=True) for t in tensors]))
 
+    def save_index(self) -> None:
+        """Write the structure of every stored output (folder caches): the cache is complete once it exists."""
+        atomic_write_text(self.folder / "index.json", json.dumps({"count": self.count, "items": {
+            str(k): [_skeleton_json(v[0]), v[1]] for k, v in self._items.items()}}))
+
+    @classmethod
+    def load(cls, folder: Path) -> BlockOutputs:
+        index = folder / "index.json"
+        if not index.is_file():
+            raise ValueError(f"{folder} holds no complete block outputs (index.json is missing)")
+        data = json.loads(index.read_text(encoding="utf-8"))
+        cache = cls(folder, int(data["count"]))
+        cache._items = {int(k): (_skeleton_from_json(v[0]), int(v[1])) for k, v in data["items"].items()}
+        cache._checked_space = True
+        return cache
+
     def nbytes(self) -> int:
         if self.folder is not None:
             return sum(p.stat().st_size for p in self.folder.glob("*.safetensors"))
@@ -152,6 +174,16 @@ def _flatten(value: Any, out: list[torch.Tensor]) -> Any:
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, [_flatten(v, out) for v in value])
     return ("value", value)
+
+
+def _skeleton_json(skeleton: Any) -> Any:
+    kind, payload = skeleton
+    return [kind, [_skeleton_json(s) for s in payload] if kind in ("tuple", "list") else payload]
+
+
+def _skeleton_from_json(data: Any) -> Any:
+    kind, payload = data
+    return (kind, [_skeleton_from_json(s) for s in payload] if kind in ("tuple", "list") else payload)
 
 
 def _unflatten(skeleton: Any, tensors: Iterator[torch.Tensor]) -> Any:
@@ -224,11 +256,19 @@ def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaCo
         if offload_root is not None:
             offload_root.mkdir(parents=True, exist_ok=True)
             _check_room(runnable, calibration, offload_root)
+        checkpoint = None
+        if options.checkpoint_dir is not None:
+            checkpoint = BlockCheckpoint(options.checkpoint_dir, options.resume)
+            checkpoint.start({"calibration_sha256": calibration_digest(calibration), "blocks": blocks_name,
+                              "n_blocks": len(blocks), "targets": sorted(targets),
+                              "settings": config.statistics_dict()})
+        elif options.resume:
+            raise ValueError("resume needs the checkpoint_dir the interrupted run wrote")
         scratch = None if offload_root is None else Path(tempfile.mkdtemp(prefix="eva-offload-", dir=offload_root))
         try:
             with eval_mode(runnable), _OnDevice(runnable, blocks, device, options.weights) as placement:
                 loops = _run_blocks(runnable, blocks_name, blocks, targets, calibration, config, placement,
-                                    scratch, progress)
+                                    scratch, progress, checkpoint)
             final = engine._EvaLoop(runnable, ActivationCapture(targets), config, None, progress=False,
                                     strict=strict)
             final.adopt(loops)
@@ -240,25 +280,41 @@ def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaCo
 
 def _run_blocks(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, targets: dict[str, nn.Module],
                 calibration: list[dict[str, Any]], config: EvaConfig, placement: _OnDevice, scratch: Path | None,
-                progress: bool) -> list[engine._EvaLoop]:
+                progress: bool, checkpoint: BlockCheckpoint | None = None) -> list[Any]:
     replay = _Replay(blocks)
     replay.device = placement.device
-    loops: list[engine._EvaLoop] = []
+    loops: list[Any] = []
     inside = [f"{blocks_name}.{i}." for i in range(len(blocks))]
     bar = _block_bar(progress, len(blocks))
+    done = checkpoint.committed() if checkpoint is not None else {}
+    last = max(done, default=-1)
     previous: BlockOutputs | None = None
+    if last >= 0:  # resume: the committed blocks as they are, from the last one's outputs
+        previous = BlockOutputs.load(checkpoint.folder / f"outputs-{last}")
     for i, block in enumerate(blocks):
+        if i <= last:
+            if done.get(i) is not None:
+                loops.append(done[i])
+            if bar is not None:
+                bar.update(1)
+            continue
         mine = {n: m for n, m in targets.items() if n.startswith(inside[i])}
-        folder = None if scratch is None else scratch / f"block{i}"
-        if folder is not None:
-            folder.mkdir()
+        if checkpoint is not None:
+            folder = checkpoint.outputs_folder(i)
+        else:
+            folder = None if scratch is None else scratch / f"block{i}"
+            if folder is not None:
+                folder.mkdir()
         outputs = BlockOutputs(folder, len(calibration))
         replay.cache = previous
         with placement.onloaded(block, f"{blocks_name}.{i}"), replay.before(i):
             loop = _run_one(model, block, mine, calibration, config, replay, outputs)
         if loop is not None:
             loops.append(loop)
-        if previous is not None and previous.folder is not None:
+        if checkpoint is not None:
+            outputs.save_index()
+            checkpoint.commit(i, loop, folder)
+        elif previous is not None and previous.folder is not None:
             shutil.rmtree(previous.folder, ignore_errors=True)
         previous = outputs
         if bar is not None:

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--output", help="state folder (default: <output_dir>/eva_state)")
     p.add_argument("--checkpoint-every", dest="checkpoint_every", type=int, default=0,
-                   help="save the streaming statistics every N batches (to <output>.ckpt), atomically")
+                   help="save the streaming statistics every N batches (to <output>.ckpt), atomically; with "
+                        "--sequential, any N commits every finished block there")
     p.add_argument("--resume", action="store_true", help="continue from <output>.ckpt after a crash or kill")
     p.add_argument("--adapter-out", dest="adapter_out",
                    help="where the ready, untrained PEFT adapter goes (default: <output>_adapter)")

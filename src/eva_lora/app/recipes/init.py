@@ -3,6 +3,7 @@
     eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
     eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command + --resume
     eva init --model FOLDER --task gsm8k --sequential  # block by block, weights read from FOLDER as needed
+    eva init ... --sequential --checkpoint-every 1     # every finished block committed; after a kill: + --resume
     eva init --model FOLDER --task gsm8k --load-in-4bit   # on a bitsandbytes NF4 base (QLoRA)
 """
 
@@ -19,6 +20,7 @@ from ...engine import compute_eva_state
 from ...fingerprints import model_fingerprint
 from ...model_card import save_ready_adapter
 from ...sequential import SequentialOptions
+from ...sequential_checkpoint import RUN_FILE as SEQUENTIAL_RUN_FILE
 from ...state import EvaState
 from ..models import check_max_length, is_quantized, load_model, resolve_model_path
 from ..preprocess import Collator, init_batches, tokenize
@@ -43,7 +45,7 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resu
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is an existing file, not a state folder")
     checkpoint = output.with_name(output.name + ".ckpt")
-    if resume and not has_snapshot(checkpoint):
+    if resume and not (has_snapshot(checkpoint) or (checkpoint / SEQUENTIAL_RUN_FILE).is_file()):
         raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
     if not resume and not cfg.overwrite and output.is_dir() and any(output.iterdir()):
         raise ValueError(f"--output {output} already holds a state (or other files): choose another folder, "
@@ -53,14 +55,12 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resu
         require_writable(adapter_out)
         if adapter_out.exists() and not adapter_out.is_dir():
             raise ValueError(f"--adapter-out {adapter_out} is an existing file, not a folder")
-        if not cfg.overwrite and adapter_out.is_dir() and any(adapter_out.iterdir()):
+        if not (cfg.overwrite or resume) and adapter_out.is_dir() and any(adapter_out.iterdir()):
             raise ValueError(f"--adapter-out {adapter_out} already holds files: choose another folder, pass "
                              "--overwrite to replace it, or --no-adapter")
     check_max_length(cfg)
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
-    if cfg.sequential and (checkpoint_every or resume):
-        raise ValueError("--sequential has no checkpoints yet: drop --checkpoint-every / --resume")
     model, tokenizer, weights = _load(cfg, task)
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
     batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
@@ -80,7 +80,10 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resu
     if cfg.sequential:
         if world_size > 1:
             raise ValueError("--sequential runs in one process: start it without torchrun")
-        sequential = SequentialOptions(offload=cfg.offload, blocks=cfg.blocks, device=device(), weights=weights)
+        sequential = SequentialOptions(offload=cfg.offload, blocks=cfg.blocks, device=device(), weights=weights,
+                                       checkpoint_dir=checkpoint if checkpoint_every or resume else None,
+                                       resume=resume)
+        checkpoint_every, resume = 0, False  # sequential: a commit after every block (sequential_checkpoint.py)
     state = compute_eva_state(model, batches, cfg.eva, checkpoint_dir=checkpoint if checkpoint_every or resume
                               else None, checkpoint_every=checkpoint_every, resume=resume,
                               progress=cfg.progress and rank == 0, strict=cfg.strict, sequential=sequential)
