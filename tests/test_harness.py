@@ -19,6 +19,7 @@ def test_harness_generates_what_our_evaluator_generates(tiny_llama_dir):
     from eva_lora.app.tasks import get_task
 
     cfg = build_run_config(overrides={"model": str(tiny_llama_dir), "task": "boolq", "data_dir": str(DATA),
+                                      "max_length": 256,
                                       "eval_limit": 4, "max_new_tokens": 8, "eval_batch_size": 1})
     found = run_harness(cfg, None, samples=True)
     model, tokenizer = load_model(cfg.model, "generation")
@@ -62,6 +63,7 @@ def test_harness_scores_an_adapter_on_a_tied_lm_head_as_our_evaluator_does(tmp_p
     peft_model.save_pretrained(adapter_dir)
 
     cfg = build_run_config(overrides={"model": str(base_dir), "task": "boolq", "data_dir": str(DATA),
+                                      "max_length": 256,
                                       "eval_limit": 4, "max_new_tokens": 8, "eval_batch_size": 1})
     found = run_harness(cfg, str(adapter_dir), samples=True)
     ours = run_eval(cfg, str(adapter_dir))

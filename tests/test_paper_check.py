@@ -252,6 +252,7 @@ def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_pat
                                      init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
     record = evaluators.main(["--adapter", str(tmp_path / "adapter"), "--model", str(tiny_llama_dir),
                               "--data-dir", str(DATA), "--eval-limit", "3", "--max-new-tokens", "6",
+                              "--max-length", "256",
                               "--out", str(tmp_path)])
     assert [r["test set"] for r in record["rows"]] == ["boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c",
                                                        "obqa"]

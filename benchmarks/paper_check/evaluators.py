@@ -37,6 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--eval-limit", type=int, default=20, help="test questions per test set (the first N)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=512,
+                        help="prompt tokens kept (at most the model's positions)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS)
     return parser.parse_args(argv)
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     cfg = build_run_config(overrides={"model": args.model, "task": args.task, "data_dir": str(args.data_dir),
                                       "eval_limit": args.eval_limit, "max_new_tokens": args.max_new_tokens,
-                                      "eval_batch_size": args.batch_size})
+                                      "eval_batch_size": args.batch_size, "max_length": args.max_length})
     mine, mine_text, mine_seconds = ours(cfg, args.adapter)
     start = time.perf_counter()
     harness = run_harness(cfg, args.adapter, samples=True)
