@@ -88,7 +88,8 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
 
     text = report.main(tmp_path / "results", tmp_path / "REPORT.md")
     row = next(line for line in text.splitlines() if line.startswith("| Table 4"))
-    assert "(quick run)" in row and "paired: EVA rho=2 vs LoRA" in row and row.count("|") == 4
+    assert "(quick run)" in row and "paired: EVA rho=2 vs LoRA" in row and row.count("|") == 5
+    assert "| current (" in row  # made by the code as it is (the provenance column)
     assert "threshold n/a (1 seed): not shown" in row  # one seed never shows an effect
     assert text.count("| not run yet |") == len(report.CLAIMS) - 1  # only table4 ran here
 
@@ -265,3 +266,18 @@ def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_pat
     assert report.evaluators_verdict(record) == ("held", "21 of 21 generations identical; accuracy gaps: none")
     record["rows"][0]["lm-eval"] -= 0.5
     assert report.evaluators_verdict(record)[0] == "not held" and "boolq +" in report.evaluators_verdict(record)[1]
+
+
+def test_results_record_their_commit_and_the_report_marks_older_ones_stale():
+    import common
+    import report
+
+    head = common.git("rev-parse", "HEAD")
+    if head is None:
+        pytest.skip("not a git checkout")
+    stamped = common.provenance()
+    assert stamped["git_commit"] == head and stamped["versions"]["torch"] and stamped["date"].startswith("20")
+    assert report.freshness({"provenance": stamped}).startswith("current")
+    first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]  # the repository's first commit
+    assert report.freshness({"provenance": {"git_commit": first}}).startswith("stale: made at")
+    assert report.freshness({}).startswith("unstamped")

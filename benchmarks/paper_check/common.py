@@ -32,7 +32,34 @@ def grid_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser
     return parser
 
 
-__all__ = ["RESULTS", "claim_args", "grid_parser", "pyplot", "save_png", "write_results"]
+__all__ = ["RESULTS", "claim_args", "grid_parser", "provenance", "pyplot", "save_png", "write_results"]
+
+REPO = Path(__file__).resolve().parents[2]
+CODE_PATHS = ("src/eva_lora",)  # what every result depends on: a change here makes older results stale
+
+
+def git(*args: str) -> str | None:
+    """Output of a git command in this repository, or None (no git, not a checkout)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def provenance() -> dict[str, Any]:
+    """What made a result: the commit (and whether the code had uncommitted changes), library versions,
+    the date. ``report.py`` compares the commit with the last change to the code."""
+    import datetime
+
+    from eva_lora.loop_utils import versions
+
+    dirty = git("status", "--porcelain", "--", *CODE_PATHS)
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return {"git_commit": git("rev-parse", "HEAD"), "code_changes_uncommitted": None if dirty is None else bool(dirty),
+            "versions": versions(), "date": now}
 
 
 def save_png(fig: Any, path: Path) -> None:
@@ -42,6 +69,7 @@ def save_png(fig: Any, path: Path) -> None:
 def write_results(out: Path, stem: str, record: dict[str, Any], markdown: str) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout."""
     out.mkdir(parents=True, exist_ok=True)
+    record = {**record, "provenance": provenance()}
     atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown)
     print(markdown)

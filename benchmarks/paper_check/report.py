@@ -229,9 +229,28 @@ test at 5 %; the threshold shown includes this floor); tasks where every run of 
 within 2 points carry no signal and are left out. Machine: 2 CPU cores, torch 2.13.0 CPU; no GPU
 was lent for these runs. A section from a `--quick` run is marked as such and proves nothing.
 
-| claim | here | numbers |
-|---|---|---|
+A result made before the last change to `src/eva_lora` is marked stale in the last column
+(each JSON records its git commit, library versions and date since 2026-12-05).
+
+| claim | here | numbers | made by |
+|---|---|---|---|
 """
+
+
+def freshness(record: dict[str, Any]) -> str:
+    """Whether a result was made by the code as it is: "current", "stale: ..." or "unstamped"."""
+    from common import CODE_PATHS, git
+
+    made = (record.get("provenance") or {}).get("git_commit")
+    if not made:
+        return "unstamped (made before results recorded their commit)"
+    latest = git("log", "-1", "--format=%H", "--", *CODE_PATHS)
+    if latest is None or git("cat-file", "-t", made) != "commit":
+        return f"commit {made[:10]} unknown here"
+    if git("merge-base", "--is-ancestor", latest, made) is None:
+        return f"stale: made at {made[:10]}, the code changed since ({latest[:10]})"
+    dirty = record["provenance"].get("code_changes_uncommitted")
+    return f"current ({made[:10]}{', with uncommitted code changes' if dirty else ''})"
 
 
 def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") -> str:
@@ -239,11 +258,12 @@ def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") ->
     for stem, claim, rule in CLAIMS:
         section, data = results / f"{stem}.md", results / f"{stem}.json"
         if not (section.is_file() and data.is_file()):
-            rows.append(f"| {claim} | not run yet | - |")
+            rows.append(f"| {claim} | not run yet | - | - |")
             continue
         record = json.loads(data.read_text(encoding="utf-8"))
         verdict, numbers = rule(record)
-        rows.append(f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} |")
+        rows.append(f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} | "
+                    f"{freshness(record)} |")
         text = section.read_text(encoding="utf-8")
         if text not in sections:  # one script can back several claims
             sections.append(text)
