@@ -396,3 +396,29 @@ def test_init_takes_a_gguf_file_directly(tmp_path, capsys, monkeypatch):
     assert len(cached) == 1 and (cached[0] / "model.safetensors").is_file()  # dequantised once, reused after
     code, _, err = run_cli(capsys, "init", "--model", tmp_path / "missing.gguf", "--task", "gsm8k")
     assert code == 2 and "not found" in err
+
+
+def test_compare_chooses_each_inits_learning_rate_on_held_out_training_rows(tmp_path, capsys, tiny_llama_dir):
+    out = tmp_path / "cmp"
+    code, stdout, err = run_cli(capsys, "compare", "--model", tiny_llama_dir, "--task", "boolq", "--data-dir", DATA,
+                                "--inits", "lora,eva", "--seeds", "0", "--lr", "1e-4,3e-2", "--output-dir", out,
+                                *QUICK_GEN)
+    assert code == 0, err
+    summary = json.loads((out / "comparison.json").read_text())["summary"]
+    for row in summary:
+        scores = {float(k): v for k, v in row["validation_scores"].items()}
+        assert sorted(scores) == [1e-4, 3e-2]
+        best = max(scores.values())
+        assert row["learning_rate"] == min(lr for lr, v in scores.items() if v == best)  # ties: the smaller rate
+        select = json.loads((out / row["init"] / "select-lr0.0001/metrics.json").read_text())
+        assert list(select["eval"]) == ["validation"] and select["config"]["validation"] == 0.2  # no test score
+        final = json.loads((out / row["init"] / f"seed0-lr{row['learning_rate']:g}/metrics.json").read_text())
+        assert "boolq" in final["eval"] and final["config"]["validation"] == 0.0  # the test set, all train rows
+        assert final["config"]["learning_rate"] == row["learning_rate"]
+    assert "chosen on validation" in stdout
+    from eva_lora.app.tasks import get_task
+    from eva_lora.app.tasks.base import split_validation
+
+    rows = get_task("boolq").load("train", DATA, limit=16)
+    fit, held = split_validation(rows, 0.2)
+    assert len(held) == 3 and len(fit) == 13 and not set(held["prompt"]) & set(fit["prompt"])

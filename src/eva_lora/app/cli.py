@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _run_options(p)
     p.add_argument("--inits", default="lora,eva", help="comma-separated init names")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    p.add_argument("--lr", help="comma-separated learning rates: each init's rate is chosen on held-out training "
+                                "rows (validation=0.2 unless set), then its seeds run at that rate")
 
     p = sub.add_parser("merge", help="fold a trained LoRA adapter into its base and save a plain model")
     _run_options(p)
@@ -118,6 +120,13 @@ def _config(args: argparse.Namespace) -> Any:
     if getattr(args, "resume", False) and args.command == "train":
         overrides["resume"] = True
     return build_run_config(args.preset, args.config, overrides)
+
+
+def _floats(text: str, what: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"{what} must be comma-separated numbers, got {text!r}") from None
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -185,7 +194,7 @@ def run(args: argparse.Namespace) -> int:
         from .recipes.compare import run_compare, to_markdown
 
         result = run_compare(cfg, [v.strip() for v in args.inits.split(",") if v.strip()],
-                             _ints(args.seeds, "--seeds"))
+                             _ints(args.seeds, "--seeds"), _floats(args.lr, "--lr") if args.lr else None)
         print(to_markdown(result["summary"]), end="")
     return 0
 

@@ -75,6 +75,9 @@ class RunConfig:
     samples: int = field(default=1, metadata={"min": 1})  # code tasks: > 1 samples per problem -> pass@k too
     temperature: float = field(default=0.8, metadata={"above": 0.0})  # sampling temperature when samples > 1
     svd_batch_size: int = field(default=16, metadata={"min": 1})  # batch size of the EVA / CorDA / LoRA-GA pass
+    # > 0: that fraction of the training rows is held out (fixed seed); training uses the rest and evaluation
+    # scores the held-out rows instead of the test set (how `eva compare --lr` chooses a rate)
+    validation: float = field(default=0.0, metadata={"min": 0.0, "max": 0.5})
     calibration_batches: int = field(default=8, metadata={"min": 1})  # batches CorDA and LoRA-GA use
     eva_state: str | None = None  # a precomputed state directory (from `eva init`)
     seed: int = field(default=0, metadata={"min": 0})

@@ -137,6 +137,8 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size:
 def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     """Every evaluation task of ``cfg.task`` (7 for common sense, with their mean)."""
     results: dict[str, Any] = {}
+    if cfg.validation:  # the held-out training rows, never the test set
+        return _evaluate_validation(model, tokenizer, cfg)
     tasks = eval_tasks(cfg.task)
     file = cfg.eval_file if len(tasks) == 1 else None  # one file cannot hold 7 common-sense test sets
     for task in tasks:
@@ -150,6 +152,21 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
         key = "mean_accuracy" if metric == "accuracy" else f"mean_{metric}"
         results[key] = round(sum(m[metric] for m in results.values()) / len(results), 6)
     return results
+
+
+def _evaluate_validation(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+    """Scores on the training rows ``cfg.validation`` holds out (``eval_limit`` of them at most)."""
+    from ..tasks import get_task
+    from ..tasks.base import split_validation, subset_indices
+
+    task = get_task(cfg.task)
+    _, data = split_validation(task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit), cfg.validation)
+    if cfg.eval_limit is not None and cfg.eval_limit < len(data):
+        data = data.select(subset_indices(len(data), cfg.eval_limit))
+    torch.manual_seed(cfg.seed)
+    metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens, cfg.samples,
+                               cfg.temperature)
+    return {"validation": metrics}
 
 
 def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:

@@ -33,6 +33,7 @@ from ..models import check_max_length, is_quantized, load_model, quantization_op
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import eval_tasks, get_task
+from ..tasks.base import split_validation
 from .evaluate import evaluate_all
 from .run_folder import check_inputs, check_output_folder, clear_previous_run, write_run_manifest
 from .runtime import device, init_distributed, latest_checkpoint, require_writable
@@ -48,7 +49,7 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
     source = _train_source(cfg, task)
     if not source.exists():
         raise ValueError(f"task {task.name}: training data not found: {source}")
-    if evaluate and cfg.eval_file is None:
+    if evaluate and cfg.eval_file is None and not cfg.validation:
         for each in eval_tasks(cfg.task):
             if not each.path("eval", cfg.data_dir).exists():
                 raise ValueError(f"task {each.name}: evaluation data not found: {each.path('eval', cfg.data_dir)}")
@@ -132,6 +133,8 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     rank, world_size = init_distributed()
     task, method, out = get_task(cfg.task), get_init_method(cfg.init), Path(cfg.output_dir)
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
+    if cfg.validation:
+        data, _ = split_validation(data, cfg.validation)
     model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
                                   cfg.load_in_4bit)
     fingerprints = model_fingerprint(model), data_fingerprint(_train_source(cfg, task))  # before any init

@@ -29,6 +29,22 @@ def subset_indices(n: int, k: int, seed: int = SUBSET_SEED) -> list[int]:
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
+VALIDATION_SEED = 1  # the held-out rows do not depend on the run's seed (and differ from the limit's draw)
+
+
+def split_validation(data: Any, fraction: float) -> tuple[Any, Any]:
+    """(fit, validation): ``fraction`` of the training rows held out with a fixed seed, both in file order.
+
+    Choices made on the validation rows (a learning rate, a variant) never see the test set."""
+    n = len(data)
+    held = max(1, round(n * fraction))
+    if held >= n:
+        raise DataError(f"a validation fraction of {fraction} leaves no training row of {n}")
+    valid = subset_indices(n, held, VALIDATION_SEED)
+    keep = sorted(set(range(n)) - set(valid))
+    return data.select(keep), data.select(valid)
+
+
 class DataError(ValueError):
     """A data file that is missing, in an unknown format, or lacks a needed column."""
 
