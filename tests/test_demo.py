@@ -37,7 +37,7 @@ def test_quick_smollm2_demo_prints_progress_rank_spread_and_the_table(tmp_path, 
     assert "FutureWarning" not in err
     state = json.loads((tmp_path / "eva/eva_state/eva_state.json").read_text())
     assert "lm_head" in state["ranks"]  # the paper's LM recipe adapts the head too
-    for name in ("ranks.png", "convergence.png", "loss.png", "eva/adapter/README.md",
+    for name in ("ranks.png", "convergence.png", "diagnostics.png", "loss.png", "eva/adapter/README.md",
                  "lora/adapter/adapter_config.json"):
         assert (tmp_path / name).is_file()
 
