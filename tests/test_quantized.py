@@ -141,3 +141,38 @@ def test_cli_refuses_what_a_4bit_base_cannot_do(tmp_path, capsys, tiny_llama_dir
     err = capsys.readouterr().err
     assert "--load-in-4bit needs bitsandbytes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_smollm2_in_nf4_trains_through_peft_qlora_flow_with_the_drop_in():
+    """The real SmolLM2-135M in NF4: PEFT's QLoRA recipe, eva-lora's initialize_lora_eva_weights, training."""
+    from peft import EvaConfig as PeftEvaConfig
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer
+
+    from eva_lora import initialize_lora_eva_weights
+    from eva_lora.app.models import resolve_model_path
+
+    path = resolve_model_path("smollm2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    questions = [json.loads(line)["question"] for line in
+                 (helpers.BUNDLED / "gsm8k_train_2000.jsonl").read_text().splitlines()[:12]]
+    batches = [dict(tokenizer(questions[i : i + 4], return_tensors="pt", padding=True)) for i in range(0, 12, 4)]
+    model = prepare_model_for_kbit_training(four_bit(path), use_gradient_checkpointing=False)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights="eva", eva_config=PeftEvaConfig(rho=1.0)))
+    quiet(initialize_lora_eva_weights, peft_model, batches, show_progress_bar=False,
+          eva_lora_config={"max_batches": 3})
+    a = peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.allclose(a @ a.T, torch.eye(a.shape[0]), atol=1e-4)  # EVA's orthonormal components
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    peft_model.train()
+    losses = []
+    for _ in range(3):
+        batch = {**batches[0], "labels": batches[0]["input_ids"].masked_fill(batches[0]["attention_mask"] == 0, -100)}
+        loss = peft_model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
