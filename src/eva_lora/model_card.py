@@ -189,6 +189,7 @@ def save_ready_adapter(model: nn.Module, state: EvaState, directory: str | os.Pa
 
     peft_model = apply_eva_state(model, state, lora_alpha, **lora_kwargs)
     try:
+        materialised = False  # on a meta-device base the LoRA layers were built there too: give them storage
         for module in peft_model.modules():
             for part in ("lora_A", "lora_B"):
                 layers = getattr(module, part, None)
@@ -196,9 +197,11 @@ def save_ready_adapter(model: nn.Module, state: EvaState, directory: str | os.Pa
                     for layer in layers.values():
                         if any(p.is_meta for p in layer.parameters()):
                             layer.to_empty(device="cpu")
-        from .peft_bridge import write_eva_weights
+                            materialised = True
+        if materialised:  # apply_eva_state's writes went to meta tensors
+            from .peft_bridge import write_eva_weights
 
-        write_eva_weights(peft_model, state)
+            write_eva_weights(peft_model, state)
         return save_adapter(peft_model, directory, state, info, model=fingerprint)
     finally:
         peft_model.unload()  # the base model without LoRA layers, as it came

@@ -177,12 +177,13 @@ def check_max_length(cfg: Any) -> None:
 
 
 def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, seed: int = 0,
-               progress: bool = True, load_in_4bit: str | None = None) -> tuple[Any, Any]:
+               progress: bool = True, load_in_4bit: str | None = None,
+               keep_dtype: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) for a task kind: a sequence classifier for classification/regression,
     a causal LM for generation. A new classification head is seeded (``seed``) without touching
     the global RNG. ``progress=False`` also hides transformers' weight-loading bar.
     ``load_in_4bit`` ("nf4" / "fp4"): the linear layers are bitsandbytes 4-bit (QLoRA's base), computing
-    in the run's dtype, placed on the run's device."""
+    in the run's dtype, placed on the run's device. ``keep_dtype``: the checkpoint's own dtype (``eva merge``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -195,6 +196,8 @@ def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, se
     tokenizer = AutoTokenizer.from_pretrained(path)
     dtype = torch.bfloat16 if bf16 else torch.float32
     quantized = quantization_options(load_in_4bit, dtype)
+    if keep_dtype:
+        dtype = "auto"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if kind == "generation":

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..models import resolve_model_path
+from ..models import load_model, resolve_model_path
 from ..run_config import RunConfig
 from .runtime import require_writable
 
@@ -50,20 +50,14 @@ def run_merge(cfg: RunConfig, adapter: str | Path, output: str | Path,
               max_shard_size: str = DEFAULT_SHARD) -> Path:
     """Merge ``adapter`` into ``cfg.model`` and save the plain model (and tokenizer) to ``output``."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from ...model_card import check_adapter_model
     from ..tasks import get_task
 
     check_merge_inputs(cfg, adapter, output)
     task = get_task(cfg.task)
-    path = resolve_model_path(cfg.model)
-    if task.kind == "generation":
-        base = AutoModelForCausalLM.from_pretrained(path, dtype="auto")
-    else:
-        problem = "regression" if task.kind == "regression" else "single_label_classification"
-        base = AutoModelForSequenceClassification.from_pretrained(path, dtype="auto", num_labels=task.num_labels,
-                                                                  problem_type=problem)
+    base, tokenizer = load_model(cfg.model, task.kind, task.num_labels, seed=cfg.seed, progress=cfg.progress,
+                                 keep_dtype=True)
     check_adapter_model(adapter, base, cfg.force)
     merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
     output = Path(output)
@@ -71,7 +65,7 @@ def run_merge(cfg: RunConfig, adapter: str | Path, output: str | Path,
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         merged.save_pretrained(tmp, max_shard_size=max_shard_size)
-        AutoTokenizer.from_pretrained(path).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if output.exists():
             shutil.rmtree(output)
         os.replace(tmp, output)
