@@ -22,6 +22,7 @@ demo-quick: $(BIN)/.installed
 
 test: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 test-fast: $(BIN)/.installed
@@ -37,6 +38,7 @@ test-core:
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 bench: $(BIN)/.installed
 	$(BIN)/python benchmarks/bench_init.py --case minilm

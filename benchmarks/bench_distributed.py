@@ -1,6 +1,7 @@
 """EVA init with 1 vs N processes (gloo on CPU, NCCL on GPUs): time per rank and bytes communicated.
 
-    python benchmarks/bench_distributed.py --procs 1 2          # CPU, gloo; threads split between ranks
+    # CPU, gloo; threads split between ranks
+    python benchmarks/bench_distributed.py --procs 1 2
     python benchmarks/bench_distributed.py --procs 1 2 4 8 --device cuda
 
 Each process feeds its share of the same batches (batch i goes to rank i % N) to eva-lora's
@@ -49,7 +50,9 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queu
     torch.set_num_threads(max(1, args.threads // world))
     backend = "nccl" if args.device == "cuda" else "gloo"
     device = f"cuda:{rank}" if args.device == "cuda" else "cpu"
-    torch.distributed.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.distributed.init_process_group(
+        backend, init_method=f"file://{init_file}", rank=rank, world_size=world
+    )
     counter = [0]
     count_bytes(counter)
     model, batches, settings = build_case(args.case, device)
@@ -59,7 +62,9 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queu
     results = {}
     torch.distributed.barrier()
     start = time.perf_counter()
-    state = compute_eva_state(model, iter(mine), EvaConfig(**settings, distributed_inputs="sharded"))
+    state = compute_eva_state(
+        model, iter(mine), EvaConfig(**settings, distributed_inputs="sharded")
+    )
     results["eva-lora"] = (time.perf_counter() - start, counter[0], state.n_batches)
     if not args.skip_peft:
         from peft import EvaConfig as PeftEvaConfig
@@ -67,8 +72,11 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queu
 
         from eva_lora.targets import find_target_layers
 
-        cfg = LoraConfig(r=settings["rank"], target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
-                         eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]))
+        cfg = LoraConfig(
+            r=settings["rank"],
+            target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
+            eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]),
+        )
         counter[0] = 0
         calls = [0]
 
@@ -78,8 +86,14 @@ def worker(rank: int, world: int, init_file: str, args: argparse.Namespace, queu
 
         torch.distributed.barrier()
         start = time.perf_counter()
-        get_eva_state_dict(model, mine, cfg, forward_fn=forward, show_progress_bar=False,
-                           gather_distributed_inputs=True)
+        get_eva_state_dict(
+            model,
+            mine,
+            cfg,
+            forward_fn=forward,
+            show_progress_bar=False,
+            gather_distributed_inputs=True,
+        )
         results["peft"] = (time.perf_counter() - start, counter[0], calls[0] * world)
     queue.put((rank, results))
     torch.distributed.destroy_process_group()
@@ -91,8 +105,10 @@ def run(world: int, args: argparse.Namespace) -> None:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=worker, args=(r, world, os.path.join(tmp, "pg"), args, queue))
-                 for r in range(world)]
+        procs = [
+            ctx.Process(target=worker, args=(r, world, os.path.join(tmp, "pg"), args, queue))
+            for r in range(world)
+        ]
         for p in procs:
             p.start()
         reports = dict(queue.get(timeout=3600) for _ in procs)
@@ -103,18 +119,34 @@ def run(world: int, args: argparse.Namespace) -> None:
         # one process communicates nothing (PEFT still calls all_gather on itself: not counted)
         sent = [reports[r][method][1] if world > 1 else 0 for r in range(world)]
         n = reports[0][method][2]
-        print(json.dumps({"case": args.case, "device": args.device, "method": method, "processes": world,
-                          "seconds_per_rank_max": round(max(seconds), 2), "global_batches": n,
-                          "bytes_sent_per_rank": max(sent), "bytes_per_global_batch": round(max(sent) / max(n, 1)),
-                          "threads_per_rank": max(1, args.threads // world)}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "case": args.case,
+                    "device": args.device,
+                    "method": method,
+                    "processes": world,
+                    "seconds_per_rank_max": round(max(seconds), 2),
+                    "global_batches": n,
+                    "bytes_sent_per_rank": max(sent),
+                    "bytes_per_global_batch": round(max(sent) / max(n, 1)),
+                    "threads_per_rank": max(1, args.threads // world),
+                }
+            ),
+            flush=True,
+        )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", choices=["minilm", "llama"], default="minilm")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--procs", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--batches", type=int, default=160, help="batches available (shared out between ranks)")
+    parser.add_argument(
+        "--batches", type=int, default=160, help="batches available (shared out between ranks)"
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--skip-peft", action="store_true")
     args = parser.parse_args()

@@ -1,9 +1,12 @@
 """EVA init cost and quality, side by side in one process: plain forwards, eva-lora, PEFT's EVA.
 
-    python benchmarks/bench_init.py --case minilm      # all-MiniLM-L6-v2 on SST-2 (real weights, real text)
-    python benchmarks/bench_init.py --case llama       # random-init Llama (hidden 512, 8 layers), SST-2 tokens
+    # all-MiniLM-L6-v2 on SST-2 (real weights, real text)
+    python benchmarks/bench_init.py --case minilm
+    # random-init Llama (hidden 512, 8 layers), SST-2 tokens
+    python benchmarks/bench_init.py --case llama
     python benchmarks/bench_init.py --case llama --device cuda
-    python benchmarks/bench_init.py --case sweep       # our cost against width and depth (random Llama)
+    # our cost against width and depth (random Llama)
+    python benchmarks/bench_init.py --case sweep
 
 Prints one JSON line per measurement. Quality is the captured variance
 trace(Q^T C Q) / sum(top-k eig C) of each layer's returned rows against an exact float64 PCA of
@@ -29,7 +32,10 @@ from eva_lora.pca import captured_variance
 from eva_lora.targets import find_target_layers
 
 ROOT = Path(__file__).resolve().parents[1]
-SST2 = [ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv", ROOT / "src/eva_lora/app/data/sst2_train_1000.tsv"]
+SST2 = [
+    ROOT.parent / "shared/data/glue/SST-2/train_sentences.tsv",
+    ROOT / "src/eva_lora/app/data/sst2_train_1000.tsv",
+]
 
 
 class PeakRSS:
@@ -79,7 +85,12 @@ def minilm_path() -> str:
 
 
 def build_case(case: str, device: str):
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
     from transformers.utils import logging
 
     logging.set_verbosity_error()
@@ -90,13 +101,26 @@ def build_case(case: str, device: str):
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
         batches = []
         for i in range(0, len(text), 16):
-            enc = tok(text[i : i + 16], padding="max_length", truncation=True, max_length=64, return_tensors="pt")
+            enc = tok(
+                text[i : i + 16],
+                padding="max_length",
+                truncation=True,
+                max_length=64,
+                return_tensors="pt",
+            )
             batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
         # PEFT's EVA cannot take the pooler's (batch, d) input, so both skip it here.
         settings = dict(rank=8, rho=2.0, tau=0.99, exclude_modules=["pooler.dense"])
     else:
-        cfg = LlamaConfig(hidden_size=512, num_hidden_layers=8, intermediate_size=1408, num_attention_heads=8,
-                          num_key_value_heads=8, vocab_size=tok.vocab_size, max_position_embeddings=512)
+        cfg = LlamaConfig(
+            hidden_size=512,
+            num_hidden_layers=8,
+            intermediate_size=1408,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=tok.vocab_size,
+            max_position_embeddings=512,
+        )
         model = LlamaForCausalLM(cfg)
         if device == "cuda":
             model = model.to(torch.bfloat16)
@@ -136,14 +160,20 @@ def exact_covariances(model, batches, settings) -> dict[str, torch.Tensor]:
 
 def quality(components: dict[str, torch.Tensor], covs: dict[str, torch.Tensor]) -> dict[str, float]:
     scores = [captured_variance(covs[n], c.cpu()) for n, c in components.items() if c.shape[0] > 0]
-    return {"min": round(min(scores), 5), "mean": round(sum(scores) / len(scores), 5), "layers": len(scores)}
+    return {
+        "min": round(min(scores), 5),
+        "mean": round(sum(scores) / len(scores), 5),
+        "layers": len(scores),
+    }
 
 
 def run_ours(model, batches, settings):
     with PeakRSS() as mem:
         _sync()
         start = time.perf_counter()
-        state = compute_eva_state(model, batches, EvaConfig(**settings, max_batches=1000), progress=False)
+        state = compute_eva_state(
+            model, batches, EvaConfig(**settings, max_batches=1000), progress=False
+        )
         _sync()
         seconds = time.perf_counter() - start
     return seconds, state.n_batches, mem.mb, state.components
@@ -159,8 +189,11 @@ def run_peft(model, batches, settings):
         calls[0] += 1
         return m(**batch)
 
-    cfg = LoraConfig(r=settings["rank"], target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
-                     eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]))
+    cfg = LoraConfig(
+        r=settings["rank"],
+        target_modules=sorted(find_target_layers(model, EvaConfig(**settings))),
+        eva_config=PeftEvaConfig(rho=settings["rho"], tau=settings["tau"]),
+    )
     with PeakRSS() as mem:
         _sync()
         start = time.perf_counter()
@@ -177,10 +210,21 @@ def sweep(device: str, emit) -> None:
 
     torch.manual_seed(0)
     batches = [{"input_ids": torch.randint(0, 1000, (4, 128), device=device)} for _ in range(12)]
-    for label, hidden, layers in [("width", 256, 4), ("width", 512, 4), ("width", 1024, 4),
-                                  ("depth", 512, 2), ("depth", 512, 8)]:
-        cfg = LlamaConfig(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=hidden * 11 // 4,
-                          num_attention_heads=8, num_key_value_heads=8, vocab_size=1000)
+    for label, hidden, layers in [
+        ("width", 256, 4),
+        ("width", 512, 4),
+        ("width", 1024, 4),
+        ("depth", 512, 2),
+        ("depth", 512, 8),
+    ]:
+        cfg = LlamaConfig(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=hidden * 11 // 4,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            vocab_size=1000,
+        )
         model = LlamaForCausalLM(cfg).to(device).eval()
         timed_forwards(model, batches[:2])
         settings = dict(rank=16, rho=2.0, tau=0.9999999, max_batches=len(batches))
@@ -192,20 +236,34 @@ def sweep(device: str, emit) -> None:
             _sync()
             ours = time.perf_counter() - start
         plain = sum(timed_forwards(model, batches))
-        emit(sweep=label, hidden=hidden, layers=layers, target_layers=len(state.ranks), seconds=round(ours, 3),
-             plain_forward_seconds=round(plain, 3), overhead_ratio=round(ours / plain, 3),
-             extra_ms_per_layer_per_batch=round(1000 * (ours - plain) / len(batches) / len(state.ranks), 3))
+        emit(
+            sweep=label,
+            hidden=hidden,
+            layers=layers,
+            target_layers=len(state.ranks),
+            seconds=round(ours, 3),
+            plain_forward_seconds=round(plain, 3),
+            overhead_ratio=round(ours / plain, 3),
+            extra_ms_per_layer_per_batch=round(
+                1000 * (ours - plain) / len(batches) / len(state.ranks), 3
+            ),
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--case", choices=["minilm", "llama", "sweep"], default="minilm")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-dataset-quality", action="store_true")
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    emit = lambda **kw: print(json.dumps({"case": args.case, "device": args.device, **kw}), flush=True)  # noqa: E731
+
+    def emit(**kw: object) -> None:
+        print(json.dumps({"case": args.case, "device": args.device, **kw}), flush=True)
+
     if args.case == "sweep":
         return sweep(args.device, emit)
     model, batches, settings = build_case(args.case, args.device)
@@ -213,20 +271,34 @@ def main(argv: list[str] | None = None) -> None:
 
     timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
     ours_s, ours_n, ours_mb, ours_comp = run_ours(model, batches, settings)
-    plain = timed_forwards(model, [batches[i % len(batches)] for i in range(ours_n)])  # EVA cycles the batches
-    emit(method="eva-lora", seconds=round(ours_s, 2), forward_passes=ours_n,
-         plain_forward_seconds=round(sum(plain), 2), overhead_ratio=round(ours_s / sum(plain), 3),
-         peak_rss_mb=round(ours_mb, 1))
+    # EVA cycles the batches
+    plain = timed_forwards(model, [batches[i % len(batches)] for i in range(ours_n)])
+    emit(
+        method="eva-lora",
+        seconds=round(ours_s, 2),
+        forward_passes=ours_n,
+        plain_forward_seconds=round(sum(plain), 2),
+        overhead_ratio=round(ours_s / sum(plain), 3),
+        peak_rss_mb=round(ours_mb, 1),
+    )
     result = {"eva-lora": (ours_s, ours_n, ours_comp)}
     if not args.skip_peft:
         peft_s, peft_n, peft_mb, peft_sd = run_peft(model, batches, settings)
         plain_p = timed_forwards(model, [batches[i % len(batches)] for i in range(peft_n)])
-        emit(method="peft", seconds=round(peft_s, 2), forward_passes=peft_n,
-             plain_forward_seconds=round(sum(plain_p), 2), overhead_ratio=round(peft_s / sum(plain_p), 3),
-             peak_rss_mb=round(peft_mb, 1), speedup_of_eva_lora=round(peft_s / ours_s, 2))
+        emit(
+            method="peft",
+            seconds=round(peft_s, 2),
+            forward_passes=peft_n,
+            plain_forward_seconds=round(sum(plain_p), 2),
+            overhead_ratio=round(peft_s / sum(plain_p), 3),
+            peak_rss_mb=round(peft_mb, 1),
+            speedup_of_eva_lora=round(peft_s / ours_s, 2),
+        )
         result["peft"] = (peft_s, peft_n, peft_sd)
     for method, (_, n, comps) in result.items():
-        covs = exact_covariances(model, [batches[i % len(batches)] for i in range(min(n, len(batches)))], settings)
+        covs = exact_covariances(
+            model, [batches[i % len(batches)] for i in range(min(n, len(batches)))], settings
+        )
         emit(method=method, quality="same_tokens", captured_variance=quality(comps, covs))
     if not args.skip_dataset_quality:
         covs = exact_covariances(model, batches, settings)

@@ -1,8 +1,11 @@
-"""The small symmetric eigenproblems of a convergence check: batched or one by one, on how many threads.
+"""The small symmetric eigenproblems of a convergence check: batched or one by one, on how many
+threads.
 
     python benchmarks/bench_solves.py                      # CPU: 1 thread vs all, batched vs looped
-    python benchmarks/bench_solves.py --busy               # the same with another process keeping a core busy
-    python benchmarks/bench_solves.py --device cuda        # GPU: batched vs looped, float64 vs float32
+    # the same with another process keeping a core busy
+    python benchmarks/bench_solves.py --busy
+    # GPU: batched vs looped, float64 vs float32
+    python benchmarks/bench_solves.py --device cuda
 
 A check solves one m x m problem per group (m = the Ritz block of an exact statistic, or the window
 span of a sketch: 48-320 at r 16). Each line of output is one JSON record: median milliseconds per
@@ -41,12 +44,16 @@ def timed(fn, device: str, repeats: int = 7) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--busy", action="store_true", help="keep one core busy in another process")
     args = parser.parse_args(argv)
     stop = multiprocessing.Event()
-    spinner = multiprocessing.Process(target=_spin, args=(stop,), daemon=True) if args.busy else None
+    spinner = (
+        multiprocessing.Process(target=_spin, args=(stop,), daemon=True) if args.busy else None
+    )
     if spinner:
         spinner.start()
     threads_all = torch.get_num_threads()
@@ -61,11 +68,25 @@ def main(argv: list[str] | None = None) -> None:
                     if threads:
                         torch.set_num_threads(threads)
                     batched = timed(lambda stack=stack: torch.linalg.eigh(stack), args.device)
-                    looped = timed(lambda stack=stack: [torch.linalg.eigh(s) for s in stack], args.device)
-                    print(json.dumps({"bench": "small_solves", "device": args.device, "busy_core": args.busy,
-                                      "m": m, "groups": groups, "dtype": str(dtype).split(".")[-1],
-                                      "threads": threads, "batched_ms": round(batched, 3),
-                                      "looped_ms": round(looped, 3)}), flush=True)
+                    looped = timed(
+                        lambda stack=stack: [torch.linalg.eigh(s) for s in stack], args.device
+                    )
+                    print(
+                        json.dumps(
+                            {
+                                "bench": "small_solves",
+                                "device": args.device,
+                                "busy_core": args.busy,
+                                "m": m,
+                                "groups": groups,
+                                "dtype": str(dtype).split(".")[-1],
+                                "threads": threads,
+                                "batched_ms": round(batched, 3),
+                                "looped_ms": round(looped, 3),
+                            }
+                        ),
+                        flush=True,
+                    )
                 torch.set_num_threads(threads_all)
     finally:
         stop.set()

@@ -32,28 +32,85 @@ def table(rows: list[dict], keys: list[str]) -> str:
 def main(out: str) -> None:
     root = Path(out)
     print("# device_check\n")
-    print("```\n" + (root / "machine.txt").read_text() + "```\n") if (root / "machine.txt").is_file() else None
+    print("```\n" + (root / "machine.txt").read_text() + "```\n") if (
+        root / "machine.txt"
+    ).is_file() else None
     print("## Steps\n")
     print(table(records(root / "steps.jsonl"), ["step", "exit", "seconds"]))
-    tests = (root / "cuda_tests.jsonl").read_text(errors="replace").strip().splitlines()[-3:] \
-        if (root / "cuda_tests.jsonl").is_file() else []
+    tests = (
+        (root / "cuda_tests.jsonl").read_text(errors="replace").strip().splitlines()[-3:]
+        if (root / "cuda_tests.jsonl").is_file()
+        else []
+    )
     print("## CUDA tests\n\n```\n" + "\n".join(tests) + "\n```\n")
     print("## Small solves (ms per check)\n")
-    print(table(records(root / "small_solves.jsonl"), ["m", "groups", "dtype", "batched_ms", "looped_ms"]))
+    print(
+        table(
+            records(root / "small_solves.jsonl"),
+            ["m", "groups", "dtype", "batched_ms", "looped_ms"],
+        )
+    )
     print("## bench_init, random Llama (512 x 8), bf16\n")
-    print(table(records(root / "init_llama.jsonl"), ["method", "quality", "seconds", "forward_passes",
-                                                     "plain_forward_seconds", "overhead_ratio",
-                                                     "speedup_of_eva_lora", "captured_variance"]))
+    print(
+        table(
+            records(root / "init_llama.jsonl"),
+            [
+                "method",
+                "quality",
+                "seconds",
+                "forward_passes",
+                "plain_forward_seconds",
+                "overhead_ratio",
+                "speedup_of_eva_lora",
+                "captured_variance",
+            ],
+        )
+    )
     print("## bench_scale, 8B widths, 2 blocks, 6 x 16k tokens, bf16\n")
-    print(table(records(root / "scale_8b.jsonl"), ["method", "seconds", "plain_forward_seconds", "overhead",
-                                                   "extra_peak_mb", "statistic_mb", "min", "stopped_early"]))
+    print(
+        table(
+            records(root / "scale_8b.jsonl"),
+            [
+                "method",
+                "seconds",
+                "plain_forward_seconds",
+                "overhead",
+                "extra_peak_mb",
+                "statistic_mb",
+                "min",
+                "stopped_early",
+            ],
+        )
+    )
     print("## Drop-in: PEFT user's script, SmolLM2-135M shapes, bf16\n")
-    print(table(records(root / "dropin_bf16.jsonl"), ["implementation", "seconds", "forward_passes",
-                                                      "cuda_peak_mb", "rank_budget", "mean", "min_layer"]))
+    print(
+        table(
+            records(root / "dropin_bf16.jsonl"),
+            [
+                "implementation",
+                "seconds",
+                "forward_passes",
+                "cuda_peak_mb",
+                "rank_budget",
+                "mean",
+                "min_layer",
+            ],
+        )
+    )
     print("## Peak memory vs vocabulary\n")
-    print(table(records(root / "vocab.jsonl"), ["vocab", "hidden", "tokens_per_batch", "eva_seconds",
-                                                "eva_peak_above_model_mb",
-                                                "one_forward_with_labels_peak_above_model_mb"]))
+    print(
+        table(
+            records(root / "vocab.jsonl"),
+            [
+                "vocab",
+                "hidden",
+                "tokens_per_batch",
+                "eva_seconds",
+                "eva_peak_above_model_mb",
+                "one_forward_with_labels_peak_above_model_mb",
+            ],
+        )
+    )
 
 
 if __name__ == "__main__":

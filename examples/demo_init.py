@@ -23,8 +23,12 @@ ASSET = Path(__file__).resolve().parents[1] / "src/eva_lora/app/data/sst2_train_
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="out/demo", help="directory for the EVA state and the adapter")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--out", default="out/demo", help="directory for the EVA state and the adapter"
+    )
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--rho", type=float, default=2.0)
     args = parser.parse_args()
@@ -35,11 +39,19 @@ def main() -> None:
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt.get_model_path(), num_labels=2
+    ).eval()
     tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
     text = [line.split("\t", 1)[1] for line in ASSET.read_text(encoding="utf-8").splitlines()]
-    batches = [dict(tokenizer(text[i : i + 16], padding=True, truncation=True, max_length=64, return_tensors="pt"))
-               for i in range(0, len(text), 16)]
+    batches = [
+        dict(
+            tokenizer(
+                text[i : i + 16], padding=True, truncation=True, max_length=64, return_tensors="pt"
+            )
+        )
+        for i in range(0, len(text), 16)
+    ]
 
     start = time.perf_counter()
     state = compute_eva_state(model, batches, EvaConfig(rank=args.rank, rho=args.rho))
@@ -57,13 +69,18 @@ def main() -> None:
     by_type = defaultdict(list)
     for name, rank in state.ranks.items():
         by_type[re.sub(r"^.*?\.\d+\.", "", name)].append(rank)  # drop "bert.encoder.layer.N."
-    print(f"EVA init: {seconds:.1f} s, {state.n_batches} batches, {state.n_tokens} tokens, stop: {state.stop_reason}")
+    print(
+        f"EVA init: {seconds:.1f} s, {state.n_batches} batches, {state.n_tokens} tokens, stop: "
+        f"{state.stop_reason}"
+    )
     print(f"groups sharing one PCA: {len(state.groups)} for {len(state.ranks)} layers")
     print("module type          ranks per layer (0 = no adapter)")
     for kind, ranks in by_type.items():
         print(f"  {kind:<26} {ranks}")
-    print(f"rank budget {args.rank} x {len(state.ranks)} = {sum(state.ranks.values())}; "
-          f"outputs equal base model at init: {same}; written to {args.out}/")
+    print(
+        f"rank budget {args.rank} x {len(state.ranks)} = {sum(state.ranks.values())}; "
+        f"outputs equal base model at init: {same}; written to {args.out}/"
+    )
     if not same:
         raise SystemExit("adapter changed the outputs at initialisation")
 

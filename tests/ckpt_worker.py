@@ -1,4 +1,5 @@
-"""Worker for tests/test_reliability.py: an EVA run that checkpoints every batch (not a test module)."""
+"""Worker for tests/test_reliability.py: an EVA run that checkpoints every batch (not a test
+module)."""
 
 from __future__ import annotations
 
@@ -36,8 +37,15 @@ def main(out: str, resume: bool, delay: float) -> None:
         return m(**batch)
 
     warnings.simplefilter("ignore")
-    state = compute_eva_state(model(), iter(batches()), config(), forward_fn=slow_forward,
-                              checkpoint_dir=Path(out) / "ckpt", checkpoint_every=1, resume=resume)
+    state = compute_eva_state(
+        model(),
+        iter(batches()),
+        config(),
+        forward_fn=slow_forward,
+        checkpoint_dir=Path(out) / "ckpt",
+        checkpoint_every=1,
+        resume=resume,
+    )
     state.save(Path(out) / "final")
 
 

@@ -49,8 +49,13 @@ def tiny_llama_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_llama")
     tokenizer = AutoTokenizer.from_pretrained(gt.get_model_path())
     tokenizer.eos_token, tokenizer.bos_token = "[SEP]", "[CLS]"
-    model = helpers.tiny_llama(vocab=tokenizer.vocab_size, positions=256, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.cls_token_id)
+    model = helpers.tiny_llama(
+        vocab=tokenizer.vocab_size,
+        positions=256,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.cls_token_id,
+    )
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -1,4 +1,5 @@
-"""The core without the application's extras: run in a venv with only torch, safetensors, numpy and tqdm.
+"""The core without the application's extras: run in a venv with only torch, safetensors, numpy and
+tqdm.
 
     python tests/core_only.py        # `make test-core` builds that venv and runs this
 
@@ -16,12 +17,24 @@ import torch
 import eva_lora
 from eva_lora import EvaConfig, EvaState, compute_eva_state
 
-APP_DEPS = ("transformers", "peft", "datasets", "yaml", "sklearn", "scipy", "matplotlib", "math_verify", "accelerate")
+APP_DEPS = (
+    "transformers",
+    "peft",
+    "datasets",
+    "yaml",
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "math_verify",
+    "accelerate",
+)
 
 
 def main() -> int:
     g = torch.Generator().manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(24, 48), torch.nn.GELU(), torch.nn.Linear(48, 8)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(24, 48), torch.nn.GELU(), torch.nn.Linear(48, 8)
+    ).eval()
     scale = torch.linspace(4.0, 0.2, 24)
     batches = [torch.randn(64, 24, generator=g) * scale for _ in range(20)]
     state = compute_eva_state(model, batches, EvaConfig(rank=2, rho=2.0, tau=0.99), progress=False)
@@ -30,8 +43,11 @@ def main() -> int:
     assert again.ranks == state.ranks and sum(state.ranks.values()) == 2 * 2
     imported = [name for name in APP_DEPS if name in sys.modules]
     assert not imported, f"the core imported application dependencies: {imported}"
-    print(f"eva-lora {eva_lora.__version__} core: {len(state.ranks)} layers, ranks {state.ranks}, "
-          f"stop {state.stop_reason} after {state.n_batches} batches; imported no application dependency")
+    print(
+        f"eva-lora {eva_lora.__version__} core: {len(state.ranks)} layers, ranks {state.ranks}, "
+        f"stop {state.stop_reason} after {state.n_batches} batches; imported no application "
+        "dependency"
+    )
     return 0
 
 

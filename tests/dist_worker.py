@@ -1,10 +1,11 @@
-"""Worker for tests/test_distributed.py: one gloo rank running compute_eva_state (not a test module).
+"""Worker for tests/test_distributed.py: one gloo rank running compute_eva_state (not a test
+module).
 
     python dist_worker.py RANK WORLD INIT_FILE OUT_DIR SCENARIO
 
 Scenarios: sharded, sketch (sharded with sketches), replicated, crash (rank 1 fails on its 3rd
-batch), fsdp (model sharded with torch's fully_shard), accelerate-fsdp (sharded by accelerate's FSDP2
-preparation). Each rank writes ``rank<r>.json`` (and its state under ``rank<r>/``).
+batch), fsdp (model sharded with torch's fully_shard), accelerate-fsdp (sharded by accelerate's
+FSDP2 preparation). Each rank writes ``rank<r>.json`` (and its state under ``rank<r>/``).
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ def batches():
 
 
 def shard_with_fsdp(model, scenario: str):
-    """fully_shard every decoder block and the root, directly or through accelerate's FSDP2 preparation."""
+    """fully_shard every decoder block and the root, directly or through accelerate's FSDP2
+    preparation."""
     if scenario == "accelerate-fsdp":
         from accelerate import Accelerator
         from accelerate.utils import FullyShardedDataParallelPlugin
@@ -44,8 +46,11 @@ def shard_with_fsdp(model, scenario: str):
 
         accelerator = Accelerator(cpu=True)
         accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap=["LlamaDecoderLayer"], reshard_after_forward=True)
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap=["LlamaDecoderLayer"],
+            reshard_after_forward=True,
+        )
         return fsdp2_prepare_model(accelerator, model)
     from torch.distributed.fsdp import fully_shard
 
@@ -76,16 +81,26 @@ def check_sharded_lora(state, scenario: str) -> dict:
     ids = batches()[0]
     with torch.no_grad():
         out_gap = float((peft_model(**ids).logits - base(**ids).logits).abs().max())
-    return {"max_a_error": worst, "max_output_change": out_gap,
-            "a_is_dtensor": type(peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]
-                                 .weight).__name__ == "DTensor"}
+    return {
+        "max_a_error": worst,
+        "max_output_change": out_gap,
+        "a_is_dtensor": type(
+            peft_model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+        ).__name__
+        == "DTensor",
+    }
 
 
 def main(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> None:
     from eva_lora import compute_eva_state
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                                         timeout=datetime.timedelta(seconds=30))
+    torch.distributed.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=30),
+    )
     out = Path(out_dir)
     try:
         forward_fn = None
@@ -94,6 +109,7 @@ def main(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> 
         if scenario in ("fsdp", "accelerate-fsdp"):
             model = shard_with_fsdp(model, scenario)
         if scenario == "crash":  # rank 1 fails on its 3rd batch
+
             def forward_fn(model, batch, calls=[0]):  # noqa: B006 - a counter local to this process
                 calls[0] += 1
                 if rank == 1 and calls[0] == 3:
@@ -102,14 +118,27 @@ def main(rank: int, world: int, init_file: str, out_dir: str, scenario: str) -> 
 
         state = compute_eva_state(model, data, config(scenario), forward_fn=forward_fn)
         state.save(out / f"rank{rank}")
-        block_weight = model.model.layers[0].self_attn.q_proj.weight  # the root keeps its own params unsharded
-        report = {"ok": True, "history": state.history, "is_dtensor": type(block_weight.data).__name__}
+        # the root keeps its own params unsharded
+        block_weight = model.model.layers[0].self_attn.q_proj.weight
+        report = {
+            "ok": True,
+            "history": state.history,
+            "is_dtensor": type(block_weight.data).__name__,
+        }
         if scenario in ("fsdp", "accelerate-fsdp"):
             report.update(check_sharded_lora(state, scenario))
         (out / f"rank{rank}.json").write_text(json.dumps(report))
     except BaseException as err:  # report, then exit non-zero like a real crashed rank
-        (out / f"rank{rank}.json").write_text(json.dumps({"ok": False, "type": type(err).__name__,
-                                                         "error": str(err), "trace": traceback.format_exc()}))
+        (out / f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "ok": False,
+                    "type": type(err).__name__,
+                    "error": str(err),
+                    "trace": traceback.format_exc(),
+                }
+            )
+        )
         raise SystemExit(1) from None
     torch.distributed.destroy_process_group()
 

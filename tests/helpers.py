@@ -14,11 +14,20 @@ VOCAB = 101
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = VOCAB, positions: int = 64, **extra):
-    """A Llama with hidden 32, intermediate 48, GQA (4 heads, 2 kv heads), random weights, eval mode."""
+    """A Llama with hidden 32, intermediate 48, GQA (4 heads, 2 kv heads), random weights, eval
+    mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=positions, **extra)
+    cfg = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab,
+        max_position_embeddings=positions,
+        **extra,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return LlamaForCausalLM(cfg).eval()
@@ -29,21 +38,31 @@ def tiny_gpt2(seed: int = 0):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)).eval()
+        return GPT2LMHeadModel(
+            GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64)
+        ).eval()
 
 
 def tiny_bert(seed: int = 0):
     from transformers import BertConfig, BertForSequenceClassification
 
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=2)
+    cfg = BertConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return BertForSequenceClassification(cfg).eval()
 
 
-def token_batches(vocab: int, n_batches: int, batch: int = 4, seq: int = 16, seed: int = 0,
-                  pad_tail: bool = True) -> list[dict[str, torch.Tensor]]:
+def token_batches(
+    vocab: int, n_batches: int, batch: int = 4, seq: int = 16, seed: int = 0, pad_tail: bool = True
+) -> list[dict[str, torch.Tensor]]:
     """Random token batches whose last positions are padding in half the rows."""
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -78,8 +97,13 @@ def minilm_batches(tokenizer, n_sentences: int, batch: int = 16, max_length: int
     sentences = sst2_sentences(n_sentences)
     out = []
     for i in range(0, len(sentences), batch):
-        enc = tokenizer(sentences[i : i + batch], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt")
+        enc = tokenizer(
+            sentences[i : i + batch],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         out.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
     return out
 

@@ -34,13 +34,19 @@ def test_capacity_below_budget_spends_what_exists():
 
 def test_rank_metrics():
     values = torch.tensor([4.0, 2.0, 1.0])
-    assert torch.allclose(rank_scores(values, 10.0, "ratio"), torch.tensor([0.4, 0.2, 0.1], dtype=torch.float64))
+    assert torch.allclose(
+        rank_scores(values, 10.0, "ratio"), torch.tensor([0.4, 0.2, 0.1], dtype=torch.float64)
+    )
     assert torch.allclose(rank_scores(values, 10.0, "raw"), values.double())
-    assert torch.allclose(rank_scores(values, 10.0, "max"), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64))
+    assert torch.allclose(
+        rank_scores(values, 10.0, "max"), torch.tensor([1.0, 0.5, 0.25], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="unknown rank metric"):
         rank_scores(values, 1.0, "bogus")
 
 
 def test_min_rank_over_budget_is_an_error():
     with pytest.raises(ValueError, match="exceeds the budget"):
-        allocate_ranks({"a": torch.ones(3), "b": torch.ones(3)}, budget=1, caps={"a": 3, "b": 3}, min_rank=1)
+        allocate_ranks(
+            {"a": torch.ones(3), "b": torch.ones(3)}, budget=1, caps={"a": 3, "b": 3}, min_rank=1
+        )

@@ -1,7 +1,9 @@
-"""Decision making: Meta-World expert demonstrations, the Decision Transformer's windows and loss, EVA on its
-interleaved tokens, LoRA / EVA fine-tuning from the exact pre-trained function, rollouts, and the quick grid.
+"""Decision making: Meta-World expert demonstrations, the Decision Transformer's windows and loss,
+EVA on its interleaved tokens, LoRA / EVA fine-tuning from the exact pre-trained function, rollouts,
+and the quick grid.
 
-Tests that step a Meta-World environment skip when Meta-World (the optional ``decision`` extra) is absent."""
+Tests that step a Meta-World environment skip when Meta-World (the optional ``decision`` extra) is
+absent."""
 
 from __future__ import annotations
 
@@ -42,12 +44,15 @@ from eva_lora.experiments.decision import (
 
 needs_metaworld = pytest.mark.skipif(
     importlib.util.find_spec("metaworld") is None,
-    reason="Meta-World is not installed (optional extra 'decision': pip install 'eva-lora[decision]')")
+    reason="Meta-World is not installed "
+    "(optional extra 'decision': pip install 'eva-lora[decision]')",
+)
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait on each other (20x slower here)."""
+    """One torch thread: on a busy 2-core machine two threads wait on each other (20x slower
+    here)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -58,32 +63,52 @@ SMALL = PolicyConfig(hidden=32, layers=2, heads=4, context=4, dropout=0.2)
 
 
 def synthetic(task: str, length: int, offset: float = 0.0) -> Trajectory:
-    """A trajectory whose values say where they come from: state t is (t + offset) everywhere, reward 1."""
+    """A trajectory whose values say where they come from: state t is (t + offset) everywhere,
+    reward 1."""
     steps = torch.arange(length, dtype=torch.float32) + offset
-    return Trajectory(task, steps[:, None].repeat(1, STATE_DIM), torch.tanh(steps[:, None].repeat(1, ACT_DIM) / 10),
-                      torch.ones(length), steps >= length - 2, "success")
+    return Trajectory(
+        task,
+        steps[:, None].repeat(1, STATE_DIM),
+        torch.tanh(steps[:, None].repeat(1, ACT_DIM) / 10),
+        torch.ones(length),
+        steps >= length - 2,
+        "success",
+    )
 
 
 def trajectories() -> list[Trajectory]:
-    return [synthetic("a-v3", 6), synthetic("a-v3", 3, offset=100.0), synthetic("b-v3", 9, offset=200.0)]
+    return [
+        synthetic("a-v3", 6),
+        synthetic("a-v3", 3, offset=100.0),
+        synthetic("b-v3", 9, offset=200.0),
+    ]
 
 
 @needs_metaworld
 def test_expert_demonstrations_succeed_stop_after_holding_and_are_deterministic():
-    demos = collect_demonstrations(["reach-v3", "handle-press-v3"], 2, seed=0, max_steps=200, hold_steps=5)
+    demos = collect_demonstrations(
+        ["reach-v3", "handle-press-v3"], 2, seed=0, max_steps=200, hold_steps=5
+    )
     assert [t.task for t in demos] == ["reach-v3"] * 2 + ["handle-press-v3"] * 2
-    assert sum(t.success for t in demos) / len(demos) == 1.0  # the scripted experts solve these tasks
+    # the scripted experts solve these tasks
+    assert sum(t.success for t in demos) / len(demos) == 1.0
     for t in demos:
         first = int(t.successes.nonzero()[0])
-        assert t.stop_reason == "success" and t.length == first + 5 + 1  # kept 5 steps past the first success
+        # kept 5 steps past the first success
+        assert t.stop_reason == "success" and t.length == first + 5 + 1
         assert t.observations.dtype == torch.float32 and t.actions.abs().max() <= 1.0
-    assert not torch.equal(demos[0].observations[0], demos[1].observations[0])  # each episode its own goal
+    # each episode its own goal
+    assert not torch.equal(demos[0].observations[0], demos[1].observations[0])
     again = collect_demonstrations(["reach-v3"], 2, seed=0, max_steps=200, hold_steps=5)
-    assert all(torch.equal(a.observations, b.observations) and torch.equal(a.actions, b.actions)
-               for a, b in zip(demos, again))
+    assert all(
+        torch.equal(a.observations, b.observations) and torch.equal(a.actions, b.actions)
+        for a, b in zip(demos, again)
+    )
     other = collect_demonstrations(["reach-v3"], 1, seed=1, max_steps=10)
     assert other[0].length == 10 and other[0].stop_reason == "max_steps" and not other[0].success
-    assert not torch.equal(other[0].observations[0], demos[0].observations[0])  # another seed, other goals
+    # another seed, other goals
+    assert not torch.equal(other[0].observations[0], demos[0].observations[0])
+
 
 def test_demonstrations_and_policy_roundtrip_bit_identical_and_detect_a_torn_pair(tmp_path):
     demos = trajectories()
@@ -97,7 +122,8 @@ def test_demonstrations_and_policy_roundtrip_bit_identical_and_detect_a_torn_pai
             x, y = getattr(a, name), getattr(b, name)
             assert x.dtype == y.dtype and torch.equal(x, y)
     save_demonstrations(demos[:1], tmp_path / "other.safetensors")
-    path.write_bytes((tmp_path / "other.safetensors").read_bytes())  # tensors of another save under this index
+    # tensors of another save under this index
+    path.write_bytes((tmp_path / "other.safetensors").read_bytes())
     with pytest.raises(ValueError, match="SHA-256"):
         load_demonstrations(path)
 
@@ -118,8 +144,10 @@ def test_windows_end_at_a_step_are_left_padded_and_the_loss_counts_real_steps_on
     assert batch["attention_mask"].tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
     assert batch["states"][:, :, 0].tolist() == [[0, 0, 0, 1], [2, 3, 4, 5], [0, 100, 101, 102]]
     assert batch["timesteps"].tolist() == [[0, 0, 0, 1], [2, 3, 4, 5], [0, 0, 1, 2]]
-    assert batch["returns_to_go"][:, :, 0].tolist() == [[0, 0, 6, 5], [4, 3, 2, 1], [0, 3, 2, 1]]  # reward 1 a step
-    assert (batch["actions"][0, :2] == 0).all() and (batch["states"][0, :2] == 0).all()  # padding is zeros
+    # reward 1 a step
+    assert batch["returns_to_go"][:, :, 0].tolist() == [[0, 0, 6, 5], [4, 3, 2, 1], [0, 3, 2, 1]]
+    # padding is zeros
+    assert (batch["actions"][0, :2] == 0).all() and (batch["states"][0, :2] == 0).all()
     with pytest.raises(ValueError, match="outside"):
         make_windows([(demos[1], 3)], context=4)
 
@@ -132,9 +160,13 @@ def test_windows_end_at_a_step_are_left_padded_and_the_loss_counts_real_steps_on
 
     g = torch.Generator().manual_seed(0)
     sampled = sample_windows(demos, 256, 4, g)
-    assert sampled["states"].shape == (256, 4, STATE_DIM) and (sampled["attention_mask"][:, -1] == 1).all()
+    assert (
+        sampled["states"].shape == (256, 4, STATE_DIM)
+        and (sampled["attention_mask"][:, -1] == 1).all()
+    )
     real = sampled["attention_mask"].sum(1)
-    assert set(real.tolist()) <= {1, 2, 3, 4} and (real < 4).any()  # windows near a start are padded
+    # windows near a start are padded
+    assert set(real.tolist()) <= {1, 2, 3, 4} and (real < 4).any()
     masks = sampled["attention_mask"]
     assert (masks[:, 1:] >= masks[:, :-1]).all()  # padding only on the left
     sources = (sampled["states"][:, -1, 0] // 100).long()  # which trajectory each window ends in
@@ -150,15 +182,21 @@ def test_eva_on_the_decision_transformer_counts_three_tokens_per_real_step():
     assert real_steps < 4 * 5 * SMALL.context  # some padding, which must not be counted
     cfg = EvaConfig(rank=2, rho=1.0, tau=1.0, max_batches=4, target_modules=TARGETS)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # tau = 1 never converges: all 4 batches are read
-        state = compute_eva_state(model, batches, cfg, select_tokens=real_step_tokens, progress=False)
-    assert state.n_batches == 4 and len(state.ranks) == 8  # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+        # tau = 1 never converges: all 4 batches are read
+        warnings.simplefilter("ignore", RuntimeWarning)
+        state = compute_eva_state(
+            model, batches, cfg, select_tokens=real_step_tokens, progress=False
+        )
+    # 2 blocks x (c_attn, attn.c_proj, c_fc, mlp.c_proj)
+    assert state.n_batches == 4 and len(state.ranks) == 8
     assert state.layer_shapes["dt.encoder.h.0.attn.c_attn"] == [32, 96]
     assert state.layer_shapes["dt.encoder.h.1.mlp.c_proj"] == [128, 32]
     assert list(state.group_tokens) == [3 * real_steps] * len(state.groups)
-    x = torch.arange(12.0).reshape(1, 12, 1).repeat(2, 1, 1)  # token k of 4 steps: (return, state, action) x 4
+    # token k of 4 steps: (return, state, action) x 4
+    x = torch.arange(12.0).reshape(1, 12, 1).repeat(2, 1, 1)
     kept = real_step_tokens(x, {"attention_mask": torch.tensor([[0, 0, 1, 1], [0, 1, 1, 1]])}, "x")
-    assert kept[:, 0].tolist() == [6, 7, 8, 9, 10, 11, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # all three tokens of real steps
+    # all three tokens of real steps
+    assert kept[:, 0].tolist() == [6, 7, 8, 9, 10, 11, 3, 4, 5, 6, 7, 8, 9, 10, 11]
     with pytest.raises(ValueError, match="not"):
         real_step_tokens(torch.zeros(2, 5, 8), {"attention_mask": torch.ones(2, 2)}, "x")
 
@@ -172,35 +210,59 @@ def test_finetuning_starts_from_the_pretrained_function_and_trains_only_the_adap
     with torch.no_grad():
         expected = model(**batch)
     adapters = AdapterConfig(rank=2, lora_alpha=2.0, rho=2.0, eva_batch_size=8, eva_max_batches=6)
-    peft_model, info = finetune(model, init, demos, adapters, TrainConfig(steps=0, warmup_steps=1), seed=0)
+    peft_model, info = finetune(
+        model, init, demos, adapters, TrainConfig(steps=0, warmup_steps=1), seed=0
+    )
     with torch.no_grad():
-        torch.testing.assert_close(peft_model(**batch), expected, rtol=0, atol=0)  # B = 0: the same function
-    layers = {n: m for n, m in peft_model.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
-    assert set(layers) <= {f"base_model.model.dt.encoder.h.{i}.{p}" for i in range(2)
-                           for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+        # B = 0: the same function
+        torch.testing.assert_close(peft_model(**batch), expected, rtol=0, atol=0)
+    layers = {
+        n: m
+        for n, m in peft_model.named_modules()
+        if hasattr(m, "lora_A") and "default" in m.lora_A
+    }
+    assert set(layers) <= {
+        f"base_model.model.dt.encoder.h.{i}.{p}"
+        for i in range(2)
+        for p in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert all(not m.lora_B["default"].weight.detach().any() for m in layers.values())
     if init == "eva":
-        assert sum(info["ranks"].values()) == 2 * 8 and max(info["ranks"].values()) <= 4  # budget, rho cap
+        # budget, rho cap
+        assert sum(info["ranks"].values()) == 2 * 8 and max(info["ranks"].values()) <= 4
         a = layers["base_model.model.dt.encoder.h.0.attn.c_attn"].lora_A["default"].weight
-        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)  # orthonormal components
+        # orthonormal components
+        torch.testing.assert_close(a @ a.T, torch.eye(a.shape[0]), atol=1e-5, rtol=0)
 
-    trained, info = finetune(model, init, demos, adapters, TrainConfig(steps=3, warmup_steps=1, lr=1e-2), seed=0)
+    trained, info = finetune(
+        model, init, demos, adapters, TrainConfig(steps=3, warmup_steps=1, lr=1e-2), seed=0
+    )
     assert info["steps"] == 3 and len(info["losses"]) == 3
     with torch.no_grad():
         assert not torch.equal(trained(**batch), expected)  # the adapters moved
-    merged_free = {k.removeprefix("base_model.model.").replace(".base_layer", ""): v
-                   for k, v in trained.state_dict().items() if "lora_" not in k}
-    assert all(torch.equal(merged_free[k], v) for k, v in base_weights.items())  # frozen pre-trained weights
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in base_weights.items())  # original untouched
+    merged_free = {
+        k.removeprefix("base_model.model.").replace(".base_layer", ""): v
+        for k, v in trained.state_dict().items()
+        if "lora_" not in k
+    }
+    # frozen pre-trained weights
+    assert all(torch.equal(merged_free[k], v) for k, v in base_weights.items())
+    # original untouched
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in base_weights.items())
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(12345)  # another global RNG state: dropout and LoRA's A must not depend on it
-        again, _ = finetune(model, init, demos, adapters, TrainConfig(steps=3, warmup_steps=1, lr=1e-2), seed=0)
+        # another global RNG state: dropout and LoRA's A must not depend on it
+        torch.manual_seed(12345)
+        again, _ = finetune(
+            model, init, demos, adapters, TrainConfig(steps=3, warmup_steps=1, lr=1e-2), seed=0
+        )
     with torch.no_grad():
-        torch.testing.assert_close(again(**batch), trained(**batch), rtol=0, atol=0)  # seeded: reproducible
+        # seeded: reproducible
+        torch.testing.assert_close(again(**batch), trained(**batch), rtol=0, atol=0)
 
 
 class ExpertAsPolicy(torch.nn.Module):
-    """Acts like the scripted expert on the last state it is fed, and records what evaluation feeds it."""
+    """Acts like the scripted expert on the last state it is fed, and records what evaluation feeds
+    it."""
 
     def __init__(self, task: str, context: int, silent: bool = False) -> None:
         super().__init__()
@@ -226,19 +288,39 @@ def test_rollouts_feed_left_padded_contexts_with_returns_to_go_and_count_success
     expert = ExpertAsPolicy("handle-press-v3", context=3)
     result = evaluate_success(expert, "handle-press-v3", 2, seed=1000, target=50.0, max_steps=150)
     assert result["success_rate"] == 1.0
-    assert all(e["stop_reason"] == "success" and e["steps"] < 150 for e in result["episodes"])  # stops at success
+    # stops at success
+    assert all(e["stop_reason"] == "success" and e["steps"] < 150 for e in result["episodes"])
     first = expert.fed[: result["episodes"][0]["steps"]]
-    assert [b["attention_mask"].tolist() for b in first[:3]] == [[[0, 0, 1]], [[0, 1, 1]], [[1, 1, 1]]]
+    assert [b["attention_mask"].tolist() for b in first[:3]] == [
+        [[0, 0, 1]],
+        [[0, 1, 1]],
+        [[1, 1, 1]],
+    ]
     assert [b["timesteps"][0, -1].item() for b in first[:4]] == [0, 1, 2, 3]
     rtg = [b["returns_to_go"][0, -1, 0].item() for b in first]
-    assert rtg[0] == 50.0 and all(a >= b for a, b in zip(rtg, rtg[1:]))  # target minus the reward so far
-    collected = result["episodes"][0]["return"]  # all rewards; the last step's (at most 10) is not yet collected
+    # target minus the reward so far
+    assert rtg[0] == 50.0 and all(a >= b for a, b in zip(rtg, rtg[1:]))
+    # all rewards; the last step's (at most 10) is not yet collected
+    collected = result["episodes"][0]["return"]
     assert collected > 1 and 50.0 - collected - 1e-3 <= rtg[-1] <= 50.0 - collected + 10.0
-    assert torch.equal(first[1]["actions"][0, 1], torch.from_numpy(  # the previous action is fed, the current is 0
-        np.clip(expert.expert.get_action(first[0]["states"][0, -1].double().numpy()), -1, 1).astype(np.float32)))
+    # the previous action is fed, the current is 0
+    assert torch.equal(
+        first[1]["actions"][0, 1],
+        torch.from_numpy(
+            np.clip(
+                expert.expert.get_action(first[0]["states"][0, -1].double().numpy()), -1, 1
+            ).astype(np.float32)
+        ),
+    )
     assert (first[1]["actions"][0, -1] == 0).all()
-    idle = evaluate_success(ExpertAsPolicy("handle-press-v3", 3, silent=True), "handle-press-v3", 1, seed=1000,
-                            target=50.0, max_steps=20)
+    idle = evaluate_success(
+        ExpertAsPolicy("handle-press-v3", 3, silent=True),
+        "handle-press-v3",
+        1,
+        seed=1000,
+        target=50.0,
+        max_steps=20,
+    )
     assert idle["success_rate"] == 0.0 and idle["episodes"][0]["stop_reason"] == "max_steps"
     assert target_return(trajectories(), "a-v3") == 6.0
 
@@ -253,11 +335,16 @@ def test_quick_grid_runs_lora_and_eva_and_reuses_every_stage(tmp_path, capsys):
     record = decision.main(argv)
     assert set(record["runs"]) == {"lora", "eva"} and record["estimated_full_seconds"] > 0
     eva = record["runs"]["eva"]["faucet-close-v3"][0]
-    assert sum(eva["ranks"].values()) == 8 * 12 and eva["steps"] == 10 and 0.0 <= eva["success_rate"] <= 1.0
+    assert (
+        sum(eva["ranks"].values()) == 8 * 12
+        and eva["steps"] == 10
+        and 0.0 <= eva["success_rate"] <= 1.0
+    )
     assert record["demonstrations"]["pretrain"]["reach-v3"]["success_rate"] == 1.0
     assert "| eva |" in (tmp_path / "decision.md").read_text()
     assert json.loads((tmp_path / "decision.json").read_text())["seeds"] == [0]
     capsys.readouterr()
     again = decision.main(argv)
-    assert capsys.readouterr().err.count("reused") == 5  # both demonstration sets, the model, both runs
+    # both demonstration sets, the model, both runs
+    assert capsys.readouterr().err.count("reused") == 5
     assert again["runs"] == record["runs"] and again["zero_shot"] == record["zero_shot"]

@@ -1,5 +1,5 @@
-"""compute_eva_state across 2 gloo processes: equals one process on the union; statistics live on their
-owner; sharded (FSDP2) models; crashes end cleanly."""
+"""compute_eva_state across 2 gloo processes: equals one process on the union; statistics live on
+their owner; sharded (FSDP2) models; crashes end cleanly."""
 
 from __future__ import annotations
 
@@ -23,12 +23,28 @@ from helpers import free_port, tiny_llama
 WORKER = Path(__file__).parent / "dist_worker.py"
 
 
-def launch(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 120) -> tuple[list[dict], float]:
+def launch(
+    tmp_path: Path, scenario: str, world: int = 2, timeout: float = 120
+) -> tuple[list[dict], float]:
     init_file = tmp_path / "pg_init"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(r), str(world), str(init_file), str(tmp_path),
-                               scenario], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-             for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                str(r),
+                str(world),
+                str(init_file),
+                str(tmp_path),
+                scenario,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        for r in range(world)
+    ]
     start = time.perf_counter()
     for proc in procs:
         try:
@@ -47,12 +63,14 @@ def launch(tmp_path: Path, scenario: str, world: int = 2, timeout: float = 120) 
 
 
 def single_process(scenario: str, check_every: int = 1, replicated: bool = False) -> EvaState:
-    """One process fed every batch in order; ``check_every`` = world size matches the sharded cadence."""
+    """One process fed every batch in order; ``check_every`` = world size matches the sharded
+    cadence."""
     import dataclasses
 
     cfg = dataclasses.replace(dist_worker.config(scenario), check_every=check_every)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers (OMP_NUM_THREADS=1): bit-equal sums need the same reduction order
+    # as the workers (OMP_NUM_THREADS=1): bit-equal sums need the same reduction order
+    torch.set_num_threads(1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -62,7 +80,11 @@ def single_process(scenario: str, check_every: int = 1, replicated: bool = False
 
 
 def assert_identical(got: EvaState, want: EvaState, eigen_rtol: float = 0.0) -> None:
-    assert (got.n_batches, got.group_tokens, got.ranks) == (want.n_batches, want.group_tokens, want.ranks)
+    assert (got.n_batches, got.group_tokens, got.ranks) == (
+        want.n_batches,
+        want.group_tokens,
+        want.ranks,
+    )
     for a, b in zip(got.group_components, want.group_components):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(got.group_eigenvalues, want.group_eigenvalues):
@@ -71,19 +93,24 @@ def assert_identical(got: EvaState, want: EvaState, eigen_rtol: float = 0.0) -> 
 
 @pytest.mark.parametrize("scenario", ["sharded", "sketch"])
 def test_sharded_ranks_equal_one_process_fed_the_union(tmp_path, scenario):
-    """Rows travel to each group's owner in rank order: the owner sees exactly one process's sequence."""
+    """Rows travel to each group's owner in rank order: the owner sees exactly one process's
+    sequence."""
     reports, _ = launch(tmp_path, scenario)
     assert all(r["ok"] for r in reports), reports
     ref = single_process(scenario, check_every=2)  # 2 ranks check after every 2 global batches
     states = [EvaState.load(tmp_path / f"rank{r}") for r in range(2)]
     for state in states:
         assert state.n_batches == 8 and state.group_statistics == ref.group_statistics
-        # the sketch's float64 eigenvalues differ from one process's by a few ulps on some CPUs (measured
-        # 1.7e-15 relative, 2026-12-05; bit-equal on the machine of 2026-12-04); components are bit-equal
+        # the sketch's float64 eigenvalues differ from one process's by a
+        # few ulps on some CPUs (measured 1.7e-15 relative, 2026-12-05;
+        # bit-equal on the machine of 2026-12-04); components are bit-equal
         assert_identical(state, ref, eigen_rtol=1e-13 if scenario == "sketch" else 0.0)
     if scenario == "sharded":
         cfg = dist_worker.config(scenario)
-        exact = {g.names[0]: g.stats.covariance() for g in collect_statistics(tiny_llama(), dist_worker.batches(), cfg)}
+        exact = {
+            g.names[0]: g.stats.covariance()
+            for g in collect_statistics(tiny_llama(), dist_worker.batches(), cfg)
+        }
         for names, comps in zip(states[0].groups, states[0].group_components):
             assert captured_variance(exact[names[0]], comps) >= 0.999
 
@@ -134,15 +161,53 @@ def test_fsdp2_sharded_model_gives_the_unsharded_result_and_takes_a_sharded(tmp_
 def test_torchrun_train_computes_eva_once_collectively(tmp_path, tiny_llama_dir):
     """`torchrun --nproc_per_node 2 eva train`: EVA from both ranks' batches, DDP, one writer."""
     data = Path(__file__).parent / "assets/data"
-    common = ["--model", str(tiny_llama_dir), "--task", "commonsense", "--data-dir", str(data), "train_limit=16",
-              "max_length=96", "batch_size=2", "svd_batch_size=4", "rank=4", "eva.tau=0.999999",
-              "progress=false", "logging_steps=1"]
+    common = [
+        "--model",
+        str(tiny_llama_dir),
+        "--task",
+        "commonsense",
+        "--data-dir",
+        str(data),
+        "train_limit=16",
+        "max_length=96",
+        "batch_size=2",
+        "svd_batch_size=4",
+        "rank=4",
+        "eva.tau=0.999999",
+        "progress=false",
+        "logging_steps=1",
+    ]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     port = str(free_port())
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port]
-    proc = subprocess.run([*launcher, "-m", "eva_lora.app.cli", "train", *common, "--init", "eva", "--output-dir",
-                           str(out), "--no-eval", "max_steps=2"], capture_output=True, text=True, timeout=300, env=env)
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        port,
+    ]
+    proc = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "eva_lora.app.cli",
+            "train",
+            *common,
+            "--init",
+            "eva",
+            "--output-dir",
+            str(out),
+            "--no-eval",
+            "max_steps=2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["steps"] == 2
@@ -154,5 +219,6 @@ def test_torchrun_train_computes_eva_once_collectively(tmp_path, tiny_llama_dir)
     single, ddp = EvaState.load(tmp_path / "single"), EvaState.load(out / "eva_state")
     assert ddp.n_batches == single.n_batches == 4 and ddp.group_tokens == single.group_tokens
     assert ddp.ranks == single.ranks
-    for got, want in zip(ddp.group_eigenvalues, single.group_eigenvalues):  # float32 statistics here
+    # float32 statistics here
+    for got, want in zip(ddp.group_eigenvalues, single.group_eigenvalues):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6 * float(want[0]))

@@ -28,22 +28,34 @@ def test_llama_groups_qkv_and_gate_up(tiny_llama):
 def test_gpt2_conv1d_targets(tiny_gpt2):
     cfg = EvaConfig(target_modules=["c_attn", "c_fc"], max_batches=5, **FAST)
     state = compute_eva_state(tiny_gpt2, token_batches(101, 5), cfg)
-    assert sorted(state.ranks) == ["transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc",
-                                   "transformer.h.1.attn.c_attn", "transformer.h.1.mlp.c_fc"]
+    assert sorted(state.ranks) == [
+        "transformer.h.0.attn.c_attn",
+        "transformer.h.0.mlp.c_fc",
+        "transformer.h.1.attn.c_attn",
+        "transformer.h.1.mlp.c_fc",
+    ]
     assert state.layer_shapes["transformer.h.0.attn.c_attn"] == [32, 96]
 
 
 def test_regex_targets_and_excludes(tiny_llama):
-    cfg = EvaConfig(target_modules=r".*\.(q_proj|v_proj)", exclude_modules=["layers.1.self_attn.v_proj"],
-                    max_batches=3, **FAST)
+    cfg = EvaConfig(
+        target_modules=r".*\.(q_proj|v_proj)",
+        exclude_modules=["layers.1.self_attn.v_proj"],
+        max_batches=3,
+        **FAST,
+    )
     state = compute_eva_state(tiny_llama, token_batches(101, 3), cfg)
-    assert sorted(state.ranks) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj",
-                                   "model.layers.1.self_attn.q_proj"]
+    assert sorted(state.ranks) == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.self_attn.v_proj",
+        "model.layers.1.self_attn.q_proj",
+    ]
 
 
 def test_rho_one_gives_exactly_uniform_ranks(tiny_bert):
-    state = compute_eva_state(tiny_bert, token_batches(101, 4), EvaConfig(rank=3, rho=1.0,
-                                                                          max_batches=4))
+    state = compute_eva_state(
+        tiny_bert, token_batches(101, 4), EvaConfig(rank=3, rho=1.0, max_batches=4)
+    )
     assert set(state.ranks.values()) == {3}
 
 
@@ -51,7 +63,8 @@ def test_components_match_exact_pca_of_same_tokens(tiny_llama):
     batches = token_batches(101, 8, batch=4, seq=16)
     cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # tau this close to 1 never converges: intended
+        # tau this close to 1 never converges: intended
+        warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(tiny_llama, batches, cfg)
     reference = exact_stats(tiny_llama, batches, cfg)
     assert state.n_batches == 8 and state.stop_reason == "max_batches"
@@ -71,7 +84,9 @@ def test_padding_and_ignored_labels_are_masked(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         masked = compute_eva_state(tiny_llama, batches, cfg)
-        unmasked = compute_eva_state(tiny_llama, batches, EvaConfig(**{**cfg.to_dict(), "use_label_mask": False}))
+        unmasked = compute_eva_state(
+            tiny_llama, batches, EvaConfig(**{**cfg.to_dict(), "use_label_mask": False})
+        )
     per_batch_valid = 2 * 16 + 2 * 8
     assert unmasked.group_tokens[0] == 2 * per_batch_valid
     assert masked.group_tokens[0] == 2 * (per_batch_valid - 4 * 4)
@@ -82,14 +97,18 @@ def test_converges_and_records_history(tiny_bert):
 
     batches = token_batches(101, 10, batch=8, seq=16)
     start = time.perf_counter()
-    state = compute_eva_state(tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=200))
+    state = compute_eva_state(
+        tiny_bert, batches, EvaConfig(rank=2, rho=1.0, tau=0.9, max_batches=200)
+    )
     elapsed = time.perf_counter() - start
     assert state.stop_reason == "converged"
     assert state.unconverged == []
     assert state.n_batches < 200 and state.n_batches == state.history[-1]["batch"]
-    assert [h["batch"] for h in state.history] == list(range(1, state.n_batches + 1))  # a check per batch
+    # a check per batch
+    assert [h["batch"] for h in state.history] == list(range(1, state.n_batches + 1))
     last = state.history[-1]
-    assert last["converged_components"] == last["needed_components"] == 2 * len(state.groups)  # rho 1: 2 each
+    # rho 1: 2 each
+    assert last["converged_components"] == last["needed_components"] == 2 * len(state.groups)
     seconds = [h["seconds"] for h in state.history]
     assert seconds == sorted(seconds) and 0 < seconds[-1] <= elapsed
 
@@ -134,7 +153,8 @@ def _two_speed_model_and_batches():
 
 
 def test_delta_stops_once_that_share_of_components_converged():
-    """2 of 4 components converge early: delta = 0.5 stops there ("delta"), delta = 1 runs to max_batches."""
+    """2 of 4 components converge early: delta = 0.5 stops there ("delta"), delta = 1 runs to
+    max_batches."""
     model, batches = _two_speed_model_and_batches()
     cfg = EvaConfig(rank=2, rho=1.0, tau=0.9999, max_batches=30)
     with warnings.catch_warnings():
@@ -192,11 +212,19 @@ def test_forward_error_and_nan_are_reported(tiny_llama):
     assert hook_count(tiny_llama) == 0
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"rank": 0}, "rank must be"), ({"rho": 0.5}, "rho must be"), ({"tau": -0.1}, "tau must be"),
-    ({"tau": 1.5}, "tau must be"), ({"delta": 0.0}, "delta must be"), ({"rank_metric": "x"}, "rank_metric"),
-    ({"max_batches": 0}, "max_batches"), ({"min_rank": 9, "rank": 4}, "min_rank"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"rank": 0}, "rank must be"),
+        ({"rho": 0.5}, "rho must be"),
+        ({"tau": -0.1}, "tau must be"),
+        ({"tau": 1.5}, "tau must be"),
+        ({"delta": 0.0}, "delta must be"),
+        ({"rank_metric": "x"}, "rank_metric"),
+        ({"max_batches": 0}, "max_batches"),
+        ({"min_rank": 9, "rank": 4}, "min_rank"),
+    ],
+)
 def test_config_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         EvaConfig(**kwargs)
@@ -204,7 +232,9 @@ def test_config_validation(kwargs, match):
 
 def test_custom_token_selector_for_other_shapes():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6)).eval()
+    model = torch.nn.Sequential(
+        torch.nn.Linear(12, 20), torch.nn.ReLU(), torch.nn.Linear(20, 6)
+    ).eval()
     batches = [torch.randn(3, 5, 2, 12) for _ in range(6)]  # (batch, h, w, dim) "patches"
     calls = []
 
@@ -212,8 +242,9 @@ def test_custom_token_selector_for_other_shapes():
         calls.append(name)
         return x.reshape(-1, x.shape[-1])[::2]
 
-    state = compute_eva_state(model, batches, EvaConfig(rank=2, max_batches=6, tau=0.5),
-                              select_tokens=select)
+    state = compute_eva_state(
+        model, batches, EvaConfig(rank=2, max_batches=6, tau=0.5), select_tokens=select
+    )
     assert state.group_tokens[0] <= 6 * 15 and state.group_tokens[0] % 15 == 0
     assert set(calls) == {"0", "2"}
     assert hook_count(model) == 0
@@ -236,7 +267,8 @@ def test_cuda_statistics_stay_on_device(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(model, token_batches(101, 3), EvaConfig(max_batches=3, **FAST))
-    assert all(c.device.type == "cpu" for c in state.group_components)  # results are returned on CPU
+    # results are returned on CPU
+    assert all(c.device.type == "cpu" for c in state.group_components)
     assert sum(state.ranks.values()) == 4 * len(state.ranks)
 
 
@@ -257,7 +289,8 @@ def test_early_exit_skips_converged_tail_without_changing_the_result(tiny_llama)
     assert fast.n_batches == slow.n_batches and fast.group_tokens == slow.group_tokens
     for name in slow.ranks:
         torch.testing.assert_close(fast.components[name], slow.components[name], rtol=0, atol=0)
-    # With early exit only the probe (one sequence, 16 tokens) reaches the head; without it every pass does.
+    # With early exit only the probe (one sequence, 16 tokens)
+    # reaches the head; without it every pass does.
     assert full_calls == slow.n_batches + 1 and cut_calls == 1
     assert hook_count(tiny_llama) == 0
 
@@ -287,29 +320,41 @@ def test_early_exit_off_when_a_target_layer_runs_twice():
 
 
 def test_auto_statistics_are_exact_for_narrow_groups_and_sketches_for_wide_ones(tiny_llama):
-    """exact_max_dim=40: the 48-wide down_proj input gets a sketch, the 32-wide groups exact moments.
-    A sketch as wide as its group truncates nothing, so every group matches the exact PCA."""
+    """exact_max_dim=40: the 48-wide down_proj input gets a sketch, the 32-wide groups exact
+    moments. A sketch as wide as its group truncates nothing, so every group matches the exact
+    PCA."""
     batches = token_batches(101, 8, batch=4, seq=16)
     cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, exact_max_dim=40, sketch_size=48)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(tiny_llama, batches, cfg)
-    kinds = {names[0].split(".")[-1]: kind for names, kind in zip(state.groups, state.group_statistics)}
-    assert kinds == {"q_proj": "exact", "o_proj": "exact", "gate_proj": "exact", "down_proj": "sketch"}
+    kinds = {
+        names[0].split(".")[-1]: kind for names, kind in zip(state.groups, state.group_statistics)
+    }
+    assert kinds == {
+        "q_proj": "exact",
+        "o_proj": "exact",
+        "gate_proj": "exact",
+        "down_proj": "sketch",
+    }
     reference = exact_stats(tiny_llama, batches, cfg)
     for names, comps, tokens in zip(state.groups, state.group_components, state.group_tokens):
         assert tokens == reference[names[0]].count
-        assert captured_variance(reference[names[0]].covariance(), comps) >= 1 - 1e-5  # float32 rows
+        # float32 rows
+        assert captured_variance(reference[names[0]].covariance(), comps) >= 1 - 1e-5
 
 
 def test_a_model_compiled_after_the_fact_is_captured_eagerly(tiny_llama):
-    """torch.compile(model) skips hooks registered after compilation; EVA runs the original module."""
+    """torch.compile(model) skips hooks registered after compilation; EVA runs the original
+    module."""
     batches = token_batches(101, 4)
     cfg = EvaConfig(rank=2, rho=1.0, tau=0.5, max_batches=4)
     compiled = torch.compile(tiny_llama, backend="eager")
     compiled(**batches[0])
     fired = []
-    handle = tiny_llama.model.layers[0].mlp.down_proj.register_forward_hook(lambda *a: fired.append(1))
+    handle = tiny_llama.model.layers[0].mlp.down_proj.register_forward_hook(
+        lambda *a: fired.append(1)
+    )
     compiled(**batches[0])
     handle.remove()
     assert fired == []  # the trap this guards against: the statistics would see nothing
@@ -331,16 +376,25 @@ def test_a_compiled_submodule_is_refused_with_a_clear_error(tiny_llama):
 
 
 def test_the_probe_runs_on_one_short_sequence_then_every_batch_is_fed_once(tiny_llama):
-    """The probe groups the layers on a slice of the first batch (1 sequence, 16 tokens); every batch,
-    the first included, is then fed once, with or without a memory budget: bit-identical states."""
+    """The probe groups the layers on a slice of the first batch (1 sequence, 16 tokens); every
+    batch, the first included, is then fed once, with or without a memory budget: bit-identical
+    states."""
     batches = token_batches(101, 6, batch=3, seq=24)
     shapes = []
-    handle = tiny_llama.lm_head.register_forward_pre_hook(lambda m, args: shapes.append(tuple(args[0].shape[:2])))
+    handle = tiny_llama.lm_head.register_forward_pre_hook(
+        lambda m, args: shapes.append(tuple(args[0].shape[:2]))
+    )
     states = {}
     for budget in (None, 1000.0):
         shapes.clear()
-        cfg = EvaConfig(rank=2, rho=2.0, tau=0.999999, max_batches=6, early_exit=False,
-                        statistics_budget_mb=budget)
+        cfg = EvaConfig(
+            rank=2,
+            rho=2.0,
+            tau=0.999999,
+            max_batches=6,
+            early_exit=False,
+            statistics_budget_mb=budget,
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             states[budget] = (compute_eva_state(tiny_llama, batches, cfg), list(shapes))
@@ -365,7 +419,9 @@ def test_an_fsdp_model_without_a_process_group_is_refused_with_a_clear_error(tin
     finally:
         dist.destroy_process_group()
     fsdp_hooks = hook_count(tiny_llama)  # fully_shard's own
-    with pytest.raises(ValueError, match="sharded with FSDP but torch.distributed has no process group"):
+    with pytest.raises(
+        ValueError, match="sharded with FSDP but torch.distributed has no process group"
+    ):
         compute_eva_state(tiny_llama, token_batches(101, 2), EvaConfig(**FAST))
     assert hook_count(tiny_llama) == fsdp_hooks
 
@@ -386,19 +442,29 @@ def test_bf16_model_runs_the_whole_engine_against_a_float64_reference(tiny_llama
         ref = reference[names[0]]
         assert tokens == ref.count
         cov = ref.covariance()
-        # float32 statistics of bf16 rows: the exact moment to 1e-5, the sketch's float32 windows to 1e-4
-        assert captured_variance(cov, comps.double()) >= (1 - 1e-5 if kind == "exact" else 1 - 1e-4), names[0]
-        torch.testing.assert_close(state.group_eigenvalues[state.groups.index(names)],
-                                   torch.linalg.eigvalsh(cov).flip(0)[: comps.shape[0]], rtol=1e-4, atol=1e-6)
+        # float32 statistics of bf16 rows: the exact moment to 1e-5,
+        # the sketch's float32 windows to 1e-4
+        assert captured_variance(cov, comps.double()) >= (
+            1 - 1e-5 if kind == "exact" else 1 - 1e-4
+        ), names[0]
+        torch.testing.assert_close(
+            state.group_eigenvalues[state.groups.index(names)],
+            torch.linalg.eigvalsh(cov).flip(0)[: comps.shape[0]],
+            rtol=1e-4,
+            atol=1e-6,
+        )
 
 
 def test_passes_compute_no_loss_no_cache_and_never_reach_the_head(tiny_llama):
-    """labels only mask tokens (the model never sees them, so never builds a loss), no KV cache is built,
-    and after the probe no pass reaches the LM head: no logits, whatever the vocabulary."""
+    """labels only mask tokens (the model never sees them, so never builds a loss), no KV cache is
+    built, and after the probe no pass reaches the LM head: no logits, whatever the vocabulary."""
     seen, head_inputs = [], []
-    outer = tiny_llama.register_forward_pre_hook(lambda m, args, kwargs: seen.append(dict(kwargs)),
-                                                 with_kwargs=True)
-    head = tiny_llama.lm_head.register_forward_pre_hook(lambda m, args: head_inputs.append(args[0].shape))
+    outer = tiny_llama.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True
+    )
+    head = tiny_llama.lm_head.register_forward_pre_hook(
+        lambda m, args: head_inputs.append(args[0].shape)
+    )
     batches = token_batches(101, 4, batch=4, seq=16)
     for b in batches:
         b["labels"] = b["input_ids"].clone()
@@ -429,11 +495,22 @@ def test_between_checks_the_loop_never_synchronises_the_gpu(tiny_llama, monkeypa
                 return fn(*args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
+
         return run
 
-    monkeypatch.setattr(ActivationCapture, "_make_hook", lambda self, name: strict(make_hook(self, name)))
+    monkeypatch.setattr(
+        ActivationCapture, "_make_hook", lambda self, name: strict(make_hook(self, name))
+    )
     monkeypatch.setattr(ActivationCapture, "set_batch", strict(set_batch))
-    cfg = EvaConfig(rank=4, rho=2.0, tau=0.999999, max_batches=8, check_every=4, exact_max_dim=40, sketch_size=16)
+    cfg = EvaConfig(
+        rank=4,
+        rho=2.0,
+        tau=0.999999,
+        max_batches=8,
+        check_every=4,
+        exact_max_dim=40,
+        sketch_size=16,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(model, token_batches(101, 8), cfg)

@@ -1,4 +1,5 @@
-"""Our generation evaluator: PEFT's DoRA cache is on while generating, changes no answer, and is gone after."""
+"""Our generation evaluator: PEFT's DoRA cache is on while generating, changes no answer, and is
+gone after."""
 
 from __future__ import annotations
 
@@ -9,13 +10,16 @@ import torch
 
 
 def _dora_llama(seed: int = 0):
-    """A tiny Llama with DoRA on every linear layer and a non-zero B, so that DoRA's rescaling matters."""
+    """A tiny Llama with DoRA on every linear layer and a non-zero B, so that DoRA's rescaling
+    matters."""
     from peft import LoraConfig, get_peft_model
 
     import helpers
 
     model = helpers.tiny_llama(seed=seed, vocab=helpers.VOCAB)
-    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear", lora_dropout=0.0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, use_dora=True, target_modules="all-linear", lora_dropout=0.0
+    )
     peft_model = get_peft_model(model, config)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed + 1)
@@ -48,7 +52,8 @@ def test_the_dora_cache_is_reused_across_forwards_and_emptied_on_exit():
             assert len(caches) == 2 * 7 and all(len(c) == 2 for c in caches)
             held = [dict(c) for c in caches]
             second = model(input_ids=ids).logits
-            assert all(c[k] is h[k] for c, h in zip(_caches(model), held) for k in h)  # reused, not recomputed
+            # reused, not recomputed
+            assert all(c[k] is h[k] for c, h in zip(_caches(model), held) for k in h)
     assert not dora.ENABLE_DORA_CACHING and all(not c for c in _caches(model))
     assert torch.equal(first, uncached) and torch.equal(second, uncached)
 
@@ -73,7 +78,9 @@ def test_dora_answers_are_the_same_with_the_cache_as_without(tiny_llama_dir, mon
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
-    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear"))
+    model = get_peft_model(
+        base, LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules="all-linear")
+    )
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(1)
         for name, param in model.named_parameters():

@@ -24,11 +24,39 @@ import eva_lora
 from eva_lora import EvaConfig, compute_eva_state, engine
 from helpers import tiny_llama, token_batches
 
-HOST_READS = {"item", "tolist", "cpu", "nonzero", "numpy", "__bool__", "__float__", "__int__", "__index__",
-              "unique", "masked_select", "any", "all"} - {"any", "all"}
-DECOMPOSITIONS = {"linalg_eigh", "linalg_eigvalsh", "linalg_qr", "linalg_cholesky", "linalg_cholesky_ex",
-                  "linalg_svd", "svd", "linalg_svdvals", "linalg_eig", "qr", "linalg_lstsq", "linalg_inv",
-                  "linalg_solve", "lu", "linalg_lu", "linalg_lu_factor"}
+HOST_READS = {
+    "item",
+    "tolist",
+    "cpu",
+    "nonzero",
+    "numpy",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "unique",
+    "masked_select",
+    "any",
+    "all",
+} - {"any", "all"}
+DECOMPOSITIONS = {
+    "linalg_eigh",
+    "linalg_eigvalsh",
+    "linalg_qr",
+    "linalg_cholesky",
+    "linalg_cholesky_ex",
+    "linalg_svd",
+    "svd",
+    "linalg_svdvals",
+    "linalg_eig",
+    "qr",
+    "linalg_lstsq",
+    "linalg_inv",
+    "linalg_solve",
+    "lu",
+    "linalg_lu",
+    "linalg_lu_factor",
+}
 
 
 EVA_SOURCE = str(Path(eva_lora.__file__).parent)
@@ -45,7 +73,8 @@ def caller_is_eva() -> bool:
 
 
 class Counting(TorchFunctionMode):
-    """Counts eva-lora's torch calls that read device values back to the host, and its decompositions."""
+    """Counts eva-lora's torch calls that read device values back to the host, and its
+    decompositions."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -61,7 +90,8 @@ class Counting(TorchFunctionMode):
 
 
 def counted(model, batches, **settings) -> Counting:
-    """Counts of the loop (probe, batches, checks); the final solve, once per run, is not counted."""
+    """Counts of the loop (probe, batches, checks); the final solve, once per run, is not
+    counted."""
     cfg = EvaConfig(rank=4, rho=2.0, tau=0.9999999, max_batches=len(batches), **settings)
     counts = Counting()
     build_state = engine._EvaLoop.build_state
@@ -78,7 +108,9 @@ def counted(model, batches, **settings) -> Counting:
     return counts
 
 
-def per_batch(layers: int, seq: int, n: int = 3, device: str = "cpu", **settings) -> tuple[float, float]:
+def per_batch(
+    layers: int, seq: int, n: int = 3, device: str = "cpu", **settings
+) -> tuple[float, float]:
     """(host reads, decompositions) per batch: the difference between 2n and n batches, over n."""
     model = tiny_llama(layers=layers, positions=256).to(device)
     batches = token_batches(101, 2 * n, batch=8, seq=seq)
@@ -93,7 +125,8 @@ BOTH_KINDS = dict(exact_max_dim=40, sketch_size=16)
 
 
 def test_between_checks_a_batch_reads_once_and_decomposes_nothing_whatever_the_layers_and_tokens():
-    """check_every beyond the run: only forward passes. One read per batch (the token mask's nonzero)."""
+    """check_every beyond the run: only forward passes. One read per batch (the token mask's
+    nonzero)."""
     base = per_batch(layers=2, seq=16, check_every=1000, **BOTH_KINDS)
     more_tokens = per_batch(layers=2, seq=64, check_every=1000, **BOTH_KINDS)
     more_layers = per_batch(layers=4, seq=16, check_every=1000, **BOTH_KINDS)
@@ -101,9 +134,10 @@ def test_between_checks_a_batch_reads_once_and_decomposes_nothing_whatever_the_l
 
 
 def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
-    """check_every=1: each batch is also a check. 5 reads (the mask's nonzero; every group's numbers,
-    one stack to the host; the allocation's NaN test and its counts) and 4 decompositions (exact groups:
-    one batched eigh and one batched QR; sketches: two batched eighs), with 2x the layers or 4x the tokens."""
+    """check_every=1: each batch is also a check. 5 reads (the mask's nonzero; every group's
+    numbers, one stack to the host; the allocation's NaN test and its counts) and 4 decompositions
+    (exact groups: one batched eigh and one batched QR; sketches: two batched eighs), with 2x the
+    layers or 4x the tokens."""
     base = per_batch(layers=2, seq=16, check_every=1, **BOTH_KINDS)
     more_tokens = per_batch(layers=2, seq=64, check_every=1, **BOTH_KINDS)
     more_layers = per_batch(layers=4, seq=16, check_every=1, **BOTH_KINDS)
@@ -112,7 +146,8 @@ def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
 
 @pytest.mark.parametrize(("statistics", "solves"), [("exact", 3.0), ("sketch", 2.0)])
 def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
-    """exact: one eigh for both widths (their 16-wide Ritz problems) and one QR per width (32, 48)."""
+    """exact: one eigh for both widths (their 16-wide Ritz problems) and one QR per width (32,
+    48)."""
     settings = dict(statistics=statistics, sketch_size=16, check_every=1)
     base, more = per_batch(layers=2, seq=16, **settings), per_batch(layers=4, seq=64, **settings)
     assert base == more == (5.0, solves)
@@ -120,6 +155,10 @@ def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_the_counts_are_the_same():
-    """Batches arrive on the host (as a DataLoader yields them); the model and statistics are on the GPU."""
+    """Batches arrive on the host (as a DataLoader yields them); the model and statistics are on the
+    GPU."""
     for check_every, expected in ((1000, (1.0, 0.0)), (1, (5.0, 4.0))):
-        assert per_batch(layers=2, seq=16, device="cuda", check_every=check_every, **BOTH_KINDS) == expected
+        assert (
+            per_batch(layers=2, seq=16, device="cuda", check_every=check_every, **BOTH_KINDS)
+            == expected
+        )

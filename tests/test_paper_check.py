@@ -70,7 +70,10 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
     assert record["methods"] == ["LoRA", "EVA rho=2"] and set(record["runs"]) == set(table4.TASKS)
     for row in record["summary"].values():
         assert set(row["tasks"]) == set(table4.TASKS)
-        assert -1.0 <= row["tasks"]["cola"]["mean"] <= 1.0 and 0.0 <= row["tasks"]["sst2"]["mean"] <= 1.0
+        assert (
+            -1.0 <= row["tasks"]["cola"]["mean"] <= 1.0
+            and 0.0 <= row["tasks"]["sst2"]["mean"] <= 1.0
+        )
         scores = [row["tasks"][t]["mean"] for t in table4.TASKS]
         assert row["average"]["mean"] == pytest.approx(sum(scores) / len(scores))
     eva_runs = [r for task in record["runs"].values() for r in task["EVA rho=2"]]
@@ -83,7 +86,9 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
     capsys.readouterr()
     table4.main(argv)  # a second call finds every run finished with the same settings
     assert capsys.readouterr().err.count("reused") == len(table4.TASKS) * 2
-    assert json.loads((tmp_path / "results/table4.json").read_text())["summary"] == record["summary"]
+    assert (
+        json.loads((tmp_path / "results/table4.json").read_text())["summary"] == record["summary"]
+    )
     import report
 
     text = report.main(tmp_path / "results", tmp_path / "REPORT.md")
@@ -95,43 +100,65 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
 
 
 @pytest.mark.slow
-def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
+    tmp_path, tiny_llama_dir, capsys, monkeypatch
+):
     import lm_generation
     import report
 
-    argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    argv = [
+        "--quick",
+        "--model",
+        str(tiny_llama_dir),
+        "--out",
+        str(tmp_path),
+        "--work",
+        str(tmp_path / "work"),
+    ]
     record = lm_generation.main(argv)
-    assert record["parts"] == ["math", "commonsense"] and set(record["runs"]["math"]) == {"LoRA", "EVA rho=2"}
+    assert record["parts"] == ["math", "commonsense"] and set(record["runs"]["math"]) == {
+        "LoRA",
+        "EVA rho=2",
+    }
     cs = record["runs"]["commonsense"]["EVA rho=2"][0]
     assert set(cs["per_task"]) == {"boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c", "obqa"}
     assert len(cs["loss"]) == 3 and len(cs["grad_norm"]) == 3 and cs["eva_batches"] >= 1
     assert (tmp_path / "lm_generation.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     lm_generation.main(argv)
-    assert capsys.readouterr().err.count("reused") == 4  # 2 parts x 2 methods x 1 seed, none retrained
+    # 2 parts x 2 methods x 1 seed, none retrained
+    assert capsys.readouterr().err.count("reused") == 4
     subset = lm_generation.main([*argv, "--methods", "LoRA"])
     assert capsys.readouterr().err.count("reused") == 2  # only LoRA may train (and is reused) ...
-    assert set(subset["runs"]["math"]) == {"LoRA", "EVA rho=2"}  # ... yet EVA's finished runs are reported too
+    # ... yet EVA's finished runs are reported too
+    assert set(subset["runs"]["math"]) == {"LoRA", "EVA rho=2"}
     assert subset["runs"]["math"]["EVA rho=2"] == record["runs"]["math"]["EVA rho=2"]
     one_part = lm_generation.main([*argv, "--part", "commonsense"])
-    assert capsys.readouterr().err.count("reused") == 2  # only common sense may train (and is reused) ...
+    # only common sense may train (and is reused) ...
+    assert capsys.readouterr().err.count("reused") == 2
     assert one_part["runs"] == record["runs"]  # ... yet the math runs stay in the results
-    # A run retrained first in the grid's order: the results written right after it (what a sitting cut
-    # short leaves) must already hold every other finished run.
+    # A run retrained first in the grid's order: the results written right after it (what a sitting
+    # cut short leaves) must already hold every other finished run.
     (tmp_path / "work/math/LoRA/seed0" / lm_generation.METRICS_FILE).unlink()
     written = []
     real_write = lm_generation._write
-    monkeypatch.setattr(lm_generation, "_write", lambda *a, final: written.append(real_write(*a, final=final)))
+    monkeypatch.setattr(
+        lm_generation, "_write", lambda *a, final: written.append(real_write(*a, final=final))
+    )
     lm_generation.main(argv)
-    assert len(written) == 2 and {p: set(m) for p, m in written[0]["runs"].items()} == \
-        {"math": {"LoRA", "EVA rho=2"}, "commonsense": {"LoRA", "EVA rho=2"}}
+    assert len(written) == 2 and {p: set(m) for p, m in written[0]["runs"].items()} == {
+        "math": {"LoRA", "EVA rho=2"},
+        "commonsense": {"LoRA", "EVA rho=2"},
+    }
     monkeypatch.undo()
     capsys.readouterr()
     elsewhere = [*argv[:-1], str(tmp_path / "empty"), "--max-new-runs", "0"]
-    assert lm_generation.main(elsewhere)["runs"] == {}  # nothing finished there, nothing may be trained
+    # nothing finished there, nothing may be trained
+    assert lm_generation.main(elsewhere)["runs"] == {}
     assert capsys.readouterr().err.count("--max-new-runs 0 reached") == 4
     verdict, numbers = report.lm_math_verdict(record)
-    assert verdict == "not shown"  # one seed, and a random tiny model scores 0 everywhere: no signal
+    # one seed, and a random tiny model scores 0 everywhere: no signal
+    assert verdict == "not shown"
     assert "no test set carries signal" in numbers
 
 
@@ -149,7 +176,8 @@ def test_vision_quick_trains_lora_and_eva_on_the_pretrained_cnn_and_reuses_runs(
     argv = ["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
     record = vision.main(argv)
     eva = record["runs"]["eva"][0]
-    assert len(eva["ranks"]) == 32 and sum(eva["ranks"].values()) == 8 * 32  # 31 block convs + the head conv
+    # 31 block convs + the head conv
+    assert len(eva["ranks"]) == 32 and sum(eva["ranks"].values()) == 8 * 32
     assert eva["steps"] == 2 and 0.0 <= eva["accuracy"] <= 1.0
     assert "| eva |" in (tmp_path / "vision.md").read_text()
     capsys.readouterr()
@@ -160,8 +188,10 @@ def test_vision_quick_trains_lora_and_eva_on_the_pretrained_cnn_and_reuses_runs(
 def test_paired_verdicts_need_an_effect_beyond_the_seed_noise():
     from verdicts import combine, no_signal, paired
 
-    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69])[0] == "held"  # +0.11, consistent over seeds
-    verdict, mean, threshold = paired([0.80, 0.70, 0.85], [0.75, 0.74, 0.80])  # +0.02 but seed 2 reverses it
+    # +0.11, consistent over seeds
+    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69])[0] == "held"
+    # +0.02 but seed 2 reverses it
+    verdict, mean, threshold = paired([0.80, 0.70, 0.85], [0.75, 0.74, 0.80])
     assert verdict == "not shown" and mean == pytest.approx(0.02) and threshold > mean
     assert paired([0.5, 0.6, 0.55], [0.7, 0.8, 0.76])[0] == "contradicted"
     assert paired([0.9], [0.1])[0] == "not shown"  # one seed tells nothing
@@ -174,36 +204,60 @@ def test_scores_that_count_few_items_need_five_items_net_over_the_seeds():
     from report import lm_math_verdict
     from verdicts import paired
 
-    one_ahead = ([1 / 60, 1 / 60], [0.0, 0.0])  # one GSM8K question ahead in each seed: seed spread 0
+    # one GSM8K question ahead in each seed: seed spread 0
+    one_ahead = ([1 / 60, 1 / 60], [0.0, 0.0])
     assert paired(*one_ahead)[0] == "held"  # the bare t-rule is fooled by the zero spread
     verdict, mean, threshold = paired(*one_ahead, items=60)
     assert verdict == "not shown" and threshold == pytest.approx(4.5 / 120)  # 2 items net, 5 needed
     assert paired([2 / 60, 2 / 60, 1 / 60], [0.0, 0.0, 0.0], items=60)[0] == "held"  # 5 items net
-    assert paired([2 / 60, 1 / 60, 1 / 60], [0.0, 0.0, 0.0], items=60)[0] == "not shown"  # 4: the floor decides
+    # 4: the floor decides
+    assert paired([2 / 60, 1 / 60, 1 / 60], [0.0, 0.0, 0.0], items=60)[0] == "not shown"
     assert paired([1 / 60, 2 / 60, 1 / 60], [0.0, 1 / 60, 1 / 60], items=60)[0] == "not shown"
     assert paired([0.0, 0.0, 0.0], [2 / 60, 2 / 60, 1 / 60], items=60)[0] == "contradicted"
-    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], items=500)[2] < 0.02  # many items: the t-rule decides
+    # many items: the t-rule decides
+    assert paired([0.80, 0.82, 0.81], [0.70, 0.71, 0.69], items=500)[2] < 0.02
 
     def run(seed: int, score: float) -> dict:
         return {"seed": seed, "per_task": {"gsm8k": score}}
 
-    record = {"settings": {"math": {"eval_limit": 60}},
-              "runs": {"math": {"LoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
-                                "EVA rho=1": [run(0, 1 / 60), run(1, 1 / 60), run(2, 1 / 60)],
-                                "DoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
-                                "EVA+DoRA rho=2": [run(0, 0.05), run(1, 0.05), run(2, 0.0)]}}}
+    record = {
+        "settings": {"math": {"eval_limit": 60}},
+        "runs": {
+            "math": {
+                "LoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
+                "EVA rho=1": [run(0, 1 / 60), run(1, 1 / 60), run(2, 1 / 60)],
+                "DoRA": [run(0, 0.0), run(1, 0.0), run(2, 0.0)],
+                "EVA+DoRA rho=2": [run(0, 0.05), run(1, 0.05), run(2, 0.0)],
+            }
+        },
+    }
     verdict, text = lm_math_verdict(record)  # 3 items net for EVA, 6 for EVA+DoRA
-    assert "60 questions per seed" in text and "EVA rho=1 vs LoRA (3 seeds) +1.67 (threshold 2.50: not shown)" in text
+    assert (
+        "60 questions per seed" in text
+        and "EVA rho=1 vs LoRA (3 seeds) +1.67 (threshold 2.50: not shown)" in text
+    )
     # EVA+DoRA: 6 items net, past the floor, but within the seed noise (t-threshold 4.87)
-    assert "EVA+DoRA rho=2 vs DoRA (3 seeds) +3.33 (threshold 4.87: not shown)" in text and verdict == "not shown"
+    assert (
+        "EVA+DoRA rho=2 vs DoRA (3 seeds) +3.33 (threshold 4.87: not shown)" in text
+        and verdict == "not shown"
+    )
 
     from report import lm_commonsense_verdict
 
-    two_sets = {"settings": {"commonsense": {"eval_limit": 30}},  # a mean over 2 sets of 30 counts 60 items
-                "runs": {"commonsense": {m: [{"seed": i, "per_task": {"boolq": x, "piqa": x}} for i in range(3)]
-                                         for m, x in (("LoRA", 0.5), ("EVA rho=1", 0.5 + 1 / 30))}}}
+    # a mean over 2 sets of 30 counts 60 items
+    two_sets = {
+        "settings": {"commonsense": {"eval_limit": 30}},
+        "runs": {
+            "commonsense": {
+                m: [{"seed": i, "per_task": {"boolq": x, "piqa": x}} for i in range(3)]
+                for m, x in (("LoRA", 0.5), ("EVA rho=1", 0.5 + 1 / 30))
+            }
+        },
+    }
     verdict, text = lm_commonsense_verdict(two_sets)  # 1 question per set and seed: 6 items net
-    assert verdict == "held" and "60 questions per seed" in text and "(threshold 2.50: held)" in text
+    assert (
+        verdict == "held" and "60 questions per seed" in text and "(threshold 2.50: held)" in text
+    )
 
 
 def test_item_counts_are_the_sizes_of_the_test_sets_the_scripts_score():
@@ -212,7 +266,8 @@ def test_item_counts_are_the_sizes_of_the_test_sets_the_scripts_score():
 
     full, quick = vision.RECIPE, {**vision.RECIPE, **vision.QUICK}
     assert vision.test_size(full) == 797 and vision.test_size(quick) == 64
-    assert len(vision.split(quick)[3]) == vision.test_size(quick)  # the split the runs are scored on
+    # the split the runs are scored on
+    assert len(vision.split(quick)[3]) == vision.test_size(quick)
     assert len(vision.split({**full, "image_size": 8})[3]) == vision.test_size(full)
     assert ablations.test_size(quick=False) == 300 and ablations.test_size(quick=True) == 64
 
@@ -229,13 +284,23 @@ def test_a_grid_with_uneven_seeds_is_paired_on_the_seeds_both_methods_finished()
     def run(seed: int, score: float) -> dict:
         return {"seed": seed, "per_task": {"boolq": score, "piqa": score}}
 
-    record = {"runs": {"commonsense": {"LoRA": [run(0, 0.50), run(1, 0.52), run(2, 0.48)],
-                                       "EVA rho=2": [run(0, 0.60), run(1, 0.63), run(2, 0.57)],
-                                       "EVA rho=1": [run(0, 0.90)],  # one lucky seed must not stand for EVA
-                                       "PiSSA": [run(0, 0.40)]}}}  # a method with one seed so far
+    record = {
+        "runs": {
+            "commonsense": {
+                "LoRA": [run(0, 0.50), run(1, 0.52), run(2, 0.48)],
+                "EVA rho=2": [run(0, 0.60), run(1, 0.63), run(2, 0.57)],
+                # one lucky seed must not stand for EVA
+                "EVA rho=1": [run(0, 0.90)],
+                "PiSSA": [run(0, 0.40)],
+            }
+        }
+    }  # a method with one seed so far
     verdict, text = lm_commonsense_verdict(record)
     assert verdict == "partly"  # held against LoRA over 3 seeds; PiSSA's single seed shows nothing
-    assert "EVA rho=2 vs LoRA (3 seeds) +10.00" in text and "EVA rho=2 vs PiSSA (1 seed) +20.00" in text
+    assert (
+        "EVA rho=2 vs LoRA (3 seeds) +10.00" in text
+        and "EVA rho=2 vs PiSSA (1 seed) +20.00" in text
+    )
 
 
 @pytest.mark.slow
@@ -249,23 +314,54 @@ def test_evaluators_agree_on_every_common_sense_generation_of_an_adapter(tmp_pat
 
     model, _ = load_model(str(tiny_llama_dir), "generation")
     torch.manual_seed(0)
-    get_peft_model(model, LoraConfig(r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"],
-                                     init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
-    record = evaluators.main(["--adapter", str(tmp_path / "adapter"), "--model", str(tiny_llama_dir),
-                              "--data-dir", str(DATA), "--eval-limit", "3", "--max-new-tokens", "6",
-                              "--max-length", "256",
-                              "--out", str(tmp_path)])
-    assert [r["test set"] for r in record["rows"]] == ["boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c",
-                                                       "obqa"]
+    get_peft_model(
+        model,
+        LoraConfig(
+            r=4, lora_alpha=64, target_modules=["q_proj", "v_proj"], init_lora_weights=False
+        ),
+    ).save_pretrained(tmp_path / "adapter")
+    record = evaluators.main(
+        [
+            "--adapter",
+            str(tmp_path / "adapter"),
+            "--model",
+            str(tiny_llama_dir),
+            "--data-dir",
+            str(DATA),
+            "--eval-limit",
+            "3",
+            "--max-new-tokens",
+            "6",
+            "--max-length",
+            "256",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert [r["test set"] for r in record["rows"]] == [
+        "boolq",
+        "piqa",
+        "siqa",
+        "winogrande",
+        "arc-e",
+        "arc-c",
+        "obqa",
+    ]
     for row in record["rows"]:
         assert row["n"] == 3 and row["identical generations"] == 3 and row["ours"] == row["lm-eval"]
     assert record["differences"] == []
     assert "21 of 21 generations are identical" in (tmp_path / "evaluators.md").read_text()
     import report
 
-    assert report.evaluators_verdict(record) == ("held", "21 of 21 generations identical; accuracy gaps: none")
+    assert report.evaluators_verdict(record) == (
+        "held",
+        "21 of 21 generations identical; accuracy gaps: none",
+    )
     record["rows"][0]["lm-eval"] -= 0.5
-    assert report.evaluators_verdict(record)[0] == "not held" and "boolq +" in report.evaluators_verdict(record)[1]
+    assert (
+        report.evaluators_verdict(record)[0] == "not held"
+        and "boolq +" in report.evaluators_verdict(record)[1]
+    )
 
 
 def test_results_record_their_commit_and_the_report_marks_older_ones_stale():
@@ -276,8 +372,13 @@ def test_results_record_their_commit_and_the_report_marks_older_ones_stale():
     if head is None:
         pytest.skip("not a git checkout")
     stamped = common.provenance()
-    assert stamped["git_commit"] == head and stamped["versions"]["torch"] and stamped["date"].startswith("20")
+    assert (
+        stamped["git_commit"] == head
+        and stamped["versions"]["torch"]
+        and stamped["date"].startswith("20")
+    )
     assert report.freshness({"provenance": stamped}).startswith("current")
-    first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]  # the repository's first commit
+    # the repository's first commit
+    first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
     assert report.freshness({"provenance": {"git_commit": first}}).startswith("stale: made at")
     assert report.freshness({}).startswith("unstamped")

@@ -126,5 +126,7 @@ def test_tracker_is_deterministic_and_leaves_global_rng_alone():
 def test_captured_variance_is_one_for_exact_and_lower_for_random():
     cov = torch.cov(planted(800, 50, 5, seed=6).T)
     assert captured_variance(cov, exact_eigenpairs(cov, 5).vectors) == pytest.approx(1.0, abs=1e-12)
-    random_rows = torch.randn(5, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    random_rows = torch.randn(
+        5, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64
+    )
     assert captured_variance(cov, random_rows) < 0.5

@@ -66,8 +66,10 @@ def test_batch_order_does_not_change_planted_components(seed, n_batches):
     dim, k = 12, 3
     basis, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
     scales = torch.tensor([10.0, 8.0, 6.0] + [0.5] * (dim - k), dtype=torch.float64)
-    batches = [(torch.randn(40, dim, generator=g, dtype=torch.float64) * scales) @ basis.T + 3.0
-               for _ in range(n_batches)]
+    batches = [
+        (torch.randn(40, dim, generator=g, dtype=torch.float64) * scales) @ basis.T + 3.0
+        for _ in range(n_batches)
+    ]
     order = torch.randperm(n_batches, generator=g).tolist()
     results = []
     for sequence in (range(n_batches), order):
@@ -75,7 +77,9 @@ def test_batch_order_does_not_change_planted_components(seed, n_batches):
         for i in sequence:
             acc.update(batches[i])
         results.append(acc)
-    torch.testing.assert_close(results[0].covariance(), results[1].covariance(), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(
+        results[0].covariance(), results[1].covariance(), rtol=1e-10, atol=1e-10
+    )
     first, second = (exact_eigenpairs(r.covariance(), k).vectors for r in results)
     assert bool((component_cosine(first, second) > 1 - 1e-9).all())
 
@@ -86,9 +90,17 @@ def _small_state(tmp_path) -> EvaState:
     from helpers import token_batches
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, vocab_size=50,
-                                         max_position_embeddings=32)).eval()
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            vocab_size=50,
+            max_position_embeddings=32,
+        )
+    ).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         state = compute_eva_state(model, token_batches(50, 3), EvaConfig(rank=2, max_batches=3))
@@ -96,10 +108,21 @@ def _small_state(tmp_path) -> EvaState:
     return state
 
 
-@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(file=st.sampled_from(["eva_state.safetensors", "eva_state.json"]), position=st.floats(0, 1),
-       value=st.integers(0, 255), truncate=st.booleans())
-def test_loader_fuzz_never_crashes_or_accepts_a_broken_state(tmp_path, file, position, value, truncate):
+@settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    file=st.sampled_from(["eva_state.safetensors", "eva_state.json"]),
+    position=st.floats(0, 1),
+    value=st.integers(0, 255),
+    truncate=st.booleans(),
+)
+def test_loader_fuzz_never_crashes_or_accepts_a_broken_state(
+    tmp_path, file, position, value, truncate
+):
     """A mutated or truncated file is refused with StateFileError, or (a JSON whitespace change)
     loads into exactly the original state: nothing is ever accepted changed."""
     directory = tmp_path / "state"
@@ -109,7 +132,9 @@ def test_loader_fuzz_never_crashes_or_accepts_a_broken_state(tmp_path, file, pos
     path = directory / file
     original = path.read_bytes()
     index = min(int(position * len(original)), len(original) - 1)
-    mutated = original[:index] if truncate else original[:index] + bytes([value]) + original[index + 1 :]
+    mutated = (
+        original[:index] if truncate else original[:index] + bytes([value]) + original[index + 1 :]
+    )
     path.write_bytes(mutated)
     try:
         loaded = EvaState.load(directory)

@@ -1,4 +1,5 @@
-"""Sequential EVA (one decoder block at a time, weights read from disk) against the whole-model loop."""
+"""Sequential EVA (one decoder block at a time, weights read from disk) against the whole-model
+loop."""
 
 from __future__ import annotations
 
@@ -15,10 +16,16 @@ from eva_lora import EvaConfig, EvaState, compute_eva_state
 from eva_lora.disk_weights import DiskWeights, empty_model_from_folder
 from eva_lora.sequential import SequentialOptions, find_blocks
 
-# tau = 1 never converges, so the whole-model loop feeds every group every batch: the same tokens as the
-# sequential run's calibration set, so the exact statistics and their components must agree.
-SAME_TOKENS = EvaConfig(rank=4, rho=2.0, tau=1.0, statistics="exact", max_batches=5,
-                        target_modules="all-linear-and-head")
+# tau = 1 never converges, so the whole-model loop feeds every group every batch: the same tokens as
+# the sequential run's calibration set, so the exact statistics and their components must agree.
+SAME_TOKENS = EvaConfig(
+    rank=4,
+    rho=2.0,
+    tau=1.0,
+    statistics="exact",
+    max_batches=5,
+    target_modules="all-linear-and-head",
+)
 
 
 def build(kind: str) -> nn.Module:
@@ -26,15 +33,28 @@ def build(kind: str) -> nn.Module:
 
     if kind == "llama":
         return helpers.tiny_llama(layers=3, tie_word_embeddings=True)
-    shared = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=helpers.VOCAB, max_position_embeddings=64)
+    shared = dict(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=helpers.VOCAB,
+        max_position_embeddings=64,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if kind == "qwen2":
             return Qwen2ForCausalLM(Qwen2Config(**shared)).eval()
         # Gemma-3: sliding-window and full attention alternate, so each block gets its own mask
-        return Gemma3ForCausalLM(Gemma3TextConfig(**shared, head_dim=8, sliding_window=4, layer_types=[
-            "sliding_attention", "sliding_attention", "full_attention"])).eval()
+        return Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                **shared,
+                head_dim=8,
+                sliding_window=4,
+                layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            )
+        ).eval()
 
 
 def quiet(fn, *args, **kwargs):
@@ -60,10 +80,13 @@ def test_sequential_gives_the_whole_model_components_on_the_same_tokens(kind):
     model = build(kind)
     batches = helpers.token_batches(helpers.VOCAB, 5)
     whole = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False)
-    blockwise = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False, sequential=True)
+    blockwise = quiet(
+        compute_eva_state, model, batches, SAME_TOKENS, progress=False, sequential=True
+    )
     assert blockwise.n_batches == whole.n_batches == 5
     assert_same_state(whole, blockwise)
-    assert "lm_head" in blockwise.ranks  # a target outside the blocks: every block replayed, the head fed
+    # a target outside the blocks: every block replayed, the head fed
+    assert "lm_head" in blockwise.ranks
 
 
 class CountingWeights(DiskWeights):
@@ -93,8 +116,14 @@ def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tm
     assert all(p.is_meta for p in empty.model.layers.parameters())
     weights = CountingWeights(tmp_path / "model")
     offload = tmp_path / "offload"
-    state = quiet(compute_eva_state, empty, batches, SAME_TOKENS, progress=False,
-                  sequential=SequentialOptions(weights=weights, offload=offload))
+    state = quiet(
+        compute_eva_state,
+        empty,
+        batches,
+        SAME_TOKENS,
+        progress=False,
+        sequential=SequentialOptions(weights=weights, offload=offload),
+    )
     assert weights.loads == 3 and weights.most == 1  # three blocks, never two in memory together
     assert all(p.is_meta for p in empty.model.layers.parameters())  # every block dropped again
     assert list(offload.iterdir()) == []  # the hidden states on disk are removed at the end
@@ -105,11 +134,19 @@ def test_sequential_with_the_default_rule_reports_convergence_per_group():
     model = helpers.tiny_llama(layers=2)
     batches = helpers.token_batches(helpers.VOCAB, 12, seq=32)
     config = EvaConfig(rank=4, rho=1.0, statistics="exact", max_batches=12)
-    state = quiet(compute_eva_state, model, batches, config, progress=False,
-                  sequential=SequentialOptions(calibration_batches=12))
+    state = quiet(
+        compute_eva_state,
+        model,
+        batches,
+        config,
+        progress=False,
+        sequential=SequentialOptions(calibration_batches=12),
+    )
     assert state.n_batches == 12
     stopped = [b for b in state.group_stop_batches if b is not None]
-    assert state.stop_reason == ("converged" if len(stopped) == len(state.groups) else "data_exhausted")
+    assert state.stop_reason == (
+        "converged" if len(stopped) == len(state.groups) else "data_exhausted"
+    )
     assert stopped and all(1 <= b <= 12 for b in stopped)
     assert sum(state.ranks.values()) == 4 * len(state.ranks)
 
@@ -129,32 +166,66 @@ def test_an_offload_folder_without_room_fails_before_writing_anything(tmp_path, 
     real = shutil.disk_usage
     monkeypatch.setattr(files.shutil, "disk_usage", lambda path: real(path)._replace(free=1000))
     offload = tmp_path / "offload"
-    with pytest.raises(ValueError, match="not enough free space for the hidden states of 5 calibration batches"):
-        quiet(compute_eva_state, helpers.tiny_llama(), helpers.token_batches(helpers.VOCAB, 5), SAME_TOKENS,
-              progress=False, sequential=SequentialOptions(offload=offload))
+    with pytest.raises(
+        ValueError, match="not enough free space for the hidden states of 5 calibration batches"
+    ):
+        quiet(
+            compute_eva_state,
+            helpers.tiny_llama(),
+            helpers.token_batches(helpers.VOCAB, 5),
+            SAME_TOKENS,
+            progress=False,
+            sequential=SequentialOptions(offload=offload),
+        )
     assert list(offload.iterdir()) == []
 
 
 def test_sequential_takes_token_batches_only():
     with pytest.raises(TypeError, match="token batches"):
-        compute_eva_state(helpers.tiny_llama(), [torch.zeros(2, 4, dtype=torch.long)], SAME_TOKENS,
-                          progress=False, sequential=True)
+        compute_eva_state(
+            helpers.tiny_llama(),
+            [torch.zeros(2, 4, dtype=torch.long)],
+            SAME_TOKENS,
+            progress=False,
+            sequential=True,
+        )
     with pytest.raises(ValueError, match="checkpoint_every, resume"):
-        compute_eva_state(helpers.tiny_llama(), helpers.token_batches(helpers.VOCAB, 1), SAME_TOKENS,
-                          sequential=True, forward_fn=lambda m, b: m(**b))
+        compute_eva_state(
+            helpers.tiny_llama(),
+            helpers.token_batches(helpers.VOCAB, 1),
+            SAME_TOKENS,
+            sequential=True,
+            forward_fn=lambda m, b: m(**b),
+        )
 
 
-def test_eva_init_sequential_reads_the_model_folder_and_saves_the_same_state(tmp_path, capsys, tiny_llama_dir):
+def test_eva_init_sequential_reads_the_model_folder_and_saves_the_same_state(
+    tmp_path, capsys, tiny_llama_dir
+):
     from eva_lora.app.cli import main
 
-    common = ["--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", helpers.ROOT / "tests/assets/data",
-              "train_limit=16", "svd_batch_size=4", "max_length=96", "progress=false", "rank=4",
-              "eva.statistics=exact", "eva.tau=1.0", "eva.max_batches=4"]
+    common = [
+        "--model",
+        tiny_llama_dir,
+        "--task",
+        "gsm8k",
+        "--data-dir",
+        helpers.ROOT / "tests/assets/data",
+        "train_limit=16",
+        "svd_batch_size=4",
+        "max_length=96",
+        "progress=false",
+        "rank=4",
+        "eva.statistics=exact",
+        "eva.tau=1.0",
+        "eva.max_batches=4",
+    ]
     outs = {}
     for mode in ("whole", "sequential"):
         outs[mode] = tmp_path / mode
-        argv = ["init", *common, "--output", outs[mode]] + (["--sequential", "--offload", tmp_path / "off"]
-                                                            if mode == "sequential" else [])
+        argv = ["init", *common, "--output", outs[mode]] + (
+            ["--sequential", "--offload", tmp_path / "off"] if mode == "sequential" else []
+        )
         assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     assert_same_state(EvaState.load(outs["whole"]), EvaState.load(outs["sequential"]))
     assert json.loads((outs["sequential"] / "eva_state.json").read_text())["n_batches"] == 4
@@ -178,21 +249,53 @@ def test_a_crashed_sequential_run_resumes_at_the_first_unfinished_block(tmp_path
     checkpoint = tmp_path / "ckpt"
     empty, _ = empty_model_from_folder(tmp_path / "model")
     with pytest.raises(RuntimeError, match="killed"):
-        quiet(compute_eva_state, empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
-            weights=CrashingWeights(tmp_path / "model"), checkpoint_dir=checkpoint))
-    assert sorted(p.name for p in checkpoint.glob("block-*.json")) == ["block-0.json", "block-1.json"]
-    outputs = {p.name for p in checkpoint.glob("outputs-*")}  # block 2's may be half written: resume redoes it
-    assert "outputs-1" in outputs and "outputs-0" not in outputs  # block 0's went when block 1 was committed
+        quiet(
+            compute_eva_state,
+            empty,
+            batches,
+            SAME_TOKENS,
+            progress=False,
+            sequential=SequentialOptions(
+                weights=CrashingWeights(tmp_path / "model"), checkpoint_dir=checkpoint
+            ),
+        )
+    assert sorted(p.name for p in checkpoint.glob("block-*.json")) == [
+        "block-0.json",
+        "block-1.json",
+    ]
+    # block 2's may be half written: resume redoes it
+    outputs = {p.name for p in checkpoint.glob("outputs-*")}
+    # block 0's went when block 1 was committed
+    assert "outputs-1" in outputs and "outputs-0" not in outputs
     with pytest.raises(ValueError, match="holds a sequential EVA checkpoint"):
-        compute_eva_state(empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
-            weights=CountingWeights(tmp_path / "model"), checkpoint_dir=checkpoint))
+        compute_eva_state(
+            empty,
+            batches,
+            SAME_TOKENS,
+            progress=False,
+            sequential=SequentialOptions(
+                weights=CountingWeights(tmp_path / "model"), checkpoint_dir=checkpoint
+            ),
+        )
     with pytest.raises(ValueError, match="calibration_sha256"):
-        compute_eva_state(empty, helpers.token_batches(helpers.VOCAB, 5, seed=1), SAME_TOKENS, progress=False,
-                          sequential=SequentialOptions(weights=CountingWeights(tmp_path / "model"),
-                                                       checkpoint_dir=checkpoint, resume=True))
+        compute_eva_state(
+            empty,
+            helpers.token_batches(helpers.VOCAB, 5, seed=1),
+            SAME_TOKENS,
+            progress=False,
+            sequential=SequentialOptions(
+                weights=CountingWeights(tmp_path / "model"), checkpoint_dir=checkpoint, resume=True
+            ),
+        )
     weights = CountingWeights(tmp_path / "model")
-    resumed = quiet(compute_eva_state, empty, batches, SAME_TOKENS, progress=False, sequential=SequentialOptions(
-        weights=weights, checkpoint_dir=checkpoint, resume=True))
+    resumed = quiet(
+        compute_eva_state,
+        empty,
+        batches,
+        SAME_TOKENS,
+        progress=False,
+        sequential=SequentialOptions(weights=weights, checkpoint_dir=checkpoint, resume=True),
+    )
     assert weights.loads == 1  # blocks 0 and 1 were taken from the checkpoint
     whole = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False)
     assert_same_state(whole, resumed)
@@ -202,9 +305,27 @@ def test_a_crashed_sequential_run_resumes_at_the_first_unfinished_block(tmp_path
 def test_eva_init_sequential_commits_blocks_and_resumes(tmp_path, capsys, tiny_llama_dir):
     from eva_lora.app.cli import main
 
-    argv = ["init", "--model", tiny_llama_dir, "--task", "gsm8k", "--data-dir", helpers.ROOT / "tests/assets/data",
-            "train_limit=16", "svd_batch_size=4", "max_length=96", "progress=false", "rank=4", "eva.max_batches=4",
-            "--output", tmp_path / "state", "--sequential", "--checkpoint-every", "1", "--no-adapter"]
+    argv = [
+        "init",
+        "--model",
+        tiny_llama_dir,
+        "--task",
+        "gsm8k",
+        "--data-dir",
+        helpers.ROOT / "tests/assets/data",
+        "train_limit=16",
+        "svd_batch_size=4",
+        "max_length=96",
+        "progress=false",
+        "rank=4",
+        "eva.max_batches=4",
+        "--output",
+        tmp_path / "state",
+        "--sequential",
+        "--checkpoint-every",
+        "1",
+        "--no-adapter",
+    ]
     assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
     ckpt = tmp_path / "state.ckpt"
     assert sorted(p.name for p in ckpt.glob("block-*.json")) == ["block-0.json", "block-1.json"]

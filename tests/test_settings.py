@@ -1,5 +1,6 @@
 """Every setting of RunConfig and EvaConfig is checked before any work starts, from key=value,
-YAML and presets alike: a bad value is one line naming the setting and what it accepts, exit code 2."""
+YAML and presets alike: a bad value is one line naming the setting and what it accepts, exit code
+2."""
 
 from __future__ import annotations
 
@@ -16,7 +17,9 @@ from eva_lora.app.run_config import RunConfig, build_run_config
 
 def bad_value(hint: Any, meta: dict) -> Any:
     """A value of the wrong type or out of range for a field of this type."""
-    members = get_args(hint) if get_origin(hint) in (Union, __import__("types").UnionType) else (hint,)
+    members = (
+        get_args(hint) if get_origin(hint) in (Union, __import__("types").UnionType) else (hint,)
+    )
     if bool in members:
         return "maybe"
     if int in members or float in members:
@@ -40,7 +43,11 @@ def fields_of(cls: type, prefix: str = "") -> list[tuple[str, Any]]:
     for field in dataclasses.fields(cls):
         if field.name == "eva":
             continue
-        value = "nope" if field.name in ("task", "init") else bad_value(hints[field.name], dict(field.metadata))
+        value = (
+            "nope"
+            if field.name in ("task", "init")
+            else bad_value(hints[field.name], dict(field.metadata))
+        )
         out.append((prefix + field.name, value))
     return out
 
@@ -53,8 +60,11 @@ def test_a_bad_value_for_every_setting_is_one_line_and_exit_2(tmp_path, capsys, 
     if key == "eva.rank":  # the run's rank has one owner: the top-level `rank`
         value = 4
     out = tmp_path / "out"
-    code = main(["train", f"{key}={value}", "--output-dir", str(out)] if key != "output_dir"
-                else ["train", f"{key}={value}"])
+    code = main(
+        ["train", f"{key}={value}", "--output-dir", str(out)]
+        if key != "output_dir"
+        else ["train", f"{key}={value}"]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("eva train: error: ")

@@ -24,7 +24,9 @@ from helpers import token_batches
 def llama_state(tiny_llama):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return compute_eva_state(tiny_llama, token_batches(101, 4), EvaConfig(rank=4, rho=2.0, max_batches=4))
+        return compute_eva_state(
+            tiny_llama, token_batches(101, 4), EvaConfig(rank=4, rho=2.0, max_batches=4)
+        )
 
 
 def test_save_load_round_trip(llama_state, tmp_path):
@@ -36,7 +38,8 @@ def test_save_load_round_trip(llama_state, tmp_path):
         assert torch.equal(loaded.components[name], llama_state.components[name])
     assert loaded.model_fingerprint == llama_state.model_fingerprint
     assert loaded.history == llama_state.history and loaded.versions["torch"] == torch.__version__
-    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [META_FILE, TENSOR_FILE]  # no temp left
+    # no temp left
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == [META_FILE, TENSOR_FILE]
 
 
 def test_load_rejects_truncated_foreign_and_missing(llama_state, tmp_path):
@@ -65,7 +68,8 @@ def test_load_rejects_inconsistent_ranks(llama_state, tmp_path):
         EvaState.load(d)
     from eva_lora.files import manifest_digest
 
-    meta["meta_sha256"] = manifest_digest(meta, "meta_sha256")  # re-signed but inconsistent: still fails
+    # re-signed but inconsistent: still fails
+    meta["meta_sha256"] = manifest_digest(meta, "meta_sha256")
     (d / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(StateFileError, match="rank 999 outside"):
         EvaState.load(d)
@@ -85,7 +89,8 @@ def test_apply_matches_base_outputs_and_components(tiny_llama, llama_state):
             continue
         assert torch.allclose(layer.lora_A["default"].weight, llama_state.components[name])
         assert layer.lora_B["default"].weight.abs().max() == 0
-        assert layer.scaling["default"] == pytest.approx(1.0 / 4)  # adjust_alpha keeps alpha / r fixed
+        # adjust_alpha keeps alpha / r fixed
+        assert layer.scaling["default"] == pytest.approx(1.0 / 4)
 
 
 def test_rslora_alpha_adjustment(tiny_llama, llama_state):
@@ -108,7 +113,8 @@ def test_dora_and_reload_reproduce_outputs(tiny_llama, llama_state, tmp_path):
     peft_model = apply_eva_state(tiny_llama, llama_state, use_dora=True)
     with torch.no_grad():
         assert torch.allclose(peft_model(**batch).logits, base, atol=1e-5)
-        for name, module in peft_model.named_modules():  # train-like change so reload is non-trivial
+        # train-like change so reload is non-trivial
+        for name, module in peft_model.named_modules():
             if name.endswith("lora_B.default"):
                 module.weight.normal_(0, 0.02, generator=torch.Generator().manual_seed(1))
         tuned = peft_model(**batch).logits.clone()
@@ -122,12 +128,22 @@ def test_dora_and_reload_reproduce_outputs(tiny_llama, llama_state, tmp_path):
 
 
 def test_state_for_another_model_is_refused(llama_state, tiny_gpt2, tiny_llama):
-    with pytest.raises(ValueError, match="computed for another model: layer 'model.layers.0.self_attn.q_proj'"):
+    with pytest.raises(
+        ValueError, match="computed for another model: layer 'model.layers.0.self_attn.q_proj'"
+    ):
         apply_eva_state(tiny_gpt2, llama_state)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    wider = LlamaForCausalLM(LlamaConfig(hidden_size=48, intermediate_size=48, num_hidden_layers=2,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=101))
+    wider = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=48,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=101,
+        )
+    )
     with pytest.raises(ValueError, match=r"q_proj has shape \[in=48"):
         apply_eva_state(wider, llama_state)
     assert not hasattr(wider, "peft_config")
@@ -139,8 +155,12 @@ def test_peft_state_dict_round_trip_and_peft_loader(tiny_llama, llama_state):
     sd = peft_a_rows(llama_state)
     assert all(k.startswith("base_model.model.") for k in sd)
     back = state_from_peft_state_dict(sd, layer_shapes=llama_state.layer_shapes)
-    assert {n: r for n, r in back.ranks.items()} == {n: r for n, r in llama_state.ranks.items() if r > 0}
-    cfg = LoraConfig(r=4, lora_alpha=1, target_modules=sorted(llama_state.ranks), init_lora_weights="eva")
+    assert {n: r for n, r in back.ranks.items()} == {
+        n: r for n, r in llama_state.ranks.items() if r > 0
+    }
+    cfg = LoraConfig(
+        r=4, lora_alpha=1, target_modules=sorted(llama_state.ranks), init_lora_weights="eva"
+    )
     peft_model = get_peft_model(tiny_llama, cfg)
     initialize_lora_eva_weights(peft_model, eva_state_dict=dict(sd))
     for name, rank in llama_state.ranks.items():
@@ -162,7 +182,9 @@ def test_ablation_modes(llama_state):
         if mode == "rot":
             assert torch.allclose(out @ out.T, a @ a.T, atol=1e-5)  # rows stay orthonormal
         assert torch.equal(out, initial_lora_a(llama_state)[name])  # seeded
-    llama_state.config = EvaConfig(**{**llama_state.config.to_dict(), "init_mode": "eva", "whiten": True})
+    llama_state.config = EvaConfig(
+        **{**llama_state.config.to_dict(), "init_mode": "eva", "whiten": True}
+    )
     white = initial_lora_a(llama_state)[name]
     values = llama_state.eigenvalues[name][: a.shape[0]]
     assert torch.allclose(white * values.sqrt().float().unsqueeze(1), a, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Both statistic kinds against a float64 reference (eigh of the exact covariance of the same rows)."""
+"""Both statistic kinds against a float64 reference (eigh of the exact covariance of the same
+rows)."""
 
 import pytest
 import torch
@@ -10,7 +11,9 @@ from eva_lora.planning import plan_statistics
 from eva_lora.statistics import ExactStatistic, SketchStatistic, exact_bytes, sketch_bytes
 
 
-def planted(n: int, d: int, k: int, seed: int, mean: float = 0.0, tail: float = 1.0) -> torch.Tensor:
+def planted(
+    n: int, d: int, k: int, seed: int, mean: float = 0.0, tail: float = 1.0
+) -> torch.Tensor:
     """Rows with k strong directions (std 10 ... 3.2) over noise of std ``tail``."""
     g = torch.Generator().manual_seed(seed)
     basis, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
@@ -20,7 +23,8 @@ def planted(n: int, d: int, k: int, seed: int, mean: float = 0.0, tail: float = 
 
 
 def sketch_of(x: torch.Tensor, size: int, batch: int = 100, dtype=torch.float64) -> SketchStatistic:
-    """A sketch fed ``batch`` rows at a time, each batch its own window (as the engine at check_every=1)."""
+    """A sketch fed ``batch`` rows at a time, each batch its own window (as the engine at
+    check_every=1)."""
     sketch = SketchStatistic(x.shape[1], size, dtype=dtype)
     for part in x.split(batch):
         sketch.update(part)
@@ -107,7 +111,8 @@ def test_a_window_of_several_batches_keeps_their_exact_moment_inside_its_span():
     """Between two compressions (check_every > 1) every batch adds its exact moment inside the span
     the window's first batch chose: rows that lie inside it are reproduced exactly."""
     g = torch.Generator().manual_seed(11)
-    low = torch.randn(6, 40, generator=g, dtype=torch.float64)  # every row lies in a 6-dimensional span
+    # every row lies in a 6-dimensional span
+    low = torch.randn(6, 40, generator=g, dtype=torch.float64)
     x = torch.randn(300, 6, generator=g, dtype=torch.float64) @ low + 3.0
     sketch = SketchStatistic(40, 16, dtype=torch.float64)
     for part in x.split(100):  # one window of three batches
@@ -153,7 +158,9 @@ def test_merge_of_two_halves_matches_the_whole():
 
 def test_rank_deficient_rows_still_give_k_orthonormal_components():
     g = torch.Generator().manual_seed(8)
-    x = torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(3, 30, generator=g, dtype=torch.float64)
+    x = torch.randn(200, 3, generator=g, dtype=torch.float64) @ torch.randn(
+        3, 30, generator=g, dtype=torch.float64
+    )
     top = sketch_of(x, 16).top(8)
     gram = top.vectors @ top.vectors.T
     torch.testing.assert_close(gram, torch.eye(8, dtype=torch.float64), rtol=0, atol=1e-9)
@@ -184,7 +191,10 @@ def test_bytes_bound_the_sketch_far_below_the_exact_statistic_at_8b_widths():
     sketch.update(rows[:100])
     sketch.compress()
     sketch.update(rows[100:])  # a window after the first: basis, G, A G, A basis and the mean shift
-    held = sum(t.numel() * t.element_size() for t in (sketch.basis, sketch.extra, sketch.moment, sketch.mean))
+    held = sum(
+        t.numel() * t.element_size()
+        for t in (sketch.basis, sketch.extra, sketch.moment, sketch.mean)
+    )
     assert held <= sketch_bytes(300, 32, 4, explore=4) <= 2 * held
 
 
@@ -196,8 +206,11 @@ def test_auto_plan_keeps_exact_statistics_only_for_narrow_groups():
 
 
 def test_budget_turns_the_largest_exact_groups_into_sketches_first():
-    # room for the two narrow exact groups and the 1024-wide group's sketch with its window (~0.6 MB)
-    cfg = EvaConfig(rank=4, rho=2.0, statistics_budget_mb=(exact_bytes(512) + exact_bytes(256)) / 2**20 + 1.0)
+    # room for the two narrow exact groups and the 1024-wide
+    # group's sketch with its window (~0.6 MB)
+    cfg = EvaConfig(
+        rank=4, rho=2.0, statistics_budget_mb=(exact_bytes(512) + exact_bytes(256)) / 2**20 + 1.0
+    )
     plans = plan_statistics([512, 1024, 256], cfg)
     assert [p.kind for p in plans] == ["exact", "sketch", "exact"]
     assert sum(p.nbytes for p in plans) <= cfg.statistics_budget_mb * 2**20
@@ -205,7 +218,9 @@ def test_budget_turns_the_largest_exact_groups_into_sketches_first():
 
 def test_budget_too_small_for_sketches_names_the_rank_and_the_need():
     cfg = EvaConfig(rank=4, rho=2.0, statistics="sketch", statistics_budget_mb=0.01)
-    with pytest.raises(ValueError, match=r"statistics_budget_mb=0.01 is too small: rank 0 needs [0-9.]+ MB"):
+    with pytest.raises(
+        ValueError, match=r"statistics_budget_mb=0.01 is too small: rank 0 needs [0-9.]+ MB"
+    ):
         plan_statistics([4096, 4096], cfg, names=["a", "b"])
 
 

@@ -5,14 +5,27 @@ from pathlib import Path
 import pytest
 
 from eva_lora.app.tasks import TASKS, DataError, eval_tasks, get_task
-from eva_lora.app.tasks.generation import extract_boxed, extract_choice, extract_number, latex_equal, numbers_equal
+from eva_lora.app.tasks.generation import (
+    extract_boxed,
+    extract_choice,
+    extract_number,
+    latex_equal,
+    numbers_equal,
+)
 
 DATA = Path(__file__).parent / "assets/data"
 
 
-@pytest.mark.parametrize("name,n_train,n_eval,first_label", [
-    ("sst2", 30, 20, None), ("cola", 30, 20, 1), ("rte", 30, 20, 1), ("mrpc", 30, 20, 1), ("stsb", 30, 20, 5.0),
-])
+@pytest.mark.parametrize(
+    "name,n_train,n_eval,first_label",
+    [
+        ("sst2", 30, 20, None),
+        ("cola", 30, 20, 1),
+        ("rte", 30, 20, 1),
+        ("mrpc", 30, 20, 1),
+        ("stsb", 30, 20, 5.0),
+    ],
+)
 def test_glue_loaders_read_the_real_layouts(name, n_train, n_eval, first_label):
     task = get_task(name)
     train, dev = task.load("train", DATA), task.load("eval", DATA)
@@ -25,7 +38,8 @@ def test_glue_loaders_read_the_real_layouts(name, n_train, n_eval, first_label):
 
 
 def test_limit_keeps_a_fixed_random_subset_not_a_biased_prefix(tmp_path):
-    # A file sorted by label, like the GLUE files sorted by genre: a prefix would hold one class only.
+    # A file sorted by label, like the GLUE files sorted by genre:
+    # a prefix would hold one class only.
     rows = [f"0\tbad film {i}" for i in range(50)] + [f"1\tgood film {i}" for i in range(50)]
     (tmp_path / "sorted.tsv").write_text("\n".join(rows) + "\n")
     task = get_task("sst2")
@@ -33,9 +47,12 @@ def test_limit_keeps_a_fixed_random_subset_not_a_biased_prefix(tmp_path):
     again = task.load("eval", file=tmp_path / "sorted.tsv", limit=20)
     assert len(first) == 20 and first["text"] == again["text"]  # same rows for every run
     assert 5 <= sum(first["label"]) <= 15  # both classes, unlike the first 20 rows
-    numbers = [int(t.rsplit(" ", 1)[1]) + 50 * label for t, label in zip(first["text"], first["label"])]
+    numbers = [
+        int(t.rsplit(" ", 1)[1]) + 50 * label for t, label in zip(first["text"], first["label"])
+    ]
     assert numbers == sorted(numbers)  # file order is kept
-    assert len(task.load("eval", file=tmp_path / "sorted.tsv", limit=500)) == 100  # a limit above the size
+    # a limit above the size
+    assert len(task.load("eval", file=tmp_path / "sorted.tsv", limit=500)) == 100
     with pytest.raises(DataError, match="limit must be >= 1"):
         task.load("eval", file=tmp_path / "sorted.tsv", limit=0)
 
@@ -57,7 +74,9 @@ def test_bundled_sst2_needs_no_data_dir():
 def test_gsm8k_becomes_metamath_schema_with_alpaca_prompt():
     data = get_task("gsm8k").load("train", DATA)
     row = data[0]
-    assert row["prompt"].startswith("Below is an instruction") and row["prompt"].endswith("### Response:\n")
+    assert row["prompt"].startswith("Below is an instruction") and row["prompt"].endswith(
+        "### Response:\n"
+    )
     assert row["response"].endswith("The answer is: 72") and row["answer"] == "72"
     assert "<<" not in row["response"]  # calculator annotations removed
 
@@ -76,34 +95,62 @@ def test_math_answers_come_from_boxed():
 
 def test_commonsense_joint_training_set_and_seven_eval_tasks():
     train = get_task("commonsense").load("train", DATA)
-    assert len(train) == 32 and set(train["answer"]) <= {"true", "false", "answer1", "answer2", "answer3", "answer4"}
+    assert len(train) == 32 and set(train["answer"]) <= {
+        "true",
+        "false",
+        "answer1",
+        "answer2",
+        "answer3",
+        "answer4",
+    }
     tests = eval_tasks("commonsense")
-    assert [t.name for t in tests] == ["boolq", "piqa", "siqa", "winogrande", "arc-e", "arc-c", "obqa"]
+    assert [t.name for t in tests] == [
+        "boolq",
+        "piqa",
+        "siqa",
+        "winogrande",
+        "arc-e",
+        "arc-c",
+        "obqa",
+    ]
     assert all(len(t.load("eval", DATA)) == 3 for t in tests)
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("She pays 5 + 7 = 12 dollars.\nThe answer is: 12", "12"),
-    ("#### 1,234", "1234"),
-    ("so the total is 18.0 apples", "18"),
-    ("The answer is -3.5.", "-3.5"),
-    ("no number here", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("She pays 5 + 7 = 12 dollars.\nThe answer is: 12", "12"),
+        ("#### 1,234", "1234"),
+        ("so the total is 18.0 apples", "18"),
+        ("The answer is -3.5.", "-3.5"),
+        ("no number here", None),
+    ],
+)
 def test_extract_number(text, expected):
     assert extract_number(text) == expected
 
 
 def test_numbers_equal_is_numeric():
-    assert numbers_equal("72.0", "72") and numbers_equal("1234", "1234") and not numbers_equal("7", "72")
+    assert (
+        numbers_equal("72.0", "72")
+        and numbers_equal("1234", "1234")
+        and not numbers_equal("7", "72")
+    )
     assert not numbers_equal(None, "1")
 
 
-@pytest.mark.parametrize("text,expected", [
-    (r"so $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
-    (r"\boxed{a} then \boxed{\left( 3, \frac{\pi}{2} \right)}", r"\left( 3, \frac{\pi}{2} \right)"),
-    ("The answer is: 7", "7"),
-    ("nothing", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (r"so $x = \boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+        (
+            r"\boxed{a} then \boxed{\left( 3, \frac{\pi}{2} \right)}",
+            r"\left( 3, \frac{\pi}{2} \right)",
+        ),
+        ("The answer is: 7", "7"),
+        ("nothing", None),
+    ],
+)
 def test_extract_boxed(text, expected):
     assert extract_boxed(text) == expected
 
@@ -115,13 +162,16 @@ def test_latex_equivalence_uses_math_verify():
     assert not latex_equal(None, "1")
 
 
-@pytest.mark.parametrize("text,expected", [
-    ("the correct answer is solution2", "solution2"),
-    ("The correct answer is: True.", "true"),
-    ("I think answer3 because ...", "answer3"),
-    ("the correct answer is option1 and not option2", "option1"),
-    ("no idea", None),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        ("the correct answer is solution2", "solution2"),
+        ("The correct answer is: True.", "true"),
+        ("I think answer3 because ...", "answer3"),
+        ("the correct answer is option1 and not option2", "option1"),
+        ("no idea", None),
+    ],
+)
 def test_extract_choice(text, expected):
     assert extract_choice(text) == expected
 
@@ -141,8 +191,8 @@ def test_unknown_task_lists_choices_and_missing_columns_are_named(tmp_path):
 
 
 def test_over_long_examples_are_dropped_or_truncated_and_counted(tiny_llama_dir):
-    """drop_long=True drops exactly the examples over max_length; otherwise they are cut to max_length
-    with a warning giving the count. Either way the count is reported."""
+    """drop_long=True drops exactly the examples over max_length; otherwise they are cut to
+    max_length with a warning giving the count. Either way the count is reported."""
     import warnings
 
     from transformers import AutoTokenizer
@@ -164,4 +214,7 @@ def test_over_long_examples_are_dropped_or_truncated_and_counted(tiny_llama_dir)
     assert (cut.kept, cut.dropped, cut.truncated) == (12, 0, long)
     assert [len(ids) for ids in cut.dataset["input_ids"]] == [min(n, limit) for n in lengths]
     assert all(len(r["labels"]) == len(r["input_ids"]) for r in cut.dataset)
-    assert any(f"{long} of 12 examples are longer than max_length={limit}" in str(w.message) for w in caught)
+    assert any(
+        f"{long} of 12 examples are longer than max_length={limit}" in str(w.message)
+        for w in caught
+    )

@@ -15,27 +15,46 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def claim_args(doc: str, argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="reduced form, run by the test suite")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for the .md, .json and .png results")
+    parser.add_argument(
+        "--out", type=Path, default=RESULTS, help="folder for the .md, .json and .png results"
+    )
     return parser.parse_args(argv)
 
 
 def grid_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser:
-    """The command line of a resumable seed grid: --quick, --seeds, --out, and --work (where each run's
-    files live, so a finished run is reused); scripts add their own options."""
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    """The command line of a resumable seed grid: --quick, --seeds, --out, and --work (where each
+    run's files live, so a finished run is reused); scripts add their own options."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help=quick_help)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--work", type=Path, default=Path(__file__).resolve().parents[2] / "out" / "paper_check" / name)
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "out" / "paper_check" / name,
+    )
     return parser
 
 
-__all__ = ["RESULTS", "claim_args", "grid_parser", "provenance", "pyplot", "save_png", "write_results"]
+__all__ = [
+    "RESULTS",
+    "claim_args",
+    "grid_parser",
+    "provenance",
+    "pyplot",
+    "save_png",
+    "write_results",
+]
 
 REPO = Path(__file__).resolve().parents[2]
-CODE_PATHS = ("src/eva_lora",)  # what every result depends on: a change here makes older results stale
+# what every result depends on: a change here makes older results stale
+CODE_PATHS = ("src/eva_lora",)
 
 
 def git(*args: str) -> str | None:
@@ -43,23 +62,29 @@ def git(*args: str) -> str | None:
     import subprocess
 
     try:
-        done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30)
+        done = subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return done.stdout.strip() if done.returncode == 0 else None
 
 
 def provenance() -> dict[str, Any]:
-    """What made a result: the commit (and whether the code had uncommitted changes), library versions,
-    the date. ``report.py`` compares the commit with the last change to the code."""
+    """What made a result: the commit (and whether the code had uncommitted changes), library
+    versions, the date. ``report.py`` compares the commit with the last change to the code."""
     import datetime
 
     from eva_lora.loop_utils import versions
 
     dirty = git("status", "--porcelain", "--", *CODE_PATHS)
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    return {"git_commit": git("rev-parse", "HEAD"), "code_changes_uncommitted": None if dirty is None else bool(dirty),
-            "versions": versions(), "date": now}
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "code_changes_uncommitted": None if dirty is None else bool(dirty),
+        "versions": versions(),
+        "date": now,
+    }
 
 
 def save_png(fig: Any, path: Path) -> None:

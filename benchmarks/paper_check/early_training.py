@@ -1,10 +1,12 @@
 """Paper Figure 2 analogue: loss and gradient norm over the first steps for EVA, LoRA, PiSSA, OLoRA.
 
-    python benchmarks/paper_check/early_training.py            # 4 inits x 3 seeds x 60 steps (~6 min, 2 cores)
+    # 4 inits x 3 seeds x 60 steps (~6 min, 2 cores)
+    python benchmarks/paper_check/early_training.py
     python benchmarks/paper_check/early_training.py --quick    # eva and lora, 1 seed, 8 steps (CI)
 
 all-MiniLM-L6-v2 fine-tuned on the 1000 bundled SST-2 sentences (batch 16, lr 1e-3, r 8, alpha 1,
-no warm-up so the first steps show the initialisation), through the same `train` recipe as `eva train`.
+no warm-up so the first steps show the initialisation), through the same `train` recipe as `eva
+train`.
 """
 
 from __future__ import annotations
@@ -24,18 +26,42 @@ from eva_lora.app.run_config import build_run_config
 def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str, list[float]]]:
     """init -> {"loss": mean over seeds per step, "grad_norm": ..., "init_seconds": ...,
     "per_seed": {"loss": [[...] per seed], "grad_norm": [[...] per seed]}}."""
-    base = build_run_config(overrides={"model": "minilm", "task": "sst2", "rank": 8, "max_steps": steps,
-                                       "batch_size": 16, "learning_rate": 1e-3, "warmup_ratio": 0.0,
-                                       "max_length": 64, "logging_steps": 1, "progress": False})
+    base = build_run_config(
+        overrides={
+            "model": "minilm",
+            "task": "sst2",
+            "rank": 8,
+            "max_steps": steps,
+            "batch_size": 16,
+            "learning_rate": 1e-3,
+            "warmup_ratio": 0.0,
+            "max_length": 64,
+            "logging_steps": 1,
+            "progress": False,
+        }
+    )
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         for init in inits:
-            runs = [train(dataclasses.replace(base, init=init, seed=seed, output_dir=f"{tmp}/{init}{seed}"),
-                          evaluate=False) for seed in seeds]
-            out[init] = {key: [round(statistics.fmean(r["log"][i][key] for r in runs), 5) for i in range(steps)]
-                         for key in ("loss", "grad_norm")}
-            out[init]["per_seed"] = {key: [[round(e[key], 5) for e in r["log"][:steps]] for r in runs]
-                                     for key in ("loss", "grad_norm")}
+            runs = [
+                train(
+                    dataclasses.replace(
+                        base, init=init, seed=seed, output_dir=f"{tmp}/{init}{seed}"
+                    ),
+                    evaluate=False,
+                )
+                for seed in seeds
+            ]
+            out[init] = {
+                key: [
+                    round(statistics.fmean(r["log"][i][key] for r in runs), 5) for i in range(steps)
+                ]
+                for key in ("loss", "grad_norm")
+            }
+            out[init]["per_seed"] = {
+                key: [[round(e[key], 5) for e in r["log"][:steps]] for r in runs]
+                for key in ("loss", "grad_norm")
+            }
             out[init]["init_seconds"] = round(statistics.fmean(r["init_seconds"] for r in runs), 2)
     return out
 
@@ -62,8 +88,13 @@ def main(argv: list[str] | None = None) -> None:
     found = curves(inits, seeds, steps)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(found, args.out / "early_training.png")
-    record = {"quick": args.quick, "seeds": seeds, "steps": steps, "curves": found,
-              "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "quick": args.quick,
+        "seeds": seeds,
+        "steps": steps,
+        "curves": found,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_results(args.out, "early_training", record, markdown(record))
 
 
@@ -74,23 +105,41 @@ def _window(values: list[float], a: int, b: int) -> float:
 
 def markdown(record: dict) -> str:
     steps = record["steps"]
-    windows = [(0, 5), (5, 20), (20, steps)] if steps > 20 else [(0, steps // 2), (steps // 2, steps)]
+    windows = (
+        [(0, 5), (5, 20), (20, steps)] if steps > 20 else [(0, steps // 2), (steps // 2, steps)]
+    )
     head = " | ".join(f"loss {a + 1}-{b}" for a, b in windows)
-    lines = ["## Figure 2 analogue: the first training steps", "",
-             f"`python benchmarks/paper_check/early_training.py{' --quick' if record['quick'] else ''}` "
-             f"({record['seconds']} s). all-MiniLM-L6-v2 on SST-2 (1000 sentences), batch 16, lr 1e-3, r 8, "
-             f"alpha 1, no warm-up, seeds {record['seeds']}; means over seeds.", "",
-             f"| init | init s | {head} | grad norm 1-5 | grad norm {windows[-1][0] + 1}-{windows[-1][1]} |",
-             "|---" * (len(windows) + 4) + "|"]
+    lines = [
+        "## Figure 2 analogue: the first training steps",
+        "",
+        f"`python benchmarks/paper_check/early_training.py{' --quick' if record['quick'] else ''}` "
+        f"({record['seconds']} s). all-MiniLM-L6-v2 on SST-2 (1000 sentences), batch 16, lr 1e-3, "
+        "r 8, "
+        f"alpha 1, no warm-up, seeds {record['seeds']}; means over seeds.",
+        "",
+        f"| init | init s | {head} | grad norm 1-5 | grad norm "
+        f"{windows[-1][0] + 1}-{windows[-1][1]} |",
+        "|---" * (len(windows) + 4) + "|",
+    ]
     for init, c in record["curves"].items():
         losses = " | ".join(f"{_window(c['loss'], a, b):.4f}" for a, b in windows)
-        lines.append(f"| {init} | {c['init_seconds']} | {losses} | {_window(c['grad_norm'], 0, 5):.3f} | "
-                     f"{_window(c['grad_norm'], *windows[-1]):.3f} |")
+        lines.append(
+            f"| {init} | {c['init_seconds']} | {losses} | {_window(c['grad_norm'], 0, 5):.3f} | "
+            f"{_window(c['grad_norm'], *windows[-1]):.3f} |"
+        )
     last = windows[-1]
     ranking = sorted(record["curves"], key=lambda i: _window(record["curves"][i]["loss"], *last))
-    lines += ["", f"Reading: mean loss over steps {last[0] + 1}-{last[1]}, lowest first: {', '.join(ranking)}. "
-              "The gradient norm includes the classification head, which every method trains in full, so it "
-              "mostly reflects the head.", "", "![early training](results/early_training.png)", ""]
+    lines += [
+        "",
+        f"Reading: mean loss over steps {last[0] + 1}-{last[1]}, lowest first: "
+        f"{', '.join(ranking)}. "
+        "The gradient norm includes the classification head, which every method trains in full, so "
+        "it "
+        "mostly reflects the head.",
+        "",
+        "![early training](results/early_training.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -4,7 +4,8 @@
     python benchmarks/paper_check/rank_distribution.py --quick    # rho 1 and 2 only (CI)
 
 all-MiniLM-L6-v2 on the 1000 bundled SST-2 sentences, batch 16, r 8, tau 0.99. For each rho:
-ranks per layer and module type, and the share of the rank budget that moves from one rho to the next.
+ranks per layer and module type, and the share of the rank budget that moves from one rho to the
+next.
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def states(rhos: list[float]) -> dict[float, object]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for rho in rhos:
-            out[rho] = compute_eva_state(model, iter(data), EvaConfig(rank=8, rho=rho, tau=0.99,
-                                                                      max_batches=len(data)))
+            out[rho] = compute_eva_state(
+                model, iter(data), EvaConfig(rank=8, rho=rho, tau=0.99, max_batches=len(data))
+            )
     return out
 
 
 def moved_share(a: dict[str, int], b: dict[str, int]) -> float:
-    """Share of the budget that changes layer between two allocations (0: identical, 1: all of it)."""
+    """Share of the budget that changes layer between two allocations (0: identical, 1: all of
+    it)."""
     return sum(abs(a[n] - b[n]) for n in a) / (2 * sum(a.values()))
 
 
@@ -73,35 +76,67 @@ def main(argv: list[str] | None = None) -> None:
     found = states(rhos)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(found, args.out / "rank_distribution.png")
-    record = {"quick": args.quick, "rhos": rhos, "seconds": round(time.perf_counter() - started, 1),
-              "ranks": {str(r): s.ranks for r, s in found.items()},
-              "by_type": {str(r): by_type(s.ranks) for r, s in found.items()},
-              "max_rank": {str(r): max(s.ranks.values()) for r, s in found.items()},
-              "zero_rank_layers": {str(r): sum(v == 0 for v in s.ranks.values()) for r, s in found.items()},
-              "moved": {f"{a}->{b}": round(moved_share(found[a].ranks, found[b].ranks), 3)
-                        for a, b in zip(rhos, rhos[1:])}}
+    record = {
+        "quick": args.quick,
+        "rhos": rhos,
+        "seconds": round(time.perf_counter() - started, 1),
+        "ranks": {str(r): s.ranks for r, s in found.items()},
+        "by_type": {str(r): by_type(s.ranks) for r, s in found.items()},
+        "max_rank": {str(r): max(s.ranks.values()) for r, s in found.items()},
+        "zero_rank_layers": {
+            str(r): sum(v == 0 for v in s.ranks.values()) for r, s in found.items()
+        },
+        "moved": {
+            f"{a}->{b}": round(moved_share(found[a].ranks, found[b].ranks), 3)
+            for a, b in zip(rhos, rhos[1:])
+        },
+    }
     write_results(args.out, "rank_distribution", record, markdown(record))
 
 
 def markdown(record: dict) -> str:
     rhos = [str(r) for r in record["rhos"]]
     kinds = list(record["by_type"][rhos[0]])
-    lines = ["## Figure 9 analogue: rank distribution against rho", "",
-             f"`python benchmarks/paper_check/rank_distribution.py{' --quick' if record['quick'] else ''}` "
-             f"({record['seconds']} s). all-MiniLM-L6-v2, 1000 SST-2 sentences, r 8 (budget 8 x 37 layers), "
-             "tau 0.99.", "", "Mean rank per module type:", "",
-             "| module | " + " | ".join(f"rho {r}" for r in rhos) + " |", "|---" * (len(rhos) + 1) + "|"]
+    lines = [
+        "## Figure 9 analogue: rank distribution against rho",
+        "",
+        "`python "
+        f"benchmarks/paper_check/rank_distribution.py{' --quick' if record['quick'] else ''}` "
+        f"({record['seconds']} s). all-MiniLM-L6-v2, 1000 SST-2 sentences, r 8 (budget 8 x 37 "
+        "layers), "
+        "tau 0.99.",
+        "",
+        "Mean rank per module type:",
+        "",
+        "| module | " + " | ".join(f"rho {r}" for r in rhos) + " |",
+        "|---" * (len(rhos) + 1) + "|",
+    ]
     for kind in kinds:
-        lines.append(f"| {kind} | " + " | ".join(f"{record['by_type'][r][kind]:.2f}" for r in rhos) + " |")
+        lines.append(
+            f"| {kind} | " + " | ".join(f"{record['by_type'][r][kind]:.2f}" for r in rhos) + " |"
+        )
     lines.append("| max rank | " + " | ".join(str(record["max_rank"][r]) for r in rhos) + " |")
-    lines.append("| layers with rank 0 | " + " | ".join(str(record["zero_rank_layers"][r]) for r in rhos) + " |")
+    lines.append(
+        "| layers with rank 0 | "
+        + " | ".join(str(record["zero_rank_layers"][r]) for r in rhos)
+        + " |"
+    )
     moved = list(record["moved"].values())
     settles = all(b <= a for a, b in zip(moved, moved[1:]))
-    lines += ["", "Share of the rank budget that moves between successive rho: "
-              + ", ".join(f"{k}: {v:.3f}" for k, v in record["moved"].items()) + "."
-              + (" The change shrinks as rho grows (the paper: most change below 1.5, settled above 2)."
-                 if settles and len(moved) > 1 else ""), "",
-              "![ranks](results/rank_distribution.png)", ""]
+    lines += [
+        "",
+        "Share of the rank budget that moves between successive rho: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in record["moved"].items())
+        + "."
+        + (
+            " The change shrinks as rho grows (the paper: most change below 1.5, settled above 2)."
+            if settles and len(moved) > 1
+            else ""
+        ),
+        "",
+        "![ranks](results/rank_distribution.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

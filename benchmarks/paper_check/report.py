@@ -3,9 +3,9 @@
     python benchmarks/paper_check/stability.py && python benchmarks/paper_check/report.py
 
 The summary table at the top states, per claim, whether it held here and by how much. Each verdict
-is computed from the script's JSON by a rule written next to the claim below (paired comparisons over
-seeds with a stated threshold, tasks without signal left out: see verdicts.py), so a rerun with other
-numbers updates the verdict too; nothing in it is typed by hand.
+is computed from the script's JSON by a rule written next to the claim below (paired comparisons
+over seeds with a stated threshold, tasks without signal left out: see verdicts.py), so a rerun with
+other numbers updates the verdict too; nothing in it is typed by hand.
 """
 
 from __future__ import annotations
@@ -21,63 +21,102 @@ from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, pair
 from eva_lora.files import atomic_write_text
 
 HERE = Path(__file__).parent
-Verdict = tuple[str, str]  # ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)
+# ("held" | "partly" | "not shown" | "contradicted", the numbers behind it)
+Verdict = tuple[str, str]
 
 
 def _seed_scores(runs: dict[str, list[dict[str, Any]]]) -> dict[int, float]:
     return {run["seed"]: run["score"] for run in runs}
 
 
-def table_verdict(r: dict[str, Any], eva_rows: list[str], baselines: list[str],
-                  pairs: list[tuple[str, str]] = ()) -> Verdict:
-    """Paper: EVA scores at least as well as LoRA and the weight-driven inits (and EVA+DoRA >= DoRA).
+def table_verdict(
+    r: dict[str, Any], eva_rows: list[str], baselines: list[str], pairs: list[tuple[str, str]] = ()
+) -> Verdict:
+    """Paper: EVA scores at least as well as LoRA and the weight-driven inits (and EVA+DoRA >=
+    DoRA).
 
     Per seed, each method's average over the tasks that carry signal; then paired comparisons."""
     tasks = list(r["runs"])
-    quiet = [t for t in tasks if no_signal([run["score"] for runs in r["runs"][t].values() for run in runs])]
+    quiet = [
+        t
+        for t in tasks
+        if no_signal([run["score"] for runs in r["runs"][t].values() for run in runs])
+    ]
     used = [t for t in tasks if t not in quiet]
     if not used:
-        return "not shown", f"no task carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): {quiet}"
+        return (
+            "not shown",
+            f"no task carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): "
+            f"{quiet}",
+        )
     seeds = sorted(_seed_scores(next(iter(r["runs"][used[0]].values()))))
-    average = {m: [statistics.fmean(_seed_scores(r["runs"][t][m])[s] for t in used) for s in seeds]
-               for m in r["runs"][used[0]]}
+    average = {
+        m: [statistics.fmean(_seed_scores(r["runs"][t][m])[s] for t in used) for s in seeds]
+        for m in r["runs"][used[0]]
+    }
     eva = max((m for m in eva_rows if m in average), key=lambda m: statistics.fmean(average[m]))
-    comparisons = [(eva, b) for b in baselines if b in average] + [p for p in pairs if set(p) <= set(average)]
+    comparisons = [(eva, b) for b in baselines if b in average] + [
+        p for p in pairs if set(p) <= set(average)
+    ]
     results = [(f"{a} vs {b}", *paired(average[a], average[b])) for a, b in comparisons]
-    text = (f"tasks with signal: {', '.join(used)}" + (f" (no signal, left out: {', '.join(quiet)})" if quiet else "")
-            + f"; average over them, {len(seeds)} seeds, paired: "
-            + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results))
+    text = (
+        f"tasks with signal: {', '.join(used)}"
+        + (f" (no signal, left out: {', '.join(quiet)})" if quiet else "")
+        + f"; average over them, {len(seeds)} seeds, paired: "
+        + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results)
+    )
     return combine([v for _, v, _, _ in results]), text
 
 
 def table4_verdict(r: dict[str, Any]) -> Verdict:
-    return table_verdict(r, ["EVA rho=1", "EVA rho=2"], ["LoRA", "PiSSA", "OLoRA"], [("EVA+DoRA rho=2", "DoRA")])
+    return table_verdict(
+        r, ["EVA rho=1", "EVA rho=2"], ["LoRA", "PiSSA", "OLoRA"], [("EVA+DoRA rho=2", "DoRA")]
+    )
 
 
 def early_training_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's, its gradient norm larger."""
+    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's, its gradient
+    norm larger."""
     start = 20 if r["steps"] > 20 else r["steps"] // 2
     curves = r["curves"]
     if "per_seed" not in curves.get("eva", {}):
         return "not shown", "no per-seed curves in this result: rerun the script"
-    loss = {i: [statistics.fmean(seed[start:]) for seed in c["per_seed"]["loss"]] for i, c in curves.items()}
-    grad = {i: [statistics.fmean(seed[:5]) for seed in c["per_seed"]["grad_norm"]] for i, c in curves.items()}
-    results = [(f"loss {i} - EVA (steps {start + 1}-{r['steps']})", *paired(loss[i], loss["eva"]))
-               for i in curves if i != "eva"]
-    grads = [(f"grad norm EVA - {i} (steps 1-5)", *paired(grad["eva"], grad[i])) for i in curves if i != "eva"]
-    text = "; ".join(describe(name, v, mean, thr, scale=1.0, digits=4) for name, v, mean, thr in results + grads)
+    loss = {
+        i: [statistics.fmean(seed[start:]) for seed in c["per_seed"]["loss"]]
+        for i, c in curves.items()
+    }
+    grad = {
+        i: [statistics.fmean(seed[:5]) for seed in c["per_seed"]["grad_norm"]]
+        for i, c in curves.items()
+    }
+    results = [
+        (f"loss {i} - EVA (steps {start + 1}-{r['steps']})", *paired(loss[i], loss["eva"]))
+        for i in curves
+        if i != "eva"
+    ]
+    grads = [
+        (f"grad norm EVA - {i} (steps 1-5)", *paired(grad["eva"], grad[i]))
+        for i in curves
+        if i != "eva"
+    ]
+    text = "; ".join(
+        describe(name, v, mean, thr, scale=1.0, digits=4) for name, v, mean, thr in results + grads
+    )
     return combine([v for _, v, _, _ in results]), text + " (verdict on the loss)"
 
 
 def stability_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Figures 3/8): components mostly invariant to batch order and size; small batches converge sooner."""
+    """Paper (Figures 3/8): components mostly invariant to batch order and size; small batches
+    converge sooner."""
     means = r["orders"]["mean"]
     stable = next((k for k, v in enumerate(means) if v < 0.95), len(means))
     seconds = {int(bs): run["seconds"] for bs, run in r["size_runs"].items()}
     fastest = min(seconds, key=seconds.get)
-    text = (f"top {stable} of {len(means)} components keep a mean abs(cos) >= 0.95 across orders "
-            f"({', '.join(f'{v:.3f}' for v in means)}); fastest convergence at batch size {fastest} "
-            f"({seconds[fastest]} s vs {seconds[max(seconds)]} s at {max(seconds)})")
+    text = (
+        f"top {stable} of {len(means)} components keep a mean abs(cos) >= 0.95 across orders "
+        f"({', '.join(f'{v:.3f}' for v in means)}); fastest convergence at batch size {fastest} "
+        f"({seconds[fastest]} s vs {seconds[max(seconds)]} s at {max(seconds)})"
+    )
     verdict = "held" if stable == len(means) else "partly" if stable else "not shown"
     return verdict, text
 
@@ -85,57 +124,88 @@ def stability_verdict(r: dict[str, Any]) -> Verdict:
 def rank_distribution_verdict(r: dict[str, Any]) -> Verdict:
     """Paper (Figure 9): the ranks change most for rho < 1.5 and hardly above rho = 2."""
     moved = list(r["moved"].values())
-    text = "share of the rank budget moved: " + ", ".join(f"rho {k} {v:.3f}" for k, v in r["moved"].items())
+    text = "share of the rank budget moved: " + ", ".join(
+        f"rho {k} {v:.3f}" for k, v in r["moved"].items()
+    )
     decreasing = all(a > b for a, b in zip(moved, moved[1:]))
-    return ("held" if decreasing and moved[-1] < 0.05 else "partly" if moved[0] == max(moved) else "not shown"), text
+    return (
+        "held"
+        if decreasing and moved[-1] < 0.05
+        else "partly"
+        if moved[0] == max(moved)
+        else "not shown"
+    ), text
 
 
 def ablations_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Table 7): EVA beats whitening, permuted ranks, random rotation and redistributed LoRA."""
+    """Paper (Table 7): EVA beats whitening, permuted ranks, random rotation and redistributed
+    LoRA."""
     if "per_seed" not in r:
         return "not shown", "no per-seed scores in this result: rerun the script"
     scores = r["per_seed"]
     from ablations import test_size
 
     items = test_size(r["quick"])
-    results = [(f"EVA vs {name}", *paired(scores["eva"], other, items)) for name, other in scores.items()
-               if name != "eva"]
-    text = (f"EVA {100 * statistics.fmean(scores['eva']):.2f}; paired over {len(scores['eva'])} seeds: "
-            + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results))
+    results = [
+        (f"EVA vs {name}", *paired(scores["eva"], other, items))
+        for name, other in scores.items()
+        if name != "eva"
+    ]
+    text = (
+        f"EVA {100 * statistics.fmean(scores['eva']):.2f}; paired over {len(scores['eva'])} seeds: "
+        + "; ".join(describe(name, v, mean, thr) for name, v, mean, thr in results)
+    )
     return combine([v for _, v, _, _ in results]), text
 
 
 def _lm_table(r: dict[str, Any], part: str) -> Verdict:
-    """EVA beats LoRA and the weight-driven inits, EVA+DoRA beats DoRA, on the per-seed mean over the
-    test sets that carry signal (paired over seeds)."""
+    """EVA beats LoRA and the weight-driven inits, EVA+DoRA beats DoRA, on the per-seed mean over
+    the test sets that carry signal (paired over seeds)."""
     if part not in r.get("runs", {}):
         return "not run yet", f"the {part} part has not run"
     runs = r["runs"][part]
     tasks = list(next(iter(runs.values()))[0]["per_task"])
-    quiet = [t for t in tasks if no_signal([res["per_task"][t] for results in runs.values() for res in results])]
+    quiet = [
+        t
+        for t in tasks
+        if no_signal([res["per_task"][t] for results in runs.values() for res in results])
+    ]
     used = [t for t in tasks if t not in quiet]
     if not used:
-        return "not shown", (f"no test set carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): "
-                             + ", ".join(quiet))
-    score = {m: {res["seed"]: statistics.fmean(res["per_task"][t] for t in used) for res in results}
-             for m, results in runs.items()}
+        return "not shown", (
+            f"no test set carries signal (every run within {100 * NO_SIGNAL_RANGE:.0f} points): "
+            + ", ".join(quiet)
+        )
+    score = {
+        m: {res["seed"]: statistics.fmean(res["per_task"][t] for t in used) for res in results}
+        for m, results in runs.items()
+    }
     variants = [m for m in score if m.startswith("EVA rho")]
     if not variants:
         return "not run yet", f"no EVA run in the {part} part"
-    # the EVA variant with the most seeds (a lucky single seed must not stand for EVA), then the higher mean
+    # the EVA variant with the most seeds (a lucky single seed
+    # must not stand for EVA), then the higher mean
     eva = max(variants, key=lambda m: (len(score[m]), statistics.fmean(score[m].values())))
     pairs = [(eva, b) for b in ("LoRA", "PiSSA", "OLoRA") if b in score]
     pairs += [("EVA+DoRA rho=2", "DoRA")] if {"EVA+DoRA rho=2", "DoRA"} <= set(score) else []
-    pairs = [(a, b) for a, b in pairs if score[a].keys() & score[b].keys()]  # only same-seed runs pair
-    # each score is a mean over the used test sets of eval_limit questions each: it counts that many items
+    # only same-seed runs pair
+    pairs = [(a, b) for a, b in pairs if score[a].keys() & score[b].keys()]
+    # each score is a mean over the used test sets of eval_limit
+    # questions each: it counts that many items
     limit = r.get("settings", {}).get(part, {}).get("eval_limit")
     items = len(used) * limit if limit else None
-    results = [(f"{a} vs {b}" + _seeds(n), v, mean, thr)
-               for a, b in pairs for v, mean, thr, n in [paired_by_seed(score[a], score[b], items)]]
-    text = (f"test sets with signal: {', '.join(used)}" + (" (none left out)" if not quiet else
-                                                         f" (no signal, left out: {', '.join(quiet)})")
-            + (f", {items} questions per seed" if items else "") + "; paired: "
-            + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results))
+    results = [
+        (f"{a} vs {b}" + _seeds(n), v, mean, thr)
+        for a, b in pairs
+        for v, mean, thr, n in [paired_by_seed(score[a], score[b], items)]
+    ]
+    text = (
+        f"test sets with signal: {', '.join(used)}"
+        + (" (none left out)" if not quiet else f" (no signal, left out: {', '.join(quiet)})")
+        + (f", {items} questions per seed" if items else "")
+        + "; paired: "
+        + "; ".join(describe(n, v, mean, thr) for n, v, mean, thr in results)
+    )
     return combine([v for _, v, _, _ in results]), text
 
 
@@ -160,11 +230,18 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
     norm over steps 1-5 larger (paired over seeds, per part)."""
     found = []
     for part, runs in r.get("runs", {}).items():
-        if "EVA rho=2" not in runs or any(len(res["loss"]) < 6 for results in runs.values() for res in results):
+        if "EVA rho=2" not in runs or any(
+            len(res["loss"]) < 6 for results in runs.values() for res in results
+        ):
             continue  # no EVA run, or logs too short for the windows (a --quick run)
-        loss = {m: {res["seed"]: statistics.fmean(res["loss"][5:20]) for res in results} for m, results in runs.items()}
-        grad = {m: {res["seed"]: statistics.fmean(res["grad_norm"][:5]) for res in results}
-                for m, results in runs.items()}
+        loss = {
+            m: {res["seed"]: statistics.fmean(res["loss"][5:20]) for res in results}
+            for m, results in runs.items()
+        }
+        grad = {
+            m: {res["seed"]: statistics.fmean(res["grad_norm"][:5]) for res in results}
+            for m, results in runs.items()
+        }
         for other in ("LoRA", "PiSSA", "OLoRA"):
             if other in runs and loss[other].keys() & loss["EVA rho=2"].keys():
                 v, mean, thr, n = paired_by_seed(loss[other], loss["EVA rho=2"])
@@ -178,7 +255,8 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
 
 
 def vision_verdict(r: dict[str, Any]) -> Verdict:
-    """EVA's test accuracy above LoRA's, paired over seeds (the rule lives with the script, as for decision)."""
+    """EVA's test accuracy above LoRA's, paired over seeds (the rule lives with the script, as for
+    decision)."""
     from vision import verdict
 
     return verdict(r)
@@ -197,27 +275,66 @@ def evaluators_verdict(r: dict[str, Any]) -> Verdict:
     rows = r["rows"]
     same = sum(x["identical generations"] for x in rows)
     total = sum(x["n"] for x in rows)
-    gaps = [f"{x['test set']} {100 * (x['ours'] - x['lm-eval']):+.2f}" for x in rows if x["ours"] != x["lm-eval"]]
-    text = f"{same} of {total} generations identical; accuracy gaps: {', '.join(gaps) if gaps else 'none'}"
+    gaps = [
+        f"{x['test set']} {100 * (x['ours'] - x['lm-eval']):+.2f}"
+        for x in rows
+        if x["ours"] != x["lm-eval"]
+    ]
+    listed = ", ".join(gaps) if gaps else "none"
+    text = f"{same} of {total} generations identical; accuracy gaps: {listed}"
     return ("held" if not gaps else "not held"), text
 
 
-CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [  # (script stem, paper claim, rule)
-    ("table4", "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE", table4_verdict),
-    ("early_training", "Figure 2: loss and gradient norm over the first steps", early_training_verdict),
-    ("stability", "Figures 3 / 8: components across batch orders and batch sizes", stability_verdict),
-    ("rank_distribution", "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}", rank_distribution_verdict),
+# (script stem, paper claim, rule)
+CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [
+    (
+        "table4",
+        "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE",
+        table4_verdict,
+    ),
+    (
+        "early_training",
+        "Figure 2: loss and gradient norm over the first steps",
+        early_training_verdict,
+    ),
+    (
+        "stability",
+        "Figures 3 / 8: components across batch orders and batch sizes",
+        stability_verdict,
+    ),
+    (
+        "rank_distribution",
+        "Figure 9: rank distribution for rho in {1, 1.5, 2, 3}",
+        rank_distribution_verdict,
+    ),
     ("ablations", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist", ablations_verdict),
     ("lm_generation", "Table 3 (SmolLM2): GSM8K accuracy", lm_math_verdict),
     ("lm_generation", "Table 2 (SmolLM2): common sense, 7 test sets", lm_commonsense_verdict),
-    ("lm_generation", "Figure 2 (SmolLM2): loss and gradient norm over the first steps", lm_early_verdict),
+    (
+        "lm_generation",
+        "Figure 2 (SmolLM2): loss and gradient norm over the first steps",
+        lm_early_verdict,
+    ),
     ("lm_generation", "Code (SmolLM2): HumanEval and MBPP pass@1, EVA vs LoRA", lm_code_verdict),
-    ("vision", "Table 5 analogue (EfficientNet-Lite0 convs, digits): EVA vs LoRA accuracy", vision_verdict),
-    ("decision", "Decision making (Meta-World, Decision Transformer): EVA vs LoRA success rate", decision_verdict),
-    ("evaluators", "Evaluator check: ours scores as lm-evaluation-harness does (SmolLM2 adapter)", evaluators_verdict),
+    (
+        "vision",
+        "Table 5 analogue (EfficientNet-Lite0 convs, digits): EVA vs LoRA accuracy",
+        vision_verdict,
+    ),
+    (
+        "decision",
+        "Decision making (Meta-World, Decision Transformer): EVA vs LoRA success rate",
+        decision_verdict,
+    ),
+    (
+        "evaluators",
+        "Evaluator check: ours scores as lm-evaluation-harness does (SmolLM2 adapter)",
+        evaluators_verdict,
+    ),
 ]
 
-INTRO = """# The paper's claims at small scale (MiniLM, SmolLM2-135M, EfficientNet-Lite0, a Decision Transformer)
+INTRO = """# The paper's claims at small scale \
+(MiniLM, SmolLM2-135M, EfficientNet-Lite0, a Decision Transformer)
 
 Every section below is written by a script in this folder; `report.py` assembles them and computes
 the verdicts from the scripts' JSON (rules in `report.py`, the comparison in `verdicts.py`): a claim
@@ -262,8 +379,10 @@ def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") ->
             continue
         record = json.loads(data.read_text(encoding="utf-8"))
         verdict, numbers = rule(record)
-        rows.append(f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} | "
-                    f"{freshness(record)} |")
+        rows.append(
+            f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} | "
+            f"{freshness(record)} |"
+        )
         text = section.read_text(encoding="utf-8")
         if text not in sections:  # one script can back several claims
             sections.append(text)

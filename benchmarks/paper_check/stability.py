@@ -1,6 +1,8 @@
-"""Paper Figure 3 / Figure 8 analogue: are EVA's components stable across batch orders and batch sizes?
+"""Paper Figure 3 / Figure 8 analogue: are EVA's components stable across batch orders and batch
+sizes?
 
-    python benchmarks/paper_check/stability.py            # 5 orders, batch sizes 4 8 16 32 (~3 min, 2 cores)
+    # 5 orders, batch sizes 4 8 16 32 (~3 min, 2 cores)
+    python benchmarks/paper_check/stability.py
     python benchmarks/paper_check/stability.py --quick    # 2 orders, batch sizes 8 16 (CI)
 
 all-MiniLM-L6-v2 (real weights) on the 1000 SST-2 training sentences bundled with eva-lora; r 8,
@@ -33,16 +35,22 @@ def load_minilm():
 
     logging.set_verbosity_error()
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        gt.get_model_path(), num_labels=2
+    ).eval()
     return model, AutoTokenizer.from_pretrained(gt.get_model_path())
 
 
-def batches(tokenizer, sentences: list[str], batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def batches(
+    tokenizer, sentences: list[str], batch_size: int, seed: int
+) -> list[dict[str, torch.Tensor]]:
     order = torch.randperm(len(sentences), generator=torch.Generator().manual_seed(seed)).tolist()
     out = []
     for start in range(0, len(order), batch_size):
         text = [sentences[i] for i in order[start : start + batch_size]]
-        out.append(dict(tokenizer(text, padding=True, truncation=True, max_length=64, return_tensors="pt")))
+        out.append(
+            dict(tokenizer(text, padding=True, truncation=True, max_length=64, return_tensors="pt"))
+        )
     return out
 
 
@@ -54,8 +62,12 @@ def run(model, data) -> tuple[dict[str, torch.Tensor], dict]:
         state = compute_eva_state(model, iter(data), config)
         seconds = time.perf_counter() - start
     leaders = {names[0]: comps for names, comps in zip(state.groups, state.group_components)}
-    return leaders, {"seconds": round(seconds, 2), "batches": state.n_batches, "tokens": state.n_tokens,
-                     "stop": state.stop_reason}
+    return leaders, {
+        "seconds": round(seconds, 2),
+        "batches": state.n_batches,
+        "tokens": state.n_tokens,
+        "stop": state.stop_reason,
+    }
 
 
 def cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -65,8 +77,10 @@ def cosines(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Ten
 
 def summarise(per_pair: list[torch.Tensor]) -> dict[str, list[float]]:
     stacked = torch.cat(per_pair)  # (pairs * layers, K)
-    return {"mean": [round(float(v), 3) for v in stacked.mean(0)],
-            "min": [round(float(v), 3) for v in stacked.min(0).values]}
+    return {
+        "mean": [round(float(v), 3) for v in stacked.mean(0)],
+        "min": [round(float(v), 3) for v in stacked.min(0).values],
+    }
 
 
 def plot(orders: dict, sizes: dict, path: Path) -> None:
@@ -93,43 +107,76 @@ def main(argv: list[str] | None = None) -> None:
     n_orders, sizes = (2, [8, 16]) if args.quick else (5, [4, 8, 16, 32])
 
     order_runs = [run(model, batches(tokenizer, sentences, 16, seed)) for seed in range(n_orders)]
-    order_summary = summarise([cosines(a[0], b[0]) for a, b in itertools.combinations(order_runs, 2)])
+    order_summary = summarise(
+        [cosines(a[0], b[0]) for a, b in itertools.combinations(order_runs, 2)]
+    )
     size_runs = {size: run(model, batches(tokenizer, sentences, size, 0)) for size in sizes}
     reference = size_runs[16][0]
-    size_summary = {size: summarise([cosines(r[0], reference)]) for size, r in size_runs.items() if size != 16}
+    size_summary = {
+        size: summarise([cosines(r[0], reference)]) for size, r in size_runs.items() if size != 16
+    }
 
     args.out.mkdir(parents=True, exist_ok=True)
     plot(order_summary, size_summary, args.out / "stability.png")
-    record = {"quick": args.quick, "orders": order_summary, "order_runs": [r[1] for r in order_runs],
-              "sizes": {str(k): v for k, v in size_summary.items()},
-              "size_runs": {str(k): v[1] for k, v in size_runs.items()},
-              "seconds": round(time.perf_counter() - started, 1)}
+    record = {
+        "quick": args.quick,
+        "orders": order_summary,
+        "order_runs": [r[1] for r in order_runs],
+        "sizes": {str(k): v for k, v in size_summary.items()},
+        "size_runs": {str(k): v[1] for k, v in size_runs.items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_results(args.out, "stability", record, markdown(record))
 
 
 def markdown(record: dict) -> str:
     head = "| | " + " | ".join(f"c{i}" for i in range(1, K_SHOWN + 1)) + " |"
     rule = "|---" * (K_SHOWN + 1) + "|"
-    lines = ["## Figure 3 / 8 analogue: stability of the components", "",
-             f"`python benchmarks/paper_check/stability.py{' --quick' if record['quick'] else ''}` "
-             f"({record['seconds']} s). all-MiniLM-L6-v2, 1000 SST-2 sentences, r 8, rho 2, tau 0.99; "
-             "|cos| between the i-th components of two runs, per layer group.", "",
-             "**Across batch orders** (batch size 16; every pair of orders):", "", head, rule,
-             "| mean | " + " | ".join(f"{v:.3f}" for v in record["orders"]["mean"]) + " |",
-             "| min | " + " | ".join(f"{v:.3f}" for v in record["orders"]["min"]) + " |", "",
-             "**Across batch sizes** (against batch size 16, same order seed):", "", head, rule]
+    lines = [
+        "## Figure 3 / 8 analogue: stability of the components",
+        "",
+        f"`python benchmarks/paper_check/stability.py{' --quick' if record['quick'] else ''}` "
+        f"({record['seconds']} s). all-MiniLM-L6-v2, 1000 SST-2 sentences, r 8, rho 2, tau 0.99; "
+        "|cos| between the i-th components of two runs, per layer group.",
+        "",
+        "**Across batch orders** (batch size 16; every pair of orders):",
+        "",
+        head,
+        rule,
+        "| mean | " + " | ".join(f"{v:.3f}" for v in record["orders"]["mean"]) + " |",
+        "| min | " + " | ".join(f"{v:.3f}" for v in record["orders"]["min"]) + " |",
+        "",
+        "**Across batch sizes** (against batch size 16, same order seed):",
+        "",
+        head,
+        rule,
+    ]
     for size, summary in record["sizes"].items():
         lines.append(f"| bs {size} | " + " | ".join(f"{v:.3f}" for v in summary["mean"]) + " |")
-    lines += ["", "**Time to convergence per batch size**:", "",
-              "| batch size | seconds | batches | tokens | stop |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "**Time to convergence per batch size**:",
+        "",
+        "| batch size | seconds | batches | tokens | stop |",
+        "|---|---|---|---|---|",
+    ]
     for size, info in record["size_runs"].items():
-        lines.append(f"| {size} | {info['seconds']} | {info['batches']} | {info['tokens']} | {info['stop']} |")
+        lines.append(
+            f"| {size} | {info['seconds']} | {info['batches']} | {info['tokens']} | {info['stop']} "
+            "|"
+        )
     stable = next((i for i, v in enumerate(record["orders"]["mean"]) if v < 0.95), K_SHOWN)
     fastest = min(record["size_runs"].items(), key=lambda kv: kv[1]["seconds"])[0]
-    lines += ["", f"Reading: the first {stable} component(s) keep a mean |cos| >= 0.95 across batch orders; "
-              "later ones have close eigenvalues and swap or mix between runs (min |cos| near 0), which a "
-              f"|cos| by index counts as change. Batch size {fastest} converged fastest in seconds.",
-              "", "![stability](results/stability.png)", ""]
+    lines += [
+        "",
+        f"Reading: the first {stable} component(s) keep a mean |cos| >= 0.95 across batch orders; "
+        "later ones have close eigenvalues and swap or mix between runs (min |cos| near 0), which "
+        "a "
+        f"|cos| by index counts as change. Batch size {fastest} converged fastest in seconds.",
+        "",
+        "![stability](results/stability.png)",
+        "",
+    ]
     return "\n".join(lines)
 
 

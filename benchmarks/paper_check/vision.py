@@ -1,6 +1,8 @@
-"""Vision (paper Table 5, VTAB-1K protocol) at small scale: EVA vs LoRA on a pretrained CNN's convolutions.
+"""Vision (paper Table 5, VTAB-1K protocol) at small scale: EVA vs LoRA on a pretrained CNN's
+convolutions.
 
-    python benchmarks/paper_check/vision.py           # EVA (rho 2) and LoRA, 3 seeds (~10 min, 2 cores)
+    # EVA (rho 2) and LoRA, 3 seeds (~10 min, 2 cores)
+    python benchmarks/paper_check/vision.py
     python benchmarks/paper_check/vision.py --quick   # 1 seed, a few steps (CI)
 
 What differs from the paper, and why:
@@ -11,14 +13,16 @@ What differs from the paper, and why:
   the PCA of the unfolded input patches, i.e. what a LoRA conv's ``A`` reads).
 - Data: scikit-learn's bundled handwritten digits (1797 real 8x8 images, 10 classes), up-sampled to
   64 px, instead of the 19 VTAB-1K sets. As in VTAB-1K, 1000 images train (800 + 200 in VTAB's
-  split; here all 1000 train) and the other 797 are the test set: a fixed split, the same for every run.
+  split; here all 1000 train) and the other 797 are the test set: a fixed split, the same for every
+  run.
 - Protocol kept: a new linear head initialised N(0, 2e-5) trained in full with the adapters, the
   adapters' rank 8 (of the paper's {2, 4, 8, 16}), AdamW weight decay 0.05, cosine schedule with
   warm-up, batch 64, ImageNet normalisation. Shortened: 8 epochs instead of 30 at one lr (1e-3,
   from the paper's grid), no bf16. BatchNorm statistics stay frozen (the backbone is frozen).
 
 Verdict: the paired seed-by-seed rule of ``verdicts.py`` on test accuracy, EVA vs LoRA.
-Each finished run is stored in ``--work`` and reused, so the grid resumes. Results: ``vision.{json,md}``.
+Each finished run is stored in ``--work`` and reused, so the grid resumes. Results:
+``vision.{json,md}``.
 """
 
 from __future__ import annotations
@@ -40,9 +44,23 @@ from eva_lora import EvaConfig, apply_eva_state, compute_eva_state
 from eva_lora.files import atomic_write_text
 
 TARGETS = r".*(_expand_conv|_project_conv|_conv_head)"
-RECIPE = dict(rank=8, rho=2.0, lora_alpha=8.0, lr=1e-3, weight_decay=0.05, batch=64, epochs=8, warmup_epochs=1,
-              image_size=64, train_images=1000, svd_batch=64, max_batches=100)
-QUICK = dict(epochs=1, train_images=64, test_images=64, image_size=32, batch=32, svd_batch=32, max_batches=4)
+RECIPE = dict(
+    rank=8,
+    rho=2.0,
+    lora_alpha=8.0,
+    lr=1e-3,
+    weight_decay=0.05,
+    batch=64,
+    epochs=8,
+    warmup_epochs=1,
+    image_size=64,
+    train_images=1000,
+    svd_batch=64,
+    max_batches=100,
+)
+QUICK = dict(
+    epochs=1, train_images=64, test_images=64, image_size=32, batch=32, svd_batch=32, max_batches=4
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +75,11 @@ def test_size(settings: dict[str, Any]) -> int:
     return min(settings.get("test_images", DIGITS), DIGITS - settings["train_images"])
 
 
-def split(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The fixed train / test split of the digits (a seeded permutation, independent of the run's seed)."""
+def split(
+    settings: dict[str, Any],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The fixed train / test split of the digits (a seeded permutation, independent of the run's
+    seed)."""
     from eva_lora.experiments.vision import digits
 
     images, labels = digits(settings["image_size"])
@@ -69,8 +90,11 @@ def split(settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return images[train], labels[train], images[test], labels[test]
 
 
-def build(init: str, seed: int, settings: dict[str, Any], x: torch.Tensor) -> tuple[Any, dict[str, Any]]:
-    """(PEFT model, info): EVA computes its state from the training images; LoRA is PEFT's default init."""
+def build(
+    init: str, seed: int, settings: dict[str, Any], x: torch.Tensor
+) -> tuple[Any, dict[str, Any]]:
+    """(PEFT model, info): EVA computes its state from the training images; LoRA is PEFT's default
+    init."""
     from peft import LoraConfig, get_peft_model
 
     from eva_lora.experiments.vision import load_lite0
@@ -78,35 +102,63 @@ def build(init: str, seed: int, settings: dict[str, Any], x: torch.Tensor) -> tu
     model = load_lite0(num_classes=10, seed=seed)
     info: dict[str, Any] = {}
     if init == "eva":
-        cfg = EvaConfig(rank=settings["rank"], rho=settings["rho"], target_modules=TARGETS,
-                        max_batches=settings["max_batches"])
+        cfg = EvaConfig(
+            rank=settings["rank"],
+            rho=settings["rho"],
+            target_modules=TARGETS,
+            max_batches=settings["max_batches"],
+        )
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-        batches = [{"pixel_values": x[order[i : i + settings["svd_batch"]]]}
-                   for i in range(0, len(x), settings["svd_batch"])]
+        batches = [
+            {"pixel_values": x[order[i : i + settings["svd_batch"]]]}
+            for i in range(0, len(x), settings["svd_batch"])
+        ]
         begun = time.perf_counter()
         state = compute_eva_state(model, batches, cfg, progress=False)
-        info = {"init_seconds": round(time.perf_counter() - begun, 2), "eva_batches": state.n_batches,
-                "stop_reason": state.stop_reason, "ranks": state.ranks}
-        peft_model = apply_eva_state(model, state, lora_alpha=settings["lora_alpha"], modules_to_save=["_fc"])
+        info = {
+            "init_seconds": round(time.perf_counter() - begun, 2),
+            "eva_batches": state.n_batches,
+            "stop_reason": state.stop_reason,
+            "ranks": state.ranks,
+        }
+        peft_model = apply_eva_state(
+            model, state, lora_alpha=settings["lora_alpha"], modules_to_save=["_fc"]
+        )
     else:
         torch.manual_seed(seed)
-        config = LoraConfig(r=settings["rank"], lora_alpha=settings["lora_alpha"], target_modules=TARGETS,
-                            modules_to_save=["_fc"])
+        config = LoraConfig(
+            r=settings["rank"],
+            lora_alpha=settings["lora_alpha"],
+            target_modules=TARGETS,
+            modules_to_save=["_fc"],
+        )
         peft_model = get_peft_model(model, config)
     return peft_model, info
 
 
-def fit_and_test(peft_model: Any, seed: int, settings: dict[str, Any], data: tuple) -> dict[str, Any]:
+def fit_and_test(
+    peft_model: Any, seed: int, settings: dict[str, Any], data: tuple
+) -> dict[str, Any]:
     x, y, x_test, y_test = data
-    for name, p in peft_model.named_parameters():  # LoRA, the new head and the adapted layers' biases
+    # LoRA, the new head and the adapted layers' biases
+    for name, p in peft_model.named_parameters():
         p.requires_grad = "lora_" in name or "modules_to_save" in name
     params = [p for p in peft_model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=settings["lr"], weight_decay=settings["weight_decay"])
     steps_per_epoch = -(-len(x) // settings["batch"])
-    total, warmup = steps_per_epoch * settings["epochs"], steps_per_epoch * settings.get("warmup_epochs", 0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / max(warmup, 1) if s < warmup else
-                                              0.5 * (1 + torch.cos(torch.tensor((s - warmup) / max(total - warmup, 1)
-                                                                                * torch.pi)).item()))
+    total, warmup = (
+        steps_per_epoch * settings["epochs"],
+        steps_per_epoch * settings.get("warmup_epochs", 0),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: (
+            (s + 1) / max(warmup, 1)
+            if s < warmup
+            else 0.5
+            * (1 + torch.cos(torch.tensor((s - warmup) / max(total - warmup, 1) * torch.pi)).item())
+        ),
+    )
     generator = torch.Generator().manual_seed(seed)
     peft_model.eval()  # frozen BatchNorm statistics (no dropout in this network)
     losses, begun = [], time.perf_counter()
@@ -122,13 +174,22 @@ def fit_and_test(peft_model: Any, seed: int, settings: dict[str, Any], data: tup
             losses.append(round(loss.item(), 5))
     train_seconds = time.perf_counter() - begun
     with torch.no_grad():
-        predictions = torch.cat([peft_model(x_test[i : i + 256]).argmax(-1) for i in range(0, len(x_test), 256)])
-    return {"accuracy": round((predictions == y_test).float().mean().item(), 6), "losses": losses,
-            "train_seconds": round(train_seconds, 1), "steps": len(losses)}
+        predictions = torch.cat(
+            [peft_model(x_test[i : i + 256]).argmax(-1) for i in range(0, len(x_test), 256)]
+        )
+    return {
+        "accuracy": round((predictions == y_test).float().mean().item(), 6),
+        "losses": losses,
+        "train_seconds": round(train_seconds, 1),
+        "steps": len(losses),
+    }
 
 
-def run_one(init: str, seed: int, settings: dict[str, Any], data: tuple, work: Path) -> tuple[dict[str, Any], bool]:
-    """A finished run with the same settings is read back (the grid resumes); else trained and stored."""
+def run_one(
+    init: str, seed: int, settings: dict[str, Any], data: tuple, work: Path
+) -> tuple[dict[str, Any], bool]:
+    """A finished run with the same settings is read back (the grid resumes); else trained and
+    stored."""
     file = work / f"{init}_seed{seed}.json"
     if file.is_file():
         found = json.loads(file.read_text())
@@ -150,13 +211,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     started, runs = time.perf_counter(), {}
     for init in ("lora", "eva"):
         for seed in seeds:
-            result, reused = run_one(init, seed, settings, data, args.work / ("quick" if args.quick else "full"))
+            result, reused = run_one(
+                init, seed, settings, data, args.work / ("quick" if args.quick else "full")
+            )
             runs.setdefault(init, []).append(result)
-            print(f"{init} seed {seed}: accuracy {result['accuracy']:.4f} "
-                  f"({'reused' if reused else f'{time.perf_counter() - started:.0f} s so far'})",
-                  file=sys.stderr, flush=True)
-    record = {"quick": args.quick, "seeds": seeds, "settings": settings, "runs": runs,
-              "seconds": round(time.perf_counter() - started, 1)}
+            print(
+                f"{init} seed {seed}: accuracy {result['accuracy']:.4f} "
+                f"({'reused' if reused else f'{time.perf_counter() - started:.0f} s so far'})",
+                file=sys.stderr,
+                flush=True,
+            )
+    record = {
+        "quick": args.quick,
+        "seeds": seeds,
+        "settings": settings,
+        "runs": runs,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
     write_results(args.out, "vision", record, markdown(record))
     return record
 
@@ -171,17 +242,27 @@ def verdict(record: dict[str, Any]) -> tuple[str, str]:
 
 def markdown(record: dict[str, Any]) -> str:
     s = record["settings"]
-    lines = [f"# Vision: EVA vs LoRA on EfficientNet-Lite0 convolutions, digits ({len(record['seeds'])} seed(s))", "",
-             f"{s['train_images']} training images at {s['image_size']} px, rank {s['rank']} (EVA rho {s['rho']}), "
-             f"{s['epochs']} epochs, batch {s['batch']}, lr {s['lr']}; test accuracy on the held-out images.", "",
-             "| init | accuracy (mean ± std) | per seed | final train loss | init s |", "|---|---|---|---|---|"]
+    lines = [
+        f"# Vision: EVA vs LoRA on EfficientNet-Lite0 convolutions, digits ({len(record['seeds'])} "
+        "seed(s))",
+        "",
+        f"{s['train_images']} training images at {s['image_size']} px, rank {s['rank']} (EVA rho "
+        f"{s['rho']}), "
+        f"{s['epochs']} epochs, batch {s['batch']}, lr {s['lr']}; test accuracy on the held-out "
+        "images.",
+        "",
+        "| init | accuracy (mean ± std) | per seed | final train loss | init s |",
+        "|---|---|---|---|---|",
+    ]
     for init, runs in record["runs"].items():
         acc = [r["accuracy"] for r in runs]
         std = statistics.stdev(acc) if len(acc) > 1 else 0.0
         final = statistics.fmean(r["losses"][-1] for r in runs)
         init_s = statistics.fmean(r.get("init_seconds", 0.0) for r in runs)
-        lines.append(f"| {init} | {100 * statistics.fmean(acc):.2f} ± {100 * std:.2f} | "
-                     f"{', '.join(f'{100 * a:.2f}' for a in acc)} | {final:.4f} | {init_s:.1f} |")
+        lines.append(
+            f"| {init} | {100 * statistics.fmean(acc):.2f} ± {100 * std:.2f} | "
+            f"{', '.join(f'{100 * a:.2f}' for a in acc)} | {final:.4f} | {init_s:.1f} |"
+        )
     lines += ["", f"Verdict: {verdict(record)[1]}.", ""]
     return "\n".join(lines)
 

@@ -47,7 +47,9 @@ def allocate_ranks(
     ranks = {n: min(min_rank, limits[n]) for n in names}
     remaining = budget - sum(ranks.values())
     if remaining < 0:
-        raise ValueError(f"min_rank={min_rank} over {len(names)} layers exceeds the budget {budget}")
+        raise ValueError(
+            f"min_rank={min_rank} over {len(names)} layers exceeds the budget {budget}"
+        )
     owners, values = [], []
     for index, name in enumerate(names):
         extra = scores[name].reshape(-1)[ranks[name] : limits[name]].to(torch.float64)
@@ -59,7 +61,8 @@ def allocate_ranks(
     if torch.isnan(flat_values).any():
         raise ValueError("rank scores contain NaN")
     order = torch.sort(flat_values, descending=True, stable=True).indices[:remaining]
-    counts = torch.bincount(flat_owners[order], minlength=len(names)).tolist()  # one read, not one per layer
+    # one read, not one per layer
+    counts = torch.bincount(flat_owners[order], minlength=len(names)).tolist()
     for index, name in enumerate(names):
         ranks[name] += counts[index]
     return ranks

@@ -10,8 +10,8 @@ references cost nothing, and it learns the order in which the layers run.
 After the probe each group's rows go to its ``sink`` (a statistic's ``update``, or a collective that
 sends them to the owner process) inside the hook, so at most one layer's input is alive at a time;
 a group with ``active = False`` costs nothing. The hooks run *before* their layer: the deepest group
-that still needs data raises :class:`StopForward` before its layer computes anything, so a pass never
-builds what EVA does not read (an LM head's logits, a loss).
+that still needs data raises :class:`StopForward` before its layer computes anything, so a pass
+never builds what EVA does not read (an LM head's logits, a loss).
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ PROBE_TOKENS = 16  # tokens of the one sequence the probe pass runs
 COUNT_KEYS = ("batches", "tokens", "kept", "label_masked_batches", "empty_batches")
 
 
-def token_mask(batch: Any, use_label_mask: bool = True, label_mask_value: int = -100) -> torch.Tensor | None:
+def token_mask(
+    batch: Any, use_label_mask: bool = True, label_mask_value: int = -100
+) -> torch.Tensor | None:
     """(batch, seq) bool mask of tokens that enter the PCA, or None when the batch has no mask.
 
     An ``attention_mask`` or ``labels`` whose shape is not the ``input_ids``' is an error: ignored,
@@ -46,11 +48,20 @@ def token_mask(batch: Any, use_label_mask: bool = True, label_mask_value: int = 
     ids = batch.get("input_ids")
     mask = batch.get("attention_mask")
     labels = batch.get("labels")
-    token_labels = labels if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2 else None
-    for key, value in (("attention_mask", mask), ("labels", token_labels)):  # (batch,) labels are classes
-        if isinstance(ids, torch.Tensor) and isinstance(value, torch.Tensor) and value.shape != ids.shape:
-            raise ValueError(f"the batch's {key} has shape {tuple(value.shape)} but its input_ids have shape "
-                             f"{tuple(ids.shape)}: they must match token for token")
+    token_labels = (
+        labels if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2 else None
+    )
+    # (batch,) labels are classes
+    for key, value in (("attention_mask", mask), ("labels", token_labels)):
+        if (
+            isinstance(ids, torch.Tensor)
+            and isinstance(value, torch.Tensor)
+            and value.shape != ids.shape
+        ):
+            raise ValueError(
+                f"the batch's {key} has shape {tuple(value.shape)} but its input_ids have shape "
+                f"{tuple(ids.shape)}: they must match token for token"
+            )
     mask = mask.bool() if isinstance(mask, torch.Tensor) else None
     if use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2:
         keep = labels != label_mask_value
@@ -74,7 +85,11 @@ def probe_slice(batch: Any) -> Any:
         return None  # already small
     out = {}
     for key, value in batch.items():
-        if isinstance(value, torch.Tensor) and value.ndim >= 2 and tuple(value.shape[:2]) == (rows, length):
+        if (
+            isinstance(value, torch.Tensor)
+            and value.ndim >= 2
+            and tuple(value.shape[:2]) == (rows, length)
+        ):
             out[key] = value[:1, :PROBE_TOKENS]
         elif isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == rows:
             out[key] = value[:1]
@@ -83,8 +98,9 @@ def probe_slice(batch: Any) -> Any:
     return out
 
 
-def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None,
-                          name: str) -> torch.Tensor:
+def default_select_tokens(
+    x: torch.Tensor, mask: torch.Tensor | None, index: torch.Tensor | None, name: str
+) -> torch.Tensor:
     """Rows of a layer input that enter the PCA: (..., d) -> (n_tokens, d).
 
     ``index`` holds the flat positions of the kept tokens, computed once per batch from ``mask``
@@ -107,7 +123,8 @@ def default_select_tokens(x: torch.Tensor, mask: torch.Tensor | None, index: tor
 
 @dataclass
 class LayerGroup:
-    """Layers that receive the same input tensor (and build the same rows from it), and where the rows go."""
+    """Layers that receive the same input tensor (and build the same rows from it), and where the
+    rows go."""
 
     names: list[str]
     dim: int
@@ -128,8 +145,13 @@ class ActivationCapture:
     nothing is kept); :meth:`finish_probe` freezes the groups and keeps one hook per group.
     """
 
-    def __init__(self, layers: Mapping[str, nn.Module], use_label_mask: bool = True, label_mask_value: int = -100,
-                 select_tokens: TokenSelector | None = None) -> None:
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        use_label_mask: bool = True,
+        label_mask_value: int = -100,
+        select_tokens: TokenSelector | None = None,
+    ) -> None:
         self.layers = dict(layers)
         self.use_label_mask, self.label_mask_value = use_label_mask, label_mask_value
         self.select_tokens = select_tokens
@@ -143,8 +165,9 @@ class ActivationCapture:
         self._probe_calls: Counter[str] = Counter()
         self.single_call = False  # every target layer ran exactly once in the probe pass
         self._exit_group: LayerGroup | None = None
-        # tokens the batches held (attention mask) and kept (attention and label masks): diagnostics.py.
-        # Summed as a host tensor, read once at the end (:attr:`counts`): a batch costs no host read.
+        # tokens the batches held (attention mask) and kept (attention
+        # and label masks): diagnostics.py. Summed as a host tensor, read
+        # once at the end (:attr:`counts`): a batch costs no host read.
         self._counts = torch.zeros(len(COUNT_KEYS), dtype=torch.int64)
         self._counts_override: dict[str, int] | None = None
 
@@ -154,7 +177,9 @@ class ActivationCapture:
 
     def __enter__(self) -> ActivationCapture:
         for name, module in self.layers.items():
-            self._handles[name] = module.register_forward_pre_hook(self._make_hook(name), with_kwargs=True)
+            self._handles[name] = module.register_forward_pre_hook(
+                self._make_hook(name), with_kwargs=True
+            )
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -180,24 +205,31 @@ class ActivationCapture:
         if count:
             self._count(source)
         if self._index is not None and self._index.numel() == self._mask.numel():
-            self._mask = self._index = None  # nothing to drop: layers hand over a view of their input
+            # nothing to drop: layers hand over a view of their input
+            self._mask = self._index = None
         device = _first_device(batch)
         if self._index is not None and device is not None:
             self._index = self._index.to(device, non_blocking=True)
 
     def _count(self, source: Any) -> None:
-        """Add this batch's token counts (only from host memory: a count must never wait for a device)."""
+        """Add this batch's token counts (only from host memory: a count must never wait for a
+        device)."""
         if not isinstance(source, Mapping) or not isinstance(source.get("input_ids"), torch.Tensor):
             return
         ids, attention = source["input_ids"], source.get("attention_mask")
         if ids.device.type != "cpu":
             return
-        total = attention.sum().to(torch.int64) if isinstance(attention, torch.Tensor) else torch.tensor(ids.numel())
+        total = (
+            attention.sum().to(torch.int64)
+            if isinstance(attention, torch.Tensor)
+            else torch.tensor(ids.numel())
+        )
         kept = torch.tensor(self._index.numel()) if self._index is not None else total
         labels = source.get("labels")
         labelled = self.use_label_mask and isinstance(labels, torch.Tensor) and labels.ndim >= 2
-        self._counts += torch.stack([torch.tensor(1), total, kept, torch.tensor(int(labelled)),
-                                     (kept == 0).to(torch.int64)])
+        self._counts += torch.stack(
+            [torch.tensor(1), total, kept, torch.tensor(int(labelled)), (kept == 0).to(torch.int64)]
+        )
 
     @property
     def counts(self) -> dict[str, int]:
@@ -221,8 +253,10 @@ class ActivationCapture:
         if missing:
             raise RuntimeError(
                 "these target layers were not called during the forward pass, so EVA cannot see "
-                f"their inputs: {missing[:10]}; exclude them with exclude_modules. (A model or block "
-                "compiled with torch.compile skips hooks added after compilation: pass the uncompiled module.)"
+                f"their inputs: {missing[:10]}; exclude them with exclude_modules. (A model or "
+                "block "
+                "compiled with torch.compile skips hooks added after compilation: pass the "
+                "uncompiled module.)"
             )
         self._keep_leader_hooks()
         self.single_call = all(count == 1 for count in self._probe_calls.values())
@@ -233,12 +267,16 @@ class ActivationCapture:
             for follower in group.names[1:]:
                 self._handles.pop(follower).remove()
 
-    def restore_groups(self, groups: list[tuple[list[str], int]], device: torch.device, single_call: bool) -> None:
+    def restore_groups(
+        self, groups: list[tuple[list[str], int]], device: torch.device, single_call: bool
+    ) -> None:
         """Recreate the groups of a checkpoint, as (names, dim), instead of probing."""
         missing = [n for names, _ in groups for n in names if n not in self.layers]
         if missing or sorted(n for names, _ in groups for n in names) != sorted(self.layers):
-            raise ValueError("the checkpoint was made for other target layers "
-                             f"(not in this model / targets: {missing[:5]})")
+            raise ValueError(
+                "the checkpoint was made for other target layers "
+                f"(not in this model / targets: {missing[:5]})"
+            )
         self._probe_inputs = None
         for names, dim in groups:
             group = LayerGroup(list(names), dim, device, kind=row_kind(self.layers[names[0]]))
@@ -305,8 +343,10 @@ class ActivationCapture:
         else:
             rows = default_select_tokens(x, self._mask, self._index, name)
         if rows.ndim != 2 or rows.shape[-1] != group.dim:
-            raise ValueError(f"layer {name}: token selection returned shape {tuple(rows.shape)}, "
-                             f"expected (n_tokens, {group.dim})")
+            raise ValueError(
+                f"layer {name}: token selection returned shape {tuple(rows.shape)}, "
+                f"expected (n_tokens, {group.dim})"
+            )
         return rows.detach()
 
 
@@ -338,8 +378,10 @@ def eager(model: nn.Module) -> Iterator[nn.Module]:
     root = getattr(model, "_orig_mod", None) if _is_compiled_wrapper(model) else model
     nested = [n for n, m in root.named_modules() if n and _is_compiled_wrapper(m)]
     if nested:
-        raise TypeError(f"submodules compiled with torch.compile ({nested[:3]}) would skip EVA's hooks; "
-                        "compute the EVA state on the uncompiled model and compile afterwards")
+        raise TypeError(
+            f"submodules compiled with torch.compile ({nested[:3]}) would skip EVA's hooks; "
+            "compute the EVA state on the uncompiled model and compile afterwards"
+        )
     compiled = [m for m in root.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     saved = [m._compiled_call_impl for m in compiled]
     try:
@@ -361,8 +403,9 @@ class CollectedGroup:
     stats: Any  # an ExactStatistic
 
 
-def collect_statistics(model: nn.Module, batches: Iterable[Any], config: Any,
-                       dtype: torch.dtype = torch.float64) -> list[CollectedGroup]:
+def collect_statistics(
+    model: nn.Module, batches: Iterable[Any], config: Any, dtype: torch.dtype = torch.float64
+) -> list[CollectedGroup]:
     """Exact statistics of every target group over all ``batches``, with no convergence test.
 
     The float64 reference for tests and benchmarks (``torch.linalg.eigh`` of the exact covariance

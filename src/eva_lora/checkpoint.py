@@ -61,8 +61,8 @@ def has_snapshot(directory: str | Path) -> bool:
 
 
 def checkpoint_bytes(widths: list[int], config: Any) -> int:
-    """Upper bound of a checkpoint's size: every group's statistic (one group per layer) plus the tracker
-    snapshots, as planned without a memory budget."""
+    """Upper bound of a checkpoint's size: every group's statistic (one group per layer) plus the
+    tracker snapshots, as planned without a memory budget."""
     import dataclasses
 
     from .planning import plan_statistics
@@ -73,7 +73,8 @@ def checkpoint_bytes(widths: list[int], config: Any) -> int:
 
 
 def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
-    """Write tensors under a fresh name, commit by renaming the JSON, then drop older tensor files."""
+    """Write tensors under a fresh name, commit by renaming the JSON, then drop older tensor
+    files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
@@ -82,14 +83,35 @@ def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
         for prefix, part in ((STAT_PREFIX, group.stat), (TRACKER_PREFIX, group.tracker)):
             for key, value in part.items():
                 tensors[f"{prefix}.{g}.{key}"] = value.detach().cpu().contiguous()
-        groups.append({"names": group.names, "dim": group.dim, "kind": group.kind, "size": group.size,
-                       "active": group.active, "tokens": group.tokens, "total_variance": group.total_variance,
-                       "stop_batch": group.stop_batch})
+        groups.append(
+            {
+                "names": group.names,
+                "dim": group.dim,
+                "kind": group.kind,
+                "size": group.size,
+                "active": group.active,
+                "tokens": group.tokens,
+                "total_variance": group.total_variance,
+                "stop_batch": group.stop_batch,
+            }
+        )
     name = f"eva_checkpoint-{snapshot.steps}.safetensors"
-    write_pair(directory / name, tensors, directory / META, {
-        "steps": snapshot.steps, "n_batches": snapshot.n_batches, "config": snapshot.config,
-        "single_call": snapshot.single_call, "groups": groups, "ranks": snapshot.ranks, "history": snapshot.history,
-    }, format_name=FORMAT, version=FORMAT_VERSION)
+    write_pair(
+        directory / name,
+        tensors,
+        directory / META,
+        {
+            "steps": snapshot.steps,
+            "n_batches": snapshot.n_batches,
+            "config": snapshot.config,
+            "single_call": snapshot.single_call,
+            "groups": groups,
+            "ranks": snapshot.ranks,
+            "history": snapshot.history,
+        },
+        format_name=FORMAT,
+        version=FORMAT_VERSION,
+    )
     for old in directory.glob("eva_checkpoint-*.safetensors"):
         if old.name != name:
             old.unlink(missing_ok=True)
@@ -101,21 +123,43 @@ def load_snapshot(directory: str | Path) -> LoopSnapshot | None:
     directory = Path(directory)
     if not (directory / META).is_file():
         return None
-    meta, tensors = read_pair(directory / META, format_name=FORMAT, version=FORMAT_VERSION,
-                              what="an eva-lora checkpoint")
+    meta, tensors = read_pair(
+        directory / META, format_name=FORMAT, version=FORMAT_VERSION, what="an eva-lora checkpoint"
+    )
     try:
         groups = []
         for g, info in enumerate(meta["groups"]):
-            parts = {prefix: {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{prefix}.{g}.")}
-                     for prefix in (STAT_PREFIX, TRACKER_PREFIX)}
+            parts = {
+                prefix: {
+                    k.split(".", 2)[2]: v
+                    for k, v in tensors.items()
+                    if k.startswith(f"{prefix}.{g}.")
+                }
+                for prefix in (STAT_PREFIX, TRACKER_PREFIX)
+            }
             stop = info.get("stop_batch")
-            groups.append(GroupSnapshot(
-                names=[str(n) for n in info["names"]], dim=int(info["dim"]), kind=str(info["kind"]),
-                size=None if info["size"] is None else int(info["size"]), active=bool(info["active"]),
-                tokens=int(info["tokens"]), total_variance=float(info["total_variance"]),
-                stat=parts[STAT_PREFIX], tracker=parts[TRACKER_PREFIX], stop_batch=None if stop is None else int(stop)))
-        return LoopSnapshot(int(meta["steps"]), int(meta["n_batches"]), dict(meta["config"]),
-                            bool(meta["single_call"]), groups, {str(k): int(v) for k, v in meta["ranks"].items()},
-                            list(meta["history"]))
+            groups.append(
+                GroupSnapshot(
+                    names=[str(n) for n in info["names"]],
+                    dim=int(info["dim"]),
+                    kind=str(info["kind"]),
+                    size=None if info["size"] is None else int(info["size"]),
+                    active=bool(info["active"]),
+                    tokens=int(info["tokens"]),
+                    total_variance=float(info["total_variance"]),
+                    stat=parts[STAT_PREFIX],
+                    tracker=parts[TRACKER_PREFIX],
+                    stop_batch=None if stop is None else int(stop),
+                )
+            )
+        return LoopSnapshot(
+            int(meta["steps"]),
+            int(meta["n_batches"]),
+            dict(meta["config"]),
+            bool(meta["single_call"]),
+            groups,
+            {str(k): int(v) for k, v in meta["ranks"].items()},
+            list(meta["history"]),
+        )
     except (KeyError, TypeError, ValueError, IndexError) as err:
         raise StateFileError(f"{directory / META} is not a valid EVA checkpoint: {err}") from err

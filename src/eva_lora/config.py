@@ -25,7 +25,8 @@ RankMetric = Literal["ratio", "raw", "max"]
 InitMode = Literal["eva", "perm", "rot", "redist_only"]
 INIT_FIELDS = ("whiten", "adjust_alpha", "init_mode")  # used when A is built, after the statistics
 RUNTIME_FIELDS = ("statistics_device", "statistics_tf32")  # where / how the work happens
-SELECTION_KEYWORDS = ("all-linear", "all-linear-and-head")  # target_modules names that are not regexes
+# target_modules names that are not regexes
+SELECTION_KEYWORDS = ("all-linear", "all-linear-and-head")
 
 
 @dataclass(frozen=True)
@@ -136,13 +137,19 @@ class EvaConfig:
                 try:
                     re.compile(value)
                 except re.error as err:
-                    raise ValueError(f"{name} {value!r} is not a valid regular expression: {err}") from None
+                    raise ValueError(
+                        f"{name} {value!r} is not a valid regular expression: {err}"
+                    ) from None
         if self.min_rank > self.rank:
-            raise ValueError(f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}")
+            raise ValueError(
+                f"min_rank must be an integer in [0, rank={self.rank}], got {self.min_rank!r}"
+            )
         k = self.max_components
         if self.sketch_size is not None and self.sketch_size < k:
-            raise ValueError(f"sketch_size must be an integer >= the {k} components a layer may need "
-                             f"(round(rank * rho)); got {self.sketch_size!r} (default: 4 x {k} = {4 * k})")
+            raise ValueError(
+                f"sketch_size must be an integer >= the {k} components a layer may need "
+                f"(round(rank * rho)); got {self.sketch_size!r} (default: 4 x {k} = {4 * k})"
+            )
 
     @property
     def max_components(self) -> int:
@@ -159,7 +166,8 @@ class EvaConfig:
         return InitOptions(self.whiten, self.adjust_alpha, self.init_mode)
 
     def statistics_dict(self) -> dict[str, Any]:
-        """The fields the running computation depends on: what a checkpoint must match to be resumed."""
+        """The fields the running computation depends on: what a checkpoint must match to be
+        resumed."""
         out = self.to_dict()
         for key in INIT_FIELDS + RUNTIME_FIELDS:
             out.pop(key)

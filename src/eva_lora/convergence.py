@@ -1,4 +1,5 @@
-"""When a group's components have converged: the variance an older estimate loses (paper Algorithm 1, line 4).
+"""When a group's components have converged: the variance an older estimate loses (paper Algorithm
+1, line 4).
 
 The paper stops a component once its cosine with the previous estimate reaches ``tau``. Per
 component, that test punishes rotations *inside* a cluster of nearly equal eigenvalues, which cost
@@ -15,8 +16,8 @@ The top ``j`` components of a group have converged when ``loss_j <= epsilon``; a
 its prefix of the length the current rank allocation gives it has. ``tau`` stays the user's knob:
 ``epsilon = min(EPSILON_SCALE * (1 - tau^2), 1)`` (:func:`subspace_epsilon`), where ``1 - tau^2`` is
 the variance a direction loses at angle ``arccos(tau)`` from its target; the scale (4) was chosen by
-measurement on MiniLM and SmolLM2 (``benchmarks/README.md``): the reference holds only a quarter to a
-half of the tokens, so the loss against it overstates what the current estimate still misses.
+measurement on MiniLM and SmolLM2 (``benchmarks/README.md``): the reference holds only a quarter to
+a half of the tokens, so the loss against it overstates what the current estimate still misses.
 For the exact statistic the solver must also vouch for the estimate (relative residual below
 ``sqrt(1 - tau^2)``): a warm-started subspace iteration that has stalled away from the eigenvectors
 would otherwise look stable.
@@ -49,7 +50,8 @@ EPSILON_SCALE = 4.0  # epsilon = EPSILON_SCALE * (1 - tau^2): measured, see benc
 
 
 def subspace_epsilon(tau: float) -> float:
-    """The variance share a converged prefix may still lose between two checks, for a given ``tau``."""
+    """The variance share a converged prefix may still lose between two checks, for a given
+    ``tau``."""
     return min(EPSILON_SCALE * (1.0 - tau * tau), 1.0)
 
 
@@ -83,7 +85,8 @@ class SubspaceIteration:
         self._product: torch.Tensor | None = None  # C @ basis of the pending request
         self._covariance: torch.Tensor | None = None  # tiny layers: the covariance itself
         self._applied_reference: torch.Tensor | None = None  # C @ reference^T
-        self.next_basis: torch.Tensor | None = None  # C @ ritz vectors, waiting for orthonormalisation
+        # C @ ritz vectors, waiting for orthonormalisation
+        self.next_basis: torch.Tensor | None = None
 
     def request(self, stats: Any, reference: torch.Tensor | None) -> torch.Tensor:
         """The symmetric matrix whose eigenpairs :meth:`solve` needs (one product with C)."""
@@ -95,7 +98,11 @@ class SubspaceIteration:
             return self._covariance
         if self.basis is None:
             self.basis = self._random_basis(acc)
-        columns = self.basis if reference is None else torch.cat([self.basis, reference.to(self.basis).T], 1)
+        columns = (
+            self.basis
+            if reference is None
+            else torch.cat([self.basis, reference.to(self.basis).T], 1)
+        )
         product = acc.covariance_product(columns)
         self._product = product[:, : self.m]
         self._applied_reference = product[:, self.m :] if reference is not None else None
@@ -141,7 +148,9 @@ class SubspaceIteration:
     def _random_basis(self, acc: Any) -> torch.Tensor:
         """Seeded Gaussian start (no global RNG), refined by a few power steps."""
         generator = torch.Generator().manual_seed(self.seed)
-        basis = torch.randn(self.dim, self.m, generator=generator, dtype=acc.moment.dtype).to(acc.device)
+        basis = torch.randn(self.dim, self.m, generator=generator, dtype=acc.moment.dtype).to(
+            acc.device
+        )
         for _ in range(WARMUP_STEPS):
             basis = torch.linalg.qr(acc.covariance_product(torch.linalg.qr(basis).Q)).Q
         return basis.contiguous()
@@ -167,7 +176,9 @@ class SketchSolver:
     def rayleigh_quotients(stats: Any, reference: torch.Tensor) -> torch.Tensor:
         """(k,) ``q_j^T C q_j`` with C the sketch's ``basis diag(power) basis^T / (n - 1)``."""
         inner = stats.basis.T @ reference.to(stats.basis).T  # (size, k)
-        return (inner.to(stats.power).pow(2) * stats.power[:, None]).sum(0) / max(stats.count - 1, 1)
+        return (inner.to(stats.power).pow(2) * stats.power[:, None]).sum(0) / max(
+            stats.count - 1, 1
+        )
 
     def final(self, stats: Any) -> Eigenpairs:
         return _head(stats.top(self.k), self.k)
@@ -199,7 +210,8 @@ def make_solver(kind: str, k: int, dim: int, seed: int) -> SubspaceIteration | S
 
 
 def prefix_loss(quotients: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(k,) ``loss_j``: share of the top-j eigenvalue sum the reference estimate misses (<= 0: none).
+    """(k,) ``loss_j``: share of the top-j eigenvalue sum the reference estimate misses (<= 0:
+    none).
 
     Where the top eigenvalues are all zero nothing can be missed, so the loss is 0, not 0 / 0."""
     best = values.to(torch.float64).cumsum(0)
@@ -223,7 +235,8 @@ class ComponentTracker:
 
     k: int
     solver: Any
-    snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)  # (tokens, (k, dim) rows), <= 2
+    # (tokens, (k, dim) rows), <= 2
+    snapshots: list[tuple[int, torch.Tensor]] = field(default_factory=list)
     values: torch.Tensor | None = None  # (k,) eigenvalues, float64, CPU
     total_variance: float = 0.0
     loss: list[float] | None = None  # prefix losses at the last check
@@ -241,8 +254,9 @@ class ComponentTracker:
                 return rows
         return None
 
-    def measure(self, stats: Any, pairs: Eigenpairs, trusted: torch.Tensor,
-                reference: torch.Tensor | None) -> torch.Tensor:
+    def measure(
+        self, stats: Any, pairs: Eigenpairs, trusted: torch.Tensor, reference: torch.Tensor | None
+    ) -> torch.Tensor:
         """``[total variance, finite, values (k), loss (k), trusted (k)]`` of this check, on device.
 
         ``reference`` must be :meth:`reference` of the statistic's token count, taken before the
@@ -261,9 +275,17 @@ class ComponentTracker:
         if self.checks >= 2 and (not self.snapshots or stats.count >= 2 * self.snapshots[-1][0]):
             # not the first check's estimate: one batch says too little to judge the next ones by
             self.snapshots = [*self.snapshots[-1:], (stats.count, current)]
-        head = torch.stack([stats.total_variance().to(torch.float64), stats.is_finite().to(torch.float64)])
-        return torch.cat([head.to(values.device), values, loss.to(values.device),
-                          trusted[: self.k].to(device=values.device, dtype=torch.float64)])
+        head = torch.stack(
+            [stats.total_variance().to(torch.float64), stats.is_finite().to(torch.float64)]
+        )
+        return torch.cat(
+            [
+                head.to(values.device),
+                values,
+                loss.to(values.device),
+                trusted[: self.k].to(device=values.device, dtype=torch.float64),
+            ]
+        )
 
     def decide(self, row: list[float], epsilon: float) -> bool:
         """Take the host copy of :meth:`measure`'s numbers; True when the statistic is finite."""
@@ -293,7 +315,9 @@ class ComponentTracker:
             pairs = self.solver.solve(*torch.linalg.eigh(_symmetric(request)))
             advance([self.solver])
             trusted = residual_certified(pairs, self.k, check_slack(tau))
-        self.decide(self.measure(stats, pairs, trusted, reference).cpu().tolist(), subspace_epsilon(tau))
+        self.decide(
+            self.measure(stats, pairs, trusted, reference).cpu().tolist(), subspace_epsilon(tau)
+        )
 
     def finalize(self, stats: Any) -> Eigenpairs:
         self.total_variance = float(stats.total_variance())
@@ -311,11 +335,17 @@ class ComponentTracker:
         out["converged"] = torch.tensor(self.converged, dtype=torch.uint8)
         return out
 
-    def load_state_dict(self, state: dict[str, torch.Tensor], total_variance: float,
-                        device: torch.device | str) -> None:
-        self.solver.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("solver.")}, device)
-        self.snapshots = [(int(state[f"snapshot_tokens.{i}"][0]), state[f"snapshot.{i}"].to(device))
-                          for i in range(2) if f"snapshot.{i}" in state]
+    def load_state_dict(
+        self, state: dict[str, torch.Tensor], total_variance: float, device: torch.device | str
+    ) -> None:
+        self.solver.load_state_dict(
+            {k[7:]: v for k, v in state.items() if k.startswith("solver.")}, device
+        )
+        self.snapshots = [
+            (int(state[f"snapshot_tokens.{i}"][0]), state[f"snapshot.{i}"].to(device))
+            for i in range(2)
+            if f"snapshot.{i}" in state
+        ]
         self.values = state["values"].cpu() if "values" in state else None
         self.checks = int(state["checks"][0]) if "checks" in state else len(self.snapshots)
         self.loss = state["loss"].tolist() if "loss" in state else None

@@ -35,7 +35,8 @@ class CollectiveError(RuntimeError):
 
 
 def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group; (0, 1) when torch.distributed is not in use."""
+    """(rank, world_size) of the default process group; (0, 1) when torch.distributed is not in
+    use."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -46,8 +47,10 @@ def _collective(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return fn(*args, **kwargs)
     except Exception as err:  # gloo / nccl raise RuntimeError or DistBackendError subclasses
         rank, size = world()
-        raise CollectiveError(f"EVA rank {rank}/{size}: the {name} collective failed ({err}); another rank "
-                              "probably crashed or stopped early: see its log") from err
+        raise CollectiveError(
+            f"EVA rank {rank}/{size}: the {name} collective failed ({err}); another rank "
+            "probably crashed or stopped early: see its log"
+        ) from err
 
 
 def assign_owners(nbytes: Sequence[int], world_size: int) -> list[int]:
@@ -67,7 +70,13 @@ def assign_owners(nbytes: Sequence[int], world_size: int) -> list[int]:
 def batch_checksum(batch: Any) -> torch.Tensor:
     """A float64 fingerprint of a batch's tensors (sum of values weighted by position)."""
     total = torch.zeros(2, dtype=torch.float64)
-    tensors = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else [batch]
+    tensors = (
+        batch.values()
+        if isinstance(batch, Mapping)
+        else batch
+        if isinstance(batch, (list, tuple))
+        else [batch]
+    )
     for value in tensors:
         if isinstance(value, torch.Tensor):
             flat = value.detach().reshape(-1).to("cpu", torch.float64)
@@ -118,8 +127,11 @@ class Communicator:
             return self.mode
         mine = batch_checksum(batch)
         spread = self._all_reduce(mine.clone(), torch.distributed.ReduceOp.MAX) - self._all_reduce(
-            mine.clone(), torch.distributed.ReduceOp.MIN)
-        self.mode = "replicated" if bool((spread.abs() <= 1e-9 * (1 + mine.abs())).all()) else "sharded"
+            mine.clone(), torch.distributed.ReduceOp.MIN
+        )
+        self.mode = (
+            "replicated" if bool((spread.abs() <= 1e-9 * (1 + mine.abs())).all()) else "sharded"
+        )
         return self.mode
 
     def check_same_groups(self, groups: list[list[str]]) -> None:
@@ -131,11 +143,14 @@ class Communicator:
         _collective("all_gather_object", torch.distributed.all_gather_object, everyone, mine)
         for rank, theirs in enumerate(everyone):
             if theirs != mine:
-                raise ValueError(f"EVA rank {rank} found other layer groups than rank {self.rank}: every rank "
-                                 "must run the same model with the same target_modules")
+                raise ValueError(
+                    f"EVA rank {rank} found other layer groups than rank {self.rank}: every rank "
+                    "must run the same model with the same target_modules"
+                )
 
     def gather_rows(self, rows: torch.Tensor, owner: int) -> list[torch.Tensor] | None:
-        """Every rank's rows, in rank order, on ``owner`` (None elsewhere): two collectives, sizes then rows."""
+        """Every rank's rows, in rank order, on ``owner`` (None elsewhere): two collectives, sizes
+        then rows."""
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(count) for _ in range(self.size)]
         _collective("all_gather", torch.distributed.all_gather, sizes, count)
@@ -151,7 +166,8 @@ class Communicator:
         return None
 
     def share_solutions(self, packed: torch.Tensor) -> torch.Tensor:
-        """Sum of per-rank packed results where each rank filled only the rows of the groups it owns."""
+        """Sum of per-rank packed results where each rank filled only the rows of the groups it
+        owns."""
         return self._all_reduce(packed) if self.active else packed
 
     def broadcast_from(self, tensor: torch.Tensor, owner: int) -> torch.Tensor:
@@ -165,5 +181,6 @@ class Communicator:
 
 
 def default_timeout() -> datetime.timedelta:
-    """What we recommend for init_process_group: long enough for a slow forward, short enough to end a hang."""
+    """What we recommend for init_process_group: long enough for a slow forward, short enough to end
+    a hang."""
     return datetime.timedelta(minutes=10)

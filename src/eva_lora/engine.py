@@ -1,7 +1,7 @@
 """compute_eva_state: feed batches, accumulate statistics, check convergence, allocate ranks.
 
-The loop is a short sequence of named steps: a *probe* pass finds the input groups, *plan* gives each
-group its statistic kind and owner process, then each batch is *forwarded* (hooks feed the
+The loop is a short sequence of named steps: a *probe* pass finds the input groups, *plan* gives
+each group its statistic kind and owner process, then each batch is *forwarded* (hooks feed the
 statistics) and *checked* (owners solve, everyone shares the numbers, ranks are re-allocated and
 converged groups switched off). It is bounded by ``max_batches`` and always records why it stopped.
 """
@@ -24,15 +24,36 @@ from .allocation import allocate_ranks, rank_scores
 from .capture import ActivationCapture, LayerGroup, StopForward, TokenSelector, eager, probe_slice
 from .checkpoint import GroupSnapshot, LoopSnapshot, load_snapshot, save_snapshot
 from .config import EvaConfig
-from .convergence import ComponentTracker, advance, check_slack, make_solver, residual_certified, subspace_epsilon
+from .convergence import (
+    ComponentTracker,
+    advance,
+    check_slack,
+    make_solver,
+    residual_certified,
+    subspace_epsilon,
+)
 from .diagnostics import flags as diagnostic_flags
 from .distributed import CollectiveError, Communicator
-from .loop_utils import EvaProgress, bounded_stream, eval_mode, model_device, next_batch, to_device, versions
+from .loop_utils import (
+    EvaProgress,
+    bounded_stream,
+    eval_mode,
+    model_device,
+    next_batch,
+    to_device,
+    versions,
+)
 from .numerics import batched_eigh, single_thread, statistics_precision
 from .pca import Eigenpairs
 from .planning import GroupPlan, plan_statistics
 from .state import EvaState
-from .statistics import ExactStatistic, SketchStatistic, Statistic, compress_sketches, statistic_from_state_dict
+from .statistics import (
+    ExactStatistic,
+    SketchStatistic,
+    Statistic,
+    compress_sketches,
+    statistic_from_state_dict,
+)
 from .targets import find_target_layers, layer_shapes
 
 if TYPE_CHECKING:
@@ -78,20 +99,23 @@ def compute_eva_state(
     progress: show a bar of converged / needed components (on rank 0).
     strict: raise :class:`EvaNotConvergedError` instead of warning when the loop ends before every
     needed component converged.
-    sequential: True or a :class:`~eva_lora.sequential.SequentialOptions`: run one decoder block at a
-    time over a fixed calibration set (a model larger than the device, weights read from disk); see
-    :mod:`eva_lora.sequential`. Token batches (dicts) only; no checkpoints.
+    sequential: True or a :class:`~eva_lora.sequential.SequentialOptions`: run one decoder block at
+    a time over a fixed calibration set (a model larger than the device, weights read from disk);
+    see :mod:`eva_lora.sequential`. Token batches (dicts) only; no checkpoints.
     """
     config = config or EvaConfig()
     if sequential:
         from .sequential import SequentialOptions, sequential_eva_state
 
         if checkpoint_every or resume or forward_fn is not None or select_tokens is not None:
-            raise ValueError("sequential EVA takes token batches as they are: checkpoint_every, resume, "
-                             "forward_fn and select_tokens are for the whole-model loop")
+            raise ValueError(
+                "sequential EVA takes token batches as they are: checkpoint_every, resume, "
+                "forward_fn and select_tokens are for the whole-model loop"
+            )
         options = sequential if isinstance(sequential, SequentialOptions) else SequentialOptions()
-        return sequential_eva_state(model, batches, config, options, progress=progress, strict=strict,
-                                    layers=layers)
+        return sequential_eva_state(
+            model, batches, config, options, progress=progress, strict=strict, layers=layers
+        )
     if (checkpoint_every or resume) and checkpoint_dir is None:
         raise ValueError("checkpoint_every / resume need checkpoint_dir")
     if checkpoint_every < 0:
@@ -99,7 +123,9 @@ def compute_eva_state(
     with eager(model) as runnable, _no_kv_cache(runnable):
         layers = dict(layers) if layers is not None else find_target_layers(runnable, config)
         with eval_mode(runnable):
-            capture = ActivationCapture(layers, config.use_label_mask, config.label_mask_value, select_tokens)
+            capture = ActivationCapture(
+                layers, config.use_label_mask, config.label_mask_value, select_tokens
+            )
             with torch.no_grad(), capture:
                 loop = _EvaLoop(runnable, capture, config, forward_fn, progress, strict)
                 loop.checkpointing(checkpoint_dir, checkpoint_every, resume)
@@ -107,14 +133,16 @@ def compute_eva_state(
         return loop.build_state(layer_shapes(layers))
 
 
-# A converged group keeps absorbing the batches the pass computes anyway (measured: MiniLM's whole-data
-# captured variance at 42 passes, mean 0.977 -> 0.993; see benchmarks/README.md). False: it stops at once.
+# A converged group keeps absorbing the batches the pass computes anyway
+# (measured: MiniLM's whole-data captured variance at 42 passes, mean
+# 0.977 -> 0.993; see benchmarks/README.md). False: it stops at once.
 FEED_CONVERGED = True
 
 
 @dataclass
 class GroupRecord:
-    """Everything the loop knows about one input group (on every rank; ``stat`` only on its owner)."""
+    """Everything the loop knows about one input group (on every rank; ``stat`` only on its
+    owner)."""
 
     layer: LayerGroup
     plan: GroupPlan
@@ -136,8 +164,15 @@ class _EvaLoop:
 
     probe_on_slice = True  # the probe pass runs on a short slice of the first batch
 
-    def __init__(self, model: nn.Module, capture: ActivationCapture, config: EvaConfig,
-                 forward_fn: ForwardFn | None, progress: bool = True, strict: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        capture: ActivationCapture,
+        config: EvaConfig,
+        forward_fn: ForwardFn | None,
+        progress: bool = True,
+        strict: bool = False,
+    ) -> None:
         self.model, self.capture, self.config, self.strict = model, capture, config, strict
         self.forward_fn = forward_fn or _default_forward
         self.device = model_device(model)
@@ -152,9 +187,15 @@ class _EvaLoop:
         self.checkpoint_every = 0
         self.started = time.perf_counter()
         self.fsdp_modules = _fsdp_modules(model)
-        if self.fsdp_modules and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            raise ValueError("the model is sharded with FSDP but torch.distributed has no process group: start the "
-                             "run with torchrun / accelerate launch (or init_process_group) before compute_eva_state")
+        if self.fsdp_modules and not (
+            torch.distributed.is_available() and torch.distributed.is_initialized()
+        ):
+            raise ValueError(
+                "the model is sharded with FSDP but torch.distributed has no process group: start "
+                "the "
+                "run with torchrun / accelerate launch (or init_process_group) before "
+                "compute_eva_state"
+            )
         self.progress = EvaProgress(progress and self.comm.rank == 0, config.max_batches)
 
     # ---- checkpoints -----------------------------------------------------------------------
@@ -162,40 +203,79 @@ class _EvaLoop:
         self.checkpoint_dir = None if directory is None else Path(directory)
         self.checkpoint_every = every
         if (every or resume) and self.comm.active:
-            raise ValueError("checkpoints are single-process for now: under torch.distributed, leave "
-                             "checkpoint_every at 0 and resume unset")
+            raise ValueError(
+                "checkpoints are single-process for now: under torch.distributed, leave "
+                "checkpoint_every at 0 and resume unset"
+            )
         if not resume:
             return
         snapshot = load_snapshot(self.checkpoint_dir)
         if snapshot is None:
-            warnings.warn(f"no EVA checkpoint in {self.checkpoint_dir}: starting from the first batch",
-                          RuntimeWarning, stacklevel=4)
+            warnings.warn(
+                f"no EVA checkpoint in {self.checkpoint_dir}: starting from the first batch",
+                RuntimeWarning,
+                stacklevel=4,
+            )
             return
-        mine, theirs = self.config.statistics_dict(), EvaConfig.from_dict(snapshot.config).statistics_dict()
+        mine, theirs = (
+            self.config.statistics_dict(),
+            EvaConfig.from_dict(snapshot.config).statistics_dict(),
+        )
         if mine != theirs:
             changed = sorted(k for k in mine if mine.get(k) != theirs.get(k))
-            raise ValueError(f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}")
+            raise ValueError(
+                f"the checkpoint in {self.checkpoint_dir} was made with other settings: {changed}"
+            )
         self.restore(snapshot)
 
     def snapshot(self) -> LoopSnapshot:
         """The loop's state as plain data: what a checkpoint holds."""
-        groups = [GroupSnapshot(names=rec.names, dim=rec.layer.dim, kind=rec.plan.kind, size=rec.plan.size,
-                                active=rec.layer.active, tokens=rec.tokens, total_variance=rec.tracker.total_variance,
-                                stat=rec.stat.state_dict(), tracker=rec.tracker.state_dict(), stop_batch=rec.stop_batch)
-                  for rec in self.groups]
-        return LoopSnapshot(self.steps, self.n_batches, self.config.to_dict(), self.capture.single_call, groups,
-                            dict(self.ranks), list(self.history))
+        groups = [
+            GroupSnapshot(
+                names=rec.names,
+                dim=rec.layer.dim,
+                kind=rec.plan.kind,
+                size=rec.plan.size,
+                active=rec.layer.active,
+                tokens=rec.tokens,
+                total_variance=rec.tracker.total_variance,
+                stat=rec.stat.state_dict(),
+                tracker=rec.tracker.state_dict(),
+                stop_batch=rec.stop_batch,
+            )
+            for rec in self.groups
+        ]
+        return LoopSnapshot(
+            self.steps,
+            self.n_batches,
+            self.config.to_dict(),
+            self.capture.single_call,
+            groups,
+            dict(self.ranks),
+            list(self.history),
+        )
 
     def restore(self, snapshot: LoopSnapshot) -> None:
         """Continue from a snapshot exactly as if the run had never stopped (no probe pass)."""
         device = self.device or torch.device("cpu")
-        self.capture.restore_groups([(g.names, g.dim) for g in snapshot.groups], device, snapshot.single_call)
+        self.capture.restore_groups(
+            [(g.names, g.dim) for g in snapshot.groups], device, snapshot.single_call
+        )
         for layer, saved in zip(self.capture.groups, snapshot.groups):
             plan = GroupPlan(saved.kind, saved.size, 0, 0)
-            record = self._new_record(layer, plan, statistic_from_state_dict(saved.kind, saved.stat,
-                                                                              self._stat_device(layer)))
-            record.tracker.load_state_dict(saved.tracker, saved.total_variance, self._stat_device(layer))
-            record.layer.active, record.tokens, record.stop_batch = saved.active, saved.tokens, saved.stop_batch
+            record = self._new_record(
+                layer,
+                plan,
+                statistic_from_state_dict(saved.kind, saved.stat, self._stat_device(layer)),
+            )
+            record.tracker.load_state_dict(
+                saved.tracker, saved.total_variance, self._stat_device(layer)
+            )
+            record.layer.active, record.tokens, record.stop_batch = (
+                saved.active,
+                saved.tokens,
+                saved.stop_batch,
+            )
         self.steps, self.n_batches = snapshot.steps, snapshot.n_batches
         self.ranks, self.history = dict(snapshot.ranks), list(snapshot.history)
         self.capture.set_exit_point(self._exit_enabled())
@@ -206,18 +286,26 @@ class _EvaLoop:
         stream = bounded_stream(batches, self.config.max_batches)
         for index in range(self.steps):  # resume: skip what the checkpoint already holds
             if next_batch(stream, index) is None:
-                raise ValueError(f"the batches ended after {index} of the {self.steps} batches the checkpoint "
-                                 "covers: resume needs the same batches in the same order")
+                raise ValueError(
+                    f"the batches ended after {index} of the {self.steps} batches the checkpoint "
+                    "covers: resume needs the same batches in the same order"
+                )
         try:
             while True:
                 item = next_batch(stream, self.steps)
                 if not self.comm.all_have_batch(item is not None):
-                    self.stop_reason = "max_batches" if self.n_batches >= self.config.max_batches else "data_exhausted"
+                    self.stop_reason = (
+                        "max_batches"
+                        if self.n_batches >= self.config.max_batches
+                        else "data_exhausted"
+                    )
                     break
                 epoch, batch = item
                 if epoch > 0 and self.n_batches and self._tokens() == 0:
-                    raise ValueError("no valid token in a full pass over the batches: every token is masked "
-                                     "(attention_mask / labels == label_mask_value)")
+                    raise ValueError(
+                        "no valid token in a full pass over the batches: every token is masked "
+                        "(attention_mask / labels == label_mask_value)"
+                    )
                 on_device = to_device(batch, self.device)
                 if not self.groups:
                     self._probe(on_device, batch)
@@ -234,19 +322,25 @@ class _EvaLoop:
         if self.groups:
             self._share()  # token counts of the batches since the last check
         if self._tokens() == 0:
-            raise ValueError("no valid token reached the target layers: every token is masked or batches are empty")
+            raise ValueError(
+                "no valid token reached the target layers: every token is masked or batches are "
+                "empty"
+            )
 
     def _probe(self, batch: Any, host_batch: Any = None) -> None:
         """The pass that groups the layers and finds their order, then each group's plan.
 
-        It runs on one short sequence cut from the first batch (:func:`~eva_lora.capture.probe_slice`),
-        so the references it keeps to every layer input cost nothing; if that slice fails or misses
-        a layer (a router that sends 16 tokens to few experts), it runs again on the whole batch.
+        It runs on one short sequence cut from the first batch
+        (:func:`~eva_lora.capture.probe_slice`), so the references it keeps to every layer input
+        cost nothing; if that slice fails or misses a layer (a router that sends 16 tokens to few
+        experts), it runs again on the whole batch.
         """
         small = probe_slice(batch) if self.probe_on_slice else None
         if small is not None:
             try:
-                self.capture.set_batch(small, probe_slice(host_batch) if host_batch is not None else None)
+                self.capture.set_batch(
+                    small, probe_slice(host_batch) if host_batch is not None else None
+                )
                 self._call_model(small, probe=True)
             except (RuntimeError, ValueError, IndexError, TypeError):
                 small = None
@@ -260,15 +354,20 @@ class _EvaLoop:
         self.comm.resolve_mode(batch)
         self.comm.check_same_groups([g.names for g in self.capture.groups])
         layers = self.capture.groups
-        plans = plan_statistics([g.dim for g in layers], self.config, self.comm.size, [g.names[0] for g in layers])
+        plans = plan_statistics(
+            [g.dim for g in layers], self.config, self.comm.size, [g.names[0] for g in layers]
+        )
         for layer, plan in zip(layers, plans):
             mine = plan.owner == self.comm.rank
             self._new_record(layer, plan, self._new_statistic(layer, plan) if mine else None)
         narrow = [g.names[0] for g in layers if g.dim < self.config.max_components]
         if narrow and self.comm.rank == 0:
-            warnings.warn(f"{len(narrow)} layer group(s) are narrower than the {self.config.max_components} "
-                          f"components asked for (round(rank * rho)), so they get at most their width: "
-                          f"{narrow[:4]}{' ...' if len(narrow) > 4 else ''}", stacklevel=2)
+            warnings.warn(
+                f"{len(narrow)} layer group(s) are narrower than the {self.config.max_components} "
+                f"components asked for (round(rank * rho)), so they get at most their width: "
+                f"{narrow[:4]}{' ...' if len(narrow) > 4 else ''}",
+                stacklevel=2,
+            )
         self.capture.set_exit_point(self._exit_enabled())
 
     def _new_statistic(self, layer: LayerGroup, plan: GroupPlan) -> Statistic:
@@ -277,7 +376,9 @@ class _EvaLoop:
             return ExactStatistic(layer.dim, device, dtype)
         return SketchStatistic(layer.dim, plan.size, device, dtype, seed=self.config.seed)
 
-    def _new_record(self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None) -> GroupRecord:
+    def _new_record(
+        self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None
+    ) -> GroupRecord:
         cap = min(self.config.max_components, layer.dim)
         tracker = ComponentTracker(cap, make_solver(plan.kind, cap, layer.dim, self.config.seed))
         record = GroupRecord(layer, plan, cap, tracker, stat)
@@ -298,10 +399,12 @@ class _EvaLoop:
         """Where a group's rows go on this process: its statistic, the owner, or nowhere."""
         stat, owner, tf32 = record.stat, record.plan.owner, self.config.statistics_tf32
         if self.comm.sums_statistics:
+
             def send(rows: torch.Tensor) -> None:
                 with statistics_precision(tf32):
                     for part in self.comm.gather_rows(rows, owner) or []:
                         stat.update(part)
+
             return send
         if stat is None:
             return None
@@ -309,6 +412,7 @@ class _EvaLoop:
         def absorb(rows: torch.Tensor) -> None:
             with statistics_precision(tf32):
                 stat.update(rows)
+
         return absorb
 
     def _forward(self, batch: Any, host_batch: Any = None) -> None:
@@ -321,7 +425,8 @@ class _EvaLoop:
         try:
             self.forward_fn(self.model, batch)
         except StopForward:
-            for module in self.fsdp_modules:  # FSDP2 reshards in post-forward hooks the exit skipped
+            # FSDP2 reshards in post-forward hooks the exit skipped
+            for module in self.fsdp_modules:
                 module.reshard()
         except CollectiveError:  # raised by a hook's gather: another rank is gone, not a model bug
             raise
@@ -341,8 +446,9 @@ class _EvaLoop:
         self.ranks = self._allocate()
         needed = converged = 0
         for record in self.groups:
-            # a group without an estimate yet (fewer tokens than components so far) cannot be judged: its
-            # rank from the provisional allocation may be 0, but it must keep absorbing rows
+            # a group without an estimate yet (fewer tokens than components
+            # so far) cannot be judged: its rank from the provisional
+            # allocation may be 0, but it must keep absorbing rows
             estimated = record.tracker.values is not None
             need = max(self.ranks[n] for n in record.names) if estimated else record.cap
             done = converged_prefix(record.tracker.converged, need) if estimated else 0
@@ -353,13 +459,19 @@ class _EvaLoop:
             needed, converged = needed + need, converged + done
         self._set_feeding()
         self.capture.set_exit_point(self._exit_enabled())
-        self.history.append({"batch": self.n_batches, "tokens": self._tokens(), "needed_components": needed,
-                             "converged_components": converged,
-                             "active_groups": sum(r.stop_batch is None for r in self.groups),
-                             "forward_ends_after": self.capture.exit_layer,
-                             "statistic_bytes": sum(r.stat.nbytes for r in self.groups if r.stat is not None),
-                             "bytes_communicated": self.comm.bytes_sent,
-                             "seconds": round(time.perf_counter() - self.started, 4)})
+        self.history.append(
+            {
+                "batch": self.n_batches,
+                "tokens": self._tokens(),
+                "needed_components": needed,
+                "converged_components": converged,
+                "active_groups": sum(r.stop_batch is None for r in self.groups),
+                "forward_ends_after": self.capture.exit_layer,
+                "statistic_bytes": sum(r.stat.nbytes for r in self.groups if r.stat is not None),
+                "bytes_communicated": self.comm.bytes_sent,
+                "seconds": round(time.perf_counter() - self.started, 4),
+            }
+        )
         self.progress.update(self.history[-1], len(self.groups))
         if converged == needed:
             self.stop_reason = "converged"
@@ -370,10 +482,11 @@ class _EvaLoop:
         return False
 
     def _set_feeding(self) -> None:
-        """Which groups absorb the next batches: those still converging and, with ``FEED_CONVERGED``,
-        also the converged groups the pass reaches anyway (at or before the deepest unconverged one in
-        execution order). Their rows cost one matmul each and no pass; their final components then use
-        every batch the loop ran, not only those until they met the rule."""
+        """Which groups absorb the next batches: those still converging and, with
+        ``FEED_CONVERGED``, also the converged groups the pass reaches anyway (at or before the
+        deepest unconverged one in execution order). Their rows cost one matmul each and no pass;
+        their final components then use every batch the loop ran, not only those until they met the
+        rule."""
         needy = [r.stop_batch is None for r in self.groups]
         last = max((i for i, n in enumerate(needy) if n), default=-1)
         for index, record in enumerate(self.groups):
@@ -385,9 +498,13 @@ class _EvaLoop:
         The small eigenproblems of all groups go through one batched call per size, and everything
         a decision needs is read back in one transfer per device (:func:`read_together`)."""
         active = [r for r in self.groups if r.layer.active and r.stat is not None]
-        with statistics_precision(self.config.statistics_tf32), single_thread(self._stat_device_type()):
+        with (
+            statistics_precision(self.config.statistics_tf32),
+            single_thread(self._stat_device_type()),
+        ):
             compress_sketches([r.stat for r in active if isinstance(r.stat, SketchStatistic)])
-            # converged groups that are still fed are not judged again; fewer tokens than components: wait
+            # converged groups that are still fed are not judged again; fewer tokens than
+            # components: wait
             ready = [r for r in active if r.stop_batch is None and r.stat.count > r.cap]
             references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
             exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
@@ -402,7 +519,9 @@ class _EvaLoop:
                 else:
                     pairs = solver.estimate(record.stat)
                     trusted = torch.ones(record.cap, dtype=torch.bool)
-                packs.append(record.tracker.measure(record.stat, pairs, trusted, references[id(record)]))
+                packs.append(
+                    record.tracker.measure(record.stat, pairs, trusted, references[id(record)])
+                )
             advance([r.tracker.solver for r in exact])
         epsilon = subspace_epsilon(self.config.tau)
         for record, row in zip(ready, read_together(packs)):
@@ -445,7 +564,8 @@ class _EvaLoop:
         return allocate_ranks({n: scores[n] for n in order}, budget, caps, self.config.min_rank)
 
     def release_statistics(self) -> None:
-        """Solve every group this process owns now and free its statistic, keeping the result on the CPU.
+        """Solve every group this process owns now and free its statistic, keeping the result on the
+        CPU.
 
         Sequential EVA calls it after each block: a finished block's statistics (5 GB for all of
         Llama-3-70B's at rank 16) would otherwise stay on the device until the end."""
@@ -455,18 +575,24 @@ class _EvaLoop:
                     continue
                 record.tokens = record.stat.count
                 pairs = record.tracker.finalize(record.stat)
-                record.final = Eigenpairs(pairs.values.cpu(), pairs.vectors.cpu(),
-                                          None if pairs.residuals is None else pairs.residuals.cpu())
+                record.final = Eigenpairs(
+                    pairs.values.cpu(),
+                    pairs.vectors.cpu(),
+                    None if pairs.residuals is None else pairs.residuals.cpu(),
+                )
                 record.stat = None
 
     def adopt(self, parts: list[_EvaLoop]) -> None:
-        """Take over the groups of loops that each ran one part of the model (sequential EVA), so that
-        ranks are allocated across the whole model and one state is built."""
+        """Take over the groups of loops that each ran one part of the model (sequential EVA), so
+        that ranks are allocated across the whole model and one state is built."""
         self.groups = [record for part in parts for record in part.groups]
         self.n_batches = max(part.n_batches for part in parts)
         self.steps = max(part.steps for part in parts)
-        self.history = [dict(entry, part=index) for index, part in enumerate(parts) for entry in part.history]
-        self.capture.counts = dict(parts[0].capture.counts)  # every part saw the same calibration batches
+        self.history = [
+            dict(entry, part=index) for index, part in enumerate(parts) for entry in part.history
+        ]
+        # every part saw the same calibration batches
+        self.capture.counts = dict(parts[0].capture.counts)
         done = all(r.stop_batch is not None for r in self.groups)
         self.stop_reason = "converged" if done else parts[-1].stop_reason
 
@@ -478,13 +604,22 @@ class _EvaLoop:
             raise ValueError(f"layer(s) {thin[0]} saw {count} valid token(s); need at least 2")
         comps, values, ratios = [], [], []
         with single_thread(self._stat_device_type()):
-            finals = [r.final if r.final is not None else r.tracker.finalize(r.stat) if r.stat is not None else None
-                      for r in self.groups]
+            finals = [
+                r.final
+                if r.final is not None
+                else r.tracker.finalize(r.stat)
+                if r.stat is not None
+                else None
+                for r in self.groups
+            ]
         for record, pairs in zip(self.groups, finals):
             vectors = torch.zeros(record.cap, record.layer.dim, dtype=torch.float64)
             eigen = torch.zeros(record.cap, dtype=torch.float64)
             if pairs is not None:
-                vectors, eigen = pairs.vectors.to(torch.float64).cpu(), pairs.values.to(torch.float64).cpu()
+                vectors, eigen = (
+                    pairs.vectors.to(torch.float64).cpu(),
+                    pairs.values.to(torch.float64).cpu(),
+                )
             vectors = self.comm.broadcast_from(vectors, record.plan.owner)
             eigen = self.comm.broadcast_from(eigen, record.plan.owner)
             record.tracker.values = eigen
@@ -495,13 +630,25 @@ class _EvaLoop:
         unconverged = self._unconverged()
         self._report(unconverged)
         agreement = [self._agreement(r) for r in self.groups]
-        state = EvaState(config=self.config, groups=[list(r.names) for r in self.groups], group_components=comps,
-                        group_eigenvalues=values, group_ratios=ratios, group_tokens=[r.tokens for r in self.groups],
-                        ranks=self.ranks, layer_shapes=dict(shapes), n_batches=self.n_batches,
-                        stop_reason=self.stop_reason, unconverged=unconverged, history=self.history,
-                        versions=versions(), group_statistics=[r.plan.kind for r in self.groups],
-                        group_stop_batches=[r.stop_batch for r in self.groups], group_stability=agreement,
-                        token_counts=_nonempty(self.capture.counts))
+        state = EvaState(
+            config=self.config,
+            groups=[list(r.names) for r in self.groups],
+            group_components=comps,
+            group_eigenvalues=values,
+            group_ratios=ratios,
+            group_tokens=[r.tokens for r in self.groups],
+            ranks=self.ranks,
+            layer_shapes=dict(shapes),
+            n_batches=self.n_batches,
+            stop_reason=self.stop_reason,
+            unconverged=unconverged,
+            history=self.history,
+            versions=versions(),
+            group_statistics=[r.plan.kind for r in self.groups],
+            group_stop_batches=[r.stop_batch for r in self.groups],
+            group_stability=agreement,
+            token_counts=_nonempty(self.capture.counts),
+        )
         for text in diagnostic_flags(state):
             warnings.warn(text, RuntimeWarning, stacklevel=4)
         return state
@@ -526,9 +673,12 @@ class _EvaLoop:
     def _report(self, unconverged: list[str]) -> None:
         if not unconverged or self.stop_reason == "delta":
             return
-        message = (f"EVA stopped ({self.stop_reason}) after {self.n_batches} batches before {len(unconverged)} "
-                   f"layer(s) converged: {unconverged[:8]}{' ...' if len(unconverged) > 8 else ''}; "
-                   "raise max_batches, lower tau, or feed more data")
+        message = (
+            f"EVA stopped ({self.stop_reason}) after {self.n_batches} batches before "
+            f"{len(unconverged)} "
+            f"layer(s) converged: {unconverged[:8]}{' ...' if len(unconverged) > 8 else ''}; "
+            "raise max_batches, lower tau, or feed more data"
+        )
         if self.strict:
             raise EvaNotConvergedError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
@@ -538,7 +688,8 @@ class _EvaLoop:
 
 
 def _pack(row: torch.Tensor, record: GroupRecord) -> None:
-    """[has estimate, tokens, total variance, finite, values (k), converged (k)] of a group its owner holds."""
+    """[has estimate, tokens, total variance, finite, values (k), converged (k)] of a group its
+    owner holds."""
     tracker, k = record.tracker, record.cap
     row[1], row[2], row[3] = float(record.tokens), tracker.total_variance, float(record.finite)
     if tracker.values is not None:
@@ -549,7 +700,11 @@ def _pack(row: torch.Tensor, record: GroupRecord) -> None:
 
 def _unpack(row: torch.Tensor, record: GroupRecord) -> None:
     tracker, k = record.tracker, record.cap
-    record.tokens, tracker.total_variance, record.finite = int(round(float(row[1]))), float(row[2]), bool(row[3] > 0.5)
+    record.tokens, tracker.total_variance, record.finite = (
+        int(round(float(row[1]))),
+        float(row[2]),
+        bool(row[3] > 0.5),
+    )
     if row[0] == 1.0:
         tracker.values = row[4 : 4 + k].clone()
         tracker.converged = (row[4 + k : 4 + 2 * k] > 0.5).tolist()
@@ -560,19 +715,23 @@ def _nonempty(counts: dict[str, int]) -> dict[str, int]:
 
 
 def converged_prefix(flags: list[bool], need: int) -> int:
-    """Components of a group counted as converged: the longest prefix up to ``need`` that met the rule."""
+    """Components of a group counted as converged: the longest prefix up to ``need`` that met the
+    rule."""
     return max((j + 1 for j, hit in enumerate(flags[:need]) if hit), default=0)
 
 
 def read_together(packs: list[torch.Tensor]) -> list[list[float]]:
-    """Every group's packed numbers as Python floats: one transfer per device, whatever the groups."""
+    """Every group's packed numbers as Python floats: one transfer per device, whatever the
+    groups."""
     out: list[list[float]] = [[] for _ in packs]
     by_device: dict[torch.device, list[int]] = {}
     for index, pack in enumerate(packs):
         by_device.setdefault(pack.device, []).append(index)
     for indices in by_device.values():
         width = max(packs[i].numel() for i in indices)
-        stack = torch.stack([torch.nn.functional.pad(packs[i], (0, width - packs[i].numel())) for i in indices])
+        stack = torch.stack(
+            [torch.nn.functional.pad(packs[i], (0, width - packs[i].numel())) for i in indices]
+        )
         host = stack.cpu().tolist()
         for slot, index in enumerate(indices):
             out[index] = host[slot][: packs[index].numel()]
@@ -581,7 +740,8 @@ def read_together(packs: list[torch.Tensor]) -> list[list[float]]:
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module) -> Any:
-    """transformers models build a KV cache on every forward unless told not to; EVA never reads it."""
+    """transformers models build a KV cache on every forward unless told not to; EVA never reads
+    it."""
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is not True:
         yield
@@ -594,7 +754,8 @@ def _no_kv_cache(model: nn.Module) -> Any:
 
 
 def _default_forward(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, Mapping):  # labels only mask tokens: passed on, the model would compute a loss
+    # labels only mask tokens: passed on, the model would compute a loss
+    if isinstance(batch, Mapping):
         return model(**{k: v for k, v in batch.items() if k != "labels"})
     if isinstance(batch, (tuple, list)):
         return model(*batch)

@@ -16,13 +16,16 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:
-    """Raise ``ValueError("<prefix><field> must be <what it accepts>, got <value>")`` for the first bad field."""
+    """Raise ``ValueError("<prefix><field> must be <what it accepts>, got <value>")`` for the first
+    bad field."""
     hints = typing.get_type_hints(type(obj))
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)
         if not conforms(value, hints[field.name], field.metadata):
-            raise ValueError(f"{prefix}{field.name} must be {describe(hints[field.name], field.metadata)}, "
-                             f"got {value!r}")
+            raise ValueError(
+                f"{prefix}{field.name} must be {describe(hints[field.name], field.metadata)}, "
+                f"got {value!r}"
+            )
 
 
 def unknown_keys(data: dict[str, Any], cls: type, what: str) -> None:
@@ -65,8 +68,12 @@ def conforms(value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool) and _in_range(value, meta)
     if hint is float:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-                and _in_range(value, meta))
+        return (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and _in_range(value, meta)
+        )
     if hint is str:
         return isinstance(value, str) and ("choices" not in meta or value in meta["choices"])
     if origin in (list, tuple):
@@ -106,7 +113,11 @@ def describe(hint: Any, meta: typing.Mapping[str, Any]) -> str:
             bounds.append(f"<= {meta['max']}")
         return kind + (" " + " and ".join(bounds) if bounds else "")
     if hint is str:
-        return "one of " + ", ".join(repr(c) for c in meta["choices"]) if "choices" in meta else "a string"
+        return (
+            "one of " + ", ".join(repr(c) for c in meta["choices"])
+            if "choices" in meta
+            else "a string"
+        )
     if origin in (list, tuple):
         return "a list of non-empty strings"
     return getattr(hint, "__name__", str(hint))

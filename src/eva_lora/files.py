@@ -4,8 +4,8 @@ Two rules, one module, used by every format (EVA state, loop checkpoint, the dec
 demonstrations and policies, run outputs):
 
 - **Writing** goes through a temporary file beside the target, fsync, then a rename
-  (:func:`atomic_path`, :func:`atomic_write_text`): a crash leaves the old file or the new one, never
-  half of one.
+  (:func:`atomic_path`, :func:`atomic_write_text`): a crash leaves the old file or the new one,
+  never half of one.
 - **Paired files**: a safetensors tensor file and a JSON manifest that names its ``format``,
   ``format_version`` and the tensor file's SHA-256 (:func:`write_pair`). The tensors are written
   first and the manifest last, so the manifest's rename commits the pair; optionally the manifest
@@ -32,12 +32,14 @@ from safetensors.torch import save_file
 
 
 class StateFileError(ValueError):
-    """A state, checkpoint or other eva-lora file that is missing, truncated, foreign or inconsistent."""
+    """A state, checkpoint or other eva-lora file that is missing, truncated, foreign or
+    inconsistent."""
 
 
 # ---- writing -------------------------------------------------------------------------------------
 def umask_mode(directory: bool = False) -> int:
-    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (0644 / 0755 at 022).
+    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (0644 / 0755 at
+    022).
 
     Temporary files and folders are created private (0600 / 0700); a rename keeps that mode, so we
     set this one before renaming, or a colleague on a shared machine could not read the result."""
@@ -70,30 +72,50 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 
 
 def require_free_space(target: str | os.PathLike[str], needed: int, what: str) -> None:
-    """Fail before the work starts when the file system of ``target`` cannot hold ``needed`` bytes."""
+    """Fail before the work starts when the file system of ``target`` cannot hold ``needed``
+    bytes."""
     existing = Path(target)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < needed:
-        raise ValueError(f"not enough free space for {what} in {existing}: needs about {needed / 2**20:.1f} MiB, "
-                         f"{free / 2**20:.1f} MiB free")
+        raise ValueError(
+            f"not enough free space for {what} in {existing}: needs about {needed / 2**20:.1f} "
+            "MiB, "
+            f"{free / 2**20:.1f} MiB free"
+        )
 
 
-def write_pair(tensor_path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor],
-               manifest_path: str | os.PathLike[str], manifest: Mapping[str, Any], *, format_name: str,
-               version: int, digest_key: str | None = None) -> dict[str, Any]:
-    """Write ``tensors`` (safetensors), then the JSON manifest that commits them; returns the manifest.
+def write_pair(
+    tensor_path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    manifest_path: str | os.PathLike[str],
+    manifest: Mapping[str, Any],
+    *,
+    format_name: str,
+    version: int,
+    digest_key: str | None = None,
+) -> dict[str, Any]:
+    """Write ``tensors`` (safetensors), then the JSON manifest that commits them; returns the
+    manifest.
 
     The manifest gets ``format``, ``format_version``, ``tensor_file`` (the tensor file's name) and
     ``tensors_sha256``, then (with ``digest_key``) the SHA-256 of its own canonical content under
     that key, so that an edited manifest is refused as well."""
     tensor_path, manifest_path = Path(tensor_path), Path(manifest_path)
     with atomic_path(tensor_path) as tmp:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-                  metadata={"format": format_name})
-    record = {"format": format_name, "format_version": version, "tensor_file": tensor_path.name,
-              "tensors_sha256": sha256_file(tensor_path), **manifest}
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            str(tmp),
+            metadata={"format": format_name},
+        )
+    record = {
+        "format": format_name,
+        "format_version": version,
+        "tensor_file": tensor_path.name,
+        "tensors_sha256": sha256_file(tensor_path),
+        **manifest,
+    }
     if digest_key is not None:
         record[digest_key] = manifest_digest(record, digest_key)
     atomic_write_text(manifest_path, json.dumps(record, indent=1, allow_nan=True))
@@ -101,9 +123,16 @@ def write_pair(tensor_path: str | os.PathLike[str], tensors: Mapping[str, torch.
 
 
 # ---- reading -------------------------------------------------------------------------------------
-def read_pair(manifest_path: str | os.PathLike[str], *, format_name: str, version: int, what: str,
-              finite: bool = True, digest_key: str | None = None,
-              tensor_file: str | None = None) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+def read_pair(
+    manifest_path: str | os.PathLike[str],
+    *,
+    format_name: str,
+    version: int,
+    what: str,
+    finite: bool = True,
+    digest_key: str | None = None,
+    tensor_file: str | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(manifest, tensors) of a pair written by :func:`write_pair`, or :class:`StateFileError`.
 
     The tensor file is the one the manifest names (or ``tensor_file``, for manifests older than that
@@ -112,7 +141,9 @@ def read_pair(manifest_path: str | os.PathLike[str], *, format_name: str, versio
     manifest_path = Path(manifest_path)
     manifest = read_json_manifest(manifest_path, format_name, version, what)
     if digest_key is not None and manifest.get(digest_key) != manifest_digest(manifest, digest_key):
-        raise StateFileError(f"{manifest_path} does not match its own checksum (edited or corrupted)")
+        raise StateFileError(
+            f"{manifest_path} does not match its own checksum (edited or corrupted)"
+        )
     name = manifest.get("tensor_file", tensor_file)
     if not isinstance(name, str) or Path(name).name != name:
         raise StateFileError(f"{manifest_path} names no valid tensor file: {name!r}")
@@ -120,8 +151,10 @@ def read_pair(manifest_path: str | os.PathLike[str], *, format_name: str, versio
     if not tensor_path.is_file():
         raise StateFileError(f"{tensor_path} is missing")
     if sha256_file(tensor_path) != manifest.get("tensors_sha256"):
-        raise StateFileError(f"{tensor_path} does not match its checksum (SHA-256) in {manifest_path.name} "
-                             "(truncated or replaced)")
+        raise StateFileError(
+            f"{tensor_path} does not match its checksum (SHA-256) in {manifest_path.name} "
+            "(truncated or replaced)"
+        )
     return manifest, read_safetensors(tensor_path, finite)
 
 
@@ -139,8 +172,11 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
     return digest.hexdigest()
 
 
-def read_json_manifest(path: str | os.PathLike[str], format_name: str, version: int, what: str) -> dict[str, Any]:
-    """The JSON object at ``path`` if its ``format`` and ``format_version`` are the expected ones."""
+def read_json_manifest(
+    path: str | os.PathLike[str], format_name: str, version: int, what: str
+) -> dict[str, Any]:
+    """The JSON object at ``path`` if its ``format`` and ``format_version`` are the expected
+    ones."""
     path = Path(path)
     if not path.is_file():
         raise StateFileError(f"{path} not found: not {what}")
@@ -152,13 +188,16 @@ def read_json_manifest(path: str | os.PathLike[str], format_name: str, version: 
         found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
         raise StateFileError(f"{path} is not {what} (format field is {found!r})")
     if meta.get("format_version") != version:
-        raise StateFileError(f"{path}: unsupported format_version {meta.get('format_version')!r} "
-                             f"(this eva-lora reads {version})")
+        raise StateFileError(
+            f"{path}: unsupported format_version {meta.get('format_version')!r} "
+            f"(this eva-lora reads {version})"
+        )
     return meta
 
 
 def read_safetensors(path: str | os.PathLike[str], finite: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; with ``finite``, float tensors must hold no NaN or Inf."""
+    """Every tensor of a safetensors file; with ``finite``, float tensors must hold no NaN or
+    Inf."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

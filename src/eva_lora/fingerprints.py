@@ -1,8 +1,10 @@
-"""What a model and a data set are, in a few lines of JSON: so that an artifact can refuse the wrong one.
+"""What a model and a data set are, in a few lines of JSON: so that an artifact can refuse the wrong
+one.
 
-A state, an adapter or a run folder records the fingerprint of the model (and, for runs, of the data)
-it was made from; loading, applying, resuming and evaluating compare it with what they were given
-and name what differs (:func:`differences`). A fingerprint is cheap (no pass over the weights):
+A state, an adapter or a run folder records the fingerprint of the model (and, for runs, of the
+data) it was made from; loading, applying, resuming and evaluating compare it with what they were
+given and name what differs (:func:`differences`). A fingerprint is cheap (no pass over the
+weights):
 
 - ``architecture``: the model's class and ``config.model_type``;
 - ``parameters`` and ``shapes_sha256``: the number of parameters and a hash of every parameter's
@@ -58,7 +60,8 @@ def _leading_values(param: torch.Tensor) -> bytes:
 
 
 def data_fingerprint(*paths: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Name, size and a hash of the first MiB of each data file (a different or edited file differs)."""
+    """Name, size and a hash of the first MiB of each data file (a different or edited file
+    differs)."""
     out = {}
     for path in paths:
         if path is None:
@@ -73,7 +76,8 @@ def data_fingerprint(*paths: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 
 def differences(expected: dict[str, Any], actual: dict[str, Any], prefix: str = "") -> list[str]:
-    """``["key: recorded X, now Y", ...]`` for every key whose value differs (nested dicts by dotted key)."""
+    """``["key: recorded X, now Y", ...]`` for every key whose value differs (nested dicts by dotted
+    key)."""
     out = []
     for key in sorted(set(expected) | set(actual)):
         a, b = expected.get(key), actual.get(key)

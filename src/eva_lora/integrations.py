@@ -1,4 +1,5 @@
-"""Glue for training stacks that own the data pipeline (transformers ``Trainer``, TRL's ``SFTTrainer``).
+"""Glue for training stacks that own the data pipeline (transformers ``Trainer``, TRL's
+``SFTTrainer``).
 
 EVA must see the batches training will see: the same dataset, collator, sampler and, above all,
 the same label masks: TRL's completion-only or assistant-only loss sets ``labels = -100`` on every
@@ -17,7 +18,14 @@ import itertools
 from collections.abc import Iterator
 from typing import Any
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "position_ids", "token_type_ids", "pixel_values")
+MODEL_INPUTS = (
+    "input_ids",
+    "attention_mask",
+    "labels",
+    "position_ids",
+    "token_type_ids",
+    "pixel_values",
+)
 
 
 def trainer_batches(trainer: Any, max_batches: int | None = None) -> Iterator[dict[str, Any]]:

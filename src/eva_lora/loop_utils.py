@@ -1,4 +1,5 @@
-"""Small pieces of the EVA loop that are not numerics: the bounded batch stream, devices, progress."""
+"""Small pieces of the EVA loop that are not numerics: the bounded batch stream, devices,
+progress."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from torch import nn
 
 
 class _BadBatches(Exception):
-    """Carries an error about the batches argument out of the generator, told apart from user errors."""
+    """Carries an error about the batches argument out of the generator, told apart from user
+    errors."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
@@ -19,10 +21,13 @@ class _BadBatches(Exception):
 
 
 def bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
-    """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators once."""
+    """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators
+    once."""
     if isinstance(batches, (Mapping, torch.Tensor)):
-        raise TypeError("batches must be an iterable of batches (e.g. a list of dicts or a "
-                        f"DataLoader), not a single {type(batches).__name__}")
+        raise TypeError(
+            "batches must be an iterable of batches (e.g. a list of dicts or a "
+            f"DataLoader), not a single {type(batches).__name__}"
+        )
     return _stream(batches, limit)
 
 
@@ -45,13 +50,16 @@ def _stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
 
 
 def next_batch(stream: Iterator[tuple[int, Any]], done: int) -> tuple[int, Any] | None:
-    """The next batch, or None at the end; an error inside the user's data pipeline is named as such."""
+    """The next batch, or None at the end; an error inside the user's data pipeline is named as
+    such."""
     try:
         return next(stream, None)
     except _BadBatches as err:  # our own complaint about the iterable itself
         raise err.error from None
     except Exception as err:
-        raise RuntimeError(f"the batches iterable raised while producing batch {done + 1}: {err!r}") from err
+        raise RuntimeError(
+            f"the batches iterable raised while producing batch {done + 1}: {err!r}"
+        ) from err
 
 
 def model_device(model: nn.Module) -> torch.device | None:
@@ -73,16 +81,17 @@ def to_device(batch: Any, device: torch.device | None) -> Any:
     return batch
 
 
-# Layers that rewrite their weights when they run in eval mode: bitsandbytes' Linear4bit on a CPU with
-# AVX512-BF16 repacks its weight for an inference kernel that has no backward, so a LoRA trained on it
-# afterwards gets no gradient through the base layers (torch only warns). EVA runs them in train mode,
-# which changes nothing else in them (they have no dropout).
+# Layers that rewrite their weights when they run in eval mode: bitsandbytes' Linear4bit on a CPU
+# with AVX512-BF16 repacks its weight for an inference kernel that has no backward, so a LoRA
+# trained on it afterwards gets no gradient through the base layers (torch only warns). EVA runs
+# them in train mode, which changes nothing else in them (they have no dropout).
 REPACK_IN_EVAL = ("Linear4bit", "LinearNF4", "LinearFP4")
 
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """``model.eval()`` for the EVA passes (no dropout), restored afterwards, except :data:`REPACK_IN_EVAL`."""
+    """``model.eval()`` for the EVA passes (no dropout), restored afterwards, except
+    :data:`REPACK_IN_EVAL`."""
     was_training = model.training
     model.eval()
     for module in model.modules():
@@ -123,12 +132,19 @@ class EvaProgress:
         if self.bar is None:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=entry["needed_components"], desc="EVA: components converged", leave=False,
-                            dynamic_ncols=True, bar_format="{desc} {n}/{total} |{bar}| {postfix}")
+            self.bar = tqdm(
+                total=entry["needed_components"],
+                desc="EVA: components converged",
+                leave=False,
+                dynamic_ncols=True,
+                bar_format="{desc} {n}/{total} |{bar}| {postfix}",
+            )
         self.bar.total = entry["needed_components"]
         self.bar.n = entry["converged_components"]
-        self.bar.set_postfix_str(f"batch {entry['batch']} (stops at {self.max_batches} at most), "
-                                 f"{entry['tokens']} tokens, {entry['active_groups']}/{n_groups} groups active")
+        self.bar.set_postfix_str(
+            f"batch {entry['batch']} (stops at {self.max_batches} at most), "
+            f"{entry['tokens']} tokens, {entry['active_groups']}/{n_groups} groups active"
+        )
 
     def close(self) -> None:
         if self.bar is not None:

@@ -1,4 +1,5 @@
-"""The initial LoRA ``A`` of each layer from an EVA state: components, optionally whitened or ablated.
+"""The initial LoRA ``A`` of each layer from an EVA state: components, optionally whitened or
+ablated.
 
 Kept apart from the state file and the PEFT bridge so that both can use it without importing each
 other. The paper's Table 7 ablations (perm, rot, redist_only) and whitening are applied here, when A
@@ -29,7 +30,10 @@ def initial_lora_a(state: EvaState) -> dict[str, torch.Tensor]:
         if config.whiten:
             scale = values[name][:rank]
             if not torch.isfinite(scale).all() or (scale <= 0).any():
-                raise ValueError(f"layer {name}: whitening needs positive eigenvalues, this state has {scale.tolist()}")
+                raise ValueError(
+                    f"layer {name}: whitening needs positive eigenvalues, this state has "
+                    f"{scale.tolist()}"
+                )
             rows = rows / scale.sqrt().to(rows).unsqueeze(1)
         out[name] = ablate(rows, config.init_mode, generator)
     return out

@@ -1,4 +1,5 @@
-"""How the statistics compute: bounded float32 copies, pinned matmul precision, small solves in batches.
+"""How the statistics compute: bounded float32 copies, pinned matmul precision, small solves in
+batches.
 
 Three rules that every statistic follows, kept in one place:
 
@@ -26,11 +27,16 @@ import torch
 CHUNK_ELEMENTS = 1 << 24  # float32 elements per chunk of rows: 64 MiB
 
 
-def float_chunks(rows: torch.Tensor, dtype: torch.dtype = torch.float32,
-                 max_elements: int | None = None, shift: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
-    """``rows`` (n, d) as ``dtype`` chunks of at most ``max_elements`` (default :data:`CHUNK_ELEMENTS`)
-    elements, at least one row each; with ``shift``, each chunk is a fresh copy minus ``shift``
-    (centred in place: one copy per chunk, and the caller's rows are never written)."""
+def float_chunks(
+    rows: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    max_elements: int | None = None,
+    shift: torch.Tensor | None = None,
+) -> Iterator[torch.Tensor]:
+    """``rows`` (n, d) as ``dtype`` chunks of at most ``max_elements`` (default
+    :data:`CHUNK_ELEMENTS`) elements, at least one row each; with ``shift``, each chunk is a fresh
+    copy minus ``shift`` (centred in place: one copy per chunk, and the caller's rows are never
+    written)."""
     limit = CHUNK_ELEMENTS if max_elements is None else max_elements
     step = max(1, limit // max(1, rows.shape[1]))
     for start in range(0, rows.shape[0], step):
@@ -54,8 +60,9 @@ def squared_norm(chunk: torch.Tensor) -> torch.Tensor:
 
 
 def column_sum(rows: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """float64 sum over the rows of ``rows`` (n, d), read through bounded ``dtype`` chunks: a float64
-    reduction of a half-precision tensor would otherwise make a float64 copy of all of it."""
+    """float64 sum over the rows of ``rows`` (n, d), read through bounded ``dtype`` chunks: a
+    float64 reduction of a half-precision tensor would otherwise make a float64 copy of all of
+    it."""
     total = torch.zeros(rows.shape[1], dtype=torch.float64, device=rows.device)
     for chunk in float_chunks(rows, dtype):
         total += sum_rows(chunk)
@@ -102,7 +109,8 @@ def batched_eigh(matrices: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, t
     Matrices of the same size, dtype and device are stacked and solved in one ``torch.linalg.eigh``;
     the result is in the order given. Each is symmetrised first (products in floating point are
     symmetric only up to rounding), and non-finite entries are zeroed, so that one group poisoned by
-    NaN activations cannot fail the call for all: callers check finiteness (and report it) themselves.
+    NaN activations cannot fail the call for all: callers check finiteness (and report it)
+    themselves.
     """
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(matrices)
     buckets: dict[tuple, list[int]] = {}
@@ -110,7 +118,9 @@ def batched_eigh(matrices: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, t
         buckets.setdefault((tuple(matrix.shape), matrix.dtype, matrix.device), []).append(index)
     for (_, _, device), indices in buckets.items():
         stack = torch.stack([matrices[i] for i in indices])
-        stack = torch.nan_to_num(0.5 * (stack + stack.transpose(-1, -2)), nan=0.0, posinf=0.0, neginf=0.0)
+        stack = torch.nan_to_num(
+            0.5 * (stack + stack.transpose(-1, -2)), nan=0.0, posinf=0.0, neginf=0.0
+        )
         with single_thread(device):
             values, vectors = torch.linalg.eigh(stack)
         for slot, index in enumerate(indices):
@@ -119,7 +129,8 @@ def batched_eigh(matrices: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, t
 
 
 def batched_orthonormal(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """An orthonormal basis (``Q`` of a QR decomposition) of each matrix's columns, one call per shape."""
+    """An orthonormal basis (``Q`` of a QR decomposition) of each matrix's columns, one call per
+    shape."""
     out: list[torch.Tensor | None] = [None] * len(matrices)
     buckets: dict[tuple, list[int]] = {}
     for index, matrix in enumerate(matrices):

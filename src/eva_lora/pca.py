@@ -37,7 +37,9 @@ class CovarianceAccumulator:
     :meth:`full_moment` or :meth:`covariance_product`.
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if dtype not in (torch.float32, torch.float64):
@@ -64,7 +66,8 @@ class CovarianceAccumulator:
         if self.count == 0:
             self.shift = column_sum(x, self.moment.dtype) / x.shape[0]
         shift = self.shift.to(self.moment.dtype)
-        for centred in float_chunks(x, self.moment.dtype, shift=shift):  # bounded copies, centred in place
+        # bounded copies, centred in place
+        for centred in float_chunks(x, self.moment.dtype, shift=shift):
             for i, (a, b) in enumerate(self.blocks):
                 for c, e in self.blocks[i:]:
                     self.moment[a:b, c:e].addmm_(centred[:, a:b].T, centred[:, c:e])
@@ -105,8 +108,11 @@ class CovarianceAccumulator:
         # Re-express the other's sums around our shift: x - s = (x - s_o) + (s_o - s).
         offset = other.shift.to(self.device) - self.shift
         other_sum = other.sum.to(self.device)
-        correction = (torch.outer(other_sum, offset) + torch.outer(offset, other_sum)
-                      + other.count * torch.outer(offset, offset))
+        correction = (
+            torch.outer(other_sum, offset)
+            + torch.outer(offset, other_sum)
+            + other.count * torch.outer(offset, offset)
+        )
         self.moment += other.full_moment().to(self.moment) + correction.to(self.moment)
         self.sum += other_sum + other.count * offset
         self.count += other.count
@@ -120,7 +126,9 @@ class CovarianceAccumulator:
         """(dim, dim) float64 unbiased covariance (divides by count - 1, as scikit-learn's PCA)."""
         self._require(2)
         centred_mean = self.sum / self.count
-        cov = (self.full_moment().to(STATS_DTYPE) - self.count * torch.outer(centred_mean, centred_mean))
+        cov = self.full_moment().to(STATS_DTYPE) - self.count * torch.outer(
+            centred_mean, centred_mean
+        )
         cov /= self.count - 1
         return 0.5 * (cov + cov.T)
 
@@ -132,7 +140,8 @@ class CovarianceAccumulator:
         return diag.sum() / (self.count - 1)
 
     def is_finite(self) -> torch.Tensor:
-        """0-dim bool tensor, False once a NaN/Inf row has entered (it poisons the sum, cheap to check)."""
+        """0-dim bool tensor, False once a NaN/Inf row has entered (it poisons the sum, cheap to
+        check)."""
         return torch.isfinite(self.sum).all()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -1,15 +1,16 @@
-"""Sequential EVA: one decoder block at a time, so a model that does not fit on the device still gets EVA.
+"""Sequential EVA: one decoder block at a time, so a model that does not fit on the device still
+gets EVA.
 
 GPTQ calibration solved the same problem (llm-compressor's *sequential onloading*): the calibration
 batches go through one block at a time. Here the batches are a fixed calibration set (the first
 ``calibration_batches``, consumed once); for block ``i`` each batch runs through the model with the
-blocks before ``i`` *replayed*: their ``forward`` returns the output block ``i - 1`` produced for that
-batch, kept in a :class:`BlockOutputs` cache (CPU memory or a folder). Block ``i`` runs for real,
-its target layers feed their statistics as in the whole-model loop, its output goes to the next
-cache, and a forward hook ends the pass there. Everything a block needs from the model (attention
-masks, position embeddings, a per-layer sliding-window mask) is computed by the model's own forward
-exactly as in a whole-model pass, so no block signature has to be known. Targets outside the blocks
-(an LM head) get one last loop with every block replayed.
+blocks before ``i`` *replayed*: their ``forward`` returns the output block ``i - 1`` produced for
+that batch, kept in a :class:`BlockOutputs` cache (CPU memory or a folder). Block ``i`` runs for
+real, its target layers feed their statistics as in the whole-model loop, its output goes to the
+next cache, and a forward hook ends the pass there. Everything a block needs from the model
+(attention masks, position embeddings, a per-layer sliding-window mask) is computed by the model's
+own forward exactly as in a whole-model pass, so no block signature has to be known. Targets outside
+the blocks (an LM head) get one last loop with every block replayed.
 
 Only one block's weights need to be on the compute device: a block is *onloaded* before its loop
 (moved there, or read from a safetensors folder by :class:`~eva_lora.disk_weights.DiskWeights`) and
@@ -43,8 +44,8 @@ from .state import EvaState
 from .targets import find_target_layers, layer_shapes
 
 # Calibration batches when none are given: each one passes through every block once and its hidden
-# states are kept (batch x seq x hidden per batch), so the set is fixed and modest. The whole-model loop
-# needed 42-65 passes on the real models we measured (benchmarks/README.md).
+# states are kept (batch x seq x hidden per batch), so the set is fixed and modest. The whole-model
+# loop needed 42-65 passes on the real models we measured (benchmarks/README.md).
 DEFAULT_CALIBRATION_BATCHES = 64
 INDEX_KEY = "_eva_calibration_index"
 SPACE_MARGIN = 1.1  # a folder cache must find this much more free space than its estimate
@@ -61,10 +62,12 @@ class SequentialOptions:
         the model's ``_no_split_modules``.
     device: where each block computes (default: the model's device, or CUDA when the model's
         weights are on disk or on the meta device and a GPU is present).
-    weights: where blocks not yet in memory are read from (a :class:`~eva_lora.disk_weights.DiskWeights`),
+    weights: where blocks not yet in memory are read from (a
+    :class:`~eva_lora.disk_weights.DiskWeights`),
         for a model built without its weights (meta device).
     checkpoint_dir / resume: commit every finished block there (its groups and its outputs,
-        :mod:`eva_lora.sequential_checkpoint`); ``resume=True`` continues at the first unfinished block.
+        :mod:`eva_lora.sequential_checkpoint`); ``resume=True`` continues at the first unfinished
+        block.
     """
 
     offload: str | Path = "cpu"
@@ -79,25 +82,38 @@ class SequentialOptions:
 def find_blocks(model: nn.Module, name: str | None = None) -> tuple[str, nn.ModuleList]:
     """(dotted name, ModuleList) of the model's decoder blocks.
 
-    Found as accelerate and llm-compressor find them: the ``nn.ModuleList`` whose children are all of a
-    class named in the model's ``_no_split_modules`` (the largest one when several qualify)."""
+    Found as accelerate and llm-compressor find them: the ``nn.ModuleList`` whose children are all
+    of a class named in the model's ``_no_split_modules`` (the largest one when several qualify)."""
     if name is not None:
         try:
             found = model.get_submodule(name)
         except AttributeError as err:
             raise ValueError(f"blocks={name!r} is not a submodule of this model") from err
         if not isinstance(found, nn.ModuleList) or len(found) == 0:
-            raise ValueError(f"blocks={name!r} is a {type(found).__name__}, not a non-empty nn.ModuleList")
+            raise ValueError(
+                f"blocks={name!r} is a {type(found).__name__}, not a non-empty nn.ModuleList"
+            )
         return name, found
     classes = set(getattr(model, "_no_split_modules", None) or [])
-    candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0
-                  and classes and all(type(child).__name__ in classes for child in m)]
+    candidates = [
+        (n, m)
+        for n, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and classes
+        and all(type(child).__name__ in classes for child in m)
+    ]
     if not candidates:
         lists = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-        raise ValueError("sequential EVA could not find the decoder blocks: "
-                         + ("the model declares no _no_split_modules" if not classes else
-                            f"no nn.ModuleList holds only {sorted(classes)}")
-                         + f"; name them with blocks= (--blocks), e.g. one of {lists[:4] or ['<none found>']}")
+        raise ValueError(
+            "sequential EVA could not find the decoder blocks: "
+            + (
+                "the model declares no _no_split_modules"
+                if not classes
+                else f"no nn.ModuleList holds only {sorted(classes)}"
+            )
+            + f"; name them with blocks= (--blocks), e.g. one of {lists[:4] or ['<none found>']}"
+        )
     return max(candidates, key=lambda item: len(item[1]))
 
 
@@ -105,7 +121,8 @@ class BlockOutputs:
     """What one block returned for each calibration batch, in CPU memory or in a folder.
 
     A block may return a tensor or a (nested) tuple / list of tensors and other values; the tensors
-    are stored (safetensors files in a folder, written atomically), the structure stays in memory."""
+    are stored (safetensors files in a folder, written atomically), the structure stays in
+    memory."""
 
     def __init__(self, folder: Path | None, count: int) -> None:
         self.folder, self.count = folder, count
@@ -137,9 +154,17 @@ class BlockOutputs:
         return _unflatten(skeleton, iter([t.to(device, non_blocking=True) for t in tensors]))
 
     def save_index(self) -> None:
-        """Write the structure of every stored output (folder caches): the cache is complete once it exists."""
-        atomic_write_text(self.folder / "index.json", json.dumps({"count": self.count, "items": {
-            str(k): [_skeleton_json(v[0]), v[1]] for k, v in self._items.items()}}))
+        """Write the structure of every stored output (folder caches): the cache is complete once it
+        exists."""
+        atomic_write_text(
+            self.folder / "index.json",
+            json.dumps(
+                {
+                    "count": self.count,
+                    "items": {str(k): [_skeleton_json(v[0]), v[1]] for k, v in self._items.items()},
+                }
+            ),
+        )
 
     @classmethod
     def load(cls, folder: Path) -> BlockOutputs:
@@ -148,7 +173,9 @@ class BlockOutputs:
             raise ValueError(f"{folder} holds no complete block outputs (index.json is missing)")
         data = json.loads(index.read_text(encoding="utf-8"))
         cache = cls(folder, int(data["count"]))
-        cache._items = {int(k): (_skeleton_from_json(v[0]), int(v[1])) for k, v in data["items"].items()}
+        cache._items = {
+            int(k): (_skeleton_from_json(v[0]), int(v[1])) for k, v in data["items"].items()
+        }
         cache._checked_space = True
         return cache
 
@@ -158,13 +185,18 @@ class BlockOutputs:
         return sum(t.numel() * t.element_size() for _, ts in self._items.values() for t in ts)
 
     def _check_space(self, per_batch: int) -> None:
-        """Before the first file: the next block's cache and this one coexist, so twice the estimate."""
+        """Before the first file: the next block's cache and this one coexist, so twice the
+        estimate."""
         if self._checked_space:
             return
         self._checked_space = True
         need = int(2 * per_batch * self.count * SPACE_MARGIN)
-        require_free_space(self.folder, need, f"the hidden states of {self.count} calibration batches (point the "
-                           "offload at another folder, or use fewer calibration batches)")
+        require_free_space(
+            self.folder,
+            need,
+            f"the hidden states of {self.count} calibration batches (point the "
+            "offload at another folder, or use fewer calibration batches)",
+        )
 
 
 def _flatten(value: Any, out: list[torch.Tensor]) -> Any:
@@ -183,7 +215,10 @@ def _skeleton_json(skeleton: Any) -> Any:
 
 def _skeleton_from_json(data: Any) -> Any:
     kind, payload = data
-    return (kind, [_skeleton_from_json(s) for s in payload] if kind in ("tuple", "list") else payload)
+    return (
+        kind,
+        [_skeleton_from_json(s) for s in payload] if kind in ("tuple", "list") else payload,
+    )
 
 
 def _unflatten(skeleton: Any, tensors: Iterator[torch.Tensor]) -> Any:
@@ -197,9 +232,9 @@ def _unflatten(skeleton: Any, tensors: Iterator[torch.Tensor]) -> Any:
 
 
 class _BlockLoop(engine._EvaLoop):
-    """The whole-model loop restricted to one block's groups: it runs every calibration batch (the next
-    block needs their outputs), never ends a pass before the block's end, and probes on a whole batch
-    (a probe slice would not line up with the replayed hidden states)."""
+    """The whole-model loop restricted to one block's groups: it runs every calibration batch (the
+    next block needs their outputs), never ends a pass before the block's end, and probes on a whole
+    batch (a probe slice would not line up with the replayed hidden states)."""
 
     probe_on_slice = False
 
@@ -240,13 +275,23 @@ class _Replay:
                 del block.forward
 
 
-def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaConfig, options: SequentialOptions,
-                         *, progress: bool = True, strict: bool = False,
-                         layers: Mapping[str, nn.Module] | None = None) -> EvaState:
-    """EVA computed block by block (see the module docstring); ``compute_eva_state(sequential=...)`` calls it."""
+def sequential_eva_state(
+    model: nn.Module,
+    batches: Iterable[Any],
+    config: EvaConfig,
+    options: SequentialOptions,
+    *,
+    progress: bool = True,
+    strict: bool = False,
+    layers: Mapping[str, nn.Module] | None = None,
+) -> EvaState:
+    """EVA computed block by block (see the module docstring); ``compute_eva_state(sequential=...)``
+    calls it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        raise ValueError("sequential EVA runs in one process; under torch.distributed, shard the model with "
-                         "FSDP2 and use the whole-model loop instead")
+        raise ValueError(
+            "sequential EVA runs in one process; under torch.distributed, shard the model with "
+            "FSDP2 and use the whole-model loop instead"
+        )
     with eager(model) as runnable, engine._no_kv_cache(runnable):
         blocks_name, blocks = find_blocks(runnable, options.blocks)
         targets = dict(layers) if layers is not None else find_target_layers(runnable, config)
@@ -259,18 +304,42 @@ def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaCo
         checkpoint = None
         if options.checkpoint_dir is not None:
             checkpoint = BlockCheckpoint(options.checkpoint_dir, options.resume)
-            checkpoint.start({"calibration_sha256": calibration_digest(calibration), "blocks": blocks_name,
-                              "n_blocks": len(blocks), "targets": sorted(targets),
-                              "settings": config.statistics_dict()})
+            checkpoint.start(
+                {
+                    "calibration_sha256": calibration_digest(calibration),
+                    "blocks": blocks_name,
+                    "n_blocks": len(blocks),
+                    "targets": sorted(targets),
+                    "settings": config.statistics_dict(),
+                }
+            )
         elif options.resume:
             raise ValueError("resume needs the checkpoint_dir the interrupted run wrote")
-        scratch = None if offload_root is None else Path(tempfile.mkdtemp(prefix="eva-offload-", dir=offload_root))
+        scratch = (
+            None
+            if offload_root is None
+            else Path(tempfile.mkdtemp(prefix="eva-offload-", dir=offload_root))
+        )
         try:
-            with eval_mode(runnable), _OnDevice(runnable, blocks, device, options.weights) as placement:
-                loops = _run_blocks(runnable, blocks_name, blocks, targets, calibration, config, placement,
-                                    scratch, progress, checkpoint)
-            final = engine._EvaLoop(runnable, ActivationCapture(targets), config, None, progress=False,
-                                    strict=strict)
+            with (
+                eval_mode(runnable),
+                _OnDevice(runnable, blocks, device, options.weights) as placement,
+            ):
+                loops = _run_blocks(
+                    runnable,
+                    blocks_name,
+                    blocks,
+                    targets,
+                    calibration,
+                    config,
+                    placement,
+                    scratch,
+                    progress,
+                    checkpoint,
+                )
+            final = engine._EvaLoop(
+                runnable, ActivationCapture(targets), config, None, progress=False, strict=strict
+            )
             final.adopt(loops)
             return final.build_state(layer_shapes(targets))
         finally:
@@ -278,9 +347,18 @@ def sequential_eva_state(model: nn.Module, batches: Iterable[Any], config: EvaCo
                 shutil.rmtree(scratch, ignore_errors=True)
 
 
-def _run_blocks(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, targets: dict[str, nn.Module],
-                calibration: list[dict[str, Any]], config: EvaConfig, placement: _OnDevice, scratch: Path | None,
-                progress: bool, checkpoint: BlockCheckpoint | None = None) -> list[Any]:
+def _run_blocks(
+    model: nn.Module,
+    blocks_name: str,
+    blocks: nn.ModuleList,
+    targets: dict[str, nn.Module],
+    calibration: list[dict[str, Any]],
+    config: EvaConfig,
+    placement: _OnDevice,
+    scratch: Path | None,
+    progress: bool,
+    checkpoint: BlockCheckpoint | None = None,
+) -> list[Any]:
     replay = _Replay(blocks)
     replay.device = placement.device
     loops: list[Any] = []
@@ -331,10 +409,17 @@ def _run_blocks(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, targe
     return loops
 
 
-def _run_one(model: nn.Module, block: nn.Module | None, layers: dict[str, nn.Module],
-             calibration: list[dict[str, Any]], config: EvaConfig, replay: _Replay,
-             outputs: BlockOutputs | None) -> engine._EvaLoop | None:
-    """One block's loop over the calibration set (or, with ``block=None``, the targets outside the blocks)."""
+def _run_one(
+    model: nn.Module,
+    block: nn.Module | None,
+    layers: dict[str, nn.Module],
+    calibration: list[dict[str, Any]],
+    config: EvaConfig,
+    replay: _Replay,
+    outputs: BlockOutputs | None,
+) -> engine._EvaLoop | None:
+    """One block's loop over the calibration set (or, with ``block=None``, the targets outside the
+    blocks)."""
 
     def forward(runnable: nn.Module, batch: Any) -> None:
         replay.index = batch[INDEX_KEY]
@@ -342,6 +427,7 @@ def _run_one(model: nn.Module, block: nn.Module | None, layers: dict[str, nn.Mod
 
     handle = None
     if block is not None:
+
         def keep_output(module: nn.Module, args: Any, output: Any) -> None:
             outputs.put(replay.index, output)
             raise StopForward
@@ -365,8 +451,11 @@ def _run_one(model: nn.Module, block: nn.Module | None, layers: dict[str, nn.Mod
             handle.remove()
 
 
-def _calibration_set(batches: Iterable[Any], config: EvaConfig, options: SequentialOptions) -> list[dict[str, Any]]:
-    """The first ``calibration_batches`` batches (bounded by ``max_batches``), each tagged with its index."""
+def _calibration_set(
+    batches: Iterable[Any], config: EvaConfig, options: SequentialOptions
+) -> list[dict[str, Any]]:
+    """The first ``calibration_batches`` batches (bounded by ``max_batches``), each tagged with its
+    index."""
     count = options.calibration_batches or DEFAULT_CALIBRATION_BATCHES
     if count < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {count}")
@@ -376,23 +465,32 @@ def _calibration_set(batches: Iterable[Any], config: EvaConfig, options: Sequent
     while (item := next_batch(stream, len(out))) is not None and item[0] == 0:
         batch = item[1]
         if not isinstance(batch, Mapping):
-            raise TypeError("sequential EVA takes token batches (dicts such as {'input_ids': ..., "
-                            f"'attention_mask': ...}}), not {type(batch).__name__}")
+            raise TypeError(
+                "sequential EVA takes token batches (dicts such as {'input_ids': ..., "
+                f"'attention_mask': ...}}), not {type(batch).__name__}"
+            )
         out.append({**batch, INDEX_KEY: len(out)})
     return out
 
 
 def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Path) -> None:
-    """Before any work: two blocks' worth of hidden states (tokens x hidden width) must fit in ``folder``."""
+    """Before any work: two blocks' worth of hidden states (tokens x hidden width) must fit in
+    ``folder``."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     width = getattr(embeddings, "embedding_dim", None)
     if width is None:
         return  # checked again before the first file is written
     itemsize = torch.finfo(embeddings.weight.dtype).bits // 8
-    tokens = sum(b["input_ids"].numel() for b in calibration if isinstance(b.get("input_ids"), torch.Tensor))
-    require_free_space(folder, int(2 * tokens * width * itemsize * SPACE_MARGIN),
-                       f"the hidden states of {len(calibration)} calibration batches (point the offload at another "
-                       "folder, or use fewer calibration batches)")
+    tokens = sum(
+        b["input_ids"].numel() for b in calibration if isinstance(b.get("input_ids"), torch.Tensor)
+    )
+    require_free_space(
+        folder,
+        int(2 * tokens * width * itemsize * SPACE_MARGIN),
+        f"the hidden states of {len(calibration)} calibration batches (point the offload at "
+        "another "
+        "folder, or use fewer calibration batches)",
+    )
 
 
 def _compute_device(model: nn.Module, options: SequentialOptions) -> torch.device:
@@ -405,12 +503,15 @@ def _compute_device(model: nn.Module, options: SequentialOptions) -> torch.devic
 
 
 class _OnDevice:
-    """Puts the modules outside the blocks on the compute device for the run, and one block at a time.
+    """Puts the modules outside the blocks on the compute device for the run, and one block at a
+    time.
 
     A block whose weights are in memory (CPU, or already on the device) is moved to the device and
     back; one on the meta device is read from ``weights`` and dropped again afterwards."""
 
-    def __init__(self, model: nn.Module, blocks: nn.ModuleList, device: torch.device, weights: Any) -> None:
+    def __init__(
+        self, model: nn.Module, blocks: nn.ModuleList, device: torch.device, weights: Any
+    ) -> None:
         self.model, self.blocks, self.device, self.weights = model, blocks, device, weights
         self._moved: list[tuple[nn.Module, torch.device]] = []
 
@@ -419,7 +520,11 @@ class _OnDevice:
         for name, module in self.model.named_modules():
             if id(module) in inside:
                 continue
-            own = [t for t in list(module._parameters.values()) + list(module._buffers.values()) if t is not None]
+            own = [
+                t
+                for t in list(module._parameters.values()) + list(module._buffers.values())
+                if t is not None
+            ]
             if any(t.device.type == "meta" for t in own):
                 self._need_weights(name)
                 self.weights.load(self.model, module, name, self.device, recurse=False)
@@ -454,13 +559,15 @@ class _OnDevice:
 
     def _need_weights(self, name: str) -> None:
         if self.weights is None:
-            raise ValueError(f"{name or 'the model'} has weights on the meta device and no weights= source to "
-                             "read them from (load the model with eva_lora.disk_weights.empty_model_from_folder)")
+            raise ValueError(
+                f"{name or 'the model'} has weights on the meta device and no weights= source to "
+                "read them from (load the model with eva_lora.disk_weights.empty_model_from_folder)"
+            )
 
 
 def _move_own(module: nn.Module, device: torch.device) -> None:
-    """Move a module's own parameters and buffers (not its children's), in place: a parameter shared with
-    another module (tied embeddings) stays one object."""
+    """Move a module's own parameters and buffers (not its children's), in place: a parameter shared
+    with another module (tied embeddings) stays one object."""
     for param in module._parameters.values():
         if param is not None:
             param.data = param.data.to(device)
@@ -475,4 +582,3 @@ def _block_bar(enabled: bool, total: int) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc="EVA (sequential): blocks done", leave=False, dynamic_ncols=True)
-

@@ -48,10 +48,14 @@ class EvaState:
     unconverged: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)
-    group_statistics: list[str] = field(default_factory=list)  # statistic kind per group: exact | sketch
-    group_stop_batches: list[int | None] = field(default_factory=list)  # batch a group met the rule (None: never)
-    group_stability: list[float | None] = field(default_factory=list)  # half-data agreement (diagnostics.py)
-    token_counts: dict[str, int] = field(default_factory=dict)  # tokens the masks saw and kept (diagnostics.py)
+    # statistic kind per group: exact | sketch
+    group_statistics: list[str] = field(default_factory=list)
+    # batch a group met the rule (None: never)
+    group_stop_batches: list[int | None] = field(default_factory=list)
+    # half-data agreement (diagnostics.py)
+    group_stability: list[float | None] = field(default_factory=list)
+    # tokens the masks saw and kept (diagnostics.py)
+    token_counts: dict[str, int] = field(default_factory=dict)
 
     # ---- per-layer views -------------------------------------------------------------------
     def _group_index(self) -> dict[str, int]:
@@ -77,8 +81,12 @@ class EvaState:
     def singular_values(self) -> dict[str, torch.Tensor]:
         """Singular values of the centred activations: ``sqrt(eigenvalue * (tokens - 1))``."""
         index = self._group_index()
-        return {n: (self.group_eigenvalues[index[n]].clamp_min(0) * (self.group_tokens[index[n]] - 1)).sqrt()
-                for n in self.ranks}
+        return {
+            n: (
+                self.group_eigenvalues[index[n]].clamp_min(0) * (self.group_tokens[index[n]] - 1)
+            ).sqrt()
+            for n in self.ranks
+        }
 
     @property
     def n_tokens(self) -> int:
@@ -90,23 +98,48 @@ class EvaState:
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the state atomically into ``directory`` (created if needed): tensors, then the manifest."""
+        """Write the state atomically into ``directory`` (created if needed): tensors, then the
+        manifest."""
         directory = Path(directory)
         tensors = {}
         for g in range(len(self.groups)):
-            tensors[f"group.{g}.components"] = self.group_components[g].detach().to("cpu", torch.float32)
-            tensors[f"group.{g}.eigenvalues"] = self.group_eigenvalues[g].detach().to("cpu", torch.float64)
+            tensors[f"group.{g}.components"] = (
+                self.group_components[g].detach().to("cpu", torch.float32)
+            )
+            tensors[f"group.{g}.eigenvalues"] = (
+                self.group_eigenvalues[g].detach().to("cpu", torch.float64)
+            )
             tensors[f"group.{g}.ratios"] = self.group_ratios[g].detach().to("cpu", torch.float64)
-        write_pair(directory / TENSOR_FILE, tensors, directory / META_FILE, self._metadata(), format_name=FORMAT,
-                   version=FORMAT_VERSION, digest_key=DIGEST_KEY)
+        write_pair(
+            directory / TENSOR_FILE,
+            tensors,
+            directory / META_FILE,
+            self._metadata(),
+            format_name=FORMAT,
+            version=FORMAT_VERSION,
+            digest_key=DIGEST_KEY,
+        )
         return directory
 
     def _metadata(self) -> dict[str, Any]:
         return {
             "config": self.config.to_dict(),
-            "groups": [{"layers": names, "tokens": t, "statistic": kind, "stop_batch": stop, "agreement": agree}
-                       for names, t, kind, stop, agree in zip(self.groups, self.group_tokens, self._kinds(),
-                                                              self._stop_batches(), self._stability())],
+            "groups": [
+                {
+                    "layers": names,
+                    "tokens": t,
+                    "statistic": kind,
+                    "stop_batch": stop,
+                    "agreement": agree,
+                }
+                for names, t, kind, stop, agree in zip(
+                    self.groups,
+                    self.group_tokens,
+                    self._kinds(),
+                    self._stop_batches(),
+                    self._stability(),
+                )
+            ],
             "token_counts": self.token_counts,
             "ranks": self.ranks,
             "layer_shapes": self.layer_shapes,
@@ -131,28 +164,56 @@ class EvaState:
     def load(cls, directory: str | os.PathLike[str]) -> EvaState:
         """Read and validate a state written by :meth:`save`."""
         directory = Path(directory)
-        meta, tensors = read_pair(directory / META_FILE, format_name=FORMAT, version=FORMAT_VERSION,
-                                  what="an eva-lora state directory", finite=False, digest_key=DIGEST_KEY,
-                                  tensor_file=TENSOR_FILE)  # spectra of a state imported from PEFT are NaN
+        meta, tensors = read_pair(
+            directory / META_FILE,
+            format_name=FORMAT,
+            version=FORMAT_VERSION,
+            what="an eva-lora state directory",
+            finite=False,
+            digest_key=DIGEST_KEY,
+            # spectra of a state imported from PEFT are NaN
+            tensor_file=TENSOR_FILE,
+        )
         try:
             config = EvaConfig.from_dict(meta["config"])
             groups = [list(g["layers"]) for g in meta["groups"]]
             tokens = [int(g["tokens"]) for g in meta["groups"]]
             kinds = [str(g.get("statistic", "exact")) for g in meta["groups"]]
-            stops = [None if g.get("stop_batch") is None else int(g["stop_batch"]) for g in meta["groups"]]
-            agreement = [None if g.get("agreement") is None else float(g["agreement"]) for g in meta["groups"]]
+            stops = [
+                None if g.get("stop_batch") is None else int(g["stop_batch"])
+                for g in meta["groups"]
+            ]
+            agreement = [
+                None if g.get("agreement") is None else float(g["agreement"])
+                for g in meta["groups"]
+            ]
             counts = {str(k): int(v) for k, v in (meta.get("token_counts") or {}).items()}
             ranks = {str(k): int(v) for k, v in meta["ranks"].items()}
             shapes = {str(k): [int(x) for x in v] for k, v in meta["layer_shapes"].items()}
         except (KeyError, TypeError, ValueError) as err:
-            raise StateFileError(f"{directory / META_FILE} is not a valid EVA state: {err}") from err
+            raise StateFileError(
+                f"{directory / META_FILE} is not a valid EVA state: {err}"
+            ) from err
         comps, values, ratios = _group_tensors(tensors, directory / TENSOR_FILE, len(groups))
-        state = cls(config=config, groups=groups, group_components=comps, group_eigenvalues=values,
-                    group_ratios=ratios, group_tokens=tokens, ranks=ranks, layer_shapes=shapes,
-                    n_batches=int(meta.get("n_batches", 0)), stop_reason=str(meta.get("stop_reason", "unknown")),
-                    unconverged=list(meta.get("unconverged", [])), history=list(meta.get("history", [])),
-                    versions=dict(meta.get("versions", {})), group_statistics=kinds, group_stop_batches=stops,
-                    group_stability=agreement, token_counts=counts)
+        state = cls(
+            config=config,
+            groups=groups,
+            group_components=comps,
+            group_eigenvalues=values,
+            group_ratios=ratios,
+            group_tokens=tokens,
+            ranks=ranks,
+            layer_shapes=shapes,
+            n_batches=int(meta.get("n_batches", 0)),
+            stop_reason=str(meta.get("stop_reason", "unknown")),
+            unconverged=list(meta.get("unconverged", [])),
+            history=list(meta.get("history", [])),
+            versions=dict(meta.get("versions", {})),
+            group_statistics=kinds,
+            group_stop_batches=stops,
+            group_stability=agreement,
+            token_counts=counts,
+        )
         state.validate()
         return state
 
@@ -164,21 +225,28 @@ class EvaState:
         for g, names in enumerate(self.groups):
             comp = self.group_components[g]
             k = comp.shape[0]
-            if comp.ndim != 2 or self.group_eigenvalues[g].shape != (k,) or self.group_ratios[g].shape != (k,):
+            if (
+                comp.ndim != 2
+                or self.group_eigenvalues[g].shape != (k,)
+                or self.group_ratios[g].shape != (k,)
+            ):
                 raise StateFileError(f"group {g} ({names[0]}): inconsistent tensor shapes")
             if not torch.isfinite(comp).all():
                 raise StateFileError(f"group {g} ({names[0]}): components contain NaN or Inf")
             for name in names:
                 if self.layer_shapes.get(name, [None])[0] != comp.shape[1]:
-                    raise StateFileError(f"layer {name}: components have width {comp.shape[1]}, "
-                                         f"layer_shapes says {self.layer_shapes.get(name)}")
+                    raise StateFileError(
+                        f"layer {name}: components have width {comp.shape[1]}, "
+                        f"layer_shapes says {self.layer_shapes.get(name)}"
+                    )
                 if not 0 <= self.ranks[name] <= k:
                     raise StateFileError(f"layer {name}: rank {self.ranks[name]} outside [0, {k}]")
 
 
 def state_bytes(widths: list[int], components: int) -> int:
-    """Upper bound of a saved state's size: per layer, ``components`` float32 rows of its width and two
-    float64 spectra (one group per layer; shared groups only make it smaller), plus 1 MiB of JSON."""
+    """Upper bound of a saved state's size: per layer, ``components`` float32 rows of its width and
+    two float64 spectra (one group per layer; shared groups only make it smaller), plus 1 MiB of
+    JSON."""
     return sum(w * components * 4 + 2 * components * 8 for w in widths) + (1 << 20)
 
 
@@ -188,8 +256,9 @@ def model_fingerprint(layer_shapes: dict[str, list[int]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _group_tensors(tensors: dict[str, torch.Tensor], path: Path,
-                   n_groups: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+def _group_tensors(
+    tensors: dict[str, torch.Tensor], path: Path, n_groups: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
     expected = {"components": torch.float32, "eigenvalues": torch.float64, "ratios": torch.float64}
     out: dict[str, list[torch.Tensor]] = {k: [] for k in expected}
     for g in range(n_groups):
@@ -198,6 +267,8 @@ def _group_tensors(tensors: dict[str, torch.Tensor], path: Path,
             if key not in tensors:
                 raise StateFileError(f"{path}: tensor {key} is missing")
             if tensors[key].dtype != dtype:
-                raise StateFileError(f"{path}: tensor {key} has dtype {tensors[key].dtype}, expected {dtype}")
+                raise StateFileError(
+                    f"{path}: tensor {key} has dtype {tensors[key].dtype}, expected {dtype}"
+                )
             out[kind].append(tensors[key])
     return out["components"], out["eigenvalues"], out["ratios"]

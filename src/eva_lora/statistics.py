@@ -34,8 +34,10 @@ from .numerics import batched_eigh, column_sum, float_chunks, squared_norm, sum_
 from .pca import STATS_DTYPE, CovarianceAccumulator, Eigenpairs, canonical_signs
 
 KINDS = ("exact", "sketch")
-GRAM_FLOOR = 1e-6  # new directions whose Gram eigenvalue is below this share of the largest are dependent
-NEW_DIRECTION_FLOOR = 1e-3  # a new direction must keep this share of its norm outside the kept basis
+# new directions whose Gram eigenvalue is below this share of the largest are dependent
+GRAM_FLOOR = 1e-6
+# a new direction must keep this share of its norm outside the kept basis
+NEW_DIRECTION_FLOOR = 1e-3
 
 
 class Statistic(ABC):
@@ -59,8 +61,8 @@ class Statistic(ABC):
 
     @abstractmethod
     def total_variance(self) -> torch.Tensor:
-        """trace of the covariance of every row seen (a 0-dim float64 tensor on the statistic's device):
-        the denominator of the explained variance ratio."""
+        """trace of the covariance of every row seen (a 0-dim float64 tensor on the statistic's
+        device): the denominator of the explained variance ratio."""
 
     @abstractmethod
     def is_finite(self) -> torch.Tensor:
@@ -77,11 +79,14 @@ class Statistic(ABC):
 
 
 class ExactStatistic(Statistic):
-    """Exact second moment (see :class:`~eva_lora.pca.CovarianceAccumulator`), solved by subspace iteration."""
+    """Exact second moment (see :class:`~eva_lora.pca.CovarianceAccumulator`), solved by subspace
+    iteration."""
 
     kind = "exact"
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> None:
         self.acc = CovarianceAccumulator(dim, device, dtype)
         self.dim = dim
 
@@ -118,7 +123,9 @@ class ExactStatistic(Statistic):
         return self.acc.state_dict()
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> ExactStatistic:
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> ExactStatistic:
         acc = CovarianceAccumulator.from_state_dict(state, device)
         out = cls.__new__(cls)
         out.acc, out.dim = acc, acc.dim
@@ -126,8 +133,9 @@ class ExactStatistic(Statistic):
 
 
 class SketchStatistic(Statistic):
-    """Bounded-memory PCA: an orthonormal ``basis`` (dim, <= size) of the directions that matter so far
-    and ``power``, the centred sum of squares of every row seen along each of them, largest first.
+    """Bounded-memory PCA: an orthonormal ``basis`` (dim, <= size) of the directions that matter so
+    far and ``power``, the centred sum of squares of every row seen along each of them, largest
+    first.
 
     Rows arrive in *windows*: the batches between two calls of :func:`compress_sketches` (the
     engine calls it at each convergence check, so by default a window is one batch). The first
@@ -153,8 +161,15 @@ class SketchStatistic(Statistic):
 
     kind = "sketch"
 
-    def __init__(self, dim: int, size: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 explore: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        size: int,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        explore: int | None = None,
+        seed: int = 0,
+    ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
         if size < 1:
@@ -217,7 +232,8 @@ class SketchStatistic(Statistic):
         self.window_count += rows.shape[0]
 
     def _explore_width(self) -> int:
-        """New directions of each kind for the next window: enough to fill an empty basis at once."""
+        """New directions of each kind for the next window: enough to fill an empty basis at
+        once."""
         kept = self.basis.shape[1]
         width = max(self.explore, -(-(self.size - kept) // 2))
         return max(0, min(width, (self.dim - kept) // 2))
@@ -226,12 +242,17 @@ class SketchStatistic(Statistic):
         """The window's new directions, from its first batch ``X`` (centred on its own mean):
         ``G = X^T Phi`` (random combinations of rows), ``A G`` and ``A basis`` (one power step, the
         directions the kept subspace is turning towards) and the shift of the mean. All are made
-        orthogonal to the basis; their own orthonormalisation waits for :func:`compress_sketches`."""
+        orthogonal to the basis; their own orthonormalisation waits for
+        :func:`compress_sketches`."""
         self.shift = column_sum(rows, self.dtype) / rows.shape[0]
         shift = self.shift.to(self.dtype)
         width = self._explore_width()
-        generator = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + self.windows)
-        mixing = torch.randn(rows.shape[0], width, generator=generator, dtype=self.dtype, device=self.device)
+        generator = torch.Generator(device=self.device).manual_seed(
+            self.seed * 1_000_003 + self.windows
+        )
+        mixing = torch.randn(
+            rows.shape[0], width, generator=generator, dtype=self.dtype, device=self.device
+        )
         guide = torch.zeros(self.dim, width, dtype=self.dtype, device=self.device)
         start = 0
         for x in float_chunks(rows, self.dtype, shift=shift):
@@ -268,7 +289,9 @@ class SketchStatistic(Statistic):
         left = self._orthogonal(columns)
         after = torch.linalg.vector_norm(left, dim=0)
         keep = after > NEW_DIRECTION_FLOOR * before
-        left = torch.where(keep, left / after.clamp_min(torch.finfo(left.dtype).tiny), torch.zeros_like(left))
+        left = torch.where(
+            keep, left / after.clamp_min(torch.finfo(left.dtype).tiny), torch.zeros_like(left)
+        )
         return _unit_columns(self._orthogonal(left, passes=1))
 
     # ---- folding a window in (called through compress_sketches) -------------------------------
@@ -276,15 +299,21 @@ class SketchStatistic(Statistic):
         extra = self.extra.to(STATS_DTYPE)
         return extra.T @ extra
 
-    def _projected_moment(self, gram_values: torch.Tensor, gram_vectors: torch.Tensor) -> torch.Tensor:
+    def _projected_moment(
+        self, gram_values: torch.Tensor, gram_vectors: torch.Tensor
+    ) -> torch.Tensor:
         """The window's statistic in an orthonormal basis of span(K): ``R^T H R``.
 
         ``R`` keeps the basis and orthonormalises the new directions (dropping numerically
         dependent ones, whose columns of ``R`` are zero)."""
         keep = gram_values > gram_values.max().clamp_min(torch.finfo(STATS_DTYPE).tiny) * GRAM_FLOOR
-        scale = torch.where(keep, gram_values.clamp_min(torch.finfo(STATS_DTYPE).tiny).rsqrt(),
-                            torch.zeros_like(gram_values))
-        self._transform = gram_vectors * scale  # (e, e): orthonormal new directions = extra @ transform
+        scale = torch.where(
+            keep,
+            gram_values.clamp_min(torch.finfo(STATS_DTYPE).tiny).rsqrt(),
+            torch.zeros_like(gram_values),
+        )
+        # (e, e): orthonormal new directions = extra @ transform
+        self._transform = gram_vectors * scale
         kept = self.basis.shape[1]
         moment = self._window_moment()
         out = torch.empty_like(moment)
@@ -302,7 +331,8 @@ class SketchStatistic(Statistic):
         moment = self.moment - torch.outer(projected_sum, projected_sum) / n_new
         if n_old:
             kept = self.basis.shape[1]
-            moment[:kept, :kept] += torch.diag(self.power)  # basis orthonormal, extra orthogonal to it
+            # basis orthonormal, extra orthogonal to it
+            moment[:kept, :kept] += torch.diag(self.power)
             shift = self._in_k(self.mean - (self.shift + self.window_sum / n_new))
             moment += (n_old * n_new / total) * torch.outer(shift, shift)
         return moment
@@ -343,28 +373,38 @@ class SketchStatistic(Statistic):
         return self.sq_dist - self.power.sum()
 
     def estimate(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, rows): the current top ``k`` covariance eigenvalues and directions, no decomposition.
+        """(values, rows): the current top ``k`` covariance eigenvalues and directions, no
+        decomposition.
 
-        The basis is orthonormal up to rounding; :meth:`top` re-orthonormalises for the final answer."""
+        The basis is orthonormal up to rounding; :meth:`top` re-orthonormalises for the final
+        answer."""
         if self.pending:
             self.compress()
         k = min(k, self.basis.shape[1])
         return self.power[:k] / max(self._count - 1, 1), self.basis[:, :k].T
 
     def top(self, k: int) -> Eigenpairs:
-        """The top ``k`` components (orthonormal rows, canonical signs) and covariance eigenvalues."""
+        """The top ``k`` components (orthonormal rows, canonical signs) and covariance
+        eigenvalues."""
         if self.pending:
             self.compress()
         if self._count < 2:
             raise ValueError(f"need at least 2 rows, have {self._count}")
         basis, power = self.basis[:, :k].to(STATS_DTYPE), self.power[:k]
-        if basis.shape[1] < k:  # rows span fewer than k directions: complete with zero-variance ones
-            filler = torch.randn(self.dim, k - basis.shape[1], generator=torch.Generator().manual_seed(0),
-                                 dtype=STATS_DTYPE).to(self.device)
+        # rows span fewer than k directions: complete with zero-variance ones
+        if basis.shape[1] < k:
+            filler = torch.randn(
+                self.dim,
+                k - basis.shape[1],
+                generator=torch.Generator().manual_seed(0),
+                dtype=STATS_DTYPE,
+            ).to(self.device)
             basis = torch.cat([basis, filler], 1)
             power = torch.cat([power, power.new_zeros(k - power.numel())])
         q, r = torch.linalg.qr(basis)
-        vectors = canonical_signs((q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).T)
+        vectors = canonical_signs(
+            (q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)).T
+        )
         values = power / (self._count - 1)
         return Eigenpairs(values, vectors, torch.zeros_like(values))
 
@@ -392,12 +432,16 @@ class SketchStatistic(Statistic):
             return
         basis, power = other.basis.to(self.device, self.dtype), other.power.to(self.device)
         if self._count == 0:
-            self.mean, self.sq_dist = other.mean.to(self.device).clone(), other.sq_dist.to(self.device).clone()
+            self.mean, self.sq_dist = (
+                other.mean.to(self.device).clone(),
+                other.sq_dist.to(self.device).clone(),
+            )
             self.basis, self.power, self._count = basis.clone(), power.clone(), other.count
             return
         self.shift = other.mean.to(self.device).clone()
         self.extra = self._new_directions(basis)
-        in_k = torch.cat([self.basis.T @ basis, self.extra.T @ basis]).to(STATS_DTYPE)  # K^T basis_other
+        # K^T basis_other
+        in_k = torch.cat([self.basis.T @ basis, self.extra.T @ basis]).to(STATS_DTYPE)
         self.moment = in_k @ (power[:, None] * in_k.T)
         self.window_sum = torch.zeros(self.dim, dtype=STATS_DTYPE, device=self.device)
         self.window_sq = other.sq_dist.to(self.device).clone()
@@ -406,33 +450,52 @@ class SketchStatistic(Statistic):
 
     @property
     def nbytes(self) -> int:
-        return sketch_bytes(self.dim, self.size, torch.empty(0, dtype=self.dtype).element_size(), self.explore)
+        return sketch_bytes(
+            self.dim, self.size, torch.empty(0, dtype=self.dtype).element_size(), self.explore
+        )
 
     # ---- files ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {
             "count": torch.tensor([self._count, self.window_count], dtype=torch.int64),
-            "size": torch.tensor([self.size, self.explore, self.seed, self.windows], dtype=torch.int64),
+            "size": torch.tensor(
+                [self.size, self.explore, self.seed, self.windows], dtype=torch.int64
+            ),
             "mean": self.mean.cpu(),
             "scalars": self.sq_dist.reshape(1).cpu(),
             "basis": self.basis.cpu().contiguous(),
             "power": self.power.cpu(),
         }
         if self.pending:
-            out.update({"window.shift": self.shift.cpu(), "window.extra": self.extra.cpu().contiguous(),
-                        "window.moment": self.moment.cpu(), "window.sum": self.window_sum.cpu(),
-                        "window.sq": self.window_sq.reshape(1).cpu()})
+            out.update(
+                {
+                    "window.shift": self.shift.cpu(),
+                    "window.extra": self.extra.cpu().contiguous(),
+                    "window.moment": self.moment.cpu(),
+                    "window.sum": self.window_sum.cpu(),
+                    "window.sq": self.window_sq.reshape(1).cpu(),
+                }
+            )
         return out
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu") -> SketchStatistic:
+    def from_state_dict(
+        cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+    ) -> SketchStatistic:
         dim = int(state["mean"].shape[0])
         size, explore, seed, windows = (int(v) for v in state["size"].reshape(-1)[:4])
         out = cls(dim, size, device, state["basis"].dtype, explore, seed)
         basis, power = state["basis"], state["power"]
-        if basis.ndim != 2 or basis.shape[0] != dim or power.shape != (basis.shape[1],) or basis.shape[1] > out.size:
-            raise ValueError(f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
-                             f"power {tuple(power.shape)}")
+        if (
+            basis.ndim != 2
+            or basis.shape[0] != dim
+            or power.shape != (basis.shape[1],)
+            or basis.shape[1] > out.size
+        ):
+            raise ValueError(
+                f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
+                f"power {tuple(power.shape)}"
+            )
         counts = [int(v) for v in state["count"].reshape(-1)[:2]]
         if min(counts) < 0:
             raise ValueError(f"sketch count must be >= 0, got {counts}")
@@ -465,7 +528,9 @@ def compress_sketches(sketches: Sequence[SketchStatistic]) -> None:
     if not pending:
         return
     orthonormal = batched_eigh([s._extra_gram() for s in pending])
-    restricted = [s._projected_moment(values, vectors) for s, (values, vectors) in zip(pending, orthonormal)]
+    restricted = [
+        s._projected_moment(values, vectors) for s, (values, vectors) in zip(pending, orthonormal)
+    ]
     for sketch, (values, vectors) in zip(pending, batched_eigh(restricted)):
         sketch._finish_window(values, vectors)
 
@@ -486,24 +551,27 @@ def exact_bytes(dim: int, element_size: int = 4) -> int:
 
 
 def sketch_bytes(dim: int, size: int, element_size: int = 4, explore: int | None = None) -> int:
-    """Bytes a sketch holds while a window is open: the (dim, size) basis, the window's new directions
-    (G, A G: 2 * explore; A basis: size; the mean shift: 1) and its (m, m) float64 moment, the float64
-    mean and power."""
+    """Bytes a sketch holds while a window is open: the (dim, size) basis, the window's new
+    directions (G, A G: 2 * explore; A basis: size; the mean shift: 1) and its (m, m) float64
+    moment, the float64 mean and power."""
     size = min(size, dim)
     extra = 2 * (default_explore(size) if explore is None else explore) + size + 1
     return (size + extra) * dim * element_size + 8 * (dim + size + (size + extra) ** 2)
 
 
-def sketch_update_bytes(dim: int, size: int, explore: int | None = None, element_size: int = 4) -> int:
-    """Extra bytes while a window is folded in: the new basis and the float64 copies of the new directions.
-    Only one group folds at a time, so a process needs this once, not once per group."""
+def sketch_update_bytes(
+    dim: int, size: int, explore: int | None = None, element_size: int = 4
+) -> int:
+    """Extra bytes while a window is folded in: the new basis and the float64 copies of the new
+    directions. Only one group folds at a time, so a process needs this once, not once per group."""
     size = min(size, dim)
     extra = 2 * (default_explore(size) if explore is None else explore) + size + 1
     return size * dim * element_size + 8 * extra * dim
 
 
-def statistic_from_state_dict(kind: str, state: dict[str, torch.Tensor],
-                              device: torch.device | str = "cpu") -> Statistic:
+def statistic_from_state_dict(
+    kind: str, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
+) -> Statistic:
     """Rebuild a statistic of ``kind`` from :meth:`Statistic.state_dict` output."""
     if kind == "exact":
         return ExactStatistic.from_state_dict(state, device)

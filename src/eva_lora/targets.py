@@ -4,8 +4,8 @@ The one place that knows every supported layer type and its shapes, so that capt
 the PEFT bridge and the planners agree. A linear layer's rows are its input vectors; a ``Conv2d``'s
 are its input *patches* (``unfold`` with the layer's kernel, stride, padding and dilation), because
 that is the space PEFT's LoRA ``A`` for a convolution lives in: a ``(r, C_in, kh, kw)`` kernel is r
-rows of length ``C_in * kh * kw``. (PEFT's ``A`` convolves every input channel, also for a grouped or
-depthwise base layer, so the patches span every channel too.)
+rows of length ``C_in * kh * kw``. (PEFT's ``A`` convolves every input channel, also for a grouped
+or depthwise base layer, so the patches span every channel too.)
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ except ImportError:  # transformers is optional for the core
 LINEAR_LAYERS: tuple[type, ...] = (nn.Linear,) + ((Conv1D,) if isinstance(Conv1D, type) else ())
 SUPPORTED_LAYERS: tuple[type, ...] = LINEAR_LAYERS + (nn.Conv2d,)
 HEAD_NAMES = ("lm_head", "classifier", "score", "cls")
-ALL_LINEAR, ALL_LINEAR_AND_HEAD = "all-linear", "all-linear-and-head"  # PEFT's shorthand, and the paper's LM recipe
+# PEFT's shorthand, and the paper's LM recipe
+ALL_LINEAR, ALL_LINEAR_AND_HEAD = "all-linear", "all-linear-and-head"
 
 
 def in_features(module: nn.Module) -> int:
@@ -52,15 +53,27 @@ def row_kind(module: nn.Module) -> tuple:
     """What makes two layers' rows the same for the same input tensor (layers fed one tensor share a
     PCA only when their rows are built alike: same width, and for convolutions the same patches)."""
     if isinstance(module, nn.Conv2d):
-        return ("conv2d", in_features(module), module.kernel_size, module.stride, _padding(module), module.dilation)
+        return (
+            "conv2d",
+            in_features(module),
+            module.kernel_size,
+            module.stride,
+            _padding(module),
+            module.dilation,
+        )
     return ("linear", in_features(module))
 
 
 def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) input -> (N * L, C * kh * kw) patches, exactly the windows the convolution reads."""
+    """(N, C, H, W) input -> (N * L, C * kh * kw) patches, exactly the windows the convolution
+    reads."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
-    if module.kernel_size == (1, 1) and _padding(module) in ((0, 0), "valid") and module.dilation == (1, 1):
+    if (
+        module.kernel_size == (1, 1)
+        and _padding(module) in ((0, 0), "valid")
+        and module.dilation == (1, 1)
+    ):
         # a pointwise convolution reads one pixel per window: no unfold (im2col) copy needed
         x = x[:, :, :: module.stride[0], :: module.stride[1]]
         return x.permute(0, 2, 3, 1).reshape(-1, x.shape[1])
@@ -69,7 +82,9 @@ def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
         padding = (0, 0)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride)
+    cols = F.unfold(
+        x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+    )
     return cols.transpose(1, 2).reshape(-1, cols.shape[1])
 
 
@@ -78,7 +93,8 @@ def _padding(module: nn.Conv2d) -> Any:
 
 
 def matches(name: str, pattern: Sequence[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list matches exact names or suffixes."""
+    """PEFT's rule: a regex string must match the whole name; a list matches exact names or
+    suffixes."""
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)
@@ -99,8 +115,8 @@ def find_target_layers(model: nn.Module, config: Any) -> dict[str, nn.Module]:
 
     ``config`` needs ``target_modules`` and ``exclude_modules`` (an :class:`~eva_lora.EvaConfig`).
     ``None`` or ``"all-linear"`` selects every linear layer but the output head (as PEFT's
-    ``"all-linear"``); ``"all-linear-and-head"`` adds the head (the paper's language-generation recipe).
-    Convolutions are adapted when ``target_modules`` names them.
+    ``"all-linear"``); ``"all-linear-and-head"`` adds the head (the paper's language-generation
+    recipe). Convolutions are adapted when ``target_modules`` names them.
     Raises when nothing matches or when the selection names a layer type EVA cannot adapt.
     """
     targets: dict[str, nn.Module] = {}
@@ -113,7 +129,9 @@ def find_target_layers(model: nn.Module, config: Any) -> dict[str, nn.Module]:
             continue
         if selection in (None, ALL_LINEAR, ALL_LINEAR_AND_HEAD):
             head_ok = selection == ALL_LINEAR_AND_HEAD
-            if isinstance(module, LINEAR_LAYERS) and (head_ok or not _default_excluded(model, name, module)):
+            if isinstance(module, LINEAR_LAYERS) and (
+                head_ok or not _default_excluded(model, name, module)
+            ):
                 targets[name] = module
             continue
         if matches(name, config.target_modules):
@@ -123,8 +141,8 @@ def find_target_layers(model: nn.Module, config: Any) -> dict[str, nn.Module]:
                 unsupported.append(f"{name} ({type(module).__name__})")
     if unsupported:
         raise TypeError(
-            "target_modules matched layers EVA cannot adapt (nn.Linear, transformers' Conv1D, nn.Conv2d): "
-            + ", ".join(unsupported[:10])
+            "target_modules matched layers EVA cannot adapt (nn.Linear, transformers' Conv1D, "
+            "nn.Conv2d): " + ", ".join(unsupported[:10])
         )
     if not targets:
         raise ValueError(

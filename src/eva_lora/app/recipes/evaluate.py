@@ -1,6 +1,6 @@
 """Evaluate a (PEFT) model on a task: class/score predictions for GLUE, greedy generation otherwise.
 
-    eva eval --model minilm --task sst2 --adapter out/run/adapter
+eva eval --model minilm --task sst2 --adapter out/run/adapter
 """
 
 from __future__ import annotations
@@ -34,11 +34,15 @@ def predict_labels(model: Any, tokenizer: Any, task: Task, data: Any, batch_size
     out: list[Any] = []
     for start in range(0, len(data), batch_size):
         rows = data.select(range(start, min(start + batch_size, len(data))))
-        encoded = [{k: v for k, v in encode_pair(r, tokenizer, EVAL_MAX_LENGTH).items() if k != "labels"}
-                   for r in rows]
+        encoded = [
+            {k: v for k, v in encode_pair(r, tokenizer, EVAL_MAX_LENGTH).items() if k != "labels"}
+            for r in rows
+        ]
         batch = {k: v.to(device) for k, v in collate(encoded).items()}
         logits = model(**batch).logits.float()
-        out.extend(logits[:, 0].tolist() if task.kind == "regression" else logits.argmax(-1).tolist())
+        out.extend(
+            logits[:, 0].tolist() if task.kind == "regression" else logits.argmax(-1).tolist()
+        )
     return out
 
 
@@ -61,12 +65,21 @@ def dora_inference_cache(model: Any, memory_fraction: float = 0.5) -> Iterator[b
         yield False
         return
     caches = [m for m in model.modules() if isinstance(m, dora.DoraLinearLayer)]
-    adapted = [m.get_base_layer().weight for m in model.modules()
-               if getattr(m, "lora_magnitude_vector", None) and hasattr(m, "get_base_layer")]
+    adapted = [
+        m.get_base_layer().weight
+        for m in model.modules()
+        if getattr(m, "lora_magnitude_vector", None) and hasattr(m, "get_base_layer")
+    ]
     cache_bytes = sum(w.numel() * w.element_size() for w in adapted)
     on_cuda = bool(adapted) and adapted[0].device.type == "cuda"
-    if (not caches or not hasattr(dora, "ENABLE_DORA_CACHING")
-            or (on_cuda and cache_bytes > memory_fraction * torch.cuda.mem_get_info(adapted[0].device)[0])):
+    if (
+        not caches
+        or not hasattr(dora, "ENABLE_DORA_CACHING")
+        or (
+            on_cuda
+            and cache_bytes > memory_fraction * torch.cuda.mem_get_info(adapted[0].device)[0]
+        )
+    ):
         yield False
         return
     previous = dora.ENABLE_DORA_CACHING
@@ -80,9 +93,16 @@ def dora_inference_cache(model: Any, memory_fraction: float = 0.5) -> Iterator[b
 
 
 @torch.no_grad()
-def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size: int,
-                     max_new_tokens: int, special_tokens: bool = True, samples: int = 1,
-                     temperature: float = 0.8) -> list[str]:
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str],
+    batch_size: int,
+    max_new_tokens: int,
+    special_tokens: bool = True,
+    samples: int = 1,
+    temperature: float = 0.8,
+) -> list[str]:
     """Continuations of ``prompts`` (left-padded batches), decoded without the prompt: greedy, or
     ``samples`` sampled ones per prompt at ``temperature`` (prompt-major order), for pass@k.
 
@@ -91,24 +111,58 @@ def generate_answers(model: Any, tokenizer: Any, prompts: list[str], batch_size:
     model.eval()
     device = next(model.parameters()).device
     collate = Collator(tokenizer.pad_token_id, side="left")
-    decoding = (dict(do_sample=False) if samples == 1 else
-                dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0, num_return_sequences=samples))
+    decoding = (
+        dict(do_sample=False)
+        if samples == 1
+        else dict(
+            do_sample=True,
+            temperature=temperature,
+            top_p=1.0,
+            top_k=0,
+            num_return_sequences=samples,
+        )
+    )
     out: list[str] = []
     with dora_inference_cache(model):
         for start in tqdm(range(0, len(prompts), batch_size), desc="generate", leave=False):
-            encoded = [tokenizer(p, add_special_tokens=special_tokens) for p in prompts[start : start + batch_size]]
-            batch = {k: v.to(device) for k, v in collate([{"input_ids": e["input_ids"],
-                                                           "attention_mask": e["attention_mask"]}
-                                                          for e in encoded]).items()}
-            generated = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-                                       eos_token_id=tokenizer.eos_token_id, **decoding)
-            out.extend(tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True))
+            encoded = [
+                tokenizer(p, add_special_tokens=special_tokens)
+                for p in prompts[start : start + batch_size]
+            ]
+            batch = {
+                k: v.to(device)
+                for k, v in collate(
+                    [
+                        {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"]}
+                        for e in encoded
+                    ]
+                ).items()
+            }
+            generated = model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                **decoding,
+            )
+            out.extend(
+                tokenizer.batch_decode(
+                    generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True
+                )
+            )
     return out
 
 
-def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size: int = 32,
-                  max_new_tokens: int = 256, samples: int = 1,
-                  temperature: float = 0.8) -> tuple[dict[str, float], list[dict[str, Any]]]:
+def evaluate_task(
+    model: Any,
+    tokenizer: Any,
+    task: Task,
+    data: Any,
+    batch_size: int = 32,
+    max_new_tokens: int = 256,
+    samples: int = 1,
+    temperature: float = 0.8,
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """(metrics, per-example records) of ``model`` on ``data`` (a task dataset, normalised columns).
 
     samples > 1 (code tasks): that many sampled answers per problem, scored as pass@1 and pass@k.
@@ -117,15 +171,27 @@ def evaluate_task(model: Any, tokenizer: Any, task: Task, data: Any, batch_size:
         prompts = list(data["prompt"])
         if task.chat:
             prompts = [render_user_prompt(tokenizer, p) for p in prompts]
-        texts = generate_answers(model, tokenizer, prompts, batch_size, max_new_tokens, special_tokens=not task.chat,
-                                 samples=samples, temperature=temperature)
+        texts = generate_answers(
+            model,
+            tokenizer,
+            prompts,
+            batch_size,
+            max_new_tokens,
+            special_tokens=not task.chat,
+            samples=samples,
+            temperature=temperature,
+        )
         predictions = [task.extract(t) for t in texts]
         if samples > 1:
-            predictions = [predictions[i : i + samples] for i in range(0, len(predictions), samples)]
+            predictions = [
+                predictions[i : i + samples] for i in range(0, len(predictions), samples)
+            ]
             texts = [texts[i : i + samples] for i in range(0, len(texts), samples)]
         references = list(data["answer"])
-        records = [{"prediction": p, "reference": r, "generation": t}
-                   for p, r, t in zip(predictions, references, texts)]
+        records = [
+            {"prediction": p, "reference": r, "generation": t}
+            for p, r, t in zip(predictions, references, texts)
+        ]
     else:
         predictions = predict_labels(model, tokenizer, task, data, batch_size)
         references = list(data["label"])
@@ -140,15 +206,26 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     if cfg.validation:  # the held-out training rows, never the test set
         return _evaluate_validation(model, tokenizer, cfg)
     tasks = eval_tasks(cfg.task)
-    file = cfg.eval_file if len(tasks) == 1 else None  # one file cannot hold 7 common-sense test sets
+    # one file cannot hold 7 common-sense test sets
+    file = cfg.eval_file if len(tasks) == 1 else None
     for task in tasks:
-        torch.manual_seed(cfg.seed)  # sampled answers (samples > 1) are reproducible; greedy ones do not care
+        # sampled answers (samples > 1) are reproducible; greedy ones do not care
+        torch.manual_seed(cfg.seed)
         data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
-        metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens,
-                                   cfg.samples, cfg.temperature)
+        metrics, _ = evaluate_task(
+            model,
+            tokenizer,
+            task,
+            data,
+            cfg.eval_batch_size,
+            cfg.max_new_tokens,
+            cfg.samples,
+            cfg.temperature,
+        )
         results[task.name] = metrics
     if len(results) > 1:
-        metric = tasks[0].main_metric  # the parts of a joint task share it (accuracy; pass@1 for code)
+        # the parts of a joint task share it (accuracy; pass@1 for code)
+        metric = tasks[0].main_metric
         key = "mean_accuracy" if metric == "accuracy" else f"mean_{metric}"
         results[key] = round(sum(m[metric] for m in results.values()) / len(results), 6)
     return results
@@ -160,23 +237,34 @@ def _evaluate_validation(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str
     from ..tasks.base import split_validation, subset_indices
 
     task = get_task(cfg.task)
-    _, data = split_validation(task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit), cfg.validation)
+    _, data = split_validation(
+        task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit), cfg.validation
+    )
     if cfg.eval_limit is not None and cfg.eval_limit < len(data):
         data = data.select(subset_indices(len(data), cfg.eval_limit))
     torch.manual_seed(cfg.seed)
-    metrics, _ = evaluate_task(model, tokenizer, task, data, cfg.eval_batch_size, cfg.max_new_tokens, cfg.samples,
-                               cfg.temperature)
+    metrics, _ = evaluate_task(
+        model,
+        tokenizer,
+        task,
+        data,
+        cfg.eval_batch_size,
+        cfg.max_new_tokens,
+        cfg.samples,
+        cfg.temperature,
+    )
     return {"validation": metrics}
 
 
 def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
-    """(model, tokenizer): the base model for ``cfg.task``'s kind, with the PEFT adapter attached if given.
-    The one way every evaluator (ours, lm-eval's, the paper checks) loads what it scores."""
+    """(model, tokenizer): the base model for ``cfg.task``'s kind, with the PEFT adapter attached if
+    given. The one way every evaluator (ours, lm-eval's, the paper checks) loads what it scores."""
     from ..tasks import get_task
 
     task = get_task(cfg.task)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
-                                  cfg.load_in_4bit)
+    model, tokenizer = load_model(
+        cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress, cfg.load_in_4bit
+    )
     if adapter is not None:
         from peft import PeftModel
 
@@ -188,7 +276,8 @@ def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
 
 
 def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> dict[str, Any]:
-    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if given."""
+    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if
+    given."""
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
     if cfg.eval_file is None:  # fail on a missing data directory before loading the model
@@ -199,7 +288,12 @@ def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> 
         check_output_file(Path(output))
     model, tokenizer = load_with_adapter(cfg, adapter)
     start = time.perf_counter()
-    results = {"task": cfg.task, "model": cfg.model, "adapter": adapter, "metrics": evaluate_all(model, tokenizer, cfg)}
+    results = {
+        "task": cfg.task,
+        "model": cfg.model,
+        "adapter": adapter,
+        "metrics": evaluate_all(model, tokenizer, cfg),
+    }
     results["eval_seconds"] = round(time.perf_counter() - start, 2)
     if output is not None:
         atomic_write_text(output, json.dumps(results, indent=2))

@@ -1,10 +1,11 @@
 """Compute and save an EVA state for a model and a task's training data (the SVD precompute step).
 
-    eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
-    eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command + --resume
-    eva init --model FOLDER --task gsm8k --sequential  # block by block, weights read from FOLDER as needed
-    eva init ... --sequential --checkpoint-every 1     # every finished block committed; after a kill: + --resume
-    eva init --model FOLDER --task gsm8k --load-in-4bit   # on a bitsandbytes NF4 base (QLoRA)
+eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
+eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command +
+--resume eva init --model FOLDER --task gsm8k --sequential  # block by block, weights read from
+FOLDER as needed eva init ... --sequential --checkpoint-every 1     # every finished block
+committed; after a kill: + --resume eva init --model FOLDER --task gsm8k --load-in-4bit   # on a
+bitsandbytes NF4 base (QLoRA)
 """
 
 from __future__ import annotations
@@ -29,14 +30,21 @@ from ..tasks import get_task
 from .runtime import device, init_distributed, require_writable
 
 
-def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resume: bool = False,
-             adapter_out: str | Path | None = None) -> tuple[EvaState, float]:
-    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved to ``output``.
+def run_init(
+    cfg: RunConfig,
+    output: str | Path,
+    checkpoint_every: int = 0,
+    resume: bool = False,
+    adapter_out: str | Path | None = None,
+) -> tuple[EvaState, float]:
+    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved
+    to ``output``.
 
     With ``checkpoint_every`` the statistics are checkpointed to ``<output>.ckpt``; ``resume``
     continues from there (the batches are the same seeded sequence, so the result is the same).
-    ``adapter_out``: also write a ready, untrained PEFT adapter there (A = the components, B = 0), which
-    any LoRA trainer can continue from (``PeftModel.from_pretrained(base, dir, is_trainable=True)``).
+    ``adapter_out``: also write a ready, untrained PEFT adapter there (A = the components, B = 0),
+    which any LoRA trainer can continue from (``PeftModel.from_pretrained(base, dir,
+    is_trainable=True)``).
     """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)
@@ -48,23 +56,32 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resu
     if resume and not (has_snapshot(checkpoint) or (checkpoint / SEQUENTIAL_RUN_FILE).is_file()):
         raise ValueError(f"--resume: no checkpoint in {checkpoint}; run without --resume to start")
     if not resume and not cfg.overwrite and output.is_dir() and any(output.iterdir()):
-        raise ValueError(f"--output {output} already holds a state (or other files): choose another folder, "
-                         "or pass --overwrite to replace it")
+        raise ValueError(
+            f"--output {output} already holds a state (or other files): choose another folder, "
+            "or pass --overwrite to replace it"
+        )
     if adapter_out is not None:
         adapter_out = Path(adapter_out)
         require_writable(adapter_out)
         if adapter_out.exists() and not adapter_out.is_dir():
             raise ValueError(f"--adapter-out {adapter_out} is an existing file, not a folder")
         if not (cfg.overwrite or resume) and adapter_out.is_dir() and any(adapter_out.iterdir()):
-            raise ValueError(f"--adapter-out {adapter_out} already holds files: choose another folder, pass "
-                             "--overwrite to replace it, or --no-adapter")
+            raise ValueError(
+                f"--adapter-out {adapter_out} already holds files: choose another folder, pass "
+                "--overwrite to replace it, or --no-adapter"
+            )
     check_max_length(cfg)
     rank, world_size = init_distributed()
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
     model, tokenizer, weights = _load(cfg, task)
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
-    batches = init_batches(prepared.dataset, Collator(tokenizer.pad_token_id), cfg.svd_batch_size, cfg.seed,
-                           shard=(rank, world_size))
+    batches = init_batches(
+        prepared.dataset,
+        Collator(tokenizer.pad_token_id),
+        cfg.svd_batch_size,
+        cfg.seed,
+        shard=(rank, world_size),
+    )
     start = time.perf_counter()
     from ...checkpoint import checkpoint_bytes
     from ...files import require_free_space
@@ -75,27 +92,54 @@ def run_init(cfg: RunConfig, output: str | Path, checkpoint_every: int = 0, resu
     needed = state_bytes(widths, cfg.eva.max_components)
     if checkpoint_every:
         needed += checkpoint_bytes(widths, cfg.eva)
-    require_free_space(output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else ""))
+    require_free_space(
+        output, needed, "the EVA state" + (" and its checkpoints" if checkpoint_every else "")
+    )
     sequential = False
     if cfg.sequential:
         if world_size > 1:
             raise ValueError("--sequential runs in one process: start it without torchrun")
-        sequential = SequentialOptions(offload=cfg.offload, blocks=cfg.blocks, device=device(), weights=weights,
-                                       checkpoint_dir=checkpoint if checkpoint_every or resume else None,
-                                       resume=resume)
-        checkpoint_every, resume = 0, False  # sequential: a commit after every block (sequential_checkpoint.py)
-    state = compute_eva_state(model, batches, cfg.eva, checkpoint_dir=checkpoint if checkpoint_every or resume
-                              else None, checkpoint_every=checkpoint_every, resume=resume,
-                              progress=cfg.progress and rank == 0, strict=cfg.strict, sequential=sequential)
+        sequential = SequentialOptions(
+            offload=cfg.offload,
+            blocks=cfg.blocks,
+            device=device(),
+            weights=weights,
+            checkpoint_dir=checkpoint if checkpoint_every or resume else None,
+            resume=resume,
+        )
+        # sequential: a commit after every block (sequential_checkpoint.py)
+        checkpoint_every, resume = 0, False
+    state = compute_eva_state(
+        model,
+        batches,
+        cfg.eva,
+        checkpoint_dir=checkpoint if checkpoint_every or resume else None,
+        checkpoint_every=checkpoint_every,
+        resume=resume,
+        progress=cfg.progress and rank == 0,
+        strict=cfg.strict,
+        sequential=sequential,
+    )
     seconds = time.perf_counter() - start
     if rank == 0:  # every rank holds the same state; one writes it
         state.save(output)
         if adapter_out is not None:
-            save_ready_adapter(model, state, adapter_out, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                               task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
-                               info={"base_model": cfg.model, "task": cfg.task, "init": "eva (untrained)",
-                                     "seed": cfg.seed, "steps": 0},
-                               fingerprint=None if weights is not None else model_fingerprint(model))
+            save_ready_adapter(
+                model,
+                state,
+                adapter_out,
+                lora_alpha=cfg.lora_alpha,
+                lora_dropout=cfg.lora_dropout,
+                task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
+                info={
+                    "base_model": cfg.model,
+                    "task": cfg.task,
+                    "init": "eva (untrained)",
+                    "seed": cfg.seed,
+                    "steps": 0,
+                },
+                fingerprint=None if weights is not None else model_fingerprint(model),
+            )
     return state, seconds
 
 
@@ -105,11 +149,16 @@ def ready_adapter_path(output: Path) -> Path:
 
 
 def _load(cfg: RunConfig, task: Any) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, weights on disk or None). Sequential mode on a float safetensors folder builds the
-    model without its weights (read block by block later); otherwise the model is loaded whole and placed
-    on this process's device (a 4-bit base is placed at load time)."""
+    """(model, tokenizer, weights on disk or None). Sequential mode on a float safetensors folder
+    builds the model without its weights (read block by block later); otherwise the model is loaded
+    whole and placed on this process's device (a 4-bit base is placed at load time)."""
     path = resolve_model_path(cfg.model)
-    if cfg.sequential and cfg.load_in_4bit is None and path.is_dir() and any(path.glob("model*.safetensors*")):
+    if (
+        cfg.sequential
+        and cfg.load_in_4bit is None
+        and path.is_dir()
+        and any(path.glob("model*.safetensors*"))
+    ):
         from transformers import AutoTokenizer
 
         from ...disk_weights import empty_model_from_folder
@@ -120,8 +169,9 @@ def _load(cfg: RunConfig, task: Any) -> tuple[Any, Any, Any]:
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
         return model, tokenizer, weights
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
-                                  cfg.load_in_4bit)
+    model, tokenizer = load_model(
+        cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress, cfg.load_in_4bit
+    )
     if not is_quantized(model):
         model.to(device())
     return model, tokenizer, None

@@ -1,4 +1,5 @@
-"""A training run's output folder knows which run it belongs to (``run.json``), and refuses the others.
+"""A training run's output folder knows which run it belongs to (``run.json``), and refuses the
+others.
 
 Without it, ``eva train --init pissa`` into D, then ``eva train --init lora`` into D, then
 ``--resume`` trained on from PiSSA's checkpoint and reported "init: lora". Now:
@@ -24,11 +25,27 @@ RUN_FILE = "run.json"
 RUN_FORMAT, RUN_FORMAT_VERSION = "eva-lora-run", 1
 # what a run writes into its folder (anything else there is the user's and is left alone)
 RUN_ARTIFACTS = (RUN_FILE, "adapter", "metrics.json", "eva_state", ".initial")
-# settings that do not change what is trained: how it is shown, where it goes, how it resumes, how it is
-# scored, and how long it goes on (a resumed run may extend max_steps / epochs)
-NOT_SHAPING = ("resume", "overwrite", "force", "progress", "strict", "output_dir", "logging_steps", "save_steps",
-               "eval_file", "eval_limit", "eval_batch_size", "max_new_tokens", "samples", "temperature",
-               "max_steps", "epochs", "offload")
+# settings that do not change what is trained: how it is shown, where it goes, how it resumes, how
+# it is scored, and how long it goes on (a resumed run may extend max_steps / epochs)
+NOT_SHAPING = (
+    "resume",
+    "overwrite",
+    "force",
+    "progress",
+    "strict",
+    "output_dir",
+    "logging_steps",
+    "save_steps",
+    "eval_file",
+    "eval_limit",
+    "eval_batch_size",
+    "max_new_tokens",
+    "samples",
+    "temperature",
+    "max_steps",
+    "epochs",
+    "offload",
+)
 
 
 def shaping_settings(cfg: Any) -> dict[str, Any]:
@@ -40,13 +57,15 @@ def shaping_settings(cfg: Any) -> dict[str, Any]:
 
 
 def same_settings(recorded: dict[str, Any], cfg: Any) -> bool:
-    """Whether a recorded ``cfg.to_dict()`` (metrics.json's ``config``) shapes the same run as ``cfg``.
-    Settings added later that do not shape a run (``overwrite``, ``force``) do not make it stale."""
+    """Whether a recorded ``cfg.to_dict()`` (metrics.json's ``config``) shapes the same run as
+    ``cfg``. Settings added later that do not shape a run (``overwrite``, ``force``) do not make it
+    stale."""
     return {k: v for k, v in recorded.items() if k not in NOT_SHAPING} == shaping_settings(cfg)
 
 
 def previous_run_files(out: Path) -> list[Path]:
-    """What an earlier run left in ``out``: its manifest, adapter, metrics, state, trainer checkpoints."""
+    """What an earlier run left in ``out``: its manifest, adapter, metrics, state, trainer
+    checkpoints."""
     if not out.is_dir():
         return []
     found = [out / name for name in RUN_ARTIFACTS if (out / name).exists()]
@@ -54,30 +73,40 @@ def previous_run_files(out: Path) -> list[Path]:
 
 
 def check_output_folder(cfg: Any, out: Path) -> None:
-    """Refuse an output folder that holds another run (before any work; see the module docstring)."""
+    """Refuse an output folder that holds another run (before any work; see the module
+    docstring)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is an existing file, not a folder")
     previous = previous_run_files(out)
     if cfg.resume:
         if not (out / RUN_FILE).is_file() and not cfg.force:
-            raise ValueError(f"resume: {out} has no {RUN_FILE} (not written by this version, or not a run "
-                             "folder): nothing to check the resumed run against; pass force=true to resume anyway")
+            raise ValueError(
+                f"resume: {out} has no {RUN_FILE} (not written by this version, or not a run "
+                "folder): nothing to check the resumed run against; pass force=true to resume "
+                "anyway"
+            )
         if (out / RUN_FILE).is_file():
             recorded = read_run_manifest(out)
             changed = differences(recorded.get("settings", {}), shaping_settings(cfg))
             if changed and not cfg.force:
-                raise ValueError(f"resume: {out} holds a run with other settings ({'; '.join(changed[:3])}"
-                                 f"{'; ...' if len(changed) > 3 else ''}); resume with the same settings, use "
-                                 "another output_dir, overwrite=true to start afresh, or force=true to resume anyway")
+                raise ValueError(
+                    f"resume: {out} holds a run with other settings ({'; '.join(changed[:3])}"
+                    f"{'; ...' if len(changed) > 3 else ''}); resume with the same settings, use "
+                    "another output_dir, overwrite=true to start afresh, or force=true to resume "
+                    "anyway"
+                )
         return
     if previous and not cfg.overwrite:
-        raise ValueError(f"output_dir {out} holds another run ({', '.join(p.name for p in previous[:4])}"
-                         f"{', ...' if len(previous) > 4 else ''}): pass --resume to continue it, "
-                         "overwrite=true to replace it, or choose another output_dir")
+        raise ValueError(
+            f"output_dir {out} holds another run ({', '.join(p.name for p in previous[:4])}"
+            f"{', ...' if len(previous) > 4 else ''}): pass --resume to continue it, "
+            "overwrite=true to replace it, or choose another output_dir"
+        )
 
 
 def clear_previous_run(out: Path) -> None:
-    """``overwrite=true``: remove the earlier run's files (only those a run writes) before this one starts."""
+    """``overwrite=true``: remove the earlier run's files (only those a run writes) before this one
+    starts."""
     for path in previous_run_files(out):
         if path.is_dir():
             shutil.rmtree(path)
@@ -97,15 +126,21 @@ def read_run_manifest(out: Path) -> dict[str, Any]:
 
 
 def check_inputs(cfg: Any, out: Path, model: dict[str, Any], data: dict[str, Any]) -> None:
-    """A resumed run: the model and the data must be the ones the run started with (unless ``force``)."""
+    """A resumed run: the model and the data must be the ones the run started with (unless
+    ``force``)."""
     if not cfg.resume or cfg.force or not (out / RUN_FILE).is_file():
         return
     recorded = read_run_manifest(out)
-    changed = differences({"model": recorded.get("model", {}), "data": recorded.get("data", {})},
-                          {"model": model, "data": data})
+    changed = differences(
+        {"model": recorded.get("model", {}), "data": recorded.get("data", {})},
+        {"model": model, "data": data},
+    )
     if changed:
-        raise ValueError(f"resume: the run in {out} was made from another model or data ({'; '.join(changed[:3])}); "
-                         "resume with the same model and data, or pass force=true to resume anyway")
+        raise ValueError(
+            f"resume: the run in {out} was made from another model or data "
+            f"({'; '.join(changed[:3])}); "
+            "resume with the same model and data, or pass force=true to resume anyway"
+        )
 
 
 def write_run_manifest(cfg: Any, out: Path, model: dict[str, Any], data: dict[str, Any]) -> None:
@@ -113,6 +148,16 @@ def write_run_manifest(cfg: Any, out: Path, model: dict[str, Any], data: dict[st
     if cfg.resume and (out / RUN_FILE).is_file():
         return
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / RUN_FILE, json.dumps({"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION,
-                                                   "settings": shaping_settings(cfg), "model": model,
-                                                   "data": data}, indent=2))
+    atomic_write_text(
+        out / RUN_FILE,
+        json.dumps(
+            {
+                "format": RUN_FORMAT,
+                "format_version": RUN_FORMAT_VERSION,
+                "settings": shaping_settings(cfg),
+                "model": model,
+                "data": data,
+            },
+            indent=2,
+        ),
+    )

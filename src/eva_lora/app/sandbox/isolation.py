@@ -1,4 +1,5 @@
-"""Which containment this machine allows: namespaces, a fresh uid, or the guard alone; probed once."""
+"""Which containment this machine allows: namespaces, a fresh uid, or the guard alone; probed
+once."""
 
 from __future__ import annotations
 
@@ -18,8 +19,8 @@ class Isolation:
     """Which kernel facilities contain the child (see :func:`isolation`).
 
     ``tier``: "root-namespaces" (root: network + PID + mount namespaces, private tmpfs, fresh uid),
-    "user-namespaces" (non-root with unprivileged user namespaces: the same without the fresh uid, so
-    the child can still write wherever the calling user can) or "none" (only the process/rlimit
+    "user-namespaces" (non-root with unprivileged user namespaces: the same without the fresh uid,
+    so the child can still write wherever the calling user can) or "none" (only the process/rlimit
     boundary and the in-process guard). ``read_capability``: the fresh uid keeps CAP_DAC_READ_SEARCH
     because it could not otherwise even start the interpreter (e.g. Python under a 0700 /root); it
     may then *read* any file, but still write none.
@@ -44,7 +45,6 @@ class Isolation:
 GUARD_ONLY = Isolation("none")
 
 
-
 def isolation() -> Isolation:
     """The strongest containment that works on this machine, probed once (a few 100 ms) and cached.
 
@@ -67,13 +67,14 @@ def network_isolation() -> Literal["namespace", "guard"]:
     return isolation().network
 
 
-
 # ---------------------------------------------------------------- isolation probing
 
 _PROBE_TESTS = r"""
 import socket, sys
 print("PYTHON", sys.version.replace("\n", " "), sys.base_prefix)
-status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+status = dict(
+    line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line
+)
 print("UIDS", *status["Uid"].split())
 print("CAPS", status["CapEff"].strip())
 print("IFACES", *sorted(name for _, name in socket.if_nameindex()))
@@ -115,7 +116,8 @@ def _candidates() -> list[Isolation]:
 
 
 def _probe(candidate: Isolation) -> bool:
-    """Run a real job under ``candidate`` and check what the child sees: uids, capabilities, interfaces."""
+    """Run a real job under ``candidate`` and check what the child sees: uids, capabilities,
+    interfaces."""
     from .parent import _execute  # the parent side starts runs; it needs this module first
 
     result = _execute("", _PROBE_TESTS, _PROBE_LIMITS, candidate)
@@ -123,7 +125,8 @@ def _probe(candidate: Isolation) -> bool:
         return False
     seen = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
     if seen.get("IFACES") != "lo" or seen.get("PYTHON") != _python_identity():
-        return False  # no private network, or another interpreter (e.g. a fallback libpython) started
+        # no private network, or another interpreter (e.g. a fallback libpython) started
+        return False
     if not candidate.separate_uid:
         return True
     uids = set(seen.get("UIDS", "0").split())

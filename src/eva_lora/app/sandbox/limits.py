@@ -9,15 +9,17 @@ from typing import Literal
 Status = Literal["passed", "failed", "timeout", "error"]
 Tier = Literal["root-namespaces", "user-namespaces", "none"]
 
-ISOLATION_ENV = "EVA_SANDBOX_ISOLATION"  # "auto" (default): strongest that works here; "guard": no namespaces
+# "auto" (default): strongest that works here; "guard": no namespaces
+ISOLATION_ENV = "EVA_SANDBOX_ISOLATION"
 _MiB = 1024 * 1024
-_TMPFS_FACTOR = 4  # each private tmpfs holds this many maximal files: bounds disk/RAM use, not just file size
+# each private tmpfs holds this many maximal files: bounds disk/RAM use, not just file size
+_TMPFS_FACTOR = 4
 _DRAIN_GRACE_S = 0.5  # after the kill, how long to wait for the pipes to reach EOF
 _POLL_S = 0.05  # only used where pidfd_open is unavailable
 _PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _UID_RANGE = (1_500_000_000, 2_000_000_000)  # fresh uids: far above any real account
-_SWEEP_ROUNDS, _SWEEP_PAUSE_S = 100, 0.01  # wait at most ~1 s (plus scans) for killed processes to go
-
+# wait at most ~1 s (plus scans) for killed processes to go
+_SWEEP_ROUNDS, _SWEEP_PAUSE_S = 100, 0.01
 
 
 # ---------------------------------------------------------------- validation
@@ -41,7 +43,8 @@ def _check_limits(limits: object) -> None:
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """What one candidate may use. Defaults suit HumanEval/MBPP: seconds of pure-Python work, no I/O.
+    """What one candidate may use. Defaults suit HumanEval/MBPP: seconds of pure-Python work, no
+    I/O.
 
     ``processes`` counts processes (and threads) *beyond the interpreter itself*: the default 0 lets
     a completion neither fork nor start threads. It is enforced by ``RLIMIT_NPROC``, which counts
@@ -61,7 +64,9 @@ class SandboxLimits:
     def __post_init__(self) -> None:
         _check_number("timeout_s", self.timeout_s, (int, float))
         if not math.isfinite(self.timeout_s) or self.timeout_s <= 0:
-            raise ValueError(f"SandboxLimits.timeout_s must be a finite number > 0, got {self.timeout_s!r}")
+            raise ValueError(
+                f"SandboxLimits.timeout_s must be a finite number > 0, got {self.timeout_s!r}"
+            )
         for name in ("cpu_s", "memory_mb", "file_size_mb", "open_files", "output_kb"):
             value = getattr(self, name)
             _check_number(name, value, (int,))

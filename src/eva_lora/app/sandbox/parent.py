@@ -36,11 +36,14 @@ from .limits import (
 )
 
 
-def run_program(completion_program: str, test_program: str, limits: SandboxLimits = DEFAULT_LIMITS) -> ExecutionResult:
+def run_program(
+    completion_program: str, test_program: str, limits: SandboxLimits = DEFAULT_LIMITS
+) -> ExecutionResult:
     """Run ``completion_program``, then (builtins and preloaded modules restored) ``test_program``.
 
     Why two programs: the completion is the untrusted part; the tests are trusted and must see the
-    interpreter as it was before the completion ran. Both run in one child; see the module docstring.
+    interpreter as it was before the completion ran. Both run in one child; see the module
+    docstring.
     """
     _check_program("completion_program", completion_program)
     _check_program("test_program", test_program)
@@ -51,16 +54,22 @@ def run_program(completion_program: str, test_program: str, limits: SandboxLimit
 def run_many(
     jobs: Sequence[tuple[str, str]], limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 2
 ) -> list[ExecutionResult]:
-    """Run ``(completion_program, test_program)`` pairs, ``workers`` at a time; results in job order.
+    """Run ``(completion_program, test_program)`` pairs, ``workers`` at a time; results in job
+    order.
 
     Threads only wait on child processes, so the GIL is no bottleneck. Every job is validated
     before the first one starts.
     """
     if not isinstance(jobs, Sequence) or isinstance(jobs, (str, bytes)):
-        raise TypeError(f"jobs must be a list of (completion_program, test_program) pairs, got {type(jobs).__name__}")
+        raise TypeError(
+            "jobs must be a list of (completion_program, test_program) pairs, got "
+            f"{type(jobs).__name__}"
+        )
     for index, job in enumerate(jobs):
         if not isinstance(job, tuple) or len(job) != 2:
-            raise TypeError(f"jobs[{index}] must be a (completion_program, test_program) tuple, got {job!r:.80}")
+            raise TypeError(
+                f"jobs[{index}] must be a (completion_program, test_program) tuple, got {job!r:.80}"
+            )
         _check_program(f"jobs[{index}][0]", job[0])
         _check_program(f"jobs[{index}][1]", job[1])
     _check_limits(limits)
@@ -68,20 +77,20 @@ def run_many(
         raise TypeError(f"workers must be an int, got {type(workers).__name__}")
     if workers <= 0:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    from concurrent.futures import ThreadPoolExecutor  # here: the child, which imports this module, never needs it
+    # here: the child, which imports this module, never needs it
+    from concurrent.futures import ThreadPoolExecutor
 
     chosen = isolation()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="sandbox") as pool:
         return list(pool.map(lambda job: _execute(job[0], job[1], limits, chosen), jobs))
 
 
-
-
 # ---------------------------------------------------------------- parent side: one run
 
 
 class _Capture:
-    """The first ``cap`` bytes of a stream; the rest is read and dropped so the child never blocks."""
+    """The first ``cap`` bytes of a stream; the rest is read and dropped so the child never
+    blocks."""
 
     def __init__(self, cap: int) -> None:
         self.cap, self.data, self.truncated = cap, bytearray(), False
@@ -105,7 +114,9 @@ def _claim_uid() -> int:
     """A uid no account and no concurrent job uses: the child's files and processes are its own."""
     with _uid_lock:
         while True:
-            uid = _UID_RANGE[0] + int.from_bytes(os.urandom(4), "big") % (_UID_RANGE[1] - _UID_RANGE[0])
+            uid = _UID_RANGE[0] + int.from_bytes(os.urandom(4), "big") % (
+                _UID_RANGE[1] - _UID_RANGE[0]
+            )
             if uid in _uids_in_use:
                 continue
             try:
@@ -132,7 +143,9 @@ def _execute(completion: str, tests: str, limits: SandboxLimits, iso: Isolation)
         run.spawn(completion, tests, uid)
         return run.supervise()
     except (OSError, subprocess.SubprocessError) as exc:
-        return ExecutionResult("error", None, time.monotonic() - start, "", f"sandbox error: {exc!r}", False)
+        return ExecutionResult(
+            "error", None, time.monotonic() - start, "", f"sandbox error: {exc!r}", False
+        )
     finally:
         run.close()
         _remove_tree(workdir)
@@ -141,26 +154,28 @@ def _execute(completion: str, tests: str, limits: SandboxLimits, iso: Isolation)
 
 
 def _encode_job(job: dict, nonce: bytes) -> bytes:
-    """What the child reads from its payload pipe, in order: the child module's compiled code (loaded by
-    ``_BOOTSTRAP``), the job, and only after the tests have run, the nonce. Lengths are 16 ASCII digits."""
+    """What the child reads from its payload pipe, in order: the child module's compiled code
+    (loaded by ``_BOOTSTRAP``), the job, and only after the tests have run, the nonce. Lengths are
+    16 ASCII digits."""
     code, body = _child_code(), marshal.dumps(job)
     return b"%016d" % len(code) + code + b"%016d" % len(body) + body + nonce
 
 
 @functools.lru_cache(maxsize=1)
 def _child_code() -> bytes:
-    """The child module (:mod:`.child`, and nothing else of the package), compiled once by the parent:
-    the child neither compiles (no bytecode cache is written when PYTHONDONTWRITEBYTECODE is set) nor
-    needs read access to the source file."""
+    """The child module (:mod:`.child`, and nothing else of the package), compiled once by the
+    parent: the child neither compiles (no bytecode cache is written when PYTHONDONTWRITEBYTECODE is
+    set) nor needs read access to the source file."""
     with open(child.__file__, encoding="utf-8") as handle:
         return marshal.dumps(compile(handle.read(), child.__file__, "exec", dont_inherit=True))
 
 
 class _Run:
-    """One child process: its pipes, its captured output, and what is needed to judge and clean it up.
+    """One child process: its pipes, its captured output, and what is needed to judge and clean it
+    up.
 
-    File descriptors live in ``self.fds`` and are closed exactly once (``_close``): with ``run_many``
-    another thread may reuse a number as soon as it is closed.
+    File descriptors live in ``self.fds`` and are closed exactly once (``_close``): with
+    ``run_many`` another thread may reuse a number as soon as it is closed.
     """
 
     def __init__(self, limits: SandboxLimits, iso: Isolation, workdir: str, start: float) -> None:
@@ -193,8 +208,9 @@ class _Run:
             pass_fds=child_fds,
             close_fds=True,
             start_new_session=True,
-            # No preexec_fn: Python code between fork and exec of a parent with threads (torch's, run_many's)
-            # can deadlock or crash the child, and Popen then waits forever. The child sets its own limits.
+            # No preexec_fn: Python code between fork and exec of a parent with
+            # threads (torch's, run_many's) can deadlock or crash the child,
+            # and Popen then waits forever. The child sets its own limits.
         )
         self._close("payload_r")
         self._close("result_w")
@@ -214,9 +230,13 @@ class _Run:
             status = "passed" if returncode == 0 and reported == self.nonce else "failed"
         seconds = time.monotonic() - self.start
         truncated = self.out.truncated or self.err.truncated
-        return ExecutionResult(status, returncode, seconds, self.out.text(), self.err.text(), truncated)
+        return ExecutionResult(
+            status, returncode, seconds, self.out.text(), self.err.text(), truncated
+        )
 
-    def _pump(self, selector: selectors.BaseSelector, streams: dict[int, _Capture], deadline: float) -> bool:
+    def _pump(
+        self, selector: selectors.BaseSelector, streams: dict[int, _Capture], deadline: float
+    ) -> bool:
         """Feed the payload, collect output, wait for the exit. True if the deadline passed first.
 
         The child is not reaped here (pidfd / waitid WNOWAIT), so its pid, which is also the process
@@ -235,7 +255,9 @@ class _Run:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return True
-                for key, _ in selector.select(remaining if exit_fd is not None else min(remaining, _POLL_S)):
+                for key, _ in selector.select(
+                    remaining if exit_fd is not None else min(remaining, _POLL_S)
+                ):
                     if key.fd in streams:
                         _read_into(selector, key.fd, streams[key.fd])
                     elif key.fd == self.fds.get("payload_w"):
@@ -254,7 +276,8 @@ class _Run:
             self.pending = self.pending[os.write(fd, self.pending) :]
         except BlockingIOError:
             return
-        except BrokenPipeError:  # the child died before reading everything: its exit status says why
+        # the child died before reading everything: its exit status says why
+        except BrokenPipeError:
             self.pending = self.pending[:0]
         if not self.pending:
             selector.unregister(fd)
@@ -295,14 +318,16 @@ def _child_env(workdir: str) -> dict[str, str]:
 
 
 def _rlimit_table(limits: SandboxLimits) -> list[tuple[int, tuple[int, int]]]:
-    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising them needs privilege).
+    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising them needs
+    privilege).
 
-    The child applies them (:func:`_apply_limits`) before it runs a line of the completion. They are hard
-    limits too, and the child never holds CAP_SYS_RESOURCE in the initial namespace (except in tier
-    "none" run as root), so the completion cannot raise them again.
+    The child applies them (:func:`_apply_limits`) before it runs a line of the completion. They are
+    hard limits too, and the child never holds CAP_SYS_RESOURCE in the initial namespace (except in
+    tier "none" run as root), so the completion cannot raise them again.
     """
     wanted = [
-        (resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1)),  # SIGXCPU first, SIGKILL a second later
+        # SIGXCPU first, SIGKILL a second later
+        (resource.RLIMIT_CPU, (limits.cpu_s, limits.cpu_s + 1)),
         (resource.RLIMIT_AS, (limits.memory_mb * _MiB,) * 2),
         (resource.RLIMIT_FSIZE, (limits.file_size_mb * _MiB,) * 2),
         (resource.RLIMIT_NOFILE, (limits.open_files,) * 2),
@@ -326,7 +351,8 @@ for dir in /tmp /var/tmp /dev/shm /run/lock; do
 done
 mkdir -p "$work"
 mount -t tmpfs -o "size=$size,mode=0700,nosuid,nodev$owner" sandbox-work "$work"
-# A minimal root: only the interpreter, its libraries and the work folder, read-only but for the latter.
+# A minimal root: only the interpreter, its libraries and the work folder,
+# read-only but for the latter.
 mkdir -p "$root"
 mount -t tmpfs -o "size=1m,mode=0755,nosuid" sandbox-root "$root"
 i=0
@@ -361,24 +387,30 @@ _ROOT = "/tmp/.eva-sandbox-root"  # inside the child's private /tmp
 
 def shown_paths() -> list[str]:
     """What the child's file system holds besides its work folder: the interpreter, its standard
-    library and shared libraries, the system's programs and libraries (``/usr``; ``/bin`` and ``/lib``
-    as on this machine) and the loader's cache; everything read-only. Not there: ``/home``, ``/root``,
-    ``/etc`` (but ``ld.so.cache``), ``/srv``, ``/var``, ``/opt`` and the caller's folders, unless the
-    interpreter itself lives there (then only its own prefix)."""
+    library and shared libraries, the system's programs and libraries (``/usr``; ``/bin`` and
+    ``/lib`` as on this machine) and the loader's cache; everything read-only. Not there: ``/home``,
+    ``/root``, ``/etc`` (but ``ld.so.cache``), ``/srv``, ``/var``, ``/opt`` and the caller's
+    folders, unless the interpreter itself lives there (then only its own prefix)."""
     import sysconfig
 
     paths = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache"]
     python = os.path.realpath(sys.executable)
-    for extra in (os.path.dirname(python), os.path.realpath(sys.base_prefix),
-                  sysconfig.get_config_var("LIBDIR") or ""):
+    for extra in (
+        os.path.dirname(python),
+        os.path.realpath(sys.base_prefix),
+        sysconfig.get_config_var("LIBDIR") or "",
+    ):
         if extra and not any(extra == p or extra.startswith(p + "/") for p in paths):
             paths.append(extra)
     return [p for p in paths if os.path.lexists(p)]
 
 
-def _command(iso: Isolation, workdir: str, uid: int | None, limits: SandboxLimits, payload_fd: int) -> list[str]:
+def _command(
+    iso: Isolation, workdir: str, uid: int | None, limits: SandboxLimits, payload_fd: int
+) -> list[str]:
     safe_path = ["-P"] if sys.version_info >= (3, 11) else []
-    # The real interpreter, not a venv link: a venv under /tmp would be hidden by the private tmpfs on /tmp.
+    # The real interpreter, not a venv link: a venv under /tmp
+    # would be hidden by the private tmpfs on /tmp.
     python = [os.path.realpath(sys.executable), "-s", *safe_path, "-c", _BOOTSTRAP, str(payload_fd)]
     tools = _tools()
     if tools is None:
@@ -392,12 +424,34 @@ def _command(iso: Isolation, workdir: str, uid: int | None, limits: SandboxLimit
     size = f"{limits.file_size_mb * _TMPFS_FACTOR * 1024}k"
     owner = "" if uid is None else f",uid={uid},gid={uid}"
     shown = shown_paths()
-    setup = ["sh", "-c", _SETUP, "sandbox-setup", size, workdir, owner, _ROOT, str(len(shown)), *shown]
-    return [setpriv, "--pdeathsig=KILL", "--", unshare, *flags, "--", *setup, *_drop(setpriv, iso, uid), *python]
+    setup = [
+        "sh",
+        "-c",
+        _SETUP,
+        "sandbox-setup",
+        size,
+        workdir,
+        owner,
+        _ROOT,
+        str(len(shown)),
+        *shown,
+    ]
+    return [
+        setpriv,
+        "--pdeathsig=KILL",
+        "--",
+        unshare,
+        *flags,
+        "--",
+        *setup,
+        *_drop(setpriv, iso, uid),
+        *python,
+    ]
 
 
 def _drop(setpriv: str, iso: Isolation, uid: int | None) -> list[str]:
-    """setpriv arguments for the last step before the interpreter: fresh uid (if any), no new privileges."""
+    """setpriv arguments for the last step before the interpreter: fresh uid (if any), no new
+    privileges."""
     command = [setpriv, "--no-new-privs", "--pdeathsig=KILL"]
     if uid is not None:
         caps = "-all,+dac_read_search" if iso.read_capability else "-all"
@@ -429,7 +483,8 @@ def _read_into(selector: selectors.BaseSelector, fd: int, capture: _Capture) -> 
 
 
 def _drain(selector: selectors.BaseSelector, streams: dict[int, _Capture], deadline: float) -> None:
-    """After the kill: read what is left until EOF (every writer is dead) or the grace period ends."""
+    """After the kill: read what is left until EOF (every writer is dead) or the grace period
+    ends."""
     while any(fd in selector.get_map() for fd in streams):
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -450,7 +505,8 @@ def _sweep_strays(workdir: str) -> None:
 
     Without a PID namespace this catches processes that left the process group (``setsid``); with
     one it waits until the kernel has finished killing the namespace, so that nothing of the run is
-    alive when the result is returned. A pidfd pins each pid before it is checked (no pid-reuse race).
+    alive when the result is returned. A pidfd pins each pid before it is checked (no pid-reuse
+    race).
     """
     marker = f"\0HOME={workdir}\0".encode()
     for _ in range(_SWEEP_ROUNDS):

@@ -1,4 +1,5 @@
-"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense, code)."""
+"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense,
+code)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def get_task(name: str) -> Task:
 
 
 def eval_tasks(name: str) -> list[Task]:
-    """Tasks evaluated for ``name``: its parts for a joint task (the 7 common-sense tests), else itself."""
+    """Tasks evaluated for ``name``: its parts for a joint task (the 7 common-sense tests), else
+    itself."""
     task = get_task(name)
     return [TASKS[n] for n in task.parts] if task.parts else [task]
 

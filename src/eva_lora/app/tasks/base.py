@@ -23,17 +23,20 @@ SUBSET_SEED = 0  # train_limit / eval_limit subsets do not depend on the run's s
 
 
 def subset_indices(n: int, k: int, seed: int = SUBSET_SEED) -> list[int]:
-    """``k`` of ``range(n)`` drawn without replacement with a fixed seed, sorted (file order kept)."""
+    """``k`` of ``range(n)`` drawn without replacement with a fixed seed, sorted (file order
+    kept)."""
     import torch
 
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
 
 
-VALIDATION_SEED = 1  # the held-out rows do not depend on the run's seed (and differ from the limit's draw)
+# the held-out rows do not depend on the run's seed (and differ from the limit's draw)
+VALIDATION_SEED = 1
 
 
 def split_validation(data: Any, fraction: float) -> tuple[Any, Any]:
-    """(fit, validation): ``fraction`` of the training rows held out with a fixed seed, both in file order.
+    """(fit, validation): ``fraction`` of the training rows held out with a fixed seed, both in file
+    order.
 
     Choices made on the validation rows (a learning rate, a variant) never see the test set."""
     n = len(data)
@@ -76,23 +79,32 @@ class Task:
     chat: bool = False
 
     def path(self, split: str, data_dir: str | Path | None) -> Path:
-        """The file of ``split``: under ``data_dir`` if given, else the copy bundled with eva-lora."""
+        """The file of ``split``: under ``data_dir`` if given, else the copy bundled with
+        eva-lora."""
         if split not in self.files:
             raise DataError(f"task {self.name} has no {split!r} split; it has {sorted(self.files)}")
         if data_dir is None:
             if split in self.bundled:
                 return BUNDLED_DATA / self.bundled[split]
-            raise DataError(f"task {self.name}: no data directory given and no bundled {split} file; pass "
-                            f"--data-dir (a folder with {self.files[split]}) or --{split}-file")
+            raise DataError(
+                f"task {self.name}: no data directory given and no bundled {split} file; pass "
+                f"--data-dir (a folder with {self.files[split]}) or --{split}-file"
+            )
         return Path(data_dir) / self.files[split]
 
-    def load(self, split: str, data_dir: str | Path | None = None, file: str | Path | None = None,
-             limit: int | None = None) -> Any:
+    def load(
+        self,
+        split: str,
+        data_dir: str | Path | None = None,
+        file: str | Path | None = None,
+        limit: int | None = None,
+    ) -> Any:
         """Dataset of ``split``, read from ``file`` or the data dir; at most ``limit`` rows.
 
-        ``limit`` keeps a random subset drawn with a fixed seed (``SUBSET_SEED``), in file order: the
-        same rows for every run, init and seed, so runs stay comparable. Not the first rows, because
-        GLUE files are sorted by genre (STS-B) or grouped by label, and a prefix would be biased.
+        ``limit`` keeps a random subset drawn with a fixed seed (``SUBSET_SEED``), in file order:
+        the same rows for every run, init and seed, so runs stay comparable. Not the first rows,
+        because GLUE files are sorted by genre (STS-B) or grouped by label, and a prefix would be
+        biased.
         """
         path = Path(file) if file is not None else self.path(split, data_dir)
         if not path.exists():
@@ -103,16 +115,23 @@ class Task:
             data = self.read(path, split)
         except DataError:
             raise
-        except Exception as err:  # datasets / pyarrow / pandas parse errors have no common base class
+        # datasets / pyarrow / pandas parse errors have no common base class
+        except Exception as err:
             cause = str(err.__cause__ or err).strip().splitlines()
-            raise DataError(f"task {self.name}: {path} cannot be parsed ({type(err.__cause__ or err).__name__}"
-                            f"{': ' + cause[0][:160] if cause else ''})") from None
-        required = ("prompt", "response", "answer") if self.kind == "generation" else ("text", "label")
+            raise DataError(
+                f"task {self.name}: {path} cannot be parsed ({type(err.__cause__ or err).__name__}"
+                f"{': ' + cause[0][:160] if cause else ''})"
+            ) from None
+        required = (
+            ("prompt", "response", "answer") if self.kind == "generation" else ("text", "label")
+        )
         if self.kind == "generation" and split == "train" and "messages" in data.column_names:
             required = ("messages",)  # conversations: the chat template renders them
         missing = [c for c in required if c not in data.column_names]
         if missing:
-            raise DataError(f"task {self.name}: {path} lacks column(s) {missing}; it has {data.column_names}")
+            raise DataError(
+                f"task {self.name}: {path} lacks column(s) {missing}; it has {data.column_names}"
+            )
         if len(data) == 0:
             raise DataError(f"task {self.name}: {path} holds no example")
         if limit is not None and limit < len(data):
@@ -123,7 +142,8 @@ class Task:
 
 
 def load_table(path: Path, columns: Sequence[str] | None = None, header: bool = True) -> Any:
-    """Read json / jsonl / csv / tsv / parquet with ``datasets`` (local file, no hub, no cache clutter).
+    """Read json / jsonl / csv / tsv / parquet with ``datasets`` (local file, no hub, no cache
+    clutter).
 
     Tab-separated files are read with quoting off: GLUE text contains bare quote characters.
     """
@@ -131,7 +151,8 @@ def load_table(path: Path, columns: Sequence[str] | None = None, header: bool = 
 
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
-    datasets.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)  # we say it once
+    # we say it once
+    datasets.logging.get_logger("datasets.packaged_modules.json.json").setLevel(logging.CRITICAL)
     suffix = "".join(path.suffixes[-1:]).lower()
     if suffix in (".json", ".jsonl"):
         data = datasets.load_dataset("json", data_files=str(path), split="train")
@@ -145,7 +166,10 @@ def load_table(path: Path, columns: Sequence[str] | None = None, header: bool = 
             options.update(header=None, names=list(columns or []))
         data = datasets.load_dataset("csv", data_files=str(path), split="train", **options)
     else:
-        raise DataError(f"unsupported data file type {path.suffix!r} ({path}); use json, jsonl, csv, tsv or parquet")
+        raise DataError(
+            f"unsupported data file type {path.suffix!r} ({path}); use json, jsonl, csv, tsv or "
+            "parquet"
+        )
     if columns is not None and header:
         missing = [c for c in columns if c not in data.column_names]
         if missing:

@@ -13,8 +13,9 @@ tokens. Code-Feedback is not available offline, so the bundled training set is M
 (task ids 601-974) as one user turn (problem + its tests) and one assistant turn (the reference
 solution in a fence). Point ``--train-file`` at any JSON/JSONL file with a ``messages`` column.
 
-A reference (the ``answer`` column) is JSON: ``{"prefix": code run before the candidate, "test": code
-run after it}``; scoring runs ``prefix + candidate`` then ``test`` in a fresh sandboxed process.
+A reference (the ``answer`` column) is JSON: ``{"prefix": code run before the candidate, "test":
+code run after it}``; scoring runs ``prefix + candidate`` then ``test`` in a fresh sandboxed
+process.
 """
 
 from __future__ import annotations
@@ -29,18 +30,25 @@ from typing import Any
 
 from .base import DataError, Task, load_table
 
-MBPP_SPLITS = {"test": range(11, 511), "validation": range(511, 601), "train": range(601, 975), "prompt": range(1, 11)}
+MBPP_SPLITS = {
+    "test": range(11, 511),
+    "validation": range(511, 601),
+    "train": range(601, 975),
+    "prompt": range(1, 11),
+}
 _FENCE = re.compile(r"```(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(text: str) -> str:
-    """The first fenced code block of ``text`` (an unclosed fence runs to the end), else ``text`` itself."""
+    """The first fenced code block of ``text`` (an unclosed fence runs to the end), else ``text``
+    itself."""
     match = _FENCE.search(text)
     return (match.group(1) if match else text).rstrip() + "\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021): 1 - C(n-c, k) / C(n, k)."""
+    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021): 1 - C(n-c, k) /
+    C(n, k)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -59,8 +67,11 @@ def humaneval_program(prompt: str, code: str, entry_point: str) -> str:
     return prompt + code
 
 
-def score_programs(predictions: Sequence[str | Sequence[str] | None], references: Sequence[str],
-                   ks: Sequence[int] = (1,)) -> dict[str, float]:
+def score_programs(
+    predictions: Sequence[str | Sequence[str] | None],
+    references: Sequence[str],
+    ks: Sequence[int] = (1,),
+) -> dict[str, float]:
     """pass@k over problems: each prediction is a code string (one sample) or a list of samples.
 
     Every candidate runs in its own sandboxed process (see ``eva_lora.app.sandbox``); a missing
@@ -102,7 +113,8 @@ def code_score(predictions: Sequence[Any], references: Sequence[str]) -> dict[st
     return score_programs(predictions, references, ks)
 
 
-# ---- readers --------------------------------------------------------------------------------------
+# ---- readers
+# --------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -110,20 +122,34 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_humaneval(path: Path, split: str) -> Any:
-    """HumanEval (task_id, prompt, test, entry_point): the prompt in a user turn, scored by ``check``."""
+    """HumanEval (task_id, prompt, test, entry_point): the prompt in a user turn, scored by
+    ``check``."""
     import datasets
 
     rows = _read_jsonl(path)
     missing = [c for c in ("prompt", "test", "entry_point") if rows and c not in rows[0]]
     if missing:
-        raise DataError(f"{path}: a HumanEval file needs prompt/test/entry_point; it lacks {missing}")
-    return datasets.Dataset.from_list([
-        {"prompt": "Complete the following Python function. Answer with the whole function in a ```python "
-                   f"block.\n```python\n{r['prompt']}```",
-         "response": r.get("canonical_solution", ""),
-         "answer": json.dumps({"prefix": r["prompt"], "entry_point": r["entry_point"],
-                               "test": f"{r['test']}\n\ncheck({r['entry_point']})\n"})}
-        for r in rows])
+        raise DataError(
+            f"{path}: a HumanEval file needs prompt/test/entry_point; it lacks {missing}"
+        )
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": "Complete the following Python function. "
+                "Answer with the whole function in a ```python "
+                f"block.\n```python\n{r['prompt']}```",
+                "response": r.get("canonical_solution", ""),
+                "answer": json.dumps(
+                    {
+                        "prefix": r["prompt"],
+                        "entry_point": r["entry_point"],
+                        "test": f"{r['test']}\n\ncheck({r['entry_point']})\n",
+                    }
+                ),
+            }
+            for r in rows
+        ]
+    )
 
 
 def mbpp_user_turn(text: str, tests: Sequence[str]) -> str:
@@ -136,12 +162,23 @@ def _mbpp_rows(path: Path, split: str) -> list[dict[str, Any]]:
     text_key = "text" if rows and "text" in rows[0] else "prompt"
     test_key = "test_list" if rows and "test_list" in rows[0] else "test"
     if not rows or any(k not in rows[0] for k in (text_key, test_key, "code", "task_id")):
-        raise DataError(f"{path}: an MBPP file needs task_id, text (or prompt), test_list (or test) and code")
+        raise DataError(
+            f"{path}: an MBPP file needs task_id, text (or prompt), test_list (or test) and code"
+        )
     ids = MBPP_SPLITS["test" if split == "eval" else "train"]
-    if len({r["task_id"] for r in rows} & set(ids)) == 0:  # a file holding one split only (e.g. mbpp_test.jsonl)
+    # a file holding one split only (e.g. mbpp_test.jsonl)
+    if len({r["task_id"] for r in rows} & set(ids)) == 0:
         ids = range(0, 10**9)
-    return [{"text": r[text_key], "tests": list(r[test_key]), "code": r["code"].replace("\r\n", "\n"),
-             "setup": r.get("test_setup_code", "")} for r in rows if r["task_id"] in ids]
+    return [
+        {
+            "text": r[text_key],
+            "tests": list(r[test_key]),
+            "code": r["code"].replace("\r\n", "\n"),
+            "setup": r.get("test_setup_code", ""),
+        }
+        for r in rows
+        if r["task_id"] in ids
+    ]
 
 
 def read_mbpp(path: Path, split: str) -> Any:
@@ -151,25 +188,42 @@ def read_mbpp(path: Path, split: str) -> Any:
     rows = _mbpp_rows(path, split)
     if split == "train":
         return datasets.Dataset.from_list([{"messages": mbpp_conversation(r)} for r in rows])
-    return datasets.Dataset.from_list([
-        {"prompt": mbpp_user_turn(r["text"], r["tests"]), "response": r["code"],
-         "answer": json.dumps({"prefix": "", "test": (r["setup"] + "\n" if r["setup"] else "") + "\n".join(r["tests"])
-                               + "\n"})}
-        for r in rows])
+    return datasets.Dataset.from_list(
+        [
+            {
+                "prompt": mbpp_user_turn(r["text"], r["tests"]),
+                "response": r["code"],
+                "answer": json.dumps(
+                    {
+                        "prefix": "",
+                        "test": (r["setup"] + "\n" if r["setup"] else "")
+                        + "\n".join(r["tests"])
+                        + "\n",
+                    }
+                ),
+            }
+            for r in rows
+        ]
+    )
 
 
 def mbpp_conversation(row: dict[str, Any]) -> list[dict[str, str]]:
-    return [{"role": "user", "content": mbpp_user_turn(row["text"], row["tests"])},
-            {"role": "assistant", "content": f"```python\n{row['code'].strip()}\n```"}]
+    return [
+        {"role": "user", "content": mbpp_user_turn(row["text"], row["tests"])},
+        {"role": "assistant", "content": f"```python\n{row['code'].strip()}\n```"},
+    ]
 
 
 def read_conversations(path: Path, split: str) -> Any:
-    """Training conversations: a ``messages`` column (Code-Feedback, ShareGPT-like), or MBPP rows."""
+    """Training conversations: a ``messages`` column (Code-Feedback, ShareGPT-like), or MBPP
+    rows."""
     if path.suffix in (".jsonl", ".json", ".parquet") and not _looks_like_mbpp(path):
         data = load_table(path)
         if "messages" not in data.column_names:
-            raise DataError(f"{path}: a conversation file needs a 'messages' column (a list of role/content "
-                            f"turns); it has {data.column_names}")
+            raise DataError(
+                f"{path}: a conversation file needs a 'messages' column (a list of role/content "
+                f"turns); it has {data.column_names}"
+            )
         check_conversations(data["messages"], path)
         return data.select_columns(["messages"])
     return read_mbpp(path, split)
@@ -186,21 +240,55 @@ def _looks_like_mbpp(path: Path) -> bool:
 def check_conversations(conversations: Sequence[Any], path: Path | str) -> None:
     """Each conversation: a non-empty list of {role, content} with at least one assistant turn."""
     for i, turns in enumerate(conversations):
-        if not turns or not all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns):
-            raise DataError(f"{path}: conversation {i} is not a non-empty list of {{role, content}} turns")
+        if not turns or not all(
+            isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns
+        ):
+            raise DataError(
+                f"{path}: conversation {i} is not a non-empty list of {{role, content}} turns"
+            )
         if not any(t["role"] == "assistant" for t in turns):
-            raise DataError(f"{path}: conversation {i} has no assistant turn, so nothing would be trained")
+            raise DataError(
+                f"{path}: conversation {i} has no assistant turn, so nothing would be trained"
+            )
 
 
 CODE_TASKS = {
-    "code": Task("code", "generation", {"train": "code/mbpp.jsonl"}, read_conversations, code_score, "pass@1",
-                 description="chat fine-tuning (MBPP train as conversations, or any messages file); "
-                             "eval = HumanEval + MBPP",
-                 bundled={"train": "mbpp.jsonl"}, extract=extract_code, parts=("humaneval", "mbpp"), chat=True),
-    "humaneval": Task("humaneval", "generation", {"eval": "code/HumanEval.jsonl.gz"}, read_humaneval, code_score,
-                      "pass@1", description="HumanEval (164 problems), pass@1 by sandboxed execution",
-                      bundled={"eval": "HumanEval.jsonl.gz"}, extract=extract_code, chat=True),
-    "mbpp": Task("mbpp", "generation", {"train": "code/mbpp.jsonl", "eval": "code/mbpp.jsonl"}, read_conversations,
-                 code_score, "pass@1", description="MBPP test split (500 problems), pass@1 by sandboxed execution",
-                 bundled={"train": "mbpp.jsonl", "eval": "mbpp.jsonl"}, extract=extract_code, chat=True),
+    "code": Task(
+        "code",
+        "generation",
+        {"train": "code/mbpp.jsonl"},
+        read_conversations,
+        code_score,
+        "pass@1",
+        description="chat fine-tuning (MBPP train as conversations, or any messages file); "
+        "eval = HumanEval + MBPP",
+        bundled={"train": "mbpp.jsonl"},
+        extract=extract_code,
+        parts=("humaneval", "mbpp"),
+        chat=True,
+    ),
+    "humaneval": Task(
+        "humaneval",
+        "generation",
+        {"eval": "code/HumanEval.jsonl.gz"},
+        read_humaneval,
+        code_score,
+        "pass@1",
+        description="HumanEval (164 problems), pass@1 by sandboxed execution",
+        bundled={"eval": "HumanEval.jsonl.gz"},
+        extract=extract_code,
+        chat=True,
+    ),
+    "mbpp": Task(
+        "mbpp",
+        "generation",
+        {"train": "code/mbpp.jsonl", "eval": "code/mbpp.jsonl"},
+        read_conversations,
+        code_score,
+        "pass@1",
+        description="MBPP test split (500 problems), pass@1 by sandboxed execution",
+        bundled={"train": "mbpp.jsonl", "eval": "mbpp.jsonl"},
+        extract=extract_code,
+        chat=True,
+    ),
 }

@@ -28,7 +28,10 @@ def accuracy_f1(predictions: Sequence[Any], references: Sequence[Any]) -> dict[s
 def matthews(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
     from sklearn.metrics import matthews_corrcoef
 
-    return {"matthews": float(matthews_corrcoef(references, predictions)), **accuracy(predictions, references)}
+    return {
+        "matthews": float(matthews_corrcoef(references, predictions)),
+        **accuracy(predictions, references),
+    }
 
 
 def correlations(predictions: Sequence[Any], references: Sequence[Any]) -> dict[str, float]:
@@ -36,8 +39,10 @@ def correlations(predictions: Sequence[Any], references: Sequence[Any]) -> dict[
 
     if len(set(map(float, predictions))) < 2:  # a constant prediction has no correlation
         return {"pearson": 0.0, "spearman": 0.0}
-    return {"pearson": float(pearsonr(predictions, references)[0]),
-            "spearman": float(spearmanr(predictions, references)[0])}
+    return {
+        "pearson": float(pearsonr(predictions, references)[0]),
+        "spearman": float(spearmanr(predictions, references)[0]),
+    }
 
 
 def _int_labels(data: Any, path: Path, valid: set[int]) -> Any:
@@ -61,35 +66,84 @@ def read_cola(path: Path, split: str) -> Any:
 
 def read_rte(path: Path, split: str) -> Any:
     """GLUE export with a header: sentence1, sentence2, label (0 = entailment), idx."""
-    data = rename(load_table(path), {"sentence1": "text", "sentence2": "text_pair", "label": "label"}, path)
+    data = rename(
+        load_table(path), {"sentence1": "text", "sentence2": "text_pair", "label": "label"}, path
+    )
     return _int_labels(data, path, {0, 1})
 
 
 def read_mrpc(path: Path, split: str) -> Any:
     """Original MSR files: Quality, #1 ID, #2 ID, #1 String, #2 String (1 = paraphrase)."""
-    data = rename(load_table(path), {"Quality": "label", "#1 String": "text", "#2 String": "text_pair"}, path)
+    data = rename(
+        load_table(path), {"Quality": "label", "#1 String": "text", "#2 String": "text_pair"}, path
+    )
     return _int_labels(data, path, {0, 1})
 
 
 def read_stsb(path: Path, split: str) -> Any:
     """GLUE layout: ..., sentence1, sentence2, score (0-5), read as a float label."""
-    data = rename(load_table(path), {"sentence1": "text", "sentence2": "text_pair", "score": "label"}, path)
+    data = rename(
+        load_table(path), {"sentence1": "text", "sentence2": "text_pair", "score": "label"}, path
+    )
     return data.map(lambda row: {"label": float(row["label"])})
 
 
 GLUE_TASKS = {
-    "sst2": Task("sst2", "classification", {"train": "glue/SST-2/train_sentences.tsv",
-                                            "eval": "glue/SST-2/test_sentences_labeled.tsv"},
-                 read_sst2, accuracy, "accuracy", num_labels=2, description="SST-2 sentiment (accuracy)",
-                 bundled={"train": "sst2_train_1000.tsv", "eval": "sst2_test_300.tsv"}),
-    "cola": Task("cola", "classification", {"train": "glue/CoLA/train_tok.tsv",
-                                            "eval": "glue/CoLA/dev_outdomain_tok.tsv"},
-                 read_cola, matthews, "matthews", num_labels=2, description="CoLA acceptability (Matthews)"),
-    "rte": Task("rte", "classification", {"train": "glue/RTE/train.tsv", "eval": "glue/RTE/dev.tsv"},
-                read_rte, accuracy, "accuracy", num_labels=2, description="RTE entailment (accuracy)"),
-    "mrpc": Task("mrpc", "classification", {"train": "glue/MRPC/msr_paraphrase_train.txt",
-                                            "eval": "glue/MRPC/msr_paraphrase_test.txt"},
-                 read_mrpc, accuracy_f1, "accuracy", num_labels=2, description="MRPC paraphrase (accuracy, F1)"),
-    "stsb": Task("stsb", "regression", {"train": "glue/STS-B/train.tsv", "eval": "glue/STS-B/dev.tsv"},
-                 read_stsb, correlations, "pearson", num_labels=1, description="STS-B similarity (Pearson)"),
+    "sst2": Task(
+        "sst2",
+        "classification",
+        {
+            "train": "glue/SST-2/train_sentences.tsv",
+            "eval": "glue/SST-2/test_sentences_labeled.tsv",
+        },
+        read_sst2,
+        accuracy,
+        "accuracy",
+        num_labels=2,
+        description="SST-2 sentiment (accuracy)",
+        bundled={"train": "sst2_train_1000.tsv", "eval": "sst2_test_300.tsv"},
+    ),
+    "cola": Task(
+        "cola",
+        "classification",
+        {"train": "glue/CoLA/train_tok.tsv", "eval": "glue/CoLA/dev_outdomain_tok.tsv"},
+        read_cola,
+        matthews,
+        "matthews",
+        num_labels=2,
+        description="CoLA acceptability (Matthews)",
+    ),
+    "rte": Task(
+        "rte",
+        "classification",
+        {"train": "glue/RTE/train.tsv", "eval": "glue/RTE/dev.tsv"},
+        read_rte,
+        accuracy,
+        "accuracy",
+        num_labels=2,
+        description="RTE entailment (accuracy)",
+    ),
+    "mrpc": Task(
+        "mrpc",
+        "classification",
+        {
+            "train": "glue/MRPC/msr_paraphrase_train.txt",
+            "eval": "glue/MRPC/msr_paraphrase_test.txt",
+        },
+        read_mrpc,
+        accuracy_f1,
+        "accuracy",
+        num_labels=2,
+        description="MRPC paraphrase (accuracy, F1)",
+    ),
+    "stsb": Task(
+        "stsb",
+        "regression",
+        {"train": "glue/STS-B/train.tsv", "eval": "glue/STS-B/dev.tsv"},
+        read_stsb,
+        correlations,
+        "pearson",
+        num_labels=1,
+        description="STS-B similarity (Pearson)",
+    ),
 }
