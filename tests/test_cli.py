@@ -66,6 +66,12 @@ def test_train_eva_on_minilm_sst2_writes_a_loadable_adapter(tmp_path, capsys, mi
         and "classifier" in str(config["modules_to_save"])
     )
     assert sum(metrics["eva"]["ranks"].values()) == 8 * len(metrics["eva"]["ranks"])
+    # per-item predictions for tests over test items: the metric recomputed from them
+    items = json.loads((out / "predictions.json").read_text())["sst2"]
+    assert len(items["prediction"]) == len(items["reference"]) == 16
+    right = sum(p == r for p, r in zip(items["prediction"], items["reference"]))
+    assert right / 16 == pytest.approx(metrics["eval"]["sst2"]["accuracy"])
+    assert sum(items["correct"]) == right
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(minilm[0].name_or_path, num_labels=2)
@@ -102,6 +108,9 @@ def test_train_generation_masks_the_prompt_and_evaluates(tmp_path, capsys, tiny_
     assert code == 0, err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"]["gsm8k"]["n"] == 2 and metrics["steps"] == 2
+    items = json.loads((out / "predictions.json").read_text())["gsm8k"]
+    assert len(items["reference"]) == len(items["correct"]) == 2
+    assert sum(items["correct"]) / 2 == metrics["eval"]["gsm8k"]["accuracy"]
     from transformers import AutoTokenizer
 
     from eva_lora.app.preprocess import IGNORE, tokenize

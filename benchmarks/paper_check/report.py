@@ -16,6 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import plans
+from item_tests import ALPHA, METRICS, holm, paired_bootstrap
+from item_tests import verdict as item_verdict
 from verdicts import NO_SIGNAL_RANGE, combine, describe, no_signal, paired, paired_by_seed
 
 from eva_lora.files import atomic_write_text
@@ -69,9 +73,66 @@ def table_verdict(
 
 
 def table4_verdict(r: dict[str, Any]) -> Verdict:
+    if "items" in r:
+        return item_table_verdict(r, TABLE4_COMPARISONS)
     return table_verdict(
         r, ["EVA rho=1", "EVA rho=2"], ["LoRA", "PiSSA", "OLoRA"], [("EVA+DoRA rho=2", "DoRA")]
     )
+
+
+# every EVA variant against every baseline: no variant is chosen after the results (plans/table4)
+TABLE4_COMPARISONS = [
+    (eva, base) for eva in ("EVA rho=1", "EVA rho=2") for base in ("LoRA", "PiSSA", "OLoRA")
+] + [("EVA+DoRA rho=2", "DoRA")]
+
+
+def item_table_verdict(r: dict[str, Any], comparisons: list[tuple[str, str]]) -> Verdict:
+    """Each comparison "A at least as good as B" of a table, tested over seeds and evaluation items
+    together (a paired bootstrap of the per-seed average over the tasks with signal, each task with
+    its own metric), Holm-corrected across the table's comparisons."""
+    tasks, items = list(r["runs"]), r["items"]
+    quiet = [
+        t
+        for t in tasks
+        if no_signal([run["score"] for runs in r["runs"][t].values() for run in runs])
+    ]
+    used = [t for t in tasks if t not in quiet]
+    if not used:
+        return "not shown", f"no task carries signal: {quiet}"
+    methods = set(items[used[0]]["predictions"])
+    pairs = [(a, b) for a, b in comparisons if a in methods and b in methods]
+    seeds = len(items[used[0]]["predictions"][pairs[0][0]]) if pairs else 0
+    if not pairs:
+        return "not run yet", "none of the planned comparisons has both methods"
+    metrics = [METRICS[next(iter(r["runs"][t].values()))[0]["metric"]] for t in used]
+    references = [np.asarray(items[t]["reference"]) for t in used]
+
+    def predictions(method: str) -> list[list[np.ndarray]]:
+        return [
+            [np.asarray(items[t]["predictions"][method][s]) for t in used] for s in range(seeds)
+        ]
+
+    tested = [
+        paired_bootstrap(metrics, predictions(a), predictions(b), references) for a, b in pairs
+    ]
+    adjusted = holm([p for _, p in tested])
+    found = [item_verdict(effect, p) for (effect, _), p in zip(tested, adjusted)]
+    held = sum(v == "held" for v in found)
+    text = (
+        f"tasks with signal: {', '.join(used)}"
+        + (f" (no signal, left out: {', '.join(quiet)})" if quiet else "")
+        + f"; average over them, {seeds} seed(s) x evaluation items, paired bootstrap, Holm over "
+        f"{len(pairs)} comparisons (alpha {ALPHA}): "
+        + "; ".join(
+            f"{a} vs {b} {100 * effect:+.2f} (p {p:.3f}, Holm {q:.3f}: {v})"
+            for (a, b), (effect, p), q, v in zip(pairs, tested, adjusted, found)
+        )
+    )
+    if held == len(found):
+        return "held", text
+    if held:
+        return f"partly ({held} of {len(found)} held)", text
+    return ("contradicted" if "contradicted" in found else "not shown"), text
 
 
 def early_training_verdict(r: dict[str, Any]) -> Verdict:
@@ -370,6 +431,13 @@ def freshness(record: dict[str, Any]) -> str:
     return f"current ({made[:10]}{', with uncommitted code changes' if dirty else ''})"
 
 
+def plan_refusal(stem: str, record: dict[str, Any]) -> str | None:
+    """Why a full result of an experiment with a pre-registered plan is not judged, or None."""
+    if record.get("quick") or not plans.plan_path(stem).is_file():
+        return None
+    return plans.check(record)
+
+
 def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") -> str:
     rows, sections = [], []
     for stem, claim, rule in CLAIMS:
@@ -378,7 +446,8 @@ def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") ->
             rows.append(f"| {claim} | not run yet | - | - |")
             continue
         record = json.loads(data.read_text(encoding="utf-8"))
-        verdict, numbers = rule(record)
+        refused = plan_refusal(stem, record)
+        verdict, numbers = ("refused", refused) if refused else rule(record)
         rows.append(
             f"| {claim} | {verdict}{' (quick run)' if record.get('quick') else ''} | {numbers} | "
             f"{freshness(record)} |"

@@ -12,9 +12,13 @@ otherwise). The paper's grids (rank {2, 4, 6, 8}, lr {4e-3, 1e-3, 4e-4}, full ep
 one point that fits 2 CPU cores: r 8, alpha 1, lr 4e-3 (the top of the paper's DeBERTa grid), batch
 16, max length 128, STEPS[task] optimiser steps (more on the cheap single-sentence tasks, fewer on
 the long RTE pairs), SVD batch size 8, and a fixed random subset of EVAL_LIMIT evaluation examples
-(the same rows for every run). Each run is the
-``eva train`` recipe; finished runs are kept under ``--work`` and reused when their settings match,
-so an interrupted grid continues where it stopped.
+(the same rows for every run). Each run is the ``eva train`` recipe; finished runs are kept under
+``--work`` and reused when their settings match, so an interrupted grid continues where it stopped.
+
+The full grid (tasks, steps, seeds, methods, rate, evaluation rows and the test that judges it) is
+read from the pre-registered plan ``plans/table4.json`` and the result is stamped with it (see
+``plans.py``); every run's per-item predictions are kept, so ``report.py`` tests over evaluation
+items as well as seeds (``item_tests.py``) and corrects for the plan's comparisons (Holm).
 """
 
 from __future__ import annotations
@@ -27,11 +31,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plans
 from common import RESULTS, pyplot, save_png, write_results
 
 from eva_lora.app.recipes.compare import headline
 from eva_lora.app.recipes.run_folder import same_settings
-from eva_lora.app.recipes.train import METRICS_FILE, train
+from eva_lora.app.recipes.train import METRICS_FILE, PREDICTIONS_FILE, train
 from eva_lora.app.run_config import RunConfig, build_run_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -101,7 +106,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def grid(
     quick: bool,
 ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[int], dict[str, Any], dict[str, int]]:
-    """(methods, seeds, run settings, steps per task) of the full table or its CI-sized form."""
+    """(methods, seeds, run settings, steps per task) of the full table (from its plan) or its
+    CI-sized form."""
     if quick:
         return (
             [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")],
@@ -116,18 +122,33 @@ def grid(
             },
             dict.fromkeys(TASKS, 4),
         )
-    return METHODS, [0, 1, 2], {**SETTINGS, "eval_limit": EVAL_LIMIT}, STEPS
+    plan = plans.load("table4")
+    known = {m[0]: m for m in METHODS}
+    unknown = [m for m in plan["methods"] if m not in known]
+    if unknown or plan["model"] != SETTINGS["model"] or plan["tasks"] != TASKS:
+        raise ValueError(
+            f"plans/table4.json does not match this script: methods {unknown} unknown, model "
+            f"{plan['model']}, tasks {plan['tasks']} (script: {SETTINGS['model']}, {TASKS})"
+        )
+    settings = {
+        **SETTINGS,
+        "eval_limit": plan["eval_limit"],
+        "learning_rate": plan["learning_rate"],
+    }
+    return [known[m] for m in plan["methods"]], plan["seeds"], settings, plan["steps"]
 
 
-def run_one(cfg: RunConfig) -> tuple[dict[str, Any], bool]:
-    """(metrics, reused): a finished run with the same settings is read back instead of trained
-    again."""
+def run_one(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """(metrics, per-item predictions, reused): a finished run with the same settings and its
+    predictions is read back instead of trained again."""
     done = Path(cfg.output_dir) / METRICS_FILE
-    if done.is_file():
+    items = Path(cfg.output_dir) / PREDICTIONS_FILE
+    if done.is_file() and items.is_file():
         metrics = json.loads(done.read_text())
         if same_settings(metrics.get("config") or {}, cfg):
-            return metrics, True
-    return train(cfg), False
+            return metrics, json.loads(items.read_text()), True
+    metrics = train(cfg)
+    return metrics, json.loads(items.read_text()), False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     # task -> method label -> per-seed results
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    # task -> {"reference": [...], "predictions": {label: [per-seed predictions]}}
+    items: dict[str, dict[str, Any]] = {}
     total, done = len(TASKS) * len(methods) * len(seeds), 0
     for task in TASKS:
         for label, init, eva in methods:
@@ -157,7 +180,8 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
                 run_started = time.perf_counter()
-                metrics, reused = run_one(cfg)
+                metrics, predicted, reused = run_one(cfg)
+                store_items(items, task, label, predicted[task])
                 metric, score = headline(metrics, task)
                 done += 1
                 print(
@@ -186,12 +210,24 @@ def main(argv: list[str] | None = None) -> None:
         "tasks": TASKS,
         "methods": [m[0] for m in methods],
         "runs": runs,
+        "items": items,
         "summary": summarise(runs, [m[0] for m in methods]),
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if not args.quick:
+        record["plan"] = plans.stamp("table4")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(record, args.out / "table4.png")
     write_results(args.out, "table4", record, markdown(record))
+
+
+def store_items(items: dict[str, Any], task: str, label: str, run: dict[str, Any]) -> None:
+    """Keep one run's per-item predictions (seed order); every run scores the same rows, checked."""
+    entry = items.setdefault(task, {"reference": run["reference"], "predictions": {}})
+    if entry["reference"] != run["reference"]:
+        raise ValueError(f"{task}: {label} was scored on other evaluation rows than earlier runs")
+    predictions = [round(p, 4) if isinstance(p, float) else p for p in run["prediction"]]
+    entry["predictions"].setdefault(label, []).append(predictions)
 
 
 def _mean_std(values: list[float]) -> dict[str, float]:

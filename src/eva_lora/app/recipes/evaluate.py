@@ -200,11 +200,17 @@ def evaluate_task(
     return {**metrics, "n": len(references)}, records
 
 
-def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
-    """Every evaluation task of ``cfg.task`` (7 for common sense, with their mean)."""
+def evaluate_all(
+    model: Any, tokenizer: Any, cfg: RunConfig, items: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Every evaluation task of ``cfg.task`` (7 for common sense, with their mean).
+
+    ``items``, when given, receives each task's per-item predictions and references
+    (:func:`item_record`): what a test over test items (McNemar, a paired bootstrap) needs, where
+    the metrics alone only allow a test over seeds."""
     results: dict[str, Any] = {}
     if cfg.validation:  # the held-out training rows, never the test set
-        return _evaluate_validation(model, tokenizer, cfg)
+        return _evaluate_validation(model, tokenizer, cfg, items)
     tasks = eval_tasks(cfg.task)
     # one file cannot hold 7 common-sense test sets
     file = cfg.eval_file if len(tasks) == 1 else None
@@ -212,7 +218,7 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
         # sampled answers (samples > 1) are reproducible; greedy ones do not care
         torch.manual_seed(cfg.seed)
         data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
-        metrics, _ = evaluate_task(
+        metrics, records = evaluate_task(
             model,
             tokenizer,
             task,
@@ -223,6 +229,8 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
             cfg.temperature,
         )
         results[task.name] = metrics
+        if items is not None:
+            items[task.name] = item_record(task, records)
     if len(results) > 1:
         # the parts of a joint task share it (accuracy; pass@1 for code)
         metric = tasks[0].main_metric
@@ -231,7 +239,25 @@ def evaluate_all(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
     return results
 
 
-def _evaluate_validation(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str, Any]:
+def item_record(task: Task, records: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-item predictions and references of one task, in the order of its evaluation rows (the
+    same rows for every run with the same ``eval_limit``), and for accuracy tasks whether each item
+    is right, by the task's own scorer (answers are compared after normalisation). Generations are
+    left out: large, and the predictions are what the metrics score."""
+    out: dict[str, list[Any]] = {
+        "prediction": [r["prediction"] for r in records],
+        "reference": [r["reference"] for r in records],
+    }
+    if task.main_metric == "accuracy":
+        out["correct"] = [
+            task.score([r["prediction"]], [r["reference"]])["accuracy"] == 1.0 for r in records
+        ]
+    return out
+
+
+def _evaluate_validation(
+    model: Any, tokenizer: Any, cfg: RunConfig, items: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Scores on the training rows ``cfg.validation`` holds out (``eval_limit`` of them at most)."""
     from ..tasks import get_task
     from ..tasks.base import split_validation, subset_indices
@@ -243,7 +269,7 @@ def _evaluate_validation(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str
     if cfg.eval_limit is not None and cfg.eval_limit < len(data):
         data = data.select(subset_indices(len(data), cfg.eval_limit))
     torch.manual_seed(cfg.seed)
-    metrics, _ = evaluate_task(
+    metrics, records = evaluate_task(
         model,
         tokenizer,
         task,
@@ -253,6 +279,8 @@ def _evaluate_validation(model: Any, tokenizer: Any, cfg: RunConfig) -> dict[str
         cfg.samples,
         cfg.temperature,
     )
+    if items is not None:
+        items["validation"] = item_record(task, records)
     return {"validation": metrics}
 
 

@@ -24,7 +24,7 @@ from ...fingerprints import differences
 RUN_FILE = "run.json"
 RUN_FORMAT, RUN_FORMAT_VERSION = "eva-lora-run", 1
 # what a run writes into its folder (anything else there is the user's and is left alone)
-RUN_ARTIFACTS = (RUN_FILE, "adapter", "metrics.json", "eva_state", ".initial")
+RUN_ARTIFACTS = (RUN_FILE, "adapter", "metrics.json", "predictions.json", "eva_state", ".initial")
 # settings that do not change what is trained: how it is shown, where it goes, how it resumes, how
 # it is scored, and how long it goes on (a resumed run may extend max_steps / epochs)
 NOT_SHAPING = (

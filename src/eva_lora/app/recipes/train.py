@@ -44,7 +44,7 @@ from .evaluate import evaluate_all
 from .run_folder import check_inputs, check_output_folder, clear_previous_run, write_run_manifest
 from .runtime import device, init_distributed, latest_checkpoint, require_writable
 
-ADAPTER_DIR, METRICS_FILE = "adapter", "metrics.json"
+ADAPTER_DIR, METRICS_FILE, PREDICTIONS_FILE = "adapter", "metrics.json", "predictions.json"
 
 
 def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
@@ -312,8 +312,11 @@ def report(
     }
     if evaluate:
         start = time.perf_counter()
-        metrics["eval"] = evaluate_all(init.peft_model, run.tokenizer, cfg)
+        items: dict[str, Any] = {}
+        metrics["eval"] = evaluate_all(init.peft_model, run.tokenizer, cfg, items)
         metrics["eval_seconds"] = round(time.perf_counter() - start, 3)
+        # before metrics.json, which marks the run finished
+        atomic_write_text(run.out / PREDICTIONS_FILE, json.dumps(items, default=str))
     atomic_write_text(run.out / METRICS_FILE, json.dumps(metrics, indent=2, default=str))
     return metrics
 
