@@ -7,6 +7,8 @@
     python benchmarks/bench_init.py --case llama --device cuda
     # our cost against width and depth (random Llama)
     python benchmarks/bench_init.py --case sweep
+    # either case on a shared machine: another process keeps one core busy throughout
+    python benchmarks/bench_init.py --case minilm --busy
 
 Prints one JSON line per measurement. Quality is the captured variance
 trace(Q^T C Q) / sum(top-k eig C) of each layer's returned rows against an exact float64 PCA of
@@ -258,11 +260,35 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--skip-peft", action="store_true")
     parser.add_argument("--skip-dataset-quality", action="store_true")
+    parser.add_argument(
+        "--busy",
+        action="store_true",
+        help="another process keeps one core busy for the whole run (a shared machine)",
+    )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
+    if args.busy:
+        import multiprocessing
 
+        from bench_solves import _spin
+
+        stop = multiprocessing.Event()
+        spinner = multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
+        spinner.start()
+        try:
+            return _main(args)
+        finally:
+            stop.set()
+            spinner.join()
+    return _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     def emit(**kw: object) -> None:
-        print(json.dumps({"case": args.case, "device": args.device, **kw}), flush=True)
+        print(
+            json.dumps({"case": args.case, "device": args.device, "busy": args.busy, **kw}),
+            flush=True,
+        )
 
     if args.case == "sweep":
         return sweep(args.device, emit)

@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "pap
 from item_tests import (  # noqa: E402
     accuracy,
     holm,
+    item_sign_test,
     matthews,
     mcnemar,
     paired_bootstrap,
@@ -55,6 +56,20 @@ def test_the_same_five_images_in_three_seeds_are_fifteen_trials_not_three_effect
     only_a, only_b, p = mcnemar(a, b)
     assert (only_a, only_b) == (19, 0)
     assert p == pytest.approx(2 * 0.5**19)
+
+
+def test_the_item_sign_test_counts_an_item_once_whatever_its_seeds():
+    # item 0: a right in both seeds, b in neither (net +2, one item); item 1: split (net 0);
+    # item 2: b right once more than a (net -1)
+    a = [[1, 1, 0], [1, 0, 0]]
+    b = [[0, 0, 1], [0, 1, 0]]
+    assert mcnemar(a, b)[:2] == (3, 2)  # pooled: five discordant trials
+    assert item_sign_test(a, b) == (1, 1, 1.0)
+    # the same 5 images ahead in each of 3 seeds: 15 pooled trials, but 5 items
+    x = np.ones((3, 100), dtype=bool)
+    y = x.copy()
+    y[:, :5] = False
+    assert mcnemar(x, y)[:2] == (15, 0) and item_sign_test(x, y) == (5, 0, pytest.approx(0.0625))
 
 
 def test_holm_multiplies_the_kth_smallest_by_m_minus_k_plus_one_and_stays_monotone():

@@ -7,6 +7,9 @@ the same 5 easy images. These tests resample or count the *items* too:
 - :func:`mcnemar` for scores that count right answers (accuracy, success per episode): the items
   where the two methods disagree, pooled over seeds (the same item in two seeds counts twice: each
   seed is a separate trial of both methods on it), and the exact two-sided sign test on them.
+  Pooling treats an item's seeds as independent trials; they are not when some items suit one
+  method in every seed, and the test is then too lenient. :func:`item_sign_test` takes the item as
+  the unit instead (its net over the seeds), the conservative reading.
 - :func:`paired_bootstrap` for any score (Matthews correlation, Pearson, an average over tasks):
   each replicate draws the seeds and, per task, the test items with replacement, the same draws for
   both methods, and recomputes the difference of their seed-averaged scores. The two-sided p-value
@@ -40,6 +43,18 @@ def mcnemar(a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]]) -> tuple[i
     only_a = int((x & ~y).sum())
     only_b = int((~x & y).sum())
     return only_a, only_b, sign_test(only_a, only_b)
+
+
+def item_sign_test(
+    a: Sequence[Sequence[bool]], b: Sequence[Sequence[bool]]
+) -> tuple[int, int, float]:
+    """(items a wins on net over the seeds, items b wins on net, two-sided exact p): each item
+    counts once, however many seeds agree on it."""
+    if len(a) != len(b) or any(len(x) != len(y) for x, y in zip(a, b)):
+        raise ValueError("the item sign test needs the same seeds and the same items on both sides")
+    net = np.asarray(a, dtype=int).sum(0) - np.asarray(b, dtype=int).sum(0)
+    wins, losses = int((net > 0).sum()), int((net < 0).sum())
+    return wins, losses, sign_test(wins, losses)
 
 
 def sign_test(wins: int, losses: int) -> float:

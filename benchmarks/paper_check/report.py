@@ -407,6 +407,14 @@ test at 5 %; the threshold shown includes this floor); tasks where every run of 
 within 2 points carry no signal and are left out. Machine: 2 CPU cores, torch 2.13.0 CPU; no GPU
 was lent for these runs. A section from a `--quick` run is marked as such and proves nothing.
 
+Experiments with a pre-registered plan (`plans/*.json`: tasks, seeds, methods, rates and the test,
+committed before the runs) are judged by the plan's test over test items *and* seeds: the exact
+McNemar test on the items two methods disagree on, pooled over seeds (vision), or a paired
+bootstrap over seeds and items (Table 4), with Holm's correction across a table's comparisons
+(`item_tests.py`).
+Their result is refused when it records no plan, when the plan changed after it, or when the commit
+that made it did not yet hold the plan (`plans.py`).
+
 A result made before the last change to `src/eva_lora` is marked stale in the last column
 (each JSON records its git commit, library versions and date since 2026-12-05).
 

@@ -43,7 +43,7 @@ import plans
 import torch
 import torch.nn.functional as F
 from common import grid_parser, write_results
-from item_tests import holm, mcnemar
+from item_tests import holm, item_sign_test, mcnemar
 from item_tests import verdict as item_verdict
 from verdicts import describe, paired
 
@@ -309,11 +309,20 @@ def verdict(record: dict[str, Any]) -> tuple[str, str]:
         r["accuracy"] for r in lora
     )
     found = item_verdict(only_eva - only_lora, adjusted)
-    return found, (
+    # not in the plan, reported beside it: pooling counts an image once per seed, so images that
+    # suit one method in every seed weigh several times; with the image as the unit:
+    net_eva, net_lora, p_items = item_sign_test(right(eva), right(lora))
+    per_image = item_verdict(net_eva - net_lora, p_items)
+    text = (
         f"EVA vs LoRA {100 * mean:+.2f} points; of the test images the two classify differently, "
         f"summed over {len(eva)} seed(s): {only_eva} only EVA right, {only_lora} only LoRA right "
-        f"(exact McNemar p {p:.3g}, Holm {adjusted:.3g}: {found})"
+        f"(the plan's test, exact McNemar pooled over seeds: p {p:.3g}, Holm {adjusted:.3g}: "
+        f"{found}); with the image as the unit (net over the seeds, not in the plan): "
+        f"{net_eva} images favour EVA, {net_lora} LoRA (sign test p {p_items:.3g}: {per_image})"
     )
+    if found == "held" and per_image != "held":
+        return "held by the plan's pooled test only", text
+    return found, text
 
 
 def markdown(record: dict[str, Any]) -> str:
