@@ -433,3 +433,50 @@ def test_results_record_their_commit_and_the_report_marks_older_ones_stale():
     first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
     assert report.freshness({"provenance": {"git_commit": first}}).startswith("stale: made at")
     assert report.freshness({}).startswith("unstamped")
+
+
+def test_a_result_records_the_commit_its_script_started_with(tmp_path, monkeypatch, capsys):
+    import common
+
+    head = common.git("rev-parse", "HEAD")
+    if head is None:
+        pytest.skip("not a git checkout")
+    first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    # as if the script had started at the first commit and HEAD moved while it ran
+    monkeypatch.setitem(common._AT_START, "git_commit", first)
+    common.write_results(tmp_path, "probe", {"x": 1}, "# probe\n")
+    made = json.loads((tmp_path / "probe.json").read_text())["provenance"]
+    assert made["git_commit"] == first and made["git_commit_when_written"] == head
+    monkeypatch.setitem(common._AT_START, "git_commit", head)
+    common.write_results(tmp_path, "probe", {"x": 1}, "# probe\n")
+    assert (
+        "git_commit_when_written"
+        not in json.loads((tmp_path / "probe.json").read_text())["provenance"]
+    )
+
+
+def test_report_refuses_a_planned_result_whose_plan_changed_or_came_after_it():
+    import common
+    import plans
+    import report
+
+    head = common.git("rev-parse", "HEAD")
+    if head is None:
+        pytest.skip("not a git checkout")
+    stamp = plans.stamp("vision")
+    committed = plans.committed_bytes(head, stamp["file"])
+    if committed is None or plans.digest(committed) != stamp["sha256"]:
+        pytest.skip("plans/vision.json has uncommitted changes here")
+    record = {"plan": stamp, "provenance": {"git_commit": head}}
+    assert report.plan_refusal("vision", record) is None
+    assert "changed after" in report.plan_refusal(
+        "vision", {**record, "plan": {**stamp, "sha256": "0" * 64}}
+    )
+    first = common.git("rev-list", "--max-parents=0", "HEAD").splitlines()[0]
+    assert "not committed" in report.plan_refusal(
+        "vision", {**record, "provenance": {"git_commit": first}}
+    )
+    assert "no pre-registered plan" in report.plan_refusal("vision", {"provenance": {}})
+    # quick runs and experiments without a plan are not refused
+    assert report.plan_refusal("vision", {"quick": True}) is None
+    assert report.plan_refusal("stability", {}) is None

@@ -91,10 +91,29 @@ def save_png(fig: Any, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
 
+_AT_START: dict[str, Any] = {}
+
+
+def provenance_at_start() -> dict[str, Any]:
+    """:func:`provenance` as it was when this process first asked (scripts ask when they start): an
+    hour-long grid is made by the code it started with, whatever is committed while it runs."""
+    if not _AT_START:
+        _AT_START.update(provenance())
+    return dict(_AT_START)
+
+
 def write_results(out: Path, stem: str, record: dict[str, Any], markdown: str) -> None:
-    """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout."""
+    """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout.
+    The provenance is the one at the script's start; a commit made while it ran is named too."""
     out.mkdir(parents=True, exist_ok=True)
-    record = {**record, "provenance": provenance()}
+    made = provenance_at_start()
+    now = git("rev-parse", "HEAD")
+    if now != made["git_commit"]:
+        made["git_commit_when_written"] = now
+    record = {**record, "provenance": made}
     atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown)
     print(markdown)
+
+
+provenance_at_start()  # a script imports this module when it starts
