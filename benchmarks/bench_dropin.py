@@ -1,5 +1,4 @@
-"""A PEFT user's EVA script, run twice on the same data: with PEFT's functions and with eva-lora's
-drop-in.
+"""A PEFT user's EVA script run twice on the same data: PEFT's functions, then eva-lora's drop-in.
 
     # SmolLM2-135M on GSM8K questions (bundled slice)
     python benchmarks/bench_dropin.py
@@ -116,8 +115,7 @@ def users_script(initialize_lora_eva_weights, model, loader):
 
 
 def whole_data_covariances(model, loader) -> dict[str, torch.Tensor]:
-    """float64 covariance of every adapted layer's input over every batch of the loader (label mask
-    as EVA)."""
+    """float64 covariance of each adapted layer's input over the loader (label mask as EVA)."""
     from eva_lora import EvaConfig
     from eva_lora.capture import collect_statistics
 
@@ -132,8 +130,7 @@ def whole_data_covariances(model, loader) -> dict[str, torch.Tensor]:
 def captured(
     covariances: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """Whole-data captured variance of each layer's A rows (min and mean over layers with rank >
-    0)."""
+    """Whole-data captured variance of each layer's A rows (min, mean over layers with rank > 0)."""
     from eva_lora.pca import captured_variance
 
     scores = []

@@ -246,8 +246,9 @@ class _Enough(Exception):
 
 
 def run_peft(model, batches, settings: dict, device: str):
-    """PEFT's get_eva_state_dict over exactly ``len(batches)`` passes; its per-layer IPCA read from
-    its hooks."""
+    """PEFT's get_eva_state_dict over exactly ``len(batches)`` passes.
+
+    Its per-layer IPCA is read from its hooks."""
     from peft import EvaConfig as PeftEvaConfig
     from peft import LoraConfig, get_eva_state_dict
     from peft.tuners.lora import eva as peft_eva
@@ -303,8 +304,7 @@ def run_peft(model, batches, settings: dict, device: str):
 def exact_reference(
     model, batches, settings: dict, k: int
 ) -> list[tuple[list[str], torch.Tensor, float]]:
-    """Per group: (names, float64 covariance of every token of ``batches``, sum of its top-k
-    eigenvalues).
+    """Per group: (names, float64 covariance of all tokens of ``batches``, top-k eigenvalue sum).
 
     Every method keeps every group active for every batch here, so one reference serves them all.
     """
@@ -477,8 +477,7 @@ def vocab(args: argparse.Namespace, emit) -> None:
         del model
 
 
-# ---- (e) sequential, (f) its plan
-# ------------------------------------------------------------------
+# ---- (e) sequential, (f) its plan ----------------------------------------------------------------
 GB = 2**30
 # the allowance for the Python runtime, torch and transformers, as the issue sets it
 RUNTIME_GB = 1.0
@@ -504,8 +503,7 @@ def block_sizes(config, bytes_per_param: float) -> tuple[float, float]:
 
 
 def block_statistics_bytes(config, settings: EvaConfig) -> float:
-    """One Llama block's statistics: its input groups are q/k/v, o, gate/up (hidden wide) and
-    down."""
+    """One Llama block's statistics: input groups q/k/v, o, gate/up (hidden wide) and down."""
     groups = [config.hidden_size] * 3 + [config.intermediate_size]
     plans = plan_statistics(groups, settings, 1)
     return float(rank_loads(plans, groups, settings.resolved_sketch_size, 1)[0])

@@ -1,5 +1,4 @@
-"""The small symmetric eigenproblems of a convergence check: batched or one by one, on how many
-threads.
+"""A convergence check's small symmetric eigenproblems: batched or one by one, on how many threads.
 
     python benchmarks/bench_solves.py                      # CPU: 1 thread vs all, batched vs looped
     # the same with another process keeping a core busy

@@ -1,16 +1,18 @@
-"""EVA with TRL's SFTTrainer on a chat-format data set: a PEFT user's script with one changed
-import.
+"""EVA with TRL's SFTTrainer on a chat-format data set: a PEFT user's script, one import changed.
 
     python examples/trl_sft_eva.py --model ./my-chat-model --data train.jsonl --output out/trl-eva
     # offline smoke run (CI): tiny random Llama
     python examples/trl_sft_eva.py --tiny --output out/trl-eva
 
 The data set is conversational prompt-completion JSON lines:
-``{"prompt": [{"role": "user", "content": ...}], "completion": [{"role": "assistant", "content":
-...}]}``. TRL's completion-only loss sets ``labels = -100`` on the prompt; EVA reads the trainer's
-own batches (``trainer_batches``), so with ``use_label_mask`` its PCA sees exactly the tokens that
-are trained. EVA runs after the trainer is built and before ``trainer.train()`` creates the
-optimiser and the LR scheduler (see ``eva_lora.integrations``).
+
+    {"prompt": [{"role": "user", "content": ...}],
+     "completion": [{"role": "assistant", "content": ...}]}
+
+TRL's completion-only loss sets ``labels = -100`` on the prompt; EVA reads the trainer's own
+batches (``trainer_batches``), so with ``use_label_mask`` its PCA sees exactly the tokens that are
+trained. EVA runs after the trainer is built and before ``trainer.train()`` creates the optimiser
+and the LR scheduler (see ``eva_lora.integrations``).
 """
 
 from __future__ import annotations

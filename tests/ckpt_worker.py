@@ -1,5 +1,4 @@
-"""Worker for tests/test_reliability.py: an EVA run that checkpoints every batch (not a test
-module)."""
+"""Worker for tests/test_reliability.py: an EVA run checkpointing each batch (not a test module)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The core without the application's extras: run in a venv with only torch, safetensors, numpy and
-tqdm.
+"""The core without the app's extras: run in a venv with only torch, safetensors, numpy and tqdm.
 
     python tests/core_only.py        # `make test-core` builds that venv and runs this
 

@@ -1,5 +1,4 @@
-"""Worker for tests/test_distributed.py: one gloo rank running compute_eva_state (not a test
-module).
+"""Worker for tests/test_distributed.py: a gloo rank running compute_eva_state (not a test module).
 
     python dist_worker.py RANK WORLD INIT_FILE OUT_DIR SCENARIO
 
@@ -37,8 +36,7 @@ def batches():
 
 
 def shard_with_fsdp(model, scenario: str):
-    """fully_shard every decoder block and the root, directly or through accelerate's FSDP2
-    preparation."""
+    """fully_shard every decoder block and the root, directly or via accelerate's FSDP2 prepare."""
     if scenario == "accelerate-fsdp":
         from accelerate import Accelerator
         from accelerate.utils import FullyShardedDataParallelPlugin

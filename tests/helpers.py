@@ -14,8 +14,7 @@ VOCAB = 101
 
 
 def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = VOCAB, positions: int = 64, **extra):
-    """A Llama with hidden 32, intermediate 48, GQA (4 heads, 2 kv heads), random weights, eval
-    mode."""
+    """A Llama: hidden 32, intermediate 48, GQA (4 heads, 2 kv heads), random weights, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(

@@ -604,8 +604,7 @@ def test_init_checkpoints_and_resumes_from_the_cli(tmp_path, capsys, tiny_llama_
 def test_a_full_disk_is_reported_before_the_work_starts(
     tmp_path, capsys, tiny_llama_dir, monkeypatch
 ):
-    """The free-space check runs before EVA; a real full disk cannot be made here, so disk_usage
-    reports one."""
+    """The free-space check runs before EVA (a full disk is faked: disk_usage reports one)."""
     import shutil
     from collections import namedtuple
 

@@ -1,5 +1,4 @@
-"""Code tasks: answer extraction, pass@k, conversation label masks, and HumanEval/MBPP scoring by
-execution."""
+"""Code tasks: answer extraction, pass@k, conversation label masks, HumanEval/MBPP by execution."""
 
 from __future__ import annotations
 

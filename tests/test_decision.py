@@ -51,8 +51,7 @@ needs_metaworld = pytest.mark.skipif(
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    """One torch thread: on a busy 2-core machine two threads wait on each other (20x slower
-    here)."""
+    """One torch thread: on a busy 2-core machine two threads wait on each other (20x slower)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -63,8 +62,7 @@ SMALL = PolicyConfig(hidden=32, layers=2, heads=4, context=4, dropout=0.2)
 
 
 def synthetic(task: str, length: int, offset: float = 0.0) -> Trajectory:
-    """A trajectory whose values say where they come from: state t is (t + offset) everywhere,
-    reward 1."""
+    """A trajectory whose values tell their origin: state t is (t + offset) everywhere, reward 1."""
     steps = torch.arange(length, dtype=torch.float32) + offset
     return Trajectory(
         task,
@@ -261,8 +259,7 @@ def test_finetuning_starts_from_the_pretrained_function_and_trains_only_the_adap
 
 
 class ExpertAsPolicy(torch.nn.Module):
-    """Acts like the scripted expert on the last state it is fed, and records what evaluation feeds
-    it."""
+    """Acts as the scripted expert on the last state fed to it; records what evaluation feeds it."""
 
     def __init__(self, task: str, context: int, silent: bool = False) -> None:
         super().__init__()

@@ -63,8 +63,7 @@ def launch(
 
 
 def single_process(scenario: str, check_every: int = 1, replicated: bool = False) -> EvaState:
-    """One process fed every batch in order; ``check_every`` = world size matches the sharded
-    cadence."""
+    """One process fed every batch in order; check_every = world size matches sharded cadence."""
     import dataclasses
 
     cfg = dataclasses.replace(dist_worker.config(scenario), check_every=check_every)
@@ -93,8 +92,7 @@ def assert_identical(got: EvaState, want: EvaState, eigen_rtol: float = 0.0) -> 
 
 @pytest.mark.parametrize("scenario", ["sharded", "sketch"])
 def test_sharded_ranks_equal_one_process_fed_the_union(tmp_path, scenario):
-    """Rows travel to each group's owner in rank order: the owner sees exactly one process's
-    sequence."""
+    """Rows reach each group's owner in rank order: it sees exactly one process's sequence."""
     reports, _ = launch(tmp_path, scenario)
     assert all(r["ok"] for r in reports), reports
     ref = single_process(scenario, check_every=2)  # 2 ranks check after every 2 global batches

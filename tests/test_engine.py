@@ -153,8 +153,9 @@ def _two_speed_model_and_batches():
 
 
 def test_delta_stops_once_that_share_of_components_converged():
-    """2 of 4 components converge early: delta = 0.5 stops there ("delta"), delta = 1 runs to
-    max_batches."""
+    """2 of 4 components converge early: delta = 0.5 stops there ("delta").
+
+    delta = 1 runs to max_batches."""
     model, batches = _two_speed_model_and_batches()
     cfg = EvaConfig(rank=2, rho=1.0, tau=0.9999, max_batches=30)
     with warnings.catch_warnings():
@@ -345,8 +346,7 @@ def test_auto_statistics_are_exact_for_narrow_groups_and_sketches_for_wide_ones(
 
 
 def test_a_model_compiled_after_the_fact_is_captured_eagerly(tiny_llama):
-    """torch.compile(model) skips hooks registered after compilation; EVA runs the original
-    module."""
+    """torch.compile(model) skips hooks added after compilation; EVA runs the original module."""
     batches = token_batches(101, 4)
     cfg = EvaConfig(rank=2, rho=1.0, tau=0.5, max_batches=4)
     compiled = torch.compile(tiny_llama, backend="eager")

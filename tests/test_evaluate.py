@@ -1,5 +1,6 @@
-"""Our generation evaluator: PEFT's DoRA cache is on while generating, changes no answer, and is
-gone after."""
+"""Our generation evaluator: PEFT's DoRA cache is on while generating and changes no answer.
+
+After generation the cache is gone."""
 
 from __future__ import annotations
 
@@ -10,8 +11,7 @@ import torch
 
 
 def _dora_llama(seed: int = 0):
-    """A tiny Llama with DoRA on every linear layer and a non-zero B, so that DoRA's rescaling
-    matters."""
+    """A tiny Llama with DoRA on every linear layer and non-zero B, so DoRA's rescaling matters."""
     from peft import LoraConfig, get_peft_model
 
     import helpers

@@ -1,5 +1,4 @@
-"""lm-evaluation-harness with our task definitions: the same prompts, greedy generations and
-scores."""
+"""lm-evaluation-harness with our task definitions: the same prompts, greedy generations, scores."""
 
 from __future__ import annotations
 

@@ -73,8 +73,7 @@ def caller_is_eva() -> bool:
 
 
 class Counting(TorchFunctionMode):
-    """Counts eva-lora's torch calls that read device values back to the host, and its
-    decompositions."""
+    """Counts eva-lora's torch calls reading device values to the host, and its decompositions."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -90,8 +89,7 @@ class Counting(TorchFunctionMode):
 
 
 def counted(model, batches, **settings) -> Counting:
-    """Counts of the loop (probe, batches, checks); the final solve, once per run, is not
-    counted."""
+    """Counts of the loop (probe, batches, checks); the final solve, once a run, is not counted."""
     cfg = EvaConfig(rank=4, rho=2.0, tau=0.9999999, max_batches=len(batches), **settings)
     counts = Counting()
     build_state = engine._EvaLoop.build_state
@@ -125,8 +123,9 @@ BOTH_KINDS = dict(exact_max_dim=40, sketch_size=16)
 
 
 def test_between_checks_a_batch_reads_once_and_decomposes_nothing_whatever_the_layers_and_tokens():
-    """check_every beyond the run: only forward passes. One read per batch (the token mask's
-    nonzero)."""
+    """check_every beyond the run: only forward passes.
+
+    One read per batch (the token mask's nonzero)."""
     base = per_batch(layers=2, seq=16, check_every=1000, **BOTH_KINDS)
     more_tokens = per_batch(layers=2, seq=64, check_every=1000, **BOTH_KINDS)
     more_layers = per_batch(layers=4, seq=16, check_every=1000, **BOTH_KINDS)
@@ -146,8 +145,7 @@ def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
 
 @pytest.mark.parametrize(("statistics", "solves"), [("exact", 3.0), ("sketch", 2.0)])
 def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
-    """exact: one eigh for both widths (their 16-wide Ritz problems) and one QR per width (32,
-    48)."""
+    """exact: one eigh for both widths (their 16-wide Ritz problems), one QR per width (32, 48)."""
     settings = dict(statistics=statistics, sketch_size=16, check_every=1)
     base, more = per_batch(layers=2, seq=16, **settings), per_batch(layers=4, seq=64, **settings)
     assert base == more == (5.0, solves)
@@ -155,8 +153,7 @@ def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_the_counts_are_the_same():
-    """Batches arrive on the host (as a DataLoader yields them); the model and statistics are on the
-    GPU."""
+    """Batches arrive on the host (as from a DataLoader); model and statistics are on the GPU."""
     for check_every, expected in ((1000, (1.0, 0.0)), (1, (5.0, 4.0))):
         assert (
             per_batch(layers=2, seq=16, device="cuda", check_every=check_every, **BOTH_KINDS)

@@ -91,8 +91,9 @@ def test_saved_adapter_explains_itself_and_keeps_the_users_umask(
 
 
 def test_an_adapter_made_by_peft_eva_can_be_inspected_as_far_as_its_files_allow(tmp_path, capsys):
-    """PEFT's own EVA writes no state: the ranks come from the LoRA weights' shapes, convergence is
-    not drawn."""
+    """PEFT's own EVA writes no state: the ranks come from the LoRA weights' shapes.
+
+    Convergence is not drawn."""
     from peft import EvaConfig, LoraConfig, get_peft_model, initialize_lora_eva_weights
 
     from helpers import tiny_gpt2, token_batches

@@ -1,5 +1,4 @@
-"""The real all-MiniLM-L6-v2 on real SST-2 sentences: quality against an exact PCA, and PEFT's
-EVA."""
+"""The real all-MiniLM-L6-v2 on real SST-2 sentences: quality against an exact PCA; PEFT's EVA."""
 
 import warnings
 

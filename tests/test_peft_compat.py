@@ -268,8 +268,9 @@ def test_missing_eva_inits(model, dataset, peft_config, impl):
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
 @pytest.mark.parametrize("use_label_mask", [True, False])
 def test_eva_label_mask(model, dataset, peft_config, use_label_mask, impl):
-    """Labels -100 on padding: with the label mask, exactly the attended tokens enter (ours:
-    counted)."""
+    """Labels -100 on padding: with the label mask, exactly the attended tokens enter.
+
+    Ours counts them."""
     get_sd, _ = IMPLEMENTATIONS[impl]
 
     def add_labels(x):

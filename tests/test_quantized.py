@@ -1,5 +1,4 @@
-"""EVA on bitsandbytes 4-bit bases (QLoRA) on CPU: the API, PEFT's QLoRA flow with the drop-in, the
-CLI."""
+"""EVA on bitsandbytes 4-bit bases (QLoRA) on CPU: API, PEFT's QLoRA flow with the drop-in, CLI."""
 
 from __future__ import annotations
 
@@ -35,8 +34,7 @@ def components(state) -> dict:
 
 
 def mean_agreement(a, b) -> float:
-    """mean over layers of the mean |cos| of their components (the order and sign of each may
-    differ)."""
+    """mean over layers of the mean |cos| of their components (order and sign of each may vary)."""
     ca, cb = components(a), components(b)
     return float(torch.tensor([(ca[k] * cb[k]).sum(1).abs().mean() for k in ca]).mean())
 
@@ -50,9 +48,8 @@ def quiet(fn, *args, **kwargs):
 @pytest.mark.slow
 def test_smollm2_in_nf4_and_fp4_gets_components_close_to_the_float_base():
     """The real SmolLM2-135M: the quantised base shifts the inputs a little, so the components agree
-    closely (measured 2026-12-05 on 4 batches of 8 GSM8K questions: NF4 0.906 mean |cos| of the top
-    4 per layer,
-    0.964 for the first; FP4 0.824 / 0.911); float vs float would be 1."""
+    closely (measured 2026-12-05 on 4 batches of 8 GSM8K questions: NF4 0.906 mean |cos| of the
+    top 4 per layer, 0.964 for the first; FP4 0.824 / 0.911); float vs float would be 1."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from eva_lora.app.models import resolve_model_path
@@ -112,8 +109,7 @@ def test_eva_leaves_the_4bit_layers_trainable(tiny_llama_dir):
 
 
 def test_peft_qlora_flow_with_the_drop_in(tiny_llama_dir):
-    """PEFT's documented QLoRA recipe, with eva-lora's initialize_lora_eva_weights in place of
-    PEFT's."""
+    """PEFT's documented QLoRA recipe, eva-lora's initialize_lora_eva_weights replacing PEFT's."""
     from peft import EvaConfig as PeftEvaConfig
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
@@ -235,8 +231,7 @@ def test_cli_refuses_what_a_4bit_base_cannot_do(tmp_path, capsys, tiny_llama_dir
 
 @pytest.mark.slow
 def test_smollm2_in_nf4_trains_through_peft_qlora_flow_with_the_drop_in():
-    """The real SmolLM2-135M in NF4: PEFT's QLoRA recipe, eva-lora's initialize_lora_eva_weights,
-    training."""
+    """The real SmolLM2-135M in NF4: PEFT's QLoRA recipe with eva-lora's drop-in, then training."""
     from peft import EvaConfig as PeftEvaConfig
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer

@@ -1,6 +1,5 @@
-"""EVA for trainers that do not offer it: `eva init` writes a ready PEFT adapter (A = components, B
-= 0) that any LoRA tool continues from, and `eva merge` folds a trained adapter into its base for
-serving."""
+"""EVA for trainers that do not offer it: `eva init` writes a ready PEFT adapter (A = components,
+B = 0) that any LoRA tool continues from; `eva merge` folds a trained adapter into its base."""
 
 from __future__ import annotations
 

@@ -142,8 +142,7 @@ def test_resume_of_a_sketch_run_is_bit_identical(tmp_path):
 
 
 def test_resume_accepts_a_checkpoint_when_only_apply_time_options_changed(tmp_path):
-    """whiten / init_mode / adjust_alpha are applied when A is built: the statistics are the
-    same."""
+    """whiten / init_mode / adjust_alpha apply when A is built: the statistics are the same."""
     import dataclasses
 
     with warnings.catch_warnings():

@@ -41,8 +41,7 @@ PRIVATE_IN_SANDBOX = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
 
 def folder_outside_the_private_tmpfs() -> Path:
-    """The tests' folder, or HOME when the checkout itself lies under /tmp (a clone made with
-    ``mktemp -d``)."""
+    """The tests' folder, or HOME when the checkout lies under /tmp (a ``mktemp -d`` clone)."""
     for candidate in (Path(__file__).parent, Path.home()):
         real = candidate.resolve()
         if not any(real.is_relative_to(private) for private in PRIVATE_IN_SANDBOX):
@@ -54,8 +53,7 @@ def folder_outside_the_private_tmpfs() -> Path:
 
 @pytest.fixture
 def outside_dir():
-    """A root-owned 0755 folder outside every temp folder: only a fresh uid keeps the child out of
-    it."""
+    """A root-owned 0755 folder outside every temp folder: only a fresh uid keeps the child out."""
     path = Path(
         tempfile.mkdtemp(prefix=".sandbox-outside-", dir=folder_outside_the_private_tmpfs())
     )
@@ -236,8 +234,7 @@ def test_huge_output_is_truncated_and_memory_stays_bounded():
     assert growth_mb < 50  # 200 MB went through the pipe
 
 
-# ----------------------------------------------------------------
-# the file system outside the folder
+# --------------------------------------------------------------- the file system outside the folder
 
 
 def test_writing_outside_the_folder_is_refused_by_the_guard(tmp_path):

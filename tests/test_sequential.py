@@ -1,5 +1,4 @@
-"""Sequential EVA (one decoder block at a time, weights read from disk) against the whole-model
-loop."""
+"""Sequential EVA (one decoder block at a time, weights read from disk) vs the whole-model loop."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Every setting of RunConfig and EvaConfig is checked before any work starts, from key=value,
-YAML and presets alike: a bad value is one line naming the setting and what it accepts, exit code
-2."""
+"""Every setting of RunConfig and EvaConfig is checked before any work starts (key=value, YAML,
+presets alike): a bad value is one line naming the setting and what it accepts, exit code 2."""
 
 from __future__ import annotations
 

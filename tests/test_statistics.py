@@ -1,5 +1,4 @@
-"""Both statistic kinds against a float64 reference (eigh of the exact covariance of the same
-rows)."""
+"""Both statistic kinds vs a float64 reference (eigh of the exact covariance of the same rows)."""
 
 import pytest
 import torch
@@ -23,8 +22,7 @@ def planted(
 
 
 def sketch_of(x: torch.Tensor, size: int, batch: int = 100, dtype=torch.float64) -> SketchStatistic:
-    """A sketch fed ``batch`` rows at a time, each batch its own window (as the engine at
-    check_every=1)."""
+    """A sketch fed ``batch`` rows at a time, a window per batch (the engine at check_every=1)."""
     sketch = SketchStatistic(x.shape[1], size, dtype=dtype)
     for part in x.split(batch):
         sketch.update(part)

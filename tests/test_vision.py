@@ -19,8 +19,7 @@ from helpers import hook_count
 
 @contextlib.contextmanager
 def quiet():
-    """EVA warns when it stops at max_batches before converging (these tests cap the batches on
-    purpose)."""
+    """EVA warns when it stops unconverged at max_batches (these tests cap batches on purpose)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         yield
@@ -42,8 +41,7 @@ CONVS = [
 
 @pytest.mark.parametrize("settings", CONVS, ids=[str(c) for c in CONVS])
 def test_conv_patches_are_exactly_what_the_convolution_reads(settings):
-    """conv(x) = patches @ W^T (+ b), position by position: the rows EVA sees are LoRA A's input
-    space."""
+    """conv(x) = patches @ W^T (+ b), position by position: the rows EVA sees are LoRA A's input."""
     g = torch.Generator().manual_seed(0)
     conv = torch.nn.Conv2d(4, 6, **settings).double()
     x = torch.randn(2, 4, 9, 11, generator=g, dtype=torch.float64)

@@ -49,8 +49,7 @@ def state_for(model, **settings):
 def test_a_used_output_folder_is_refused_and_resume_needs_the_same_run(
     tmp_path, capsys, tiny_llama_dir
 ):
-    """pissa into D, then lora into D, then --resume used to continue PiSSA's checkpoint as "init:
-    lora"."""
+    """pissa into D, lora into D, --resume: used to continue PiSSA's checkpoint as "init: lora"."""
     out = tmp_path / "run"
     common = [
         "train",

@@ -5,8 +5,7 @@
     python benchmarks/paper_check/ablations.py --quick    # eva and eva-perm, 1 seed, 8 steps (CI)
 
 all-MiniLM-L6-v2 on the 1000 bundled SST-2 sentences, evaluated on the 300 bundled test sentences;
-batch 16, lr 1e-3, r 8, rho 2, alpha 1. Each run is `eva compare`'s run (same recipe as `eva
-train`).
+batch 16, lr 1e-3, r 8, rho 2, alpha 1. Each run is `eva compare`'s (the recipe of `eva train`).
 """
 
 from __future__ import annotations

@@ -9,13 +9,12 @@ Needs Meta-World (``pip install 'eva-lora[decision]'``). What differs from the p
 
 - Data: expert demonstrations of Meta-World's scripted policies (``metaworld.policies``), 30
   episodes for each of 8 pre-training tasks that are not in CW10 (the paper pre-trains on MT40 =
-  MT50 minus CW10,
-  from its own data set, which cannot be downloaded here) and 20 for each of 3 held-out CW10 tasks
-  (faucet-close, push-wall, push; the paper fine-tunes on all 10). Episodes end 10 steps after the
-  first success or at 200 steps (Meta-World's are 500: after success the arm only holds still).
-  Tasks picked by a calibration run: the pre-trained model solves none of them zero-shot, and a
-  short fine-tuning reaches some success on each (window-close and handle-press-side were solved
-  zero-shot, hammer by neither method: no signal either way).
+  MT50 minus CW10, from its own data set, which cannot be downloaded here) and 20 for each of 3
+  held-out CW10 tasks (faucet-close, push-wall, push; the paper fine-tunes on all 10). Episodes end
+  10 steps after the first success or at 200 steps (Meta-World's are 500: after success the arm only
+  holds still). Tasks picked by a calibration run: the pre-trained model solves none of them
+  zero-shot, and a short fine-tuning reaches some success on each (window-close and
+  handle-press-side were solved zero-shot, hammer by neither method: no signal either way).
 - Model: transformers' Decision Transformer, 3 layers, 4 heads, hidden 64, context 10 steps, dropout
   0.2 (paper: 4 layers, 8 heads, hidden 512, context 50). On two shared CPU cores hidden 128 /
   context 20 at batch 64 already takes ~1 s a step; this size takes ~0.06-0.09 s. Meta-World
@@ -181,8 +180,7 @@ def subset(settings: dict[str, Any], stage: str) -> dict[str, Any]:
 
 
 def configs(settings: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
-    """(PolicyConfig, pre-training TrainConfig, fine-tuning TrainConfig, AdapterConfig) from the
-    settings."""
+    """(PolicyConfig, pre-train TrainConfig, fine-tune TrainConfig, AdapterConfig) from settings."""
     from eva_lora.experiments.decision import AdapterConfig, PolicyConfig, TrainConfig
 
     policy = PolicyConfig(
@@ -222,8 +220,7 @@ def log(text: str) -> None:
 def demonstrations(
     kind: str, settings: dict[str, Any], work: Path, timings: dict[str, float]
 ) -> list[Any]:
-    """The stored demonstrations of ``kind`` ("pretrain" / "finetune") when their settings match,
-    else collected."""
+    """``kind`` demonstrations ("pretrain"/"finetune"): stored if settings match, else collected."""
     from eva_lora.experiments.decision import (
         collect_demonstrations,
         load_demonstrations,
@@ -274,8 +271,9 @@ def demo_summary(trajectories: list[Any]) -> dict[str, Any]:
 def pretrained_model(
     settings: dict[str, Any], demos: list[Any], work: Path, timings: dict[str, float]
 ) -> tuple[Any, dict[str, Any]]:
-    """The stored pre-trained policy when its settings match, else pre-trained (and checked on its
-    own tasks)."""
+    """The stored pre-trained policy if its settings match, else pre-trained.
+
+    A new policy is checked on its own tasks."""
     from eva_lora.experiments.decision import (
         evaluate_success,
         load_policy,
@@ -329,8 +327,7 @@ def run_one(
     work: Path,
     timings: dict[str, float],
 ) -> tuple[dict[str, Any], bool]:
-    """A finished run with the same settings is read back (the grid resumes); else trained,
-    evaluated, stored."""
+    """A finished run with the same settings is read back (grid resume); else trained and stored."""
     from eva_lora.experiments.decision import evaluate_success, finetune, target_return
 
     file = work / f"{init}_{task}_seed{seed}.json"
@@ -511,8 +508,7 @@ def per_seed_means(record: dict[str, Any], init: str, tasks: list[str]) -> list[
 
 
 def signal_tasks(record: dict[str, Any]) -> list[str]:
-    """Held-out tasks where the runs differ at all (``no_signal``: all runs within 2 points are left
-    out)."""
+    """Held-out tasks where runs differ at all (``no_signal``: all within 2 points, left out)."""
     tasks = record["settings"]["finetune_tasks"]
     return [
         t
@@ -524,8 +520,7 @@ def signal_tasks(record: dict[str, Any]) -> list[str]:
 
 
 def verdict(record: dict[str, Any]) -> tuple[str, str]:
-    """(verdict, text) for "EVA beats LoRA in success rate" (paired over seeds, mean over tasks with
-    signal)."""
+    """(verdict, text) for "EVA beats LoRA in success rate" (paired over seeds, mean over tasks)."""
     tasks = signal_tasks(record)
     if not tasks:
         return "not shown", "no held-out task carries signal (every run scored the same)"
@@ -553,15 +548,13 @@ def markdown(record: dict[str, Any]) -> str:
         f"{quick}",
         "",
         f"Pre-trained on {len(s['pretrain_tasks'])} tasks x {s['pretrain_episodes']} expert "
-        "episodes "
-        f"({s['pretrain_steps']} steps; final loss {record['pretrain']['final_loss']:.4f}), "
-        "fine-tuned on "
-        f"each held-out task ({s['finetune_episodes']} episodes, {s['finetune_steps']} steps, rank "
-        f"{s['rank']}, "
+        f"episodes ({s['pretrain_steps']} steps; final loss "
+        f"{record['pretrain']['final_loss']:.4f}), fine-tuned on each held-out task "
+        f"({s['finetune_episodes']} episodes, {s['finetune_steps']} steps, rank {s['rank']}, "
         f"EVA rho {s['rho']}). DT: {s['layers']} layers, {s['heads']} heads, hidden {s['hidden']}, "
         f"context {s['context']}. "
-        f"Success rate (%) over {s['eval_episodes']} evaluation episodes per task, mean ± std over "
-        "seeds.",
+        f"Success rate (%) over {s['eval_episodes']} evaluation episodes per task, "
+        "mean ± std over seeds.",
         "",
         "| init | mean | "
         + " | ".join(t.removesuffix("-v3") for t in tasks)
@@ -591,10 +584,9 @@ def markdown(record: dict[str, Any]) -> str:
         f"Verdict: {verdict(record)[1]}.",
         "",
         "Caveats: a DT far smaller than the paper's, 10 evaluation episodes per task, and held-out "
-        "tasks "
-        "chosen after a seed-0 calibration run that included both inits (so the choice of tasks is "
-        "not "
-        "independent of the outcome); see the script's docstring for every change from the paper.",
+        "tasks chosen after a seed-0 calibration run that included both inits (so the choice of "
+        "tasks is not independent of the outcome); see the script's docstring for every change "
+        "from the paper.",
         "",
     ]
     return "\n".join(lines)

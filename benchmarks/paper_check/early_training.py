@@ -4,9 +4,8 @@
     python benchmarks/paper_check/early_training.py
     python benchmarks/paper_check/early_training.py --quick    # eva and lora, 1 seed, 8 steps (CI)
 
-all-MiniLM-L6-v2 fine-tuned on the 1000 bundled SST-2 sentences (batch 16, lr 1e-3, r 8, alpha 1,
-no warm-up so the first steps show the initialisation), through the same `train` recipe as `eva
-train`.
+all-MiniLM-L6-v2 fine-tuned on the 1000 bundled SST-2 sentences (batch 16, lr 1e-3, r 8, alpha 1, no
+warm-up so the first steps show the initialisation), through the same `train` recipe as `eva train`.
 """
 
 from __future__ import annotations
@@ -114,8 +113,7 @@ def markdown(record: dict) -> str:
         "",
         f"`python benchmarks/paper_check/early_training.py{' --quick' if record['quick'] else ''}` "
         f"({record['seconds']} s). all-MiniLM-L6-v2 on SST-2 (1000 sentences), batch 16, lr 1e-3, "
-        "r 8, "
-        f"alpha 1, no warm-up, seeds {record['seeds']}; means over seeds.",
+        f"r 8, alpha 1, no warm-up, seeds {record['seeds']}; means over seeds.",
         "",
         f"| init | init s | {head} | grad norm 1-5 | grad norm "
         f"{windows[-1][0] + 1}-{windows[-1][1]} |",
@@ -133,9 +131,8 @@ def markdown(record: dict) -> str:
         "",
         f"Reading: mean loss over steps {last[0] + 1}-{last[1]}, lowest first: "
         f"{', '.join(ranking)}. "
-        "The gradient norm includes the classification head, which every method trains in full, so "
-        "it "
-        "mostly reflects the head.",
+        "The gradient norm includes the classification head, which every method trains in full, "
+        "so it mostly reflects the head.",
         "",
         "![early training](results/early_training.png)",
         "",

@@ -71,8 +71,7 @@ def ours(cfg: Any, adapter: str) -> tuple[dict[str, float], dict[str, list[str]]
 
 
 def _shown(path: str) -> str:
-    """The adapter's path relative to the repository when it lies inside it (the report is read
-    there)."""
+    """The adapter's path relative to the repository when inside it (the report is read there)."""
     resolved = Path(path).resolve()
     return str(resolved.relative_to(REPO)) if resolved.is_relative_to(REPO) else path
 

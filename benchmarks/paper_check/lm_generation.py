@@ -1,5 +1,4 @@
-"""Paper Tables 3 (math) and 2 (common sense) and Figure 2, on a real pretrained causal LM
-(SmolLM2-135M).
+"""Paper Tables 3 (math), 2 (common sense) and Figure 2 on a pretrained causal LM (SmolLM2-135M).
 
     # Table 3 analogue (+ Figure 2)
     python benchmarks/paper_check/lm_generation.py --part math
@@ -20,13 +19,13 @@ of 16 (the paper shows batch 4 converging fastest); max length 256 (math) / 192 
 over-long examples dropped; a fixed subset of the test questions, the same for every run.
 Common sense: the label mask is off for EVA (one-word answers; the paper found it hurts there).
 Code (the paper's Code-Feedback setting, offline: MBPP's train split as conversations, see the
-``code`` preset): LoRA vs EVA only, conversations truncated at 384 tokens (the paper: 2048), batch 2
-x 2, 20 steps, a fixed 20-problem subset of HumanEval and of MBPP's test split, up to 160 new
+``code`` preset): LoRA vs EVA only, conversations truncated at 384 tokens (the paper: 2048), batch
+2 x 2, 20 steps, a fixed 20-problem subset of HumanEval and of MBPP's test split, up to 160 new
 tokens, pass@1 of greedy answers executed in the sandbox; the label mask is on (only assistant
-tokens enter EVA and the loss). Measured cost on 2 cores: a math run takes 9 min with LoRA (40 steps
-~320 s, 60 answers of up to 200 tokens ~230 s) and ~15 min with EVA (its init needs ~95 batches of 4
-to converge at tau
-0.99: ~240 s); a code run 7 min (LoRA) to 12 min (EVA). Run ``--max-new-runs N`` per sitting.
+tokens enter EVA and the loss). Measured cost on 2 cores: a math run takes 9 min with LoRA
+(40 steps ~320 s, 60 answers of up to 200 tokens ~230 s) and ~15 min with EVA (its init needs
+~95 batches of 4 to converge at tau 0.99: ~240 s); a code run 7 min (LoRA) to 12 min (EVA). Run
+``--max-new-runs N`` per sitting.
 
 Figure 2's claim (lower loss and a larger gradient norm early for EVA than for LoRA, PiSSA and
 OLoRA) is read from the same runs' per-step logs: unlike MiniLM's classifier, no head is trained in
@@ -332,8 +331,7 @@ def _mean_std(values: list[float]) -> str:
 
 
 def _window_mean(results: list[dict[str, Any]], key: str, start: int, stop: int) -> str:
-    """Mean over seeds of the per-step values in [start, stop); "-" when the runs are shorter
-    (--quick)."""
+    """Mean over seeds of per-step values in [start, stop); "-" when runs are shorter (--quick)."""
     windows = [r[key][start:stop] for r in results]
     if not all(windows):
         return "-"
@@ -347,11 +345,9 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/paper_check/lm_generation.py{' --quick' if record['quick'] else ''}` "
         f"({record['seconds']} s in this sitting; finished runs are reused). SmolLM2-135M-Instruct "
-        "(Q4_1 weights in float32), adapters on every linear layer and the LM head, r 16, alpha 1, "
-        "lr 5e-4, "
-        f"linear schedule, warm-up 0.03, batch 4, SVD batch size 4, seeds {record['seeds']}; "
-        "scores x 100, "
-        "mean +/- std over seeds.",
+        "(Q4_1 weights in float32), adapters on every linear layer and the LM head, r 16, "
+        "alpha 1, lr 5e-4, linear schedule, warm-up 0.03, batch 4, SVD batch size 4, seeds "
+        f"{record['seeds']}; scores x 100, mean +/- std over seeds.",
         "",
     ]
     for part in record["runs"]:  # a part with no finished run yet is left out

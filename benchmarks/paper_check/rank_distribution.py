@@ -39,8 +39,7 @@ def states(rhos: list[float]) -> dict[float, object]:
 
 
 def moved_share(a: dict[str, int], b: dict[str, int]) -> float:
-    """Share of the budget that changes layer between two allocations (0: identical, 1: all of
-    it)."""
+    """Share of the budget that changes layer between two allocations (0: identical, 1: all)."""
     return sum(abs(a[n] - b[n]) for n in a) / (2 * sum(a.values()))
 
 
@@ -100,11 +99,9 @@ def markdown(record: dict) -> str:
     lines = [
         "## Figure 9 analogue: rank distribution against rho",
         "",
-        "`python "
-        f"benchmarks/paper_check/rank_distribution.py{' --quick' if record['quick'] else ''}` "
-        f"({record['seconds']} s). all-MiniLM-L6-v2, 1000 SST-2 sentences, r 8 (budget 8 x 37 "
-        "layers), "
-        "tau 0.99.",
+        "`python benchmarks/paper_check/rank_distribution.py"
+        f"{' --quick' if record['quick'] else ''}` ({record['seconds']} s). all-MiniLM-L6-v2, "
+        "1000 SST-2 sentences, r 8 (budget 8 x 37 layers), tau 0.99.",
         "",
         "Mean rank per module type:",
         "",

@@ -36,8 +36,7 @@ def _seed_scores(runs: dict[str, list[dict[str, Any]]]) -> dict[int, float]:
 def table_verdict(
     r: dict[str, Any], eva_rows: list[str], baselines: list[str], pairs: list[tuple[str, str]] = ()
 ) -> Verdict:
-    """Paper: EVA scores at least as well as LoRA and the weight-driven inits (and EVA+DoRA >=
-    DoRA).
+    """Paper: EVA scores at least as well as LoRA and the weight-driven inits (EVA+DoRA >= DoRA).
 
     Per seed, each method's average over the tasks that carry signal; then paired comparisons."""
     tasks = list(r["runs"])
@@ -136,8 +135,9 @@ def item_table_verdict(r: dict[str, Any], comparisons: list[tuple[str, str]]) ->
 
 
 def early_training_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's, its gradient
-    norm larger."""
+    """Paper (Figure 2): EVA's loss is lower early than LoRA's, PiSSA's and OLoRA's.
+
+    Its gradient norm is larger."""
     start = 20 if r["steps"] > 20 else r["steps"] // 2
     curves = r["curves"]
     if "per_seed" not in curves.get("eva", {}):
@@ -167,8 +167,9 @@ def early_training_verdict(r: dict[str, Any]) -> Verdict:
 
 
 def stability_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Figures 3/8): components mostly invariant to batch order and size; small batches
-    converge sooner."""
+    """Paper (Figures 3/8): components mostly invariant to batch order and size.
+
+    Small batches converge sooner."""
     means = r["orders"]["mean"]
     stable = next((k for k, v in enumerate(means) if v < 0.95), len(means))
     seconds = {int(bs): run["seconds"] for bs, run in r["size_runs"].items()}
@@ -199,8 +200,7 @@ def rank_distribution_verdict(r: dict[str, Any]) -> Verdict:
 
 
 def ablations_verdict(r: dict[str, Any]) -> Verdict:
-    """Paper (Table 7): EVA beats whitening, permuted ranks, random rotation and redistributed
-    LoRA."""
+    """Paper (Table 7): EVA beats whitening, permuted ranks, random rotation, redistributed LoRA."""
     if "per_seed" not in r:
         return "not shown", "no per-seed scores in this result: rerun the script"
     scores = r["per_seed"]
@@ -316,8 +316,7 @@ def lm_early_verdict(r: dict[str, Any]) -> Verdict:
 
 
 def vision_verdict(r: dict[str, Any]) -> Verdict:
-    """EVA's test accuracy above LoRA's, paired over seeds (the rule lives with the script, as for
-    decision)."""
+    """EVA's test accuracy above LoRA's, paired over seeds (as for decision, rule in the script)."""
     from vision import verdict
 
     return verdict(r)

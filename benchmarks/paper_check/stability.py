@@ -1,5 +1,4 @@
-"""Paper Figure 3 / Figure 8 analogue: are EVA's components stable across batch orders and batch
-sizes?
+"""Paper Figure 3 / 8 analogue: are EVA's components stable across batch orders and batch sizes?
 
     # 5 orders, batch sizes 4 8 16 32 (~3 min, 2 cores)
     python benchmarks/paper_check/stability.py
@@ -170,9 +169,9 @@ def markdown(record: dict) -> str:
     lines += [
         "",
         f"Reading: the first {stable} component(s) keep a mean |cos| >= 0.95 across batch orders; "
-        "later ones have close eigenvalues and swap or mix between runs (min |cos| near 0), which "
-        "a "
-        f"|cos| by index counts as change. Batch size {fastest} converged fastest in seconds.",
+        "later ones have close eigenvalues and swap or mix between runs (min |cos| near 0), "
+        f"which a |cos| by index counts as change. Batch size {fastest} converged fastest in "
+        "seconds.",
         "",
         "![stability](results/stability.png)",
         "",

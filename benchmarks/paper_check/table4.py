@@ -1,5 +1,4 @@
-"""Paper Table 4 analogue: LoRA, EVA (rho 1 and 2), PiSSA, OLoRA, DoRA and EVA+DoRA on five GLUE
-tasks.
+"""Paper Table 4 analogue: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA and EVA+DoRA on five GLUE tasks.
 
     # 7 methods x 5 tasks x 3 seeds (~75 min, 2 cores)
     python benchmarks/paper_check/table4.py
@@ -106,8 +105,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def grid(
     quick: bool,
 ) -> tuple[list[tuple[str, str, dict[str, Any]]], list[int], dict[str, Any], dict[str, int]]:
-    """(methods, seeds, run settings, steps per task) of the full table (from its plan) or its
-    CI-sized form."""
+    """(methods, seeds, run settings, steps per task) of the full table (its plan) or for CI."""
     if quick:
         return (
             [m for m in METHODS if m[0] in ("LoRA", "EVA rho=2")],
@@ -240,8 +238,7 @@ def _mean_std(values: list[float]) -> dict[str, float]:
 def summarise(
     runs: dict[str, dict[str, list[dict[str, Any]]]], methods: list[str]
 ) -> dict[str, Any]:
-    """Per method: mean/std over seeds of each task's score, and of the per-seed average over
-    tasks."""
+    """Per method: mean/std over seeds of each task's score and of the per-seed mean over tasks."""
     out: dict[str, Any] = {}
     for label in methods:
         per_task = {task: _mean_std([r["score"] for r in runs[task][label]]) for task in runs}
@@ -279,11 +276,9 @@ def markdown(record: dict[str, Any]) -> str:
         + ", ".join(f"{METRIC_NAMES[t].split()[0]} {record['steps'][t]}" for t in tasks)
         + ", "
         f"lr {s['learning_rate']}, r {s['rank']}, alpha {s['lora_alpha']}, warm-up "
-        f"{s['warmup_ratio']}, "
-        f"linear schedule, max length {s['max_length']}; {s.get('eval_limit') or 'all'} evaluation "
-        "examples "
-        "per task (a fixed random subset; the whole set when smaller, as RTE's 277); SVD batch "
-        "size "
+        f"{s['warmup_ratio']}, linear schedule, max length {s['max_length']}; "
+        f"{s.get('eval_limit') or 'all'} evaluation examples per task (a fixed random subset; the "
+        "whole set when smaller, as RTE's 277); SVD batch size "
         f"{s['svd_batch_size']}; seeds {record['seeds']}. "
         "Scores x 100, mean +/- std over seeds; the average is taken per seed, then over seeds. "
         "Best mean per column in bold.",

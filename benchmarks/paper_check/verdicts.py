@@ -86,8 +86,7 @@ def paired_by_seed(
 
 
 def no_signal(scores: Sequence[float]) -> bool:
-    """True when all runs of a task (every method and seed) lie within NO_SIGNAL_RANGE of each
-    other."""
+    """True when a task's runs (all methods and seeds) span less than NO_SIGNAL_RANGE."""
     return max(scores) - min(scores) < NO_SIGNAL_RANGE
 
 
@@ -103,7 +102,6 @@ def combine(verdicts: Sequence[str]) -> str:
 def describe(
     name: str, verdict: str, mean: float, threshold: float, scale: float = 100.0, digits: int = 2
 ) -> str:
-    """``name +d.dd (threshold t.tt: verdict)``; ``digits`` for small quantities (losses, gradient
-    norms)."""
+    """``name +d.dd (threshold t.tt: verdict)``; ``digits`` for small values (loss, grad norm)."""
     bound = "n/a (1 seed)" if math.isinf(threshold) else f"{scale * threshold:.{digits}f}"
     return f"{name} {scale * mean:+.{digits}f} (threshold {bound}: {verdict})"

@@ -1,5 +1,4 @@
-"""Vision (paper Table 5, VTAB-1K protocol) at small scale: EVA vs LoRA on a pretrained CNN's
-convolutions.
+"""Vision at small scale (Table 5, VTAB-1K protocol): EVA vs LoRA on a pretrained CNN's conv layers.
 
     # the plan plans/vision.json: rates chosen on validation, then 5 seeds (~30 min, 2 cores)
     python benchmarks/paper_check/vision.py
@@ -111,8 +110,7 @@ def split(
 def build(
     init: str, seed: int, settings: dict[str, Any], x: torch.Tensor
 ) -> tuple[Any, dict[str, Any]]:
-    """(PEFT model, info): EVA computes its state from the training images; LoRA is PEFT's default
-    init."""
+    """(PEFT model, info): EVA's state from the training images; LoRA is PEFT's default init."""
     from peft import LoraConfig, get_peft_model
 
     from eva_lora.experiments.vision import load_lite0
@@ -207,8 +205,7 @@ def fit_and_test(
 def run_one(
     init: str, seed: int, settings: dict[str, Any], data: tuple, work: Path
 ) -> tuple[dict[str, Any], bool]:
-    """A finished run with the same settings is read back (the grid resumes); else trained and
-    stored."""
+    """A finished run with the same settings is read back (grid resume); else trained, stored."""
     phase = f"_val{settings['validation_images']}" if settings.get("validation_images") else ""
     file = work / f"{init}_lr{settings['lr']:g}{phase}_seed{seed}.json"
     if file.is_file():

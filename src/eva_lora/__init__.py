@@ -1,8 +1,10 @@
 """eva-lora: Explained Variance Adaptation (EVA), a data-driven initialisation for LoRA.
 
-from eva_lora import EvaConfig, compute_eva_state, EvaState, apply_eva_state
-state = compute_eva_state(model, batches, EvaConfig(rank=16, rho=2.0))
-peft_model = apply_eva_state(model, state, lora_alpha=1.0)
+    from eva_lora import EvaConfig, compute_eva_state, EvaState, apply_eva_state
+    state = compute_eva_state(model, batches, EvaConfig(rank=16, rho=2.0))
+    peft_model = apply_eva_state(model, state, lora_alpha=1.0)
+
+The application on top of the core (CLI, recipes, tasks) is :mod:`eva_lora.app`.
 """
 
 from .allocation import allocate_ranks, rank_scores

@@ -123,8 +123,7 @@ def default_select_tokens(
 
 @dataclass
 class LayerGroup:
-    """Layers that receive the same input tensor (and build the same rows from it), and where the
-    rows go."""
+    """Layers that take the same input tensor (and build the same rows from it); where rows go."""
 
     names: list[str]
     dim: int
@@ -212,8 +211,7 @@ class ActivationCapture:
             self._index = self._index.to(device, non_blocking=True)
 
     def _count(self, source: Any) -> None:
-        """Add this batch's token counts (only from host memory: a count must never wait for a
-        device)."""
+        """Add this batch's token counts (host memory only: a count never waits for a device)."""
         if not isinstance(source, Mapping) or not isinstance(source.get("input_ids"), torch.Tensor):
             return
         ids, attention = source["input_ids"], source.get("attention_mask")
@@ -254,8 +252,7 @@ class ActivationCapture:
             raise RuntimeError(
                 "these target layers were not called during the forward pass, so EVA cannot see "
                 f"their inputs: {missing[:10]}; exclude them with exclude_modules. (A model or "
-                "block "
-                "compiled with torch.compile skips hooks added after compilation: pass the "
+                "block compiled with torch.compile skips hooks added after compilation: pass the "
                 "uncompiled module.)"
             )
         self._keep_leader_hooks()

@@ -73,8 +73,7 @@ def checkpoint_bytes(widths: list[int], config: Any) -> int:
 
 
 def save_snapshot(directory: str | Path, snapshot: LoopSnapshot) -> Path:
-    """Write tensors under a fresh name, commit by renaming the JSON, then drop older tensor
-    files."""
+    """Write tensors under a fresh name, commit by renaming the JSON, then drop old tensor files."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}

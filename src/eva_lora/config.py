@@ -166,8 +166,7 @@ class EvaConfig:
         return InitOptions(self.whiten, self.adjust_alpha, self.init_mode)
 
     def statistics_dict(self) -> dict[str, Any]:
-        """The fields the running computation depends on: what a checkpoint must match to be
-        resumed."""
+        """The fields the running computation depends on: what a checkpoint must match to resume."""
         out = self.to_dict()
         for key in INIT_FIELDS + RUNTIME_FIELDS:
             out.pop(key)

@@ -1,5 +1,4 @@
-"""When a group's components have converged: the variance an older estimate loses (paper Algorithm
-1, line 4).
+"""When a group has converged: the variance an older estimate loses (paper Algorithm 1, line 4).
 
 The paper stops a component once its cosine with the previous estimate reaches ``tau``. Per
 component, that test punishes rotations *inside* a cluster of nearly equal eigenvalues, which cost
@@ -50,8 +49,7 @@ EPSILON_SCALE = 4.0  # epsilon = EPSILON_SCALE * (1 - tau^2): measured, see benc
 
 
 def subspace_epsilon(tau: float) -> float:
-    """The variance share a converged prefix may still lose between two checks, for a given
-    ``tau``."""
+    """The variance share a converged prefix may still lose between two checks, for ``tau``."""
     return min(EPSILON_SCALE * (1.0 - tau * tau), 1.0)
 
 
@@ -210,10 +208,10 @@ def make_solver(kind: str, k: int, dim: int, seed: int) -> SubspaceIteration | S
 
 
 def prefix_loss(quotients: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(k,) ``loss_j``: share of the top-j eigenvalue sum the reference estimate misses (<= 0:
-    none).
+    """(k,) ``loss_j``: the share of the top-j eigenvalue sum the reference estimate misses.
 
-    Where the top eigenvalues are all zero nothing can be missed, so the loss is 0, not 0 / 0."""
+    A loss <= 0 means nothing is missed. Where the top eigenvalues are all zero nothing can be
+    missed, so the loss is 0, not 0 / 0."""
     best = values.to(torch.float64).cumsum(0)
     kept = quotients.to(torch.float64).cumsum(0)
     return (best - kept) / best.clamp_min(torch.finfo(torch.float64).tiny)

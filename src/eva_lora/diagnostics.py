@@ -18,8 +18,9 @@ LOW_AGREEMENT = 0.9  # below this the components were still moving at the last c
 
 
 def group_rows(state: Any) -> list[dict[str, Any]]:
-    """One row per group: layers, rank (its largest layer's), captured fraction, stop batch,
-    agreement, tokens."""
+    """One row per group: layers, rank, captured fraction, stop batch, agreement, tokens.
+
+    The rank is the group's largest layer's."""
     rows = []
     stability = state.group_stability or [None] * len(state.groups)
     stops = state.group_stop_batches or [None] * len(state.groups)
@@ -47,14 +48,12 @@ def flags(state: Any, low: float = LOW_AGREEMENT) -> list[str]:
         if counts.get("kept") == counts.get("tokens"):
             out.append(
                 f"the label mask kept every one of {counts['tokens']} tokens: the labels mark "
-                "nothing as "
-                "ignored (label_mask_value), so prompt tokens enter the PCA"
+                "nothing as ignored (label_mask_value), so prompt tokens enter the PCA"
             )
         if counts.get("empty_batches"):
             out.append(
                 f"{counts['empty_batches']} of {counts['batches']} batches had no token left after "
-                "the "
-                "attention and label masks"
+                "the attention and label masks"
             )
     weak = [
         r
@@ -65,10 +64,8 @@ def flags(state: Any, low: float = LOW_AGREEMENT) -> list[str]:
         worst = min(weak, key=lambda r: r["agreement"])
         out.append(
             f"{len(weak)} group(s) have a half-data agreement below {low} (lowest "
-            f"{worst['agreement']:.3f} at "
-            f"{worst['layers'][0]}): their components still moved with more data; feed more "
-            "batches "
-            "(max_batches) or use a lower rank"
+            f"{worst['agreement']:.3f} at {worst['layers'][0]}): their components still moved "
+            "with more data; feed more batches (max_batches) or use a lower rank"
         )
     return out
 

@@ -1,5 +1,4 @@
-"""A model's weights read from its safetensors folder one module at a time (sequential EVA's
-onloading).
+"""A model's weights read from safetensors one module at a time (sequential EVA's onloading).
 
 Sequential EVA needs one decoder block in memory at a time. The model is built on the meta device
 (shapes, no storage), and :class:`DiskWeights` reads the tensors of one module from the checkpoint
@@ -18,8 +17,7 @@ from torch import nn
 
 
 class DiskWeights:
-    """Tensors of a safetensors checkpoint (``model.safetensors`` or a sharded index) by parameter
-    name."""
+    """Tensors of a safetensors checkpoint (``model.safetensors`` or a sharded index) by name."""
 
     def __init__(self, folder: str | os.PathLike[str], dtype: torch.dtype | None = None) -> None:
         self.folder, self.dtype = Path(folder), dtype
@@ -50,8 +48,7 @@ class DiskWeights:
         device: torch.device,
         recurse: bool = True,
     ) -> None:
-        """Replace ``module``'s meta parameters (its own, or all with ``recurse``) by the
-        checkpoint's."""
+        """Fill ``module``'s meta parameters (its own; all with ``recurse``) from the checkpoint."""
         aliases = _aliases(root)
         from safetensors import safe_open
 
@@ -71,8 +68,7 @@ class DiskWeights:
                 if tuple(tensor.shape) != tuple(param.shape):
                     raise ValueError(
                         f"{key} in {self.folder} has shape {tuple(tensor.shape)}, the model "
-                        "expects "
-                        f"{tuple(param.shape)}"
+                        f"expects {tuple(param.shape)}"
                     )
                 tensor = tensor.to(device=device, dtype=self.dtype or param.dtype)
                 loaded = nn.Parameter(tensor, requires_grad=False)

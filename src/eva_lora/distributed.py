@@ -35,8 +35,7 @@ class CollectiveError(RuntimeError):
 
 
 def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group; (0, 1) when torch.distributed is not in
-    use."""
+    """(rank, world_size) of the default process group; (0, 1) without torch.distributed."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -149,8 +148,9 @@ class Communicator:
                 )
 
     def gather_rows(self, rows: torch.Tensor, owner: int) -> list[torch.Tensor] | None:
-        """Every rank's rows, in rank order, on ``owner`` (None elsewhere): two collectives, sizes
-        then rows."""
+        """Every rank's rows, in rank order, on ``owner`` (None elsewhere); two collectives.
+
+        Sizes first, then rows."""
         count = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(count) for _ in range(self.size)]
         _collective("all_gather", torch.distributed.all_gather, sizes, count)
@@ -166,8 +166,7 @@ class Communicator:
         return None
 
     def share_solutions(self, packed: torch.Tensor) -> torch.Tensor:
-        """Sum of per-rank packed results where each rank filled only the rows of the groups it
-        owns."""
+        """Sum of per-rank packed results where each rank filled only the rows of its own groups."""
         return self._all_reduce(packed) if self.active else packed
 
     def broadcast_from(self, tensor: torch.Tensor, owner: int) -> torch.Tensor:
@@ -181,6 +180,7 @@ class Communicator:
 
 
 def default_timeout() -> datetime.timedelta:
-    """What we recommend for init_process_group: long enough for a slow forward, short enough to end
-    a hang."""
+    """What we recommend for init_process_group's timeout.
+
+    Long enough for a slow forward, short enough to end a hang."""
     return datetime.timedelta(minutes=10)

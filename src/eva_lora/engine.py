@@ -141,8 +141,7 @@ FEED_CONVERGED = True
 
 @dataclass
 class GroupRecord:
-    """Everything the loop knows about one input group (on every rank; ``stat`` only on its
-    owner)."""
+    """What the loop knows about one input group (on every rank; ``stat`` on its owner only)."""
 
     layer: LayerGroup
     plan: GroupPlan
@@ -192,8 +191,7 @@ class _EvaLoop:
         ):
             raise ValueError(
                 "the model is sharded with FSDP but torch.distributed has no process group: start "
-                "the "
-                "run with torchrun / accelerate launch (or init_process_group) before "
+                "the run with torchrun / accelerate launch (or init_process_group) before "
                 "compute_eva_state"
             )
         self.progress = EvaProgress(progress and self.comm.rank == 0, config.max_batches)
@@ -503,8 +501,8 @@ class _EvaLoop:
             single_thread(self._stat_device_type()),
         ):
             compress_sketches([r.stat for r in active if isinstance(r.stat, SketchStatistic)])
-            # converged groups that are still fed are not judged again; fewer tokens than
-            # components: wait
+            # converged groups that are still fed are not judged again; groups that have seen
+            # fewer tokens than components wait
             ready = [r for r in active if r.stop_batch is None and r.stat.count > r.cap]
             references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
             exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
@@ -564,8 +562,7 @@ class _EvaLoop:
         return allocate_ranks({n: scores[n] for n in order}, budget, caps, self.config.min_rank)
 
     def release_statistics(self) -> None:
-        """Solve every group this process owns now and free its statistic, keeping the result on the
-        CPU.
+        """Solve every group this process owns now and free its statistic; the result stays on CPU.
 
         Sequential EVA calls it after each block: a finished block's statistics (5 GB for all of
         Llama-3-70B's at rank 16) would otherwise stay on the device until the end."""
@@ -688,8 +685,9 @@ class _EvaLoop:
 
 
 def _pack(row: torch.Tensor, record: GroupRecord) -> None:
-    """[has estimate, tokens, total variance, finite, values (k), converged (k)] of a group its
-    owner holds."""
+    """Pack a group its owner holds into ``row``.
+
+    [has estimate, tokens, total variance, finite, values (k), converged (k)]."""
     tracker, k = record.tracker, record.cap
     row[1], row[2], row[3] = float(record.tokens), tracker.total_variance, float(record.finite)
     if tracker.values is not None:
@@ -715,14 +713,12 @@ def _nonempty(counts: dict[str, int]) -> dict[str, int]:
 
 
 def converged_prefix(flags: list[bool], need: int) -> int:
-    """Components of a group counted as converged: the longest prefix up to ``need`` that met the
-    rule."""
+    """A group's converged component count: the longest prefix up to ``need`` that met the rule."""
     return max((j + 1 for j, hit in enumerate(flags[:need]) if hit), default=0)
 
 
 def read_together(packs: list[torch.Tensor]) -> list[list[float]]:
-    """Every group's packed numbers as Python floats: one transfer per device, whatever the
-    groups."""
+    """All groups' packed numbers as Python floats: one transfer per device, however many groups."""
     out: list[list[float]] = [[] for _ in packs]
     by_device: dict[torch.device, list[int]] = {}
     for index, pack in enumerate(packs):
@@ -740,8 +736,7 @@ def read_together(packs: list[torch.Tensor]) -> list[list[float]]:
 
 @contextlib.contextmanager
 def _no_kv_cache(model: nn.Module) -> Any:
-    """transformers models build a KV cache on every forward unless told not to; EVA never reads
-    it."""
+    """transformers models build a KV cache each forward unless told not to; EVA never reads it."""
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is not True:
         yield

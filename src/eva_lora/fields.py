@@ -16,8 +16,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:
-    """Raise ``ValueError("<prefix><field> must be <what it accepts>, got <value>")`` for the first
-    bad field."""
+    """Raise ``ValueError("<prefix><field> must be <what it accepts>, got <value>")``.
+
+    The first bad field is named."""
     hints = typing.get_type_hints(type(obj))
     for field in dataclasses.fields(obj):
         value = getattr(obj, field.name)

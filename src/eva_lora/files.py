@@ -32,14 +32,12 @@ from safetensors.torch import save_file
 
 
 class StateFileError(ValueError):
-    """A state, checkpoint or other eva-lora file that is missing, truncated, foreign or
-    inconsistent."""
+    """A state, checkpoint or other eva-lora file: missing, truncated, foreign or inconsistent."""
 
 
 # ---- writing -------------------------------------------------------------------------------------
 def umask_mode(directory: bool = False) -> int:
-    """The mode a plain ``open`` / ``mkdir`` would give under the current umask (0644 / 0755 at
-    022).
+    """The mode a plain ``open`` / ``mkdir`` gives under the current umask (0644 / 0755 at 022).
 
     Temporary files and folders are created private (0600 / 0700); a rename keeps that mode, so we
     set this one before renaming, or a colleague on a shared machine could not read the result."""
@@ -72,17 +70,15 @@ def atomic_write_text(target: str | os.PathLike[str], text: str) -> None:
 
 
 def require_free_space(target: str | os.PathLike[str], needed: int, what: str) -> None:
-    """Fail before the work starts when the file system of ``target`` cannot hold ``needed``
-    bytes."""
+    """Fail before any work when the file system of ``target`` cannot hold ``needed`` bytes."""
     existing = Path(target)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     free = shutil.disk_usage(existing).free
     if free < needed:
         raise ValueError(
-            f"not enough free space for {what} in {existing}: needs about {needed / 2**20:.1f} "
-            "MiB, "
-            f"{free / 2**20:.1f} MiB free"
+            f"not enough free space for {what} in {existing}: needs about "
+            f"{needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB free"
         )
 
 
@@ -96,8 +92,7 @@ def write_pair(
     version: int,
     digest_key: str | None = None,
 ) -> dict[str, Any]:
-    """Write ``tensors`` (safetensors), then the JSON manifest that commits them; returns the
-    manifest.
+    """Write ``tensors`` (safetensors), then the JSON manifest that commits them; returns it.
 
     The manifest gets ``format``, ``format_version``, ``tensor_file`` (the tensor file's name) and
     ``tensors_sha256``, then (with ``digest_key``) the SHA-256 of its own canonical content under
@@ -175,8 +170,7 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def read_json_manifest(
     path: str | os.PathLike[str], format_name: str, version: int, what: str
 ) -> dict[str, Any]:
-    """The JSON object at ``path`` if its ``format`` and ``format_version`` are the expected
-    ones."""
+    """The JSON object at ``path`` if its ``format`` and ``format_version`` are as expected."""
     path = Path(path)
     if not path.is_file():
         raise StateFileError(f"{path} not found: not {what}")
@@ -196,8 +190,7 @@ def read_json_manifest(
 
 
 def read_safetensors(path: str | os.PathLike[str], finite: bool = True) -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file; with ``finite``, float tensors must hold no NaN or
-    Inf."""
+    """Every tensor of a safetensors file; with ``finite``, float tensors must hold no NaN/Inf."""
     try:
         with safe_open(str(path), framework="pt") as handle:
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}

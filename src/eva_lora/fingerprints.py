@@ -1,5 +1,4 @@
-"""What a model and a data set are, in a few lines of JSON: so that an artifact can refuse the wrong
-one.
+"""What a model and a data set are, in a few lines of JSON, so an artifact can refuse the wrong one.
 
 A state, an adapter or a run folder records the fingerprint of the model (and, for runs, of the
 data) it was made from; loading, applying, resuming and evaluating compare it with what they were
@@ -60,8 +59,7 @@ def _leading_values(param: torch.Tensor) -> bytes:
 
 
 def data_fingerprint(*paths: str | os.PathLike[str] | None) -> dict[str, Any]:
-    """Name, size and a hash of the first MiB of each data file (a different or edited file
-    differs)."""
+    """Name, size, hash of the first MiB of each data file (a different or edited file differs)."""
     out = {}
     for path in paths:
         if path is None:
@@ -76,8 +74,7 @@ def data_fingerprint(*paths: str | os.PathLike[str] | None) -> dict[str, Any]:
 
 
 def differences(expected: dict[str, Any], actual: dict[str, Any], prefix: str = "") -> list[str]:
-    """``["key: recorded X, now Y", ...]`` for every key whose value differs (nested dicts by dotted
-    key)."""
+    """``["key: recorded X, now Y", ...]`` for each key whose value differs (nested: dotted key)."""
     out = []
     for key in sorted(set(expected) | set(actual)):
         a, b = expected.get(key), actual.get(key)

@@ -1,5 +1,4 @@
-"""Glue for training stacks that own the data pipeline (transformers ``Trainer``, TRL's
-``SFTTrainer``).
+"""Glue for training stacks that own the data pipeline (transformers' Trainer, TRL's SFTTrainer).
 
 EVA must see the batches training will see: the same dataset, collator, sampler and, above all,
 the same label masks: TRL's completion-only or assistant-only loss sets ``labels = -100`` on every

@@ -1,5 +1,4 @@
-"""Small pieces of the EVA loop that are not numerics: the bounded batch stream, devices,
-progress."""
+"""Parts of the EVA loop that are not numerics: the bounded batch stream, devices, progress."""
 
 from __future__ import annotations
 
@@ -12,8 +11,7 @@ from torch import nn
 
 
 class _BadBatches(Exception):
-    """Carries an error about the batches argument out of the generator, told apart from user
-    errors."""
+    """Carries an error about the batches argument out of the generator, apart from user errors."""
 
     def __init__(self, error: Exception) -> None:
         super().__init__(str(error))
@@ -21,8 +19,7 @@ class _BadBatches(Exception):
 
 
 def bounded_stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
-    """Yield (epoch, batch) at most ``limit`` times, cycling re-iterables, consuming iterators
-    once."""
+    """Yield (epoch, batch) at most ``limit`` times: re-iterables cycled, iterators read once."""
     if isinstance(batches, (Mapping, torch.Tensor)):
         raise TypeError(
             "batches must be an iterable of batches (e.g. a list of dicts or a "
@@ -50,8 +47,7 @@ def _stream(batches: Iterable[Any], limit: int) -> Iterator[tuple[int, Any]]:
 
 
 def next_batch(stream: Iterator[tuple[int, Any]], done: int) -> tuple[int, Any] | None:
-    """The next batch, or None at the end; an error inside the user's data pipeline is named as
-    such."""
+    """The next batch, or None at the end; an error in the user's data pipeline is named as such."""
     try:
         return next(stream, None)
     except _BadBatches as err:  # our own complaint about the iterable itself

@@ -1,5 +1,4 @@
-"""The initial LoRA ``A`` of each layer from an EVA state: components, optionally whitened or
-ablated.
+"""The initial LoRA ``A`` of each layer from an EVA state: components, maybe whitened or ablated.
 
 Kept apart from the state file and the PEFT bridge so that both can use it without importing each
 other. The paper's Table 7 ablations (perm, rot, redist_only) and whitening are applied here, when A

@@ -1,5 +1,4 @@
-"""Adapters that explain themselves: a Hugging Face style model card and the EVA state beside the
-weights.
+"""Adapters that explain themselves: a Hugging Face model card and the EVA state beside the weights.
 
 ``save_adapter`` writes a PEFT adapter folder the usual way (``PeftModel.from_pretrained`` loads it)
 and adds ``README.md`` (base model, task, init method, EVA settings, ranks per layer type, stop
@@ -41,8 +40,7 @@ MODEL_IDENTITY = ("architecture", "model_type", "parameters", "shapes_sha256")
 
 
 def rank_summary(ranks: dict[str, int]) -> list[tuple[str, int, int, float, int]]:
-    """(layer type, layers, min, mean, max) of the ranks, per module type (``q_proj``, ``down_proj``
-    ...)."""
+    """(layer type, layers, min, mean, max) of the ranks per module type (``q_proj``, ...)."""
     by_kind: dict[str, list[int]] = defaultdict(list)
     for name, rank in ranks.items():
         by_kind[re.sub(r"^.*?\.\d+\.", "", name)].append(rank)
@@ -105,9 +103,8 @@ def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
             f"label mask {cfg.use_label_mask}, whiten {cfg.whiten}, init mode {cfg.init_mode}",
             f"- statistics: {', '.join(sorted(set(state.group_statistics or ['exact'])))} "
             f"(sketch size {cfg.resolved_sketch_size})",
-            f"- stop reason: {state.stop_reason} after {state.n_batches} batches, {state.n_tokens} "
-            "tokens "
-            f"(most in one layer group)",
+            f"- stop reason: {state.stop_reason} after {state.n_batches} batches, "
+            f"{state.n_tokens} tokens (most in one layer group)",
             f"- layers not converged: {len(state.unconverged)}",
             f"- rank budget {sum(state.ranks.values())} over {len(state.ranks)} layers "
             f"({sum(r == 0 for r in state.ranks.values())} with rank 0)",
@@ -123,8 +120,7 @@ def model_card_text(state: EvaState | None, info: dict[str, Any]) -> str:
         lines += [
             "",
             f"`{STATE_SUBDIR}/` holds the full EVA state (components, spectra, convergence "
-            "history): "
-            "`eva plot --adapter .` draws it.",
+            "history): `eva plot --adapter .` draws it.",
         ]
     used = {**versions(), **(state.versions if state is not None else {})}
     lines += ["", "## Made with", "", ", ".join(f"{k} {v}" for k, v in sorted(used.items())), ""]
@@ -220,8 +216,7 @@ def _chmod_tree(root: Path) -> None:
 
 
 def adapter_ranks(directory: str | os.PathLike[str]) -> dict[str, int]:
-    """Layer name -> LoRA rank, read from any PEFT adapter folder's weight shapes (ours or PEFT's
-    EVA)."""
+    """Layer name -> LoRA rank, from a PEFT adapter folder's weight shapes (ours or PEFT's EVA)."""
     from safetensors import safe_open
 
     path = Path(directory) / "adapter_model.safetensors"
@@ -248,8 +243,7 @@ def save_ready_adapter(
     fingerprint: dict[str, Any] | None = None,
     **lora_kwargs: Any,
 ) -> Path:
-    """An untrained PEFT LoRA adapter for ``model`` (A = EVA's components, B = 0) with its card and
-    state.
+    """An untrained PEFT LoRA adapter for ``model`` (A = EVA's components, B = 0), card and state.
 
     Any LoRA tool that starts from an existing PEFT adapter (``PeftModel.from_pretrained(base, dir,
     is_trainable=True)``, axolotl's ``lora_model_dir``, LLaMA-Factory's ``adapter_name_or_path``)

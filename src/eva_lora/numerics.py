@@ -1,5 +1,4 @@
-"""How the statistics compute: bounded float32 copies, pinned matmul precision, small solves in
-batches.
+"""How the statistics compute: bounded float32 copies, pinned matmul precision, batched solves.
 
 Three rules that every statistic follows, kept in one place:
 
@@ -129,8 +128,7 @@ def batched_eigh(matrices: Sequence[torch.Tensor]) -> list[tuple[torch.Tensor, t
 
 
 def batched_orthonormal(matrices: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """An orthonormal basis (``Q`` of a QR decomposition) of each matrix's columns, one call per
-    shape."""
+    """An orthonormal basis (``Q`` of a QR) of each matrix's columns, one call per shape."""
     out: list[torch.Tensor | None] = [None] * len(matrices)
     buckets: dict[tuple, list[int]] = {}
     for index, matrix in enumerate(matrices):

@@ -140,8 +140,7 @@ class CovarianceAccumulator:
         return diag.sum() / (self.count - 1)
 
     def is_finite(self) -> torch.Tensor:
-        """0-dim bool tensor, False once a NaN/Inf row has entered (it poisons the sum, cheap to
-        check)."""
+        """0-dim bool: False once a NaN/Inf row has entered (it poisons the sum, cheap to check)."""
         return torch.isfinite(self.sum).all()
 
     def state_dict(self) -> dict[str, torch.Tensor]:

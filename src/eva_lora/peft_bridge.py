@@ -48,8 +48,7 @@ def state_from_peft_state_dict(
     config: EvaConfig | None = None,
     layer_shapes: dict[str, list[int]] | None = None,
 ) -> EvaState:
-    """Wrap PEFT's ``get_eva_state_dict`` output in an EvaState; spectra are unknown and stored as
-    NaN.
+    """Wrap PEFT's ``get_eva_state_dict`` output in an EvaState; spectra are unknown (NaN).
 
     Each layer becomes its own group and its rank is its number of rows. ``layer_shapes``
     (name -> [in, out]) makes the state checkable against a model; without it the output
@@ -120,8 +119,7 @@ def check_state_matches(model: nn.Module, state: EvaState, force: bool = False) 
 
 
 def lora_config_for(state: EvaState, lora_alpha: float = 1.0, **lora_kwargs: Any):
-    """A ``peft.LoraConfig`` with EVA's targets, ``rank_pattern`` and (adjusted)
-    ``alpha_pattern``."""
+    """``peft.LoraConfig`` with EVA's targets, ``rank_pattern`` and (adjusted) ``alpha_pattern``."""
     from peft import LoraConfig
 
     r = state.config.rank

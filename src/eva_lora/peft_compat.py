@@ -16,8 +16,7 @@ What carries over from PEFT unchanged: the arguments (``forward_fn``, ``prepare_
 adjust_scaling_factors), the returned keys and shapes, and the loading (PEFT's own loader updates
 ``rank_pattern`` / ``alpha_pattern`` and removes layers whose rank is 0).
 
-What differs on purpose (``implementation="peft"`` runs PEFT's own code instead, to reproduce an old
-run):
+What differs on purpose (to reproduce an old run, ``implementation="peft"`` runs PEFT's own code):
 - the statistics: exact second moments or bounded sketches (``eva_lora.EvaConfig(statistics=...)``)
   instead of a randomized incremental PCA of exactly k components; convergence also requires the
   solver to vouch for an estimate (see ``eva_lora.convergence``);
@@ -50,8 +49,7 @@ def forward_fn_dict(model: nn.Module, inputs: Any) -> Any:
 
 
 def prepare_model_inputs_fn_language_modeling(model_input: Any, peft_config: Any) -> torch.Tensor:
-    """PEFT's default: indices (nonzero) of the tokens that enter the SVD (attention and label
-    masks)."""
+    """PEFT's default: indices (nonzero) of the tokens entering the SVD (attention, label masks)."""
     if not isinstance(model_input, dict):
         raise TypeError(
             "When using `prepare_model_inputs_fn_language_modeling` inputs must be a dictionary"
@@ -67,8 +65,7 @@ def prepare_model_inputs_fn_language_modeling(model_input: Any, peft_config: Any
 def prepare_layer_inputs_fn_language_modeling(
     layer_input: Any, model_input: Any, layer_name: str
 ) -> torch.Tensor:
-    """PEFT's default: the rows of ``layer_input`` at the indices ``prepare_model_inputs_fn``
-    returned."""
+    """PEFT's default: the ``layer_input`` rows at the indices ``prepare_model_inputs_fn`` gave."""
     if isinstance(layer_input, (tuple, list)):
         layer_input = layer_input[0]
     elif not isinstance(layer_input, torch.Tensor):
@@ -87,8 +84,7 @@ def _default_layer_fn(layer_input: Any, model_input: Any, layer_name: str) -> to
 
 
 def eva_config_from_peft(peft_config: Any, **overrides: Any) -> EvaConfig:
-    """Our EvaConfig for a ``peft.LoraConfig`` (r and its eva_config); ``overrides`` set our own
-    fields."""
+    """Our EvaConfig for a ``peft.LoraConfig`` (r, eva_config); ``overrides`` set our own fields."""
     peft_eva = peft_config.eva_config
     if peft_eva is None:
         from peft import EvaConfig as PeftEvaConfig
@@ -147,8 +143,7 @@ def _token_selector(
         if unknown:
             raise ValueError(
                 "prepare_layer_inputs_fn is a mapping but the following module names were not "
-                "found "
-                f"in the model: {unknown}"
+                f"found in the model: {unknown}"
             )
     default = (
         _default_layer_fn
@@ -187,8 +182,7 @@ def get_eva_state_dict(
     implementation: str = "eva-lora",
     eva_lora_config: Mapping[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """PEFT's ``get_eva_state_dict``: layer name -> (rank, in_features) initial A, computed by
-    eva-lora.
+    """PEFT's ``get_eva_state_dict``: layer name -> (rank, in_features) initial A, by eva-lora.
 
     ``implementation="peft"`` runs PEFT's own function (its exact numbers). ``eva_lora_config``
     sets our own EvaConfig fields (``statistics``, ``max_batches``, ``sketch_size``, ...).
@@ -251,8 +245,9 @@ def compute_peft_style_state(
     show_progress_bar: bool = True,
     eva_lora_config: Mapping[str, Any] | None = None,
 ):
-    """The :class:`~eva_lora.EvaState` behind :func:`get_eva_state_dict` (ranks, spectra,
-    history)."""
+    """The :class:`~eva_lora.EvaState` behind :func:`get_eva_state_dict`.
+
+    It holds the ranks, spectra and history."""
     from .engine import compute_eva_state
 
     is_peft_model = hasattr(model, "peft_config")

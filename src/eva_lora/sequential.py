@@ -1,5 +1,4 @@
-"""Sequential EVA: one decoder block at a time, so a model that does not fit on the device still
-gets EVA.
+"""Sequential EVA: one decoder block at a time, so a model too large for the device still gets EVA.
 
 GPTQ calibration solved the same problem (llm-compressor's *sequential onloading*): the calibration
 batches go through one block at a time. Here the batches are a fixed calibration set (the first
@@ -62,9 +61,8 @@ class SequentialOptions:
         the model's ``_no_split_modules``.
     device: where each block computes (default: the model's device, or CUDA when the model's
         weights are on disk or on the meta device and a GPU is present).
-    weights: where blocks not yet in memory are read from (a
-    :class:`~eva_lora.disk_weights.DiskWeights`),
-        for a model built without its weights (meta device).
+    weights: where blocks not yet in memory are read from, for a model built without its weights
+        (meta device): a :class:`~eva_lora.disk_weights.DiskWeights`.
     checkpoint_dir / resume: commit every finished block there (its groups and its outputs,
         :mod:`eva_lora.sequential_checkpoint`); ``resume=True`` continues at the first unfinished
         block.
@@ -154,8 +152,9 @@ class BlockOutputs:
         return _unflatten(skeleton, iter([t.to(device, non_blocking=True) for t in tensors]))
 
     def save_index(self) -> None:
-        """Write the structure of every stored output (folder caches): the cache is complete once it
-        exists."""
+        """Write the structure of every stored output (folder caches).
+
+        The cache is complete once this file exists."""
         atomic_write_text(
             self.folder / "index.json",
             json.dumps(
@@ -185,8 +184,7 @@ class BlockOutputs:
         return sum(t.numel() * t.element_size() for _, ts in self._items.values() for t in ts)
 
     def _check_space(self, per_batch: int) -> None:
-        """Before the first file: the next block's cache and this one coexist, so twice the
-        estimate."""
+        """Before the first file: check for twice the estimate (two blocks' caches coexist)."""
         if self._checked_space:
             return
         self._checked_space = True
@@ -285,8 +283,7 @@ def sequential_eva_state(
     strict: bool = False,
     layers: Mapping[str, nn.Module] | None = None,
 ) -> EvaState:
-    """EVA computed block by block (see the module docstring); ``compute_eva_state(sequential=...)``
-    calls it."""
+    """EVA computed block by block (see the module docstring); ``compute_eva_state`` calls it."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         raise ValueError(
             "sequential EVA runs in one process; under torch.distributed, shard the model with "
@@ -418,8 +415,7 @@ def _run_one(
     replay: _Replay,
     outputs: BlockOutputs | None,
 ) -> engine._EvaLoop | None:
-    """One block's loop over the calibration set (or, with ``block=None``, the targets outside the
-    blocks)."""
+    """One block's loop over the calibration set (``block=None``: the targets outside blocks)."""
 
     def forward(runnable: nn.Module, batch: Any) -> None:
         replay.index = batch[INDEX_KEY]
@@ -454,8 +450,7 @@ def _run_one(
 def _calibration_set(
     batches: Iterable[Any], config: EvaConfig, options: SequentialOptions
 ) -> list[dict[str, Any]]:
-    """The first ``calibration_batches`` batches (bounded by ``max_batches``), each tagged with its
-    index."""
+    """The first ``calibration_batches`` batches (at most ``max_batches``), tagged with indices."""
     count = options.calibration_batches or DEFAULT_CALIBRATION_BATCHES
     if count < 1:
         raise ValueError(f"calibration_batches must be >= 1, got {count}")
@@ -474,8 +469,7 @@ def _calibration_set(
 
 
 def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Path) -> None:
-    """Before any work: two blocks' worth of hidden states (tokens x hidden width) must fit in
-    ``folder``."""
+    """Before any work: two blocks' hidden states (tokens x hidden width) must fit in ``folder``."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     width = getattr(embeddings, "embedding_dim", None)
     if width is None:
@@ -488,8 +482,7 @@ def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Pat
         folder,
         int(2 * tokens * width * itemsize * SPACE_MARGIN),
         f"the hidden states of {len(calibration)} calibration batches (point the offload at "
-        "another "
-        "folder, or use fewer calibration batches)",
+        "another folder, or use fewer calibration batches)",
     )
 
 
@@ -503,8 +496,7 @@ def _compute_device(model: nn.Module, options: SequentialOptions) -> torch.devic
 
 
 class _OnDevice:
-    """Puts the modules outside the blocks on the compute device for the run, and one block at a
-    time.
+    """Puts the non-block modules on the compute device for the run, and one block at a time.
 
     A block whose weights are in memory (CPU, or already on the device) is moved to the device and
     back; one on the meta device is read from ``weights`` and dropped again afterwards."""

@@ -33,8 +33,7 @@ RUN_FILE = "run.json"
 
 
 def calibration_digest(calibration: list[Mapping[str, Any]]) -> str:
-    """SHA-256 of the calibration batches' tensors, in order (what a resumed run must be fed
-    again)."""
+    """SHA-256 of the calibration batches' tensors, in order (what a resumed run must see again)."""
     digest = hashlib.sha256()
     for batch in calibration:
         for key in sorted(k for k, v in batch.items() if isinstance(v, torch.Tensor)):
@@ -57,8 +56,7 @@ class BlockCheckpoint:
             if not self.resume:
                 raise ValueError(
                     f"{self.folder} holds a sequential EVA checkpoint: resume it, or choose "
-                    "another "
-                    "folder (or remove it) to start afresh"
+                    "another folder (or remove it) to start afresh"
                 )
             recorded = json.loads(run_file.read_text(encoding="utf-8"))
             changed = sorted(k for k in identity if recorded.get(k) != identity[k])
@@ -80,8 +78,7 @@ class BlockCheckpoint:
         return folder
 
     def committed(self) -> dict[int, Any]:
-        """block index -> its finished part (None for a block without targets), for committed
-        blocks."""
+        """Committed block index -> its finished part (None for a block without targets)."""
         out: dict[int, Any] = {}
         for manifest in self.folder.glob("block-*.json"):
             index = int(manifest.stem.split("-")[1])
@@ -89,8 +86,7 @@ class BlockCheckpoint:
         return out
 
     def commit(self, index: int, part: Any, outputs_folder: Path) -> None:
-        """Block ``index`` is done: its outputs are complete, its groups are written, the previous
-        outputs go."""
+        """Block ``index`` is done: outputs complete, groups written, previous outputs dropped."""
         _write_part(self.folder / f"block-{index}", part)
         shutil.rmtree(self.folder / f"outputs-{index - 1}", ignore_errors=True)
 

@@ -98,8 +98,7 @@ class EvaState:
 
     # ---- files -----------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write the state atomically into ``directory`` (created if needed): tensors, then the
-        manifest."""
+        """Write the state atomically to ``directory`` (made if needed): tensors, then manifest."""
         directory = Path(directory)
         tensors = {}
         for g in range(len(self.groups)):

@@ -79,8 +79,9 @@ class Statistic(ABC):
 
 
 class ExactStatistic(Statistic):
-    """Exact second moment (see :class:`~eva_lora.pca.CovarianceAccumulator`), solved by subspace
-    iteration."""
+    """Exact second moment (see :class:`~eva_lora.pca.CovarianceAccumulator`).
+
+    Solved by subspace iteration."""
 
     kind = "exact"
 
@@ -232,8 +233,7 @@ class SketchStatistic(Statistic):
         self.window_count += rows.shape[0]
 
     def _explore_width(self) -> int:
-        """New directions of each kind for the next window: enough to fill an empty basis at
-        once."""
+        """The next window's new directions of each kind: enough to fill an empty basis at once."""
         kept = self.basis.shape[1]
         width = max(self.explore, -(-(self.size - kept) // 2))
         return max(0, min(width, (self.dim - kept) // 2))
@@ -373,19 +373,17 @@ class SketchStatistic(Statistic):
         return self.sq_dist - self.power.sum()
 
     def estimate(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, rows): the current top ``k`` covariance eigenvalues and directions, no
-        decomposition.
+        """(values, rows): the current top ``k`` covariance eigenvalues and directions.
 
-        The basis is orthonormal up to rounding; :meth:`top` re-orthonormalises for the final
-        answer."""
+        No decomposition: the basis is orthonormal up to rounding; :meth:`top` re-orthonormalises
+        for the final answer."""
         if self.pending:
             self.compress()
         k = min(k, self.basis.shape[1])
         return self.power[:k] / max(self._count - 1, 1), self.basis[:, :k].T
 
     def top(self, k: int) -> Eigenpairs:
-        """The top ``k`` components (orthonormal rows, canonical signs) and covariance
-        eigenvalues."""
+        """Top ``k`` components (orthonormal rows, canonical signs) and covariance eigenvalues."""
         if self.pending:
             self.compress()
         if self._count < 2:

@@ -65,8 +65,7 @@ def row_kind(module: nn.Module) -> tuple:
 
 
 def conv_patches(module: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """(N, C, H, W) input -> (N * L, C * kh * kw) patches, exactly the windows the convolution
-    reads."""
+    """(N, C, H, W) input -> (N * L, C * kh * kw) patches: the windows the convolution reads."""
     if x.ndim == 3:
         x = x.unsqueeze(0)
     if (
@@ -93,8 +92,7 @@ def _padding(module: nn.Conv2d) -> Any:
 
 
 def matches(name: str, pattern: Sequence[str] | str) -> bool:
-    """PEFT's rule: a regex string must match the whole name; a list matches exact names or
-    suffixes."""
+    """PEFT's rule: a regex string must match the whole name; a list, exact names or suffixes."""
     if isinstance(pattern, str):
         return re.fullmatch(pattern, name) is not None
     return any(name == p or name.endswith("." + p) for p in pattern)

@@ -1,5 +1,4 @@
-"""The application on top of the core: models, data, tasks, init-method registry, recipes, plots,
-CLI.
+"""The application on top of the core: models, data, tasks, init registry, recipes, plots, CLI.
 
 Needs the ``recipes`` extra (``pip install 'eva-lora[recipes]'``): transformers, PEFT, datasets,
 accelerate, PyYAML, scikit-learn, SciPy, matplotlib, math-verify. The core (``eva_lora``) never

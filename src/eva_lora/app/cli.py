@@ -257,9 +257,8 @@ def run(args: argparse.Namespace) -> int:
         )
         state, seconds = run_init(cfg, output, args.checkpoint_every, args.resume, adapter)
         print(
-            f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, {state.n_tokens} "
-            "tokens, "
-            f"stop: {state.stop_reason}, {seconds:.1f} s -> {output}"
+            f"EVA state: {len(state.ranks)} layers, {state.n_batches} batches, "
+            f"{state.n_tokens} tokens, stop: {state.stop_reason}, {seconds:.1f} s -> {output}"
             + (f"; ready adapter (B = 0) -> {adapter}" if adapter else "")
         )
         from ..diagnostics import summary_lines

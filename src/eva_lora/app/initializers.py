@@ -72,8 +72,7 @@ class InitMethod:
         return self.eva is not None or self.calibration
 
     def batch_limit(self, calibration_batches: int) -> int | None:
-        """Initialisation batches the method may read: all of one pass for EVA, a fixed number
-        otherwise."""
+        """Init batches the method may read: all of one pass for EVA, else a fixed number."""
         return calibration_batches if self.calibration else None
 
 
@@ -312,8 +311,7 @@ def build_peft_model(
 
 
 def untie_shared_weights(model: nn.Module, targets: Iterable[str]) -> list[str]:
-    """Give every target whose weight another module shares (a tied LM head) its own copy; returns
-    them.
+    """Give each target whose weight another module shares (tied LM head) its own copy; return them.
 
     PiSSA-like inits write the residual ``W - BA`` into the target's base weight. A head tied to the
     input embeddings shares that tensor, so without a copy the token embeddings silently become the

@@ -112,8 +112,9 @@ def smollm2_path() -> Path:
 
 
 def gguf_folder(gguf: Path, target: Path) -> Path:
-    """A GGUF file dequantised once to float32 safetensors (with its tokenizer) in ``target``, then
-    reused.
+    """A GGUF file dequantised once to float32 safetensors (with its tokenizer) in ``target``.
+
+    Later calls reuse it.
 
     Written to a temporary folder and renamed, so an interrupted first run leaves no half copy.
     """
@@ -149,8 +150,7 @@ QUANT_TYPES = ("nf4", "fp4")
 
 
 def quantization_options(load_in_4bit: str | None, dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` keywords for a bitsandbytes 4-bit base (empty without
-    ``load_in_4bit``)."""
+    """``from_pretrained`` keywords for bitsandbytes 4-bit bases (none without ``load_in_4bit``)."""
     if load_in_4bit is None:
         return {}
     if load_in_4bit not in QUANT_TYPES:

@@ -35,8 +35,7 @@ def rank_table(ranks: Mapping[str, int]) -> tuple[list[int], list[str], list[lis
 
 
 def save_figure(fig: Any, path: str | Path, dpi: int = 120) -> Path:
-    """Write a PNG under a temporary name and rename it (a killed run never leaves half a
-    figure)."""
+    """Write a PNG under a temporary name and rename it: a killed run never leaves half a figure."""
     import matplotlib.pyplot as plt
 
     path = Path(path)

@@ -70,8 +70,7 @@ def tokenize(data: Any, tokenizer: Any, kind: str, max_length: int, drop_long: b
 def encode_pair(
     row: dict[str, Any], tokenizer: Any, max_length: int | None = None
 ) -> dict[str, Any]:
-    """A classification example (text, optional text_pair, label) as token ids; truncated when
-    asked."""
+    """A classification example (text, [text_pair], label) as token ids, truncated when asked."""
     options = {"truncation": True, "max_length": max_length} if max_length is not None else {}
     enc = tokenizer(row["text"], row.get("text_pair"), **options)
     return {
@@ -95,13 +94,11 @@ def _encode_generation(row: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
 
 
 def render_user_prompt(tokenizer: Any, prompt: str) -> str:
-    """``prompt`` as one user turn in the chat template, ending where the assistant's answer
-    begins."""
+    """``prompt`` as a user turn in the chat template, ending where the assistant's reply starts."""
     if getattr(tokenizer, "chat_template", None) is None:
         raise ValueError(
-            "this task renders prompts with a chat template, and the tokenizer has none; use a "
-            "chat "
-            "(instruct) model or a tokenizer with `chat_template` set"
+            "this task renders prompts with a chat template, and the tokenizer has none; "
+            "use a chat (instruct) model or a tokenizer with `chat_template` set"
         )
     return tokenizer.apply_chat_template(
         [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -151,8 +148,7 @@ def _extend(ids: list[int], labels: list[int], piece: list[int], trained: bool) 
 
 
 class Collator:
-    """Pads a list of tokenised examples; sequence labels are padded with -100, class labels
-    stacked."""
+    """Pads a list of tokenised examples: sequence labels padded with -100, class labels stacked."""
 
     def __init__(self, pad_id: int, side: str = "right") -> None:
         self.pad_id, self.side = pad_id, side

@@ -1,5 +1,4 @@
-"""Configuration of the recipes (init, train, eval, compare): a frozen dataclass, YAML and
-overrides.
+"""Configuration of the recipes (init, train, eval, compare): a frozen dataclass, YAML, overrides.
 
 A YAML file mirrors the dataclass: top-level keys are ``RunConfig`` fields, the ``eva:`` mapping
 holds ``EvaConfig`` fields. ``key=value`` overrides use the same names (``eva.rho=2``); values
@@ -135,9 +134,8 @@ class RunConfig:
         if self.eva.rank != self.rank:
             if self.eva.rank != EvaConfig.rank:
                 raise ValueError(
-                    f"eva.rank ({self.eva.rank}) differs from rank ({self.rank}): a run has one "
-                    "rank, "
-                    "set it at the top level (rank=...)"
+                    f"eva.rank ({self.eva.rank}) differs from rank ({self.rank}): "
+                    "a run has one rank, set it at the top level (rank=...)"
                 )
             object.__setattr__(self, "eva", dataclasses.replace(self.eva, rank=self.rank))
 
@@ -210,8 +208,7 @@ def build_run_config(
     file: str | Path | None = None,
     overrides: dict[str, Any] | None = None,
 ) -> RunConfig:
-    """Defaults < preset < YAML file < overrides, every field checked; unknown keys name
-    themselves."""
+    """Defaults < preset < YAML < overrides, every field checked; unknown keys name themselves."""
     merged: dict[str, Any] = {}
     if preset is not None:
         files = presets()

@@ -116,8 +116,7 @@ class Trajectory:
         return float(self.rewards.sum())
 
     def returns_to_go(self) -> torch.Tensor:
-        """(T,) float32: the reward still to come from each step on (the DT's conditioning
-        signal)."""
+        """(T,) float32: reward still to come from each step on (the DT's conditioning signal)."""
         return torch.flip(torch.cumsum(torch.flip(self.rewards.double(), [0]), 0), [0]).float()
 
 
@@ -145,8 +144,7 @@ def _metaworld() -> Any:
 
 
 def task_env(task: str, seed: int) -> tuple[Any, list[Any]]:
-    """(environment, goals in episode order): Meta-World's 50 goals of ``MT1(task, seed)``, in a
-    seeded order.
+    """(environment, goals in episode order): the 50 goals of ``MT1(task, seed)`` in a seeded order.
 
     Episode ``i`` uses ``goals[i % 50]`` (``env.set_task(goal)`` then ``env.reset()``); the same
     seed gives the same goals, another seed other goals (how evaluation avoids the demonstrations'
@@ -198,8 +196,9 @@ def _rollout(
 def _expert(
     policy: Any, noise: np.random.Generator, action_noise: float
 ) -> Callable[..., np.ndarray]:
-    """A scripted expert as an actor; Gaussian noise of std ``action_noise`` from ``noise`` when >
-    0."""
+    """A scripted expert as an actor, plus Gaussian noise of std ``action_noise`` when > 0.
+
+    The noise is drawn from ``noise``."""
 
     def act(obs: np.ndarray, step: int, rewards: list[float]) -> np.ndarray:
         action = policy.get_action(obs)
@@ -288,8 +287,7 @@ def save_demonstrations(
 
 
 def load_demonstrations(path: str | Path) -> tuple[list[Trajectory], dict[str, Any]]:
-    """(trajectories, meta) saved by :func:`save_demonstrations`; raises if the pair does not
-    match."""
+    """(trajectories, meta) saved by :func:`save_demonstrations`; raises on a mismatched pair."""
     index, tensors = read_pair(
         Path(path).with_suffix(".json"),
         format_name=DEMO_FORMAT,
@@ -311,8 +309,7 @@ def load_demonstrations(path: str | Path) -> tuple[list[Trajectory], dict[str, A
 
 
 def target_return(trajectories: Sequence[Trajectory], task: str) -> float:
-    """The return a rollout of ``task`` is conditioned on: the best demonstrated return of that
-    task."""
+    """The return a rollout of ``task`` is conditioned on: the task's best demonstrated return."""
     returns = [t.episode_return for t in trajectories if t.task == task]
     if not returns:
         raise ValueError(f"no demonstrations of {task!r}")
@@ -348,8 +345,8 @@ class DecisionPolicy(nn.Module):
 
     ``forward`` takes raw observations and raw returns-to-go, shape (B, T, 39) and (B, T, 1), with
     actions (B, T, 4), timesteps (B, T) and attention_mask (B, T); it returns the predicted actions
-    (B, T, 4) in [-1, 1] (tanh). The prediction at step t reads the tokens up to the state of step
-    t.
+    (B, T, 4) in [-1, 1] (tanh). The prediction at step t reads the tokens up to the state of
+    step t.
     """
 
     def __init__(
@@ -409,8 +406,7 @@ def state_statistics(trajectories: Sequence[Trajectory]) -> tuple[torch.Tensor, 
 def build_policy(
     config: PolicyConfig, trajectories: Sequence[Trajectory], seed: int
 ) -> DecisionPolicy:
-    """A freshly initialised policy (seeded, global RNG untouched) normalised by ``trajectories``'
-    states."""
+    """A fresh policy (seeded, global RNG untouched), normalised by ``trajectories``' states."""
     mean, std = state_statistics(trajectories)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -455,14 +451,13 @@ def load_policy(path: str | Path) -> tuple[DecisionPolicy, dict[str, Any]]:
 def sample_windows(
     trajectories: Sequence[Trajectory], batch_size: int, context: int, generator: torch.Generator
 ) -> dict[str, torch.Tensor]:
-    """``batch_size`` windows of ``context`` steps, each ending at a uniformly drawn step of all the
-    data.
+    """``batch_size`` windows of ``context`` steps ending at uniformly drawn steps of all the data.
 
     A trajectory is drawn with probability proportional to its length, then its last step ``e``
     uniformly: the window is steps ``max(0, e - K + 1) .. e``, left-padded to ``K`` with zeros and
-    ``attention_mask = 0`` (exactly the context a rollout has at step ``e``). Keys: states (B, K,
-    39), actions (B, K, 4), returns_to_go (B, K, 1), timesteps (B, K) long, attention_mask (B, K)
-    long.
+    ``attention_mask = 0`` (exactly the context a rollout has at step ``e``). Keys: states
+    (B, K, 39), actions (B, K, 4), returns_to_go (B, K, 1), timesteps (B, K) long, attention_mask
+    (B, K) long.
     """
     lengths = torch.tensor([t.length for t in trajectories], dtype=torch.float64)
     which = torch.multinomial(lengths, batch_size, replacement=True, generator=generator)
@@ -524,9 +519,8 @@ def real_step_tokens(x: torch.Tensor, batch: dict[str, torch.Tensor], name: str)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation (the paper's: AdamW, lr 1e-4 with 4000 warm-up steps then cosine to 1e-6, grad
-    clip
-    0.25, weight decay 0.01, batch 128)."""
+    """Optimisation (the paper's: AdamW, lr 1e-4 with 4000 warm-up steps then cosine to 1e-6,
+    grad clip 0.25, weight decay 0.01, batch 128)."""
 
     steps: int = 1500
     batch_size: int = 32
@@ -538,8 +532,7 @@ class TrainConfig:
 
 
 def _schedule(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to ``lr``, then cosine down to ``min_lr`` at the last step (as a factor of
-    lr)."""
+    """Linear warm-up to ``lr``, then cosine to ``min_lr`` at the last step (as a factor of lr)."""
     floor = config.min_lr / config.lr
 
     def factor(step: int) -> float:
@@ -558,8 +551,7 @@ def _train(
     context: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Train the parameters of ``model`` that require grad; windows and dropout seeded by
-    ``seed``."""
+    """Train ``model``'s parameters that require grad; windows and dropout seeded by ``seed``."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad")
@@ -610,8 +602,7 @@ class AdapterConfig:
 def eva_batches(
     trajectories: Sequence[Trajectory], adapters: AdapterConfig, context: int, seed: int
 ) -> list[dict[str, torch.Tensor]]:
-    """The windows EVA's PCA reads: fine-tuning windows, drawn like training ones (another seeded
-    stream)."""
+    """EVA's PCA windows: fine-tuning windows drawn like training ones (another seeded stream)."""
     g = torch.Generator().manual_seed(seed + 7919)
     return [
         sample_windows(trajectories, adapters.eva_batch_size, context, g)
@@ -627,8 +618,7 @@ def finetune(
     train: TrainConfig,
     seed: int,
 ) -> tuple[Any, dict[str, Any]]:
-    """(PEFT model in eval mode, info): LoRA adapters on a copy of ``model``, trained on
-    ``trajectories``.
+    """(PEFT model in eval mode, info): LoRA on a copy of ``model``, trained on ``trajectories``.
 
     ``init="lora"``: PEFT's default (A random from ``seed``, B = 0). ``init="eva"``: A from the PCA
     of each layer's inputs on fine-tuning windows (real steps' tokens only), ranks redistributed
@@ -697,8 +687,8 @@ def finetune(
 
 def _dt_actor(model: nn.Module, context: int, target: float) -> Callable[..., np.ndarray]:
     """The policy as an actor for one episode: it keeps the episode's states and actions, and feeds
-    the last ``context`` steps (left-padded like a training window) with returns-to-go ``target -
-    collected``."""
+    the last ``context`` steps (left-padded like a training window) with returns-to-go
+    ``target - collected``."""
     states: list[np.ndarray] = []
     actions: list[torch.Tensor] = []
 

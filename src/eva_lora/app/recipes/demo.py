@@ -1,5 +1,4 @@
-"""The main job on a real pretrained causal LM: EVA vs random LoRA on SmolLM2-135M-Instruct and
-GSM8K.
+"""The main job on a real pretrained causal LM: EVA vs random LoRA, SmolLM2-135M-Instruct, GSM8K.
 
     eva demo                   # SmolLM2 on math (bundled GSM8K slices), ~3-4 min on 2 CPU cores
     eva demo --model minilm    # all-MiniLM-L6-v2 on SST-2 (bundled), ~2.5 min
@@ -32,15 +31,15 @@ from ..run_config import build_run_config
 from .train import StepLines, train
 
 SETUPS: dict[str, dict[str, Any]] = {
-    # Sized to fit about 6 minutes on 2 CPU cores with the first dequantisation of SmolLM2
-    # included. Measured 2026-11-25 on 2 cores: 40 steps and 40 questions x 160 new tokens
-    # took ~12 min; then 20 steps, 24 questions x 128 tokens and 60 EVA batches checked at
-    # every batch took 7.7 min (EVA's init 151 s, 2.5 s a batch, mostly the solves). Now 24
-    # EVA batches, solved every second batch: 7 min 41 s (EVA's init 90 s, training 136 s +
-    # 116 s, generation ~50 s per init). Now 16 steps, 16 questions and 16 EVA batches: `make
-    # demo` on a fresh clone with an empty model cache took 5 min 49 s (2026-11-26, EVA's
-    # init 47 s). With the engine of issue 24, EVA may run until it converges (36 batches, 45
-    # s) and the whole `make demo` took 3 min 3 s with the model cached (2026-12-05).
+    # Sized to fit about 6 minutes on 2 CPU cores with the first dequantisation of SmolLM2 included.
+    # Measured 2026-11-25 on 2 cores: 40 steps and 40 questions x 160 new tokens took ~12 min; then
+    # 20 steps, 24 questions x 128 tokens and 60 EVA batches checked at every batch took 7.7 min
+    # (EVA's init 151 s, 2.5 s a batch, mostly the solves). Now 24 EVA batches, solved every second
+    # batch: 7 min 41 s (EVA's init 90 s, training 136 s + 116 s, generation ~50 s per init). Now 16
+    # steps, 16 questions and 16 EVA batches: `make demo` on a fresh clone with an empty model cache
+    # took 5 min 49 s (2026-11-26, EVA's init 47 s). With the engine of issue 24, EVA may run until
+    # it converges (36 batches, 45 s) and the whole `make demo` took 3 min 3 s with the model cached
+    # (2026-12-05).
     "smollm2": dict(
         model="smollm2",
         task="gsm8k",

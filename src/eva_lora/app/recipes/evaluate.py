@@ -1,6 +1,8 @@
 """Evaluate a (PEFT) model on a task: class/score predictions for GLUE, greedy generation otherwise.
 
-eva eval --model minilm --task sst2 --adapter out/run/adapter
+    eva eval --model minilm --task sst2 --adapter out/run/adapter
+
+The entry point is :func:`run_eval`.
 """
 
 from __future__ import annotations
@@ -304,8 +306,7 @@ def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
 
 
 def run_eval(cfg: RunConfig, adapter: str | None, output: str | None = None) -> dict[str, Any]:
-    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON) atomically if
-    given."""
+    """Load the base model (plus ``adapter``), evaluate, write ``output`` (JSON, atomic) if set."""
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ValueError(f"adapter folder {adapter} has no adapter_config.json")
     if cfg.eval_file is None:  # fail on a missing data directory before loading the model

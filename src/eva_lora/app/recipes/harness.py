@@ -33,8 +33,8 @@ from ..tasks import eval_tasks
 from .evaluate import dora_inference_cache, load_with_adapter
 from .runtime import check_output_file
 
-UTILS = '''"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer
-extraction."""
+UTILS = '''\
+"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer extraction."""
 from eva_lora.app.tasks import get_task
 
 
@@ -46,8 +46,7 @@ def process_results(doc, results):
 
 
 def write_tasks(cfg: RunConfig, folder: Path) -> list[str]:
-    """One harness task per evaluation task of ``cfg.task`` (7 for common sense); returns their
-    names."""
+    """One harness task per evaluation task of ``cfg.task`` (common sense: 7); returns the names."""
     (folder / "utils.py").write_text(UTILS, encoding="utf-8")
     names = []
     for task in eval_tasks(cfg.task):

@@ -1,11 +1,16 @@
 """Compute and save an EVA state for a model and a task's training data (the SVD precompute step).
 
-eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
-eva init ... --checkpoint-every 20            # crash-safe; after a kill: the same command +
---resume eva init --model FOLDER --task gsm8k --sequential  # block by block, weights read from
-FOLDER as needed eva init ... --sequential --checkpoint-every 1     # every finished block
-committed; after a kill: + --resume eva init --model FOLDER --task gsm8k --load-in-4bit   # on a
-bitsandbytes NF4 base (QLoRA)
+    eva init --model minilm --task sst2 --output out/eva_state eva.rho=2
+    # crash-safe; after a kill: the same command + --resume
+    eva init ... --checkpoint-every 20
+    # block by block, weights read from FOLDER as needed
+    eva init --model FOLDER --task gsm8k --sequential
+    # every finished block committed; after a kill: + --resume
+    eva init ... --sequential --checkpoint-every 1
+    # on a bitsandbytes NF4 base (QLoRA)
+    eva init --model FOLDER --task gsm8k --load-in-4bit
+
+See :func:`run_init` for checkpoints, resuming and the ready adapter.
 """
 
 from __future__ import annotations
@@ -37,14 +42,15 @@ def run_init(
     resume: bool = False,
     adapter_out: str | Path | None = None,
 ) -> tuple[EvaState, float]:
-    """(state, seconds): EVA over the task's training data in batches of ``svd_batch_size``; saved
-    to ``output``.
+    """(state, seconds): EVA over the task's training data, saved to ``output``.
 
-    With ``checkpoint_every`` the statistics are checkpointed to ``<output>.ckpt``; ``resume``
-    continues from there (the batches are the same seeded sequence, so the result is the same).
+    The data is read in batches of ``svd_batch_size``. With ``checkpoint_every`` the statistics are
+    checkpointed to ``<output>.ckpt``; ``resume`` continues from there (the batches are the same
+    seeded sequence, so the result is the same).
+
     ``adapter_out``: also write a ready, untrained PEFT adapter there (A = the components, B = 0),
-    which any LoRA trainer can continue from (``PeftModel.from_pretrained(base, dir,
-    is_trainable=True)``).
+    which any LoRA trainer can continue from
+    (``PeftModel.from_pretrained(base, dir, is_trainable=True)``).
     """
     task = get_task(cfg.task)
     resolve_model_path(cfg.model)

@@ -57,8 +57,7 @@ def check_merge_inputs(cfg: RunConfig, adapter: str | Path, output: str | Path) 
 def run_merge(
     cfg: RunConfig, adapter: str | Path, output: str | Path, max_shard_size: str = DEFAULT_SHARD
 ) -> Path:
-    """Merge ``adapter`` into ``cfg.model`` and save the plain model (and tokenizer) to
-    ``output``."""
+    """Merge ``adapter`` into ``cfg.model``; save the plain model (and tokenizer) to ``output``."""
     from peft import PeftModel
 
     from ...model_card import check_adapter_model

@@ -1,5 +1,4 @@
-"""A training run's output folder knows which run it belongs to (``run.json``), and refuses the
-others.
+"""A run's output folder knows which run it belongs to (``run.json``), and refuses the others.
 
 Without it, ``eva train --init pissa`` into D, then ``eva train --init lora`` into D, then
 ``--resume`` trained on from PiSSA's checkpoint and reported "init: lora". Now:
@@ -64,8 +63,7 @@ def same_settings(recorded: dict[str, Any], cfg: Any) -> bool:
 
 
 def previous_run_files(out: Path) -> list[Path]:
-    """What an earlier run left in ``out``: its manifest, adapter, metrics, state, trainer
-    checkpoints."""
+    """An earlier run's files in ``out``: manifest, adapter, metrics, state, trainer checkpoints."""
     if not out.is_dir():
         return []
     found = [out / name for name in RUN_ARTIFACTS if (out / name).exists()]
@@ -73,8 +71,7 @@ def previous_run_files(out: Path) -> list[Path]:
 
 
 def check_output_folder(cfg: Any, out: Path) -> None:
-    """Refuse an output folder that holds another run (before any work; see the module
-    docstring)."""
+    """Refuse an output folder that holds another run, before any work (see module docstring)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"output_dir {out} is an existing file, not a folder")
     previous = previous_run_files(out)
@@ -105,8 +102,7 @@ def check_output_folder(cfg: Any, out: Path) -> None:
 
 
 def clear_previous_run(out: Path) -> None:
-    """``overwrite=true``: remove the earlier run's files (only those a run writes) before this one
-    starts."""
+    """``overwrite=true``: delete the earlier run's files (only those a run writes) first."""
     for path in previous_run_files(out):
         if path.is_dir():
             shutil.rmtree(path)
@@ -126,8 +122,7 @@ def read_run_manifest(out: Path) -> dict[str, Any]:
 
 
 def check_inputs(cfg: Any, out: Path, model: dict[str, Any], data: dict[str, Any]) -> None:
-    """A resumed run: the model and the data must be the ones the run started with (unless
-    ``force``)."""
+    """A resumed run: model and data must be the ones the run started with (unless ``force``)."""
     if not cfg.resume or cfg.force or not (out / RUN_FILE).is_file():
         return
     recorded = read_run_manifest(out)

@@ -1,5 +1,4 @@
-"""What the recipes share about where they run: process group, device, output folder,
-checkpoints."""
+"""What the recipes share about where they run: process group, device, output dir, checkpoints."""
 
 from __future__ import annotations
 

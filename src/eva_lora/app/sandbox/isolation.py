@@ -1,5 +1,4 @@
-"""Which containment this machine allows: namespaces, a fresh uid, or the guard alone; probed
-once."""
+"""The containment this machine allows: namespaces, a fresh uid, or the guard alone; probed once."""
 
 from __future__ import annotations
 
@@ -116,8 +115,7 @@ def _candidates() -> list[Isolation]:
 
 
 def _probe(candidate: Isolation) -> bool:
-    """Run a real job under ``candidate`` and check what the child sees: uids, capabilities,
-    interfaces."""
+    """Run a real job under ``candidate``; check the child's uids, capabilities and interfaces."""
     from .parent import _execute  # the parent side starts runs; it needs this module first
 
     result = _execute("", _PROBE_TESTS, _PROBE_LIMITS, candidate)

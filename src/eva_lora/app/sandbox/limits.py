@@ -43,8 +43,7 @@ def _check_limits(limits: object) -> None:
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """What one candidate may use. Defaults suit HumanEval/MBPP: seconds of pure-Python work, no
-    I/O.
+    """What one candidate may use. Defaults suit HumanEval/MBPP: seconds of pure Python, no I/O.
 
     ``processes`` counts processes (and threads) *beyond the interpreter itself*: the default 0 lets
     a completion neither fork nor start threads. It is enforced by ``RLIMIT_NPROC``, which counts

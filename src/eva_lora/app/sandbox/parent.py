@@ -54,8 +54,7 @@ def run_program(
 def run_many(
     jobs: Sequence[tuple[str, str]], limits: SandboxLimits = DEFAULT_LIMITS, workers: int = 2
 ) -> list[ExecutionResult]:
-    """Run ``(completion_program, test_program)`` pairs, ``workers`` at a time; results in job
-    order.
+    """Run ``(completion_program, test_program)`` pairs, ``workers`` at once; results in job order.
 
     Threads only wait on child processes, so the GIL is no bottleneck. Every job is validated
     before the first one starts.
@@ -89,8 +88,7 @@ def run_many(
 
 
 class _Capture:
-    """The first ``cap`` bytes of a stream; the rest is read and dropped so the child never
-    blocks."""
+    """The first ``cap`` bytes of a stream; the rest is drained so the child never blocks."""
 
     def __init__(self, cap: int) -> None:
         self.cap, self.data, self.truncated = cap, bytearray(), False
@@ -171,8 +169,7 @@ def _child_code() -> bytes:
 
 
 class _Run:
-    """One child process: its pipes, its captured output, and what is needed to judge and clean it
-    up.
+    """A child process: its pipes, its captured output, and what it takes to judge and clean it up.
 
     File descriptors live in ``self.fds`` and are closed exactly once (``_close``): with
     ``run_many`` another thread may reuse a number as soon as it is closed.
@@ -318,8 +315,7 @@ def _child_env(workdir: str) -> dict[str, str]:
 
 
 def _rlimit_table(limits: SandboxLimits) -> list[tuple[int, tuple[int, int]]]:
-    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising them needs
-    privilege).
+    """(resource, (soft, hard)) pairs, clamped to the current hard limits (raising needs privilege).
 
     The child applies them (:func:`_apply_limits`) before it runs a line of the completion. They are
     hard limits too, and the child never holds CAP_SYS_RESOURCE in the initial namespace (except in
@@ -450,8 +446,7 @@ def _command(
 
 
 def _drop(setpriv: str, iso: Isolation, uid: int | None) -> list[str]:
-    """setpriv arguments for the last step before the interpreter: fresh uid (if any), no new
-    privileges."""
+    """setpriv arguments (last step before the interpreter): fresh uid if any, no new privileges."""
     command = [setpriv, "--no-new-privs", "--pdeathsig=KILL"]
     if uid is not None:
         caps = "-all,+dac_read_search" if iso.read_capability else "-all"
@@ -483,8 +478,7 @@ def _read_into(selector: selectors.BaseSelector, fd: int, capture: _Capture) -> 
 
 
 def _drain(selector: selectors.BaseSelector, streams: dict[int, _Capture], deadline: float) -> None:
-    """After the kill: read what is left until EOF (every writer is dead) or the grace period
-    ends."""
+    """After the kill: read what is left until EOF (every writer dead) or the grace period ends."""
     while any(fd in selector.get_map() for fd in streams):
         remaining = deadline - time.monotonic()
         if remaining <= 0:

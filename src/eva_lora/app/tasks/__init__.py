@@ -1,5 +1,4 @@
-"""Benchmark tasks by name: GLUE (classification/regression) and generation (math, common sense,
-code)."""
+"""Tasks by name: GLUE (classification/regression) and generation (math, common sense, code)."""
 
 from __future__ import annotations
 
@@ -20,8 +19,7 @@ def get_task(name: str) -> Task:
 
 
 def eval_tasks(name: str) -> list[Task]:
-    """Tasks evaluated for ``name``: its parts for a joint task (the 7 common-sense tests), else
-    itself."""
+    """Tasks evaluated for ``name``: a joint task's parts (the 7 common-sense tests), or itself."""
     task = get_task(name)
     return [TASKS[n] for n in task.parts] if task.parts else [task]
 

@@ -23,8 +23,7 @@ SUBSET_SEED = 0  # train_limit / eval_limit subsets do not depend on the run's s
 
 
 def subset_indices(n: int, k: int, seed: int = SUBSET_SEED) -> list[int]:
-    """``k`` of ``range(n)`` drawn without replacement with a fixed seed, sorted (file order
-    kept)."""
+    """``k`` of ``range(n)``, drawn without replacement with a fixed seed, in file order."""
     import torch
 
     return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:k].tolist())
@@ -35,8 +34,7 @@ VALIDATION_SEED = 1
 
 
 def split_validation(data: Any, fraction: float) -> tuple[Any, Any]:
-    """(fit, validation): ``fraction`` of the training rows held out with a fixed seed, both in file
-    order.
+    """(fit, validation): ``fraction`` of the training rows held out with a fixed seed; file order.
 
     Choices made on the validation rows (a learning rate, a variant) never see the test set."""
     n = len(data)
@@ -79,8 +77,7 @@ class Task:
     chat: bool = False
 
     def path(self, split: str, data_dir: str | Path | None) -> Path:
-        """The file of ``split``: under ``data_dir`` if given, else the copy bundled with
-        eva-lora."""
+        """The file of ``split``: under ``data_dir`` if given, else eva-lora's bundled copy."""
         if split not in self.files:
             raise DataError(f"task {self.name} has no {split!r} split; it has {sorted(self.files)}")
         if data_dir is None:
@@ -142,8 +139,7 @@ class Task:
 
 
 def load_table(path: Path, columns: Sequence[str] | None = None, header: bool = True) -> Any:
-    """Read json / jsonl / csv / tsv / parquet with ``datasets`` (local file, no hub, no cache
-    clutter).
+    """Read json/jsonl/csv/tsv/parquet with ``datasets`` (local file, no hub, no cache clutter).
 
     Tab-separated files are read with quoting off: GLUE text contains bare quote characters.
     """

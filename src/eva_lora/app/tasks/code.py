@@ -40,15 +40,15 @@ _FENCE = re.compile(r"```(?:[Pp]ython3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
 def extract_code(text: str) -> str:
-    """The first fenced code block of ``text`` (an unclosed fence runs to the end), else ``text``
-    itself."""
+    """The first fenced code block in ``text`` (an unclosed one runs to the end), else ``text``."""
     match = _FENCE.search(text)
     return (match.group(1) if match else text).rstrip() + "\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
-    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021): 1 - C(n-c, k) /
-    C(n, k)."""
+    """Unbiased pass@k from ``n`` samples of which ``c`` passed (Chen et al. 2021).
+
+    pass@k = 1 - C(n-c, k) / C(n, k)."""
     if not 0 <= c <= n or not 1 <= k <= n:
         raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n, got n={n}, c={c}, k={k}")
     if n - c < k:
@@ -113,8 +113,7 @@ def code_score(predictions: Sequence[Any], references: Sequence[str]) -> dict[st
     return score_programs(predictions, references, ks)
 
 
-# ---- readers
-# --------------------------------------------------------------------------------------
+# ---- readers -------------------------------------------------------------------------------------
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     opener = gzip.open if path.suffix == ".gz" else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -122,8 +121,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_humaneval(path: Path, split: str) -> Any:
-    """HumanEval (task_id, prompt, test, entry_point): the prompt in a user turn, scored by
-    ``check``."""
+    """HumanEval (task_id, prompt, test, entry_point): the prompt in a user turn.
+
+    Scored by ``check``."""
     import datasets
 
     rows = _read_jsonl(path)
@@ -215,8 +215,7 @@ def mbpp_conversation(row: dict[str, Any]) -> list[dict[str, str]]:
 
 
 def read_conversations(path: Path, split: str) -> Any:
-    """Training conversations: a ``messages`` column (Code-Feedback, ShareGPT-like), or MBPP
-    rows."""
+    """Training conversations: a ``messages`` column (Code-Feedback, ShareGPT-like) or MBPP rows."""
     if path.suffix in (".jsonl", ".json", ".parquet") and not _looks_like_mbpp(path):
         data = load_table(path)
         if "messages" not in data.column_names:

@@ -15,9 +15,9 @@ from typing import Any
 from .base import DataError, Task, load_table
 
 ALPACA = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes "
-    "the "
-    "request.\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
 )
 
 
@@ -55,8 +55,8 @@ def numbers_equal(prediction: str | None, reference: str) -> bool:
 
 
 def extract_boxed(text: str) -> str | None:
-    """MATH answer: the content of the last ``\\boxed{...}`` (braces balanced), else after "The
-    answer is"."""
+    """MATH answer: the content of the last ``\\boxed{...}`` (braces balanced), else after
+    "The answer is"."""
     start = text.rfind("\\boxed")
     if start >= 0:
         i = text.find("{", start)
@@ -72,8 +72,7 @@ def extract_boxed(text: str) -> str | None:
 
 
 def latex_equal(prediction: str | None, reference: str) -> bool:
-    """Mathematical equivalence with HF's ``math-verify`` (sympy based); exact match as a
-    fallback."""
+    """Mathematical equivalence with HF's ``math-verify`` (sympy based); exact match as fallback."""
     if prediction is None:
         return False
     if prediction.strip() == reference.strip():
@@ -98,8 +97,8 @@ def math_score(predictions: Sequence[str | None], references: Sequence[str]) -> 
 
 
 def read_gsm8k(path: Path, split: str) -> Any:
-    """GSM8K (question, answer ending in ``#### n``) or MetaMathQA (query, response ending in "The
-    answer is: n")."""
+    """GSM8K (question, answer ending in ``#### n``) or MetaMathQA (query, response ending in
+    "The answer is: n")."""
     data = load_table(path)
     if {"query", "response"} <= set(data.column_names):
 
@@ -147,8 +146,7 @@ def read_math(path: Path, split: str) -> Any:
     return data.map(convert, remove_columns=data.column_names)
 
 
-# ---- common sense
-# ---------------------------------------------------------------------------------
+# ---- common sense --------------------------------------------------------------------------------
 _CHOICE = re.compile(
     r"the correct answer is\s*:?\s*(true|false|solution\d|answer\d|option\d|ending\d)",
     re.IGNORECASE,
@@ -156,8 +154,7 @@ _CHOICE = re.compile(
 
 
 def extract_choice(text: str) -> str | None:
-    """Label after "the correct answer is"; else the first label-like word (as LLM-Adapters'
-    evaluator)."""
+    """Label after "the correct answer is", else the first label-like word (as in LLM-Adapters)."""
     match = _CHOICE.search(text)
     if match:
         return match.group(1).lower()
@@ -173,8 +170,9 @@ def choice_score(predictions: Sequence[str | None], references: Sequence[str]) -
 
 
 def read_commonsense(path: Path, split: str) -> Any:
-    """LLM-Adapters files (instruction, input, output, answer); a directory is the joint training
-    set."""
+    """LLM-Adapters files (instruction, input, output, answer).
+
+    A directory is the joint training set."""
     import datasets
 
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
