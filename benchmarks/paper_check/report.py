@@ -433,6 +433,8 @@ def freshness(record: dict[str, Any]) -> str:
     if latest is None or git("cat-file", "-t", made) != "commit":
         return f"commit {made[:10]} unknown here"
     if git("merge-base", "--is-ancestor", latest, made) is None:
+        if not code_changed(made, CODE_PATHS):
+            return f"current ({made[:10]}; only docstrings and comments changed since)"
         return f"stale: made at {made[:10]}, the code changed since ({latest[:10]})"
     dirty = record["provenance"].get("code_changes_uncommitted")
     return f"current ({made[:10]}{', with uncommitted code changes' if dirty else ''})"
@@ -443,6 +445,45 @@ def plan_refusal(stem: str, record: dict[str, Any]) -> str | None:
     if record.get("quick") or not plans.plan_path(stem).is_file():
         return None
     return plans.check(record)
+
+
+def code_changed(made: str, paths: tuple[str, ...]) -> bool:
+    """Whether any Python file under ``paths`` differs between ``made`` and HEAD in more than its
+    docstrings, comments and layout (their syntax trees, docstrings removed, are compared): a
+    reworded docstring does not make a result stale."""
+    import ast
+
+    from common import git
+
+    changed = git("diff", "--name-only", made, "HEAD", "--", *paths)
+    if changed is None:
+        return True
+
+    def tree(commit: str, file: str) -> str | None:
+        text = git("show", f"{commit}:{file}") if commit else (HERE.parents[1] / file).read_text()
+        if text is None:
+            return None
+        parsed = ast.parse(text)
+        for node in ast.walk(parsed):
+            body = getattr(node, "body", None)
+            if (
+                isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                and body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)
+            ):
+                node.body = body[1:] or [ast.Pass()]
+        return ast.dump(parsed)
+
+    for file in filter(None, changed.splitlines()):
+        if not file.endswith(".py"):
+            return True
+        if tree(made, file) is None or tree("HEAD", file) is None:
+            return True
+        if tree(made, file) != tree("HEAD", file):
+            return True
+    return False
 
 
 def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") -> str:

@@ -33,8 +33,8 @@ from ..tasks import eval_tasks
 from .evaluate import dora_inference_cache, load_with_adapter
 from .runtime import check_output_file
 
-UTILS = '''\
-"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer extraction."""
+UTILS = '''"""Scoring for eva-lora's tasks inside lm-evaluation-harness: our own answer
+extraction."""
 from eva_lora.app.tasks import get_task
 
 
