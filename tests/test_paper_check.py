@@ -480,3 +480,18 @@ def test_report_refuses_a_planned_result_whose_plan_changed_or_came_after_it():
     # quick runs and experiments without a plan are not refused
     assert report.plan_refusal("vision", {"quick": True}) is None
     assert report.plan_refusal("stability", {}) is None
+
+
+def test_a_result_goes_stale_when_the_code_changes_not_when_a_docstring_does():
+    import common
+    from report import code_changed
+
+    # 7a385c9 -> fa783cc: docstrings and comments reworded across src/ (3e431b4), and the one
+    # string that changed there put back (fa783cc); 3e431b4 alone changes that string
+    if any(common.git("cat-file", "-t", c) != "commit" for c in ("7a385c9", "3e431b4", "fa783cc")):
+        pytest.skip("this checkout does not hold the commits of the example")
+    assert common.git("diff", "--name-only", "7a385c9", "fa783cc", "--", "src/eva_lora")
+    assert not code_changed("7a385c9", ("src/eva_lora",), until="fa783cc")
+    assert code_changed("7a385c9", ("src/eva_lora",), until="3e431b4")
+    # a change to the engine's code (the subspace rule's commit range) is a change
+    assert code_changed("3ef38a6", ("src/eva_lora",), until="8d2545a")

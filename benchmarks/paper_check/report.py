@@ -447,20 +447,20 @@ def plan_refusal(stem: str, record: dict[str, Any]) -> str | None:
     return plans.check(record)
 
 
-def code_changed(made: str, paths: tuple[str, ...]) -> bool:
-    """Whether any Python file under ``paths`` differs between ``made`` and HEAD in more than its
+def code_changed(made: str, paths: tuple[str, ...], until: str = "HEAD") -> bool:
+    """Whether a Python file under ``paths`` differs between ``made`` and ``until`` in more than its
     docstrings, comments and layout (their syntax trees, docstrings removed, are compared): a
     reworded docstring does not make a result stale."""
     import ast
 
     from common import git
 
-    changed = git("diff", "--name-only", made, "HEAD", "--", *paths)
+    changed = git("diff", "--name-only", made, until, "--", *paths)
     if changed is None:
         return True
 
     def tree(commit: str, file: str) -> str | None:
-        text = git("show", f"{commit}:{file}") if commit else (HERE.parents[1] / file).read_text()
+        text = git("show", f"{commit}:{file}")
         if text is None:
             return None
         parsed = ast.parse(text)
@@ -479,9 +479,8 @@ def code_changed(made: str, paths: tuple[str, ...]) -> bool:
     for file in filter(None, changed.splitlines()):
         if not file.endswith(".py"):
             return True
-        if tree(made, file) is None or tree("HEAD", file) is None:
-            return True
-        if tree(made, file) != tree("HEAD", file):
+        before, after = tree(made, file), tree(until, file)
+        if before is None or after is None or before != after:
             return True
     return False
 
