@@ -71,7 +71,7 @@ def test_train_eva_on_minilm_sst2_writes_a_loadable_adapter(tmp_path, capsys, mi
     assert len(items["prediction"]) == len(items["reference"]) == 16
     right = sum(p == r for p, r in zip(items["prediction"], items["reference"]))
     assert right / 16 == pytest.approx(metrics["eval"]["sst2"]["accuracy"])
-    assert sum(items["correct"]) == right
+    assert items["correct"] == [p == r for p, r in zip(items["prediction"], items["reference"])]
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(minilm[0].name_or_path, num_labels=2)
