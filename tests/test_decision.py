@@ -324,24 +324,55 @@ def test_rollouts_feed_left_padded_contexts_with_returns_to_go_and_count_success
 
 @pytest.mark.slow
 @needs_metaworld
-def test_quick_grid_runs_lora_and_eva_and_reuses_every_stage(tmp_path, capsys):
+def test_quick_grid_runs_lora_and_eva_in_shards_and_reuses_every_stage(tmp_path, capsys):
     sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks/paper_check"))
     import decision
 
     argv = ["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
     record = decision.main(argv)
     assert set(record["runs"]) == {"lora", "eva"} and record["estimated_full_seconds"] > 0
-    eva = record["runs"]["eva"]["faucet-close-v3"][0]
+    eva = record["runs"]["eva"]["faucet-close-v3"]
     assert (
-        sum(eva["ranks"].values()) == 8 * 12
-        and eva["steps"] == 10
-        and 0.0 <= eva["success_rate"] <= 1.0
+        sum(eva[0]["ranks"].values()) == 8 * 12
+        and eva[0]["steps"] == 10
+        and 0.0 <= eva[0]["success_rate"] <= 1.0
     )
+    # other goals in every seed, the same for both inits within a seed
+    assert [r["eval_seed"] for r in eva] == [1000, 1001]
+    assert [r["eval_seed"] for r in record["runs"]["lora"]["faucet-close-v3"]] == [1000, 1001]
     assert record["demonstrations"]["pretrain"]["reach-v3"]["success_rate"] == 1.0
-    assert "| eva |" in (tmp_path / "decision.md").read_text()
-    assert json.loads((tmp_path / "decision.json").read_text())["seeds"] == [0]
+    text = (tmp_path / "decision.md").read_text()
+    assert "| eva |" in text and "nested bootstrap" in text
+    stored = json.loads((tmp_path / "decision.json").read_text())
+    assert stored["seeds"] == [0, 1]
+    assert stored["provenance"]["git_commit"] == eva[0]["git_commit"]
     capsys.readouterr()
     again = decision.main(argv)
-    # both demonstration sets, the model, both runs
-    assert capsys.readouterr().err.count("reused") == 5
+    # both demonstration sets, the model, all four runs
+    assert capsys.readouterr().err.count("reused") == 7
     assert again["runs"] == record["runs"] and again["zero_shot"] == record["zero_shot"]
+
+    # one shard of two: its half of the grid (every other run), no result without the other half
+    out = tmp_path / "sharded"
+    sharded = ["--quick", "--out", str(out), "--work", str(out / "work")]
+    assert decision.main([*sharded, "--shard", "1/2"]) is None
+    assert "2 run(s) of other shards not there yet" in capsys.readouterr().err
+    assert not (out / "decision.json").exists()
+    assert len(list((out / "work" / "quick").glob("*_seed*.json"))) == 2
+    assembled = decision.main(sharded)  # the other half, then the result
+    assert capsys.readouterr().err.count("reused") == 5  # demos x 2, model, the shard's two runs
+
+    # seeded: the same runs however the grid was split
+    def outcome(runs):
+        return {
+            (init, task, r["seed"]): (r["losses"], r["episodes"])
+            for init, by_task in runs.items()
+            for task, rs in by_task.items()
+            for r in rs
+        }
+
+    assert outcome(assembled["runs"]) == outcome(record["runs"])
+    with pytest.raises(SystemExit, match="K/N"):
+        decision.main([*sharded, "--shard", "2"])
+    with pytest.raises(SystemExit, match="0 <= K < N"):
+        decision.main([*sharded, "--shard", "2/2"])

@@ -15,6 +15,7 @@ from item_tests import (  # noqa: E402
     item_sign_test,
     matthews,
     mcnemar,
+    nested_bootstrap,
     paired_bootstrap,
     pearson,
     sign_test,
@@ -124,3 +125,40 @@ def test_paired_bootstrap_is_deterministic_for_a_seed():
     b = [[reference + rng.normal(scale=0.7, size=60)] for _ in range(2)]
     first = paired_bootstrap(pearson, a, b, [reference], replicates=300, seed=4)
     assert first == paired_bootstrap(pearson, a, b, [reference], replicates=300, seed=4)
+
+
+def _episodes(rate_by_task: list[float], seeds: int, items: int, seed: int) -> np.ndarray:
+    """0/1 successes, shape (tasks, seeds, items), each task at its own rate."""
+    rng = np.random.default_rng(seed)
+    rates = np.asarray(rate_by_task)[:, None, None]
+    return (rng.random((len(rate_by_task), seeds, items)) < rates).astype(float)
+
+
+def test_nested_bootstrap_lets_no_single_task_decide():
+    # one task of ten: 90 % vs 10 % over 60 episodes each (48 net episodes); the nine others equal
+    base = _episodes([0.5] * 10, 3, 20, seed=0)
+    eva, lora = base.copy(), base.copy()
+    eva[0], lora[0] = _episodes([0.9], 3, 20, seed=1)[0], _episodes([0.1], 3, 20, seed=2)[0]
+    _, _, pooled_p = mcnemar(eva.reshape(1, -1) > 0, lora.reshape(1, -1) > 0)
+    assert pooled_p < 1e-6  # pooling the episodes calls it held ...
+    effect, p = nested_bootstrap(eva, lora, replicates=1000)
+    assert effect == pytest.approx((eva - lora).mean())
+    assert effect > 0.04
+    assert p > 0.3  # ... resampling the tasks does not: ~35 % of replicates miss task 0
+
+
+def test_nested_bootstrap_holds_a_gap_shared_by_every_task():
+    eva = _episodes([0.7] * 10, 3, 20, seed=3)
+    lora = _episodes([0.4] * 10, 3, 20, seed=4)
+    effect, p = nested_bootstrap(eva, lora, replicates=1000)
+    assert effect == pytest.approx((eva - lora).mean())
+    assert p < 0.01
+    _, p_null = nested_bootstrap(eva, eva.copy(), replicates=200)
+    assert p_null == 1.0
+
+
+def test_nested_bootstrap_refuses_unequal_or_flat_shapes():
+    with pytest.raises(ValueError, match="tasks, seeds, items"):
+        nested_bootstrap(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)))
+    with pytest.raises(ValueError, match="tasks, seeds, items"):
+        nested_bootstrap(np.zeros((2, 3)), np.zeros((2, 3)))

@@ -102,11 +102,18 @@ def provenance_at_start() -> dict[str, Any]:
     return dict(_AT_START)
 
 
-def write_results(out: Path, stem: str, record: dict[str, Any], markdown: str) -> None:
+def write_results(
+    out: Path, stem: str, record: dict[str, Any], markdown: str, made_at: str | None = None
+) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout.
-    The provenance is the one at the script's start; a commit made while it ran is named too."""
+    The provenance is the one at the script's start; a commit made while it ran is named too.
+    ``made_at``: the commit that made the oldest of the runs a resumed grid read back, when older
+    than the script's start (the result is as old as its oldest run)."""
     out.mkdir(parents=True, exist_ok=True)
     made = provenance_at_start()
+    if made_at and made_at != made["git_commit"]:
+        made["git_commit_assembled_at"] = made["git_commit"]
+        made["git_commit"] = made_at
     now = git("rev-parse", "HEAD")
     if now != made["git_commit"]:
         made["git_commit_when_written"] = now
