@@ -495,3 +495,32 @@ def test_a_result_goes_stale_when_the_code_changes_not_when_a_docstring_does():
     assert code_changed("7a385c9", ("src/eva_lora",), until="3e431b4")
     # a change to the engine's code (the subspace rule's commit range) is a change
     assert code_changed("3ef38a6", ("src/eva_lora",), until="8d2545a")
+
+
+def test_a_result_depends_only_on_the_modules_its_run_loaded(tmp_path, monkeypatch):
+    import common
+    import report
+
+    if any(common.git("cat-file", "-t", c) != "commit" for c in ("7a385c9", "3e431b4")):
+        pytest.skip("this checkout does not hold the commits of the example")
+    loaded = common.code_files()
+    # common.py imports eva_lora.files; every entry is one of the package's Python files
+    assert "src/eva_lora/files.py" in loaded
+    assert all(f.startswith("src/eva_lora/") and f.endswith(".py") for f in loaded)
+    common.write_results(tmp_path, "probe", {"x": 1}, "# probe\n", code_used=loaded[:2] * 2)
+    made = json.loads((tmp_path / "probe.json").read_text())["provenance"]
+    assert made["code_files"] == sorted(loaded[:2])
+    common.write_results(tmp_path, "probe", {"x": 1}, "# probe\n")  # not said: no list
+    assert "code_files" not in json.loads((tmp_path / "probe.json").read_text())["provenance"]
+    # 3e431b4 changed a string in harness.py and only docstrings in engine.py: a run that loaded
+    # the engine and not the harness is not stale; one that loaded the harness is
+    record = {"provenance": {"git_commit": "7a385c9", "code_files": ["src/eva_lora/engine.py"]}}
+    paths = report.dependencies(record)
+    assert "src/eva_lora/engine.py" in paths and "src/eva_lora/app/recipes/harness.py" not in paths
+    assert any(p.endswith(".tsv") for p in paths)  # the package's data files always count
+    assert not report.code_changed("7a385c9", paths, until="3e431b4")
+    with_harness = {**record["provenance"], "code_files": ["src/eva_lora/app/recipes/harness.py"]}
+    paths = report.dependencies({"provenance": with_harness})
+    assert report.code_changed("7a385c9", paths, until="3e431b4")
+    # a result that does not say what it loaded depends on the whole package
+    assert report.dependencies({"provenance": {"git_commit": "7a385c9"}}) == common.CODE_PATHS

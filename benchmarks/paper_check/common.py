@@ -53,7 +53,8 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
-# what every result depends on: a change here makes older results stale
+# what a result depends on when it does not say which of the package's modules made it: a change
+# anywhere here makes it stale
 CODE_PATHS = ("src/eva_lora",)
 
 
@@ -87,6 +88,29 @@ def provenance() -> dict[str, Any]:
     }
 
 
+def code_files() -> list[str] | None:
+    """The package's Python files this process has loaded, as paths in the repository, or None when
+    the package was not imported from this checkout (an installed copy: then every file counts).
+
+    Asked when a run ends, so modules imported lazily during it are in the list: a change to a
+    module no run loaded (sequential EVA's onloading under a Meta-World grid, say) does not make the
+    result stale, a change to one they ran does. Only a script that records it for every run it
+    reads back may pass it on (:func:`write_results`): a process that reads finished runs back
+    did not load the code that made them."""
+    import sys
+
+    package = (REPO / CODE_PATHS[0]).resolve()
+    loaded = set()
+    for module in list(sys.modules.values()):
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        path = Path(file).resolve()
+        if path.is_relative_to(package):
+            loaded.add(path.relative_to(REPO.resolve()).as_posix())
+    return sorted(loaded) or None
+
+
 def save_png(fig: Any, path: Path) -> None:
     save_figure(fig, path, dpi=110)
 
@@ -103,12 +127,19 @@ def provenance_at_start() -> dict[str, Any]:
 
 
 def write_results(
-    out: Path, stem: str, record: dict[str, Any], markdown: str, made_at: str | None = None
+    out: Path,
+    stem: str,
+    record: dict[str, Any],
+    markdown: str,
+    made_at: str | None = None,
+    code_used: list[str] | None = None,
 ) -> None:
     """``<stem>.json`` and ``<stem>.md`` under ``out`` (atomically), then the markdown on stdout.
     The provenance is the one at the script's start; a commit made while it ran is named too.
     ``made_at``: the commit that made the oldest of the runs a resumed grid read back, when older
-    than the script's start (the result is as old as its oldest run)."""
+    than the script's start (the result is as old as its oldest run). ``code_used``: the package's
+    files the processes that made the runs loaded (:func:`code_files`, united over the runs);
+    without it the result depends on the whole package."""
     out.mkdir(parents=True, exist_ok=True)
     made = provenance_at_start()
     if made_at and made_at != made["git_commit"]:
@@ -117,6 +148,8 @@ def write_results(
     now = git("rev-parse", "HEAD")
     if now != made["git_commit"]:
         made["git_commit_when_written"] = now
+    if code_used:
+        made["code_files"] = sorted(set(code_used))
     record = {**record, "provenance": made}
     atomic_write_text(out / f"{stem}.json", json.dumps(record, indent=1))
     atomic_write_text(out / f"{stem}.md", markdown)

@@ -61,7 +61,7 @@ from typing import Any
 
 import plans
 import torch
-from common import git, grid_parser, provenance_at_start, write_results
+from common import code_files, git, grid_parser, provenance_at_start, write_results
 from item_tests import holm, mcnemar, nested_bootstrap
 from item_tests import verdict as item_verdict
 from verdicts import describe, no_signal, paired
@@ -405,6 +405,7 @@ def run_one(
         "episodes": evaluation["episodes"],
         "eval_seconds": round(eval_seconds, 2),
         "git_commit": provenance_at_start()["git_commit"],
+        "code_files": code_files(),
     }
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(file, json.dumps(result))
@@ -565,7 +566,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
                 "--work/quick)"
             )
     write_results(
-        args.out, "decision", record, markdown(record), made_at=oldest_commit(record["runs"])
+        args.out,
+        "decision",
+        record,
+        markdown(record),
+        made_at=oldest_commit(record["runs"]),
+        code_used=code_used(record["runs"]),
     )
     return record
 
@@ -579,6 +585,15 @@ def stored_run(
         return None
     found = json.loads(file.read_text())
     return found if found.get("settings") == settings else None
+
+
+def code_used(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str] | None:
+    """The package's files the processes that made the runs loaded, united; None when a run does
+    not say (the result then depends on the whole package)."""
+    lists = [r.get("code_files") for by in runs.values() for t in by.values() for r in t]
+    if not lists or any(not files for files in lists):
+        return None
+    return sorted({f for files in lists for f in files})
 
 
 def oldest_commit(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str | None:

@@ -424,20 +424,34 @@ A result made before the last change to `src/eva_lora` is marked stale in the la
 
 def freshness(record: dict[str, Any]) -> str:
     """Whether a result was made by the code as it is: "current", "stale: ..." or "unstamped"."""
-    from common import CODE_PATHS, git
+    from common import git
 
     made = (record.get("provenance") or {}).get("git_commit")
     if not made:
         return "unstamped (made before results recorded their commit)"
-    latest = git("log", "-1", "--format=%H", "--", *CODE_PATHS)
+    paths = dependencies(record)
+    latest = git("log", "-1", "--format=%H", "--", *paths)
     if latest is None or git("cat-file", "-t", made) != "commit":
         return f"commit {made[:10]} unknown here"
     if git("merge-base", "--is-ancestor", latest, made) is None:
-        if not code_changed(made, CODE_PATHS):
+        if not code_changed(made, paths):
             return f"current ({made[:10]}; only docstrings and comments changed since)"
         return f"stale: made at {made[:10]}, the code changed since ({latest[:10]})"
     dirty = record["provenance"].get("code_changes_uncommitted")
     return f"current ({made[:10]}{', with uncommitted code changes' if dirty else ''})"
+
+
+def dependencies(record: dict[str, Any]) -> tuple[str, ...]:
+    """The code a result depends on: the package's modules its run loaded (recorded by
+    ``common.write_results``) and the package's data files; the whole package for a result that
+    does not say."""
+    from common import CODE_PATHS, git
+
+    loaded = (record.get("provenance") or {}).get("code_files")
+    if not loaded:
+        return CODE_PATHS
+    data = (git("ls-files", "--", *CODE_PATHS) or "").splitlines()
+    return tuple(sorted(set(loaded) | {f for f in data if not f.endswith(".py")}))
 
 
 def plan_refusal(stem: str, record: dict[str, Any]) -> str | None:
