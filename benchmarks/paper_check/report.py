@@ -408,14 +408,17 @@ was lent for these runs. A section from a `--quick` run is marked as such and pr
 
 Experiments with a pre-registered plan (`plans/*.json`: tasks, seeds, methods, rates and the test,
 committed before the runs) are judged by the plan's test over test items *and* seeds: the exact
-McNemar test on the items two methods disagree on, pooled over seeds (vision), or a paired
-bootstrap over seeds and items (Table 4), with Holm's correction across a table's comparisons
-(`item_tests.py`).
+McNemar test on the items two methods disagree on, pooled over seeds (vision), a paired
+bootstrap over seeds and items (Table 4), or a nested bootstrap over tasks, seeds and episodes
+(Meta-World: a task, not an episode, is the unit that decides), with Holm's correction across a
+table's comparisons (`item_tests.py`).
 Their result is refused when it records no plan, when the plan changed after it, or when the commit
 that made it did not yet hold the plan (`plans.py`).
 
-A result made before the last change to `src/eva_lora` is marked stale in the last column
-(each JSON records its git commit, library versions and date since 2026-12-05).
+A result made before the last change to the code it depends on is marked stale in the last
+column (each JSON records its git commit, library versions and date since 2026-12-05; a result that
+also records the package modules its runs loaded depends on those and the package's data files,
+any other on all of `src/eva_lora`).
 
 | claim | here | numbers | made by |
 |---|---|---|---|
