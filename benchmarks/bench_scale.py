@@ -9,8 +9,9 @@
     python benchmarks/bench_scale.py measure --device cuda --layers 8 --batch 4 --seq 512
     # (d) EVA's peak memory vs the vocabulary size
     python benchmarks/bench_scale.py vocab
-    # (e) 8B widths from disk: sequential vs whole
+    # (e) 8B widths from disk: sequential vs whole, float and a 4-bit (QLoRA) base
     python benchmarks/bench_scale.py sequential --layers 8
+    python benchmarks/bench_scale.py sequential --layers 8 --load-in-4bit nf4
     # (f) Llama-3-8B / 70B on one 24 / 48 / 80 GB GPU
     python benchmarks/bench_scale.py plan-sequential
 
@@ -25,8 +26,9 @@ group absorbed. ``sequential`` writes a random Llama at 8B widths (bf16 safetens
 block) and runs EVA on it twice, each in its own process: sequential (weights read block by block,
 ``empty_model_from_folder``) and whole-model (``from_pretrained``), on the same tokens (tau = 1:
 both absorb every batch); it prints each one's peak resident memory, the formula's prediction, and
-how far the two results agree. ``plan-sequential`` prints the formula for the real models. Each line
-of output is one JSON record.
+how far the two results agree; with ``--load-in-4bit`` both use a bitsandbytes 4-bit base
+(sequential quantises each block as it reads it, whole-model loads with ``quantization_config``).
+``plan-sequential`` prints the formula for the real models. Each line of output is one JSON record.
 """
 
 from __future__ import annotations
@@ -484,13 +486,14 @@ RUNTIME_GB = 1.0
 
 
 def sequential_peak(
-    block_bytes: float, outer_bytes: float, cache_bytes: float, stat_bytes: float
+    block_bytes: float, embedding_bytes: float, cache_bytes: float, stat_bytes: float
 ) -> float:
-    """Bytes sequential EVA holds at its peak on the compute device, without the runtime: one block,
-    the modules outside the blocks (embeddings, final norm, head), the hidden states of the
-    calibration set (two blocks' worth while one block runs), and the statistics of one block's
-    groups."""
-    return block_bytes + outer_bytes + 2 * cache_bytes + stat_bytes
+    """Bytes sequential EVA holds at its peak, without the runtime, with the weights read from disk:
+    the larger of the embeddings' pass (their weights and the cache of their outputs) and a block's
+    (the block, the hidden states of the calibration set twice: its inputs and its outputs), plus
+    the statistics of one block's groups. The head, read for its own pass at the end, is as large
+    as the embeddings. ``cache_bytes`` is 0 for the device when the cache waits on the CPU."""
+    return max(embedding_bytes + cache_bytes, block_bytes + 2 * cache_bytes) + stat_bytes
 
 
 def block_sizes(config, bytes_per_param: float) -> tuple[float, float]:
@@ -517,14 +520,16 @@ def plan_sequential(args: argparse.Namespace, emit) -> None:
         # 4 bits + a scale per 64
         for dtype, per_param in (("bf16", 2.0), ("nf4", 0.5 + 0.5 / 64 * 4 / 2)):
             block, outer = block_sizes(config, per_param)
-            if dtype == "nf4":  # bitsandbytes keeps embeddings and the head in the compute dtype
+            # bitsandbytes keeps embeddings and the head in the compute dtype
+            embeddings = config.vocab_size * config.hidden_size * 2.0
+            if dtype == "nf4":
                 outer = block_sizes(config, 2.0)[1]
             # bf16 hidden states, offloaded to the CPU by default
             cache = tokens * config.hidden_size * 2
             stats = block_statistics_bytes(config, settings)
             # one batch in the MLP, fp32
             activations = 2 * args.batch * args.seq * config.intermediate_size * 4
-            on_device = sequential_peak(block, outer, 0, stats) + activations
+            on_device = sequential_peak(block, embeddings, 0, stats) + activations
             whole_gb = (block * config.num_hidden_layers + outer) / GB
             for gpu in (24, 48, 80):
                 emit(
@@ -534,6 +539,7 @@ def plan_sequential(args: argparse.Namespace, emit) -> None:
                     calibration_tokens=tokens,
                     block_gb=round(block / GB, 2),
                     outside_blocks_gb=round(outer / GB, 2),
+                    embeddings_gb=round(embeddings / GB, 2),
                     block_statistics_gb=round(stats / GB, 2),
                     cpu_cache_gb=round(2 * cache / GB, 2),
                     sequential_device_peak_gb=round(on_device / GB, 2),
@@ -621,6 +627,7 @@ def sequential(args: argparse.Namespace, emit) -> None:
             str(args.rank),
             "--rho",
             str(args.rho),
+            *(["--load-in-4bit", args.load_in_4bit] if args.load_in_4bit else []),
         ]
         out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         records[mode] = json.loads(out.strip().splitlines()[-1])
@@ -631,18 +638,32 @@ def sequential(args: argparse.Namespace, emit) -> None:
         )
     from eva_lora import EvaState
 
-    a, b = (EvaState.load(folder.parent / f"state-{m}") for m in ("sequential", "whole"))
+    a, b = (EvaState.load(state_folder(folder, m, args)) for m in ("sequential", "whole"))
     mine = {tuple(g): c for g, c in zip(a.groups, a.group_components)}
     theirs = {tuple(g): c for g, c in zip(b.groups, b.group_components)}
     cos = torch.cat([(mine[k] * theirs[k]).sum(1).abs() for k in mine])
     emit(
         agreement="|cos| per component, sequential vs whole-model",
+        load_in_4bit=args.load_in_4bit,
         min=round(float(cos.min()), 6),
         mean=round(float(cos.mean()), 6),
         same_ranks=a.ranks == b.ranks,
         seconds_ratio=round(records["sequential"]["seconds"] / records["whole"]["seconds"], 2),
         peak_ratio=round(records["sequential"]["peak_rss_mb"] / records["whole"]["peak_rss_mb"], 3),
     )
+
+
+def state_folder(folder: Path, mode: str, args: argparse.Namespace) -> Path:
+    return folder.parent / f"state-{mode}{'-' + args.load_in_4bit if args.load_in_4bit else ''}"
+
+
+def quantised_block_bytes(config) -> tuple[float, float]:
+    """(one 4-bit block, the largest of its float weights) in bytes: bitsandbytes keeps 4 bits and
+    a float32 absmax per 64 weights; while a block is read, one float weight at a time is quantised
+    (bf16 from disk and its float32 copy inside the quantiser)."""
+    h, i = config.hidden_size, config.intermediate_size
+    block, _ = block_sizes(config, 0.5 + 4 / 64)
+    return block, h * i * (2 + 4)
 
 
 def sequential_child(args: argparse.Namespace, emit) -> None:
@@ -667,7 +688,9 @@ def sequential_child(args: argparse.Namespace, emit) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if args.mode == "sequential":
-            model, weights = empty_model_from_folder(folder, torch.bfloat16)
+            model, weights = empty_model_from_folder(
+                folder, torch.bfloat16, load_in_4bit=args.load_in_4bit
+            )
             state = compute_eva_state(
                 model,
                 batches,
@@ -676,16 +699,33 @@ def sequential_child(args: argparse.Namespace, emit) -> None:
                 sequential=SequentialOptions(weights=weights, calibration_batches=args.batches),
             )
         else:
-            model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16)
+            quantised = {}
+            if args.load_in_4bit:
+                from transformers import BitsAndBytesConfig
+
+                quantised = dict(
+                    quantization_config=BitsAndBytesConfig(
+                        load_in_4bit=True,
+                        bnb_4bit_quant_type=args.load_in_4bit,
+                        bnb_4bit_compute_dtype=torch.bfloat16,
+                    ),
+                    device_map="cpu",
+                )
+            model = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, **quantised)
             state = compute_eva_state(model, batches, settings, progress=False)
     seconds = time.perf_counter() - began
-    state.save(folder.parent / f"state-{args.mode}")
+    state.save(state_folder(folder, args.mode, args))
     block, outer = block_sizes(config, 2.0)
+    embeddings = config.vocab_size * config.hidden_size * 2
+    if args.load_in_4bit:
+        quantised_block, reading = quantised_block_bytes(config)
+        block = quantised_block + reading
     cache = args.batches * args.batch * args.seq * config.hidden_size * 2
     stats = max(h["statistic_bytes"] for h in state.history) if state.history else 0
-    predicted = start + sequential_peak(block, outer, cache, stats) / MB
+    predicted = start + sequential_peak(block, embeddings, cache, stats) / MB
     emit(
         mode=args.mode,
+        load_in_4bit=args.load_in_4bit,
         seconds=round(seconds, 1),
         peak_rss_mb=round(rss_mb(), 1),
         start_rss_mb=round(start, 1),
@@ -728,6 +768,11 @@ def main(argv: list[str] | None = None) -> None:
         "--with-exact", action="store_true", help="also run the exact statistic (2 GB at 2 blocks)"
     )
     parser.add_argument("--skip-peft", action="store_true")
+    parser.add_argument(
+        "--load-in-4bit",
+        choices=["nf4", "fp4"],
+        help="sequential: a bitsandbytes 4-bit base in both modes (QLoRA)",
+    )
     parser.add_argument(
         "--skip-quality", action="store_true", help="no float64 reference (a quick smoke run)"
     )

@@ -227,6 +227,13 @@ def test_cli_refuses_what_a_4bit_base_cannot_do(tmp_path, capsys, tiny_llama_dir
     err = capsys.readouterr().err
     assert "--load-in-4bit needs bitsandbytes" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+    # sequential EVA quantises the blocks it reads from the folder itself: the same one line
+    init = ["init", *common[1:7], "--sequential", "--load-in-4bit"]
+    argv = [*init, "--output", tmp_path / "state", "progress=false", "max_length=96"]
+    assert main([str(a) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert "needs bitsandbytes" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "state").exists()
 
 
 @pytest.mark.slow

@@ -94,6 +94,8 @@ class CountingWeights(DiskWeights):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.resident = self.most = self.loads = 0
+        self.embeddings_beside_a_block = False
+        self.outer_loads: list[str] = []
 
     def load(self, root, module, prefix, device, recurse=True):
         super().load(root, module, prefix, device, recurse)
@@ -101,14 +103,20 @@ class CountingWeights(DiskWeights):
             self.loads += 1
             self.resident += 1
             self.most = max(self.most, self.resident)
+            # the input embeddings are never in memory beside a block
+            self.embeddings_beside_a_block |= not root.get_input_embeddings().weight.is_meta
+        else:
+            self.outer_loads.append(prefix)
 
-    def release(self, module):
-        super().release(module)
-        self.resident -= 1
+    def release(self, module, recurse=True):
+        super().release(module, recurse)
+        if recurse:
+            self.resident -= 1
 
 
-def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tmp_path):
-    model = build("llama")
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
+def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tmp_path, kind):
+    model = build(kind)
     model.save_pretrained(tmp_path / "model")
     batches = helpers.token_batches(helpers.VOCAB, 5)
     empty, _ = empty_model_from_folder(tmp_path / "model")
@@ -125,8 +133,116 @@ def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tm
     )
     assert weights.loads == 3 and weights.most == 1  # three blocks, never two in memory together
     assert all(p.is_meta for p in empty.model.layers.parameters())  # every block dropped again
+    # the modules outside the blocks are read when called (the tied head reads the embeddings'
+    # tensor again at the end), and never stay: nothing of the model is left in memory
+    assert not weights.embeddings_beside_a_block
+    assert weights.outer_loads == ["model.embed_tokens", "model.norm", "lm_head"]
+    assert all(p.is_meta for p in empty.parameters())
     assert list(offload.iterdir()) == []  # the hidden states on disk are removed at the end
     assert_same_state(quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False), state)
+
+
+def load_4bit(folder, quant_type: str) -> nn.Module:
+    """The whole model through transformers' own QLoRA loading (the reference)."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_compute_dtype=torch.float32
+    )
+    return quiet(
+        AutoModelForCausalLM.from_pretrained, folder, quantization_config=config, device_map="cpu"
+    )
+
+
+@pytest.mark.parametrize("kind,quant_type", [("llama", "nf4"), ("qwen2", "fp4")])
+def test_a_4bit_base_read_block_by_block_from_disk_gives_the_whole_4bit_models_components(
+    tmp_path, kind, quant_type
+):
+    pytest.importorskip("bitsandbytes")
+    model = build(kind)
+    model.save_pretrained(tmp_path / "model")
+    batches = helpers.token_batches(helpers.VOCAB, 5)
+    empty, _ = empty_model_from_folder(tmp_path / "model", load_in_4bit=quant_type)
+    four_bit = [m for m in empty.model.layers.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == 7 * 3 and type(empty.lm_head) is nn.Linear  # as transformers does
+    weights = CountingWeights(tmp_path / "model")
+    state = quiet(
+        compute_eva_state,
+        empty,
+        batches,
+        SAME_TOKENS,
+        progress=False,
+        sequential=SequentialOptions(weights=weights),
+    )
+    assert weights.loads == 3 and weights.most == 1
+    # every block dropped again, its layers still 4-bit with their unpacked shapes
+    assert all(
+        m.weight.is_meta and m.weight.shape == (m.out_features, m.in_features) for m in four_bit
+    )
+    whole = quiet(
+        compute_eva_state,
+        load_4bit(tmp_path / "model", quant_type),
+        batches,
+        SAME_TOKENS,
+        progress=False,
+    )
+    assert_same_state(whole, state)
+    # and it is the 4-bit base's answer, not the float one's
+    float_state = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_state(float_state, state)
+
+
+def test_a_checkpoint_saved_in_4_bits_is_read_block_by_block_and_others_are_refused(
+    tmp_path, capsys, tiny_llama_dir
+):
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eva_lora.app.cli import main
+    from eva_lora.disk_weights import prequantized, reads_block_by_block
+
+    assert prequantized(tiny_llama_dir) is None and reads_block_by_block(tiny_llama_dir)
+    saved = tmp_path / "nf4"
+    quiet(load_4bit(tiny_llama_dir, "nf4").save_pretrained, saved)
+    AutoTokenizer.from_pretrained(tiny_llama_dir).save_pretrained(saved)
+    assert prequantized(saved) == "bitsandbytes" and reads_block_by_block(saved)
+    # the packed weights and their quantisation state, one block at a time: the state of the
+    # whole model as from_pretrained loads that folder
+    batches = helpers.token_batches(128, 5)
+    empty, _ = empty_model_from_folder(saved)
+    weights = CountingWeights(saved)
+    state = quiet(
+        compute_eva_state,
+        empty,
+        batches,
+        SAME_TOKENS,
+        progress=False,
+        sequential=SequentialOptions(weights=weights),
+    )
+    assert weights.most == 1 and all(p.is_meta for p in empty.model.layers.parameters())
+    whole = quiet(AutoModelForCausalLM.from_pretrained, saved, device_map="cpu")
+    assert type(whole.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
+    assert_same_state(quiet(compute_eva_state, whole, batches, SAME_TOKENS, progress=False), state)
+    with pytest.raises(ValueError, match="already quantised .nf4.; load_in_4bit='fp4'"):
+        empty_model_from_folder(saved, load_in_4bit="fp4")
+    with pytest.raises(ValueError, match="load_in_4bit must be 'nf4' or 'fp4'"):
+        empty_model_from_folder(tiny_llama_dir, load_in_4bit="int4")
+    # another method: refused with what to pass
+    config = json.loads((saved / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    other = tmp_path / "gptq"
+    shutil.copytree(saved, other)
+    (other / "config.json").write_text(json.dumps(config))
+    assert not reads_block_by_block(other)
+    with pytest.raises(ValueError, match="quantised with gptq.*point it at the float checkpoint"):
+        empty_model_from_folder(other)
+    # eva init --sequential reads the 4-bit folder block by block too
+    argv = ["init", "--model", saved, "--task", "gsm8k", "--sequential"]
+    argv += ["--data-dir", helpers.ROOT / "tests/assets/data", "--output", tmp_path / "state"]
+    argv += ["train_limit=8", "svd_batch_size=4", "max_length=96", "progress=false", "rank=4"]
+    assert main([str(a) for a in argv]) == 0, capsys.readouterr().err
+    assert EvaState.load(tmp_path / "state").n_batches == 2
 
 
 def test_sequential_with_the_default_rule_reports_convergence_per_group():
@@ -198,12 +314,16 @@ def test_sequential_takes_token_batches_only():
         )
 
 
+@pytest.mark.parametrize("base", ["float", "nf4"])
 def test_eva_init_sequential_reads_the_model_folder_and_saves_the_same_state(
-    tmp_path, capsys, tiny_llama_dir
+    tmp_path, capsys, tiny_llama_dir, base
 ):
     from eva_lora.app.cli import main
 
+    if base == "nf4":
+        pytest.importorskip("bitsandbytes")
     common = [
+        *(["--load-in-4bit"] if base == "nf4" else []),
         "--model",
         tiny_llama_dir,
         "--task",

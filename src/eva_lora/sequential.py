@@ -13,9 +13,13 @@ the blocks (an LM head) get one last loop with every block replayed.
 
 Only one block's weights need to be on the compute device: a block is *onloaded* before its loop
 (moved there, or read from a safetensors folder by :class:`~eva_lora.disk_weights.DiskWeights`) and
-*offloaded* after it. Every group absorbs every calibration batch (the block runs on them anyway to
-produce the next block's inputs; ``engine.FEED_CONVERGED``), so with the same batches and exact
-statistics the result equals the whole-model loop's that consumed the same batches.
+*offloaded* after it. With weights read from disk, the modules outside the blocks are read when
+they are first called, and the input embeddings (as large as a block or larger at a 128k
+vocabulary) only for one pass that keeps their output for block 0: later passes get zeros of the
+same shape in their place (the replayed blocks ignore them), so the embeddings, a block and the
+head are never in memory together. Every group absorbs every calibration batch (the block runs on
+them anyway to produce the next block's inputs; ``engine.FEED_CONVERGED``), so with the same batches
+and exact statistics the result equals the whole-model loop's that consumed the same batches.
 Ranks are allocated across the whole model at the end, as in the whole-model loop.
 """
 
@@ -366,6 +370,9 @@ def _run_blocks(
     previous: BlockOutputs | None = None
     if last >= 0:  # resume: the committed blocks as they are, from the last one's outputs
         previous = BlockOutputs.load(checkpoint.folder / f"outputs-{last}")
+    embeddings = _ReplayedEmbeddings.for_model(model, placement, replay)
+    if embeddings is not None and last < 0:  # block 0 will run: its inputs come from them
+        embeddings.keep_outputs(model, calibration, scratch)
     for i, block in enumerate(blocks):
         if i <= last:
             if done.get(i) is not None:
@@ -382,8 +389,14 @@ def _run_blocks(
                 folder.mkdir()
         outputs = BlockOutputs(folder, len(calibration))
         replay.cache = previous
-        with placement.onloaded(block, f"{blocks_name}.{i}"), replay.before(i):
+        with (
+            placement.onloaded(block, f"{blocks_name}.{i}"),
+            replay.before(i),
+            embeddings.replayed() if embeddings is not None else contextlib.nullcontext(),
+        ):
             loop = _run_one(model, block, mine, calibration, config, replay, outputs)
+        if embeddings is not None:
+            embeddings.forget_outputs()  # only block 0 reads them
         if loop is not None:
             loops.append(loop)
         if checkpoint is not None:
@@ -399,7 +412,10 @@ def _run_blocks(
     outer = {n: m for n, m in targets.items() if not any(n.startswith(p) for p in inside)}
     if outer:  # e.g. an LM head: every block replayed, the model runs to its end
         replay.cache = previous
-        with replay.before(len(blocks)):
+        with (
+            replay.before(len(blocks)),
+            embeddings.replayed() if embeddings is not None else contextlib.nullcontext(),
+        ):
             loops.append(_run_one(model, None, outer, calibration, config, replay, None))
     if not loops:
         raise ValueError("no target layer was found in the model")
@@ -418,8 +434,7 @@ def _run_one(
     """One block's loop over the calibration set (``block=None``: the targets outside blocks)."""
 
     def forward(runnable: nn.Module, batch: Any) -> None:
-        replay.index = batch[INDEX_KEY]
-        runnable(**{k: v for k, v in batch.items() if k not in (INDEX_KEY, "labels")})
+        _call(runnable, batch, replay)
 
     handle = None
     if block is not None:
@@ -445,6 +460,88 @@ def _run_one(
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _call(model: nn.Module, batch: dict[str, Any], replay: _Replay) -> None:
+    """One calibration batch through the model (no labels: no logits or loss are wanted)."""
+    replay.index = batch[INDEX_KEY]
+    model(**{k: v for k, v in batch.items() if k not in (INDEX_KEY, "labels")})
+
+
+class _ReplayedEmbeddings:
+    """The input embeddings of a model read from disk, in memory for one pass only.
+
+    :meth:`keep_outputs` runs every calibration batch as far as the embeddings, keeps what they
+    return (CPU memory or the offload folder) and drops their weights. Afterwards their ``forward``
+    returns the kept output (for block 0, the only block that reads it) or zeros of its shape and
+    dtype (every later pass replays block 0, which ignores its input)."""
+
+    def __init__(self, module: nn.Module, placement: _OnDevice, replay: _Replay) -> None:
+        self.module, self.placement, self.replay = module, placement, replay
+        self.outputs: BlockOutputs | None = None
+        self.shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}
+
+    @classmethod
+    def for_model(
+        cls, model: nn.Module, placement: _OnDevice, replay: _Replay
+    ) -> _ReplayedEmbeddings | None:
+        """None unless the embeddings are read from disk (a model in memory keeps them)."""
+        getter = getattr(model, "get_input_embeddings", None)
+        module = getter() if callable(getter) else None
+        if not isinstance(module, nn.Module) or not placement.reads_lazily(module):
+            return None
+        return cls(module, placement, replay)
+
+    def keep_outputs(
+        self, model: nn.Module, calibration: list[dict[str, Any]], scratch: Path | None
+    ) -> None:
+        folder = None if scratch is None else scratch / "embeddings"
+        if folder is not None:
+            folder.mkdir(exist_ok=True)
+        self.outputs = BlockOutputs(folder, len(calibration))
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            self.outputs.put(self.replay.index, output)
+            self.shapes[self.replay.index] = (output.shape, output.dtype)
+            raise StopForward
+
+        handle = self.module.register_forward_hook(keep)
+        try:
+            for batch in calibration:
+                with contextlib.suppress(StopForward), torch.no_grad():
+                    _call(model, to_device(batch, self.replay.device), self.replay)
+        finally:
+            handle.remove()
+        self.placement.drop(self.module)
+
+    def forget_outputs(self) -> None:
+        if self.outputs is not None and self.outputs.folder is not None:
+            shutil.rmtree(self.outputs.folder, ignore_errors=True)
+        self.outputs = None
+
+    @contextlib.contextmanager
+    def replayed(self) -> Iterator[None]:
+        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+            index = self.replay.index
+            if self.outputs is not None:
+                return self.outputs.get(index, self.replay.device)
+            if index not in self.shapes:  # resumed after block 0: one lookup gives the shape
+                self.shapes[index] = self._shape(*args, **kwargs)
+            shape, dtype = self.shapes[index]
+            return torch.zeros(shape, dtype=dtype, device=self.replay.device)
+
+        self.module.forward = forward
+        try:
+            yield
+        finally:
+            del self.module.forward
+
+    def _shape(
+        self, ids: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Size, torch.dtype]:
+        """The output's shape and dtype without the weights: one vector per token id."""
+        weight = self.module.weight
+        return torch.Size((*ids.shape, weight.shape[-1])), weight.dtype
 
 
 def _calibration_set(
@@ -506,6 +603,8 @@ class _OnDevice:
     ) -> None:
         self.model, self.blocks, self.device, self.weights = model, blocks, device, weights
         self._moved: list[tuple[nn.Module, torch.device]] = []
+        # modules outside the blocks read from disk when first called: module id -> (name, hook)
+        self._lazy: dict[int, tuple[str, nn.Module, Any]] = {}
 
     def __enter__(self) -> _OnDevice:
         inside = {id(m) for m in self.blocks.modules()}
@@ -519,13 +618,36 @@ class _OnDevice:
             ]
             if any(t.device.type == "meta" for t in own):
                 self._need_weights(name)
-                self.weights.load(self.model, module, name, self.device, recurse=False)
+                hook = module.register_forward_pre_hook(self._read_when_called(name))
+                self._lazy[id(module)] = (name, module, hook)
             elif any(t.device != self.device for t in own):
                 self._moved.append((module, own[0].device))
                 _move_own(module, self.device)
         return self
 
+    def _read_when_called(self, name: str) -> Any:
+        def hook(module: nn.Module, args: Any) -> None:
+            if "forward" in module.__dict__:  # replayed (embeddings, blocks): no weights needed
+                return
+            if any(p.is_meta for p in module.parameters(recurse=False)):
+                self.weights.load(self.model, module, name, self.device, recurse=False)
+
+        return hook
+
+    def reads_lazily(self, module: nn.Module) -> bool:
+        """``module`` is outside the blocks and read from disk when it is called."""
+        return id(module) in self._lazy
+
+    def drop(self, module: nn.Module) -> None:
+        """A module read from disk goes back to the meta device (read again if called again)."""
+        if any(not p.is_meta for p in module.parameters(recurse=False)):
+            self.weights.release(module, recurse=False)
+
     def __exit__(self, *exc: object) -> None:
+        for _, module, hook in self._lazy.values():
+            hook.remove()
+            self.drop(module)
+        self._lazy.clear()
         for module, home in self._moved:
             _move_own(module, home)
 

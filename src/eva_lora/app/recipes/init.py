@@ -28,7 +28,13 @@ from ...model_card import save_ready_adapter
 from ...sequential import SequentialOptions
 from ...sequential_checkpoint import RUN_FILE as SEQUENTIAL_RUN_FILE
 from ...state import EvaState
-from ..models import check_max_length, is_quantized, load_model, resolve_model_path
+from ..models import (
+    check_max_length,
+    is_quantized,
+    load_model,
+    quantization_options,
+    resolve_model_path,
+)
 from ..preprocess import Collator, init_batches, tokenize
 from ..run_config import RunConfig
 from ..tasks import get_task
@@ -155,22 +161,21 @@ def ready_adapter_path(output: Path) -> Path:
 
 
 def _load(cfg: RunConfig, task: Any) -> tuple[Any, Any, Any]:
-    """(model, tokenizer, weights on disk or None). Sequential mode on a float safetensors folder
-    builds the model without its weights (read block by block later); otherwise the model is loaded
-    whole and placed on this process's device (a 4-bit base is placed at load time)."""
+    """(model, tokenizer, weights on disk or None). Sequential mode on a safetensors folder (float,
+    or saved in 4 bits by bitsandbytes) builds the model without its weights (read block by block
+    later; with ``--load-in-4bit`` a float block is quantised as it is read); otherwise the model is
+    loaded whole and placed on this process's device (a 4-bit base is placed at load time)."""
+    from ...disk_weights import empty_model_from_folder, reads_block_by_block
+
     path = resolve_model_path(cfg.model)
-    if (
-        cfg.sequential
-        and cfg.load_in_4bit is None
-        and path.is_dir()
-        and any(path.glob("model*.safetensors*"))
-    ):
+    if cfg.sequential and path.is_dir() and reads_block_by_block(path):
         from transformers import AutoTokenizer
 
-        from ...disk_weights import empty_model_from_folder
-
         dtype = torch.bfloat16 if cfg.bf16 else torch.float32
-        model, weights = empty_model_from_folder(path, dtype, task.kind)
+        quantization_options(
+            cfg.load_in_4bit, dtype
+        )  # the CLI's one line if bitsandbytes is absent
+        model, weights = empty_model_from_folder(path, dtype, task.kind, cfg.load_in_4bit)
         tokenizer = AutoTokenizer.from_pretrained(path)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
