@@ -1,6 +1,7 @@
 """The paper-check scripts run in their --quick form and produce their tables and figures."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def test_rank_distribution_quick_gives_uniform_ranks_at_rho_1(tmp_path, minilm):
     assert sum(record["ranks"]["2.0"].values()) == 8 * len(record["ranks"]["2.0"])  # same budget
     assert 0.0 <= record["moved"]["1.0->2.0"] <= 1.0 and record["max_rank"]["2.0"] <= 16
     assert (tmp_path / "rank_distribution.png").read_bytes()[:4] == b"\x89PNG"
+    assert "src/eva_lora/engine.py" in record["provenance"]["code_files"]
 
 
 @pytest.mark.slow
@@ -204,6 +206,9 @@ def test_vision_quick_trains_lora_and_eva_on_the_pretrained_cnn_and_reuses_runs(
     vision.main(argv)
     # 2 methods x (2 validation rates + 1 test seed), none retrained
     assert capsys.readouterr().err.count("reused") == 6
+    # what made the runs read back: the processes that trained them, as each run recorded it
+    used = json.loads((tmp_path / "vision.json").read_text())["provenance"]["code_files"]
+    assert "src/eva_lora/experiments/vision.py" in used and "src/eva_lora/engine.py" in used
 
 
 def test_vision_rate_choice_prefers_the_smaller_rate_on_a_tie():
@@ -507,6 +512,16 @@ def test_a_result_depends_only_on_the_modules_its_run_loaded(tmp_path, monkeypat
     # common.py imports eva_lora.files; every entry is one of the package's Python files
     assert "src/eva_lora/files.py" in loaded
     assert all(f.startswith("src/eva_lora/") and f.endswith(".py") for f in loaded)
+    # a fresh process that only imports common lists what that loaded, not sequential EVA's
+    # onloading (which this test process may have loaded for other tests)
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import common; print(common.code_files())"],
+        cwd=Path(common.__file__).parent,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "src/eva_lora/files.py" in fresh and "src/eva_lora/disk_weights.py" not in fresh
     common.write_results(tmp_path, "probe", {"x": 1}, "# probe\n", code_used=loaded[:2] * 2)
     made = json.loads((tmp_path / "probe.json").read_text())["provenance"]
     assert made["code_files"] == sorted(loaded[:2])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from common import claim_args, write_results
+from common import claim_args, code_files, write_results
 
 from eva_lora.app.recipes.compare import run_compare
 from eva_lora.app.run_config import build_run_config
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    write_results(args.out, "ablations", record, markdown(record))
+    # every run was made by this process (nothing is read back)
+    write_results(args.out, "ablations", record, markdown(record), code_used=code_files())
 
 
 def markdown(record: dict) -> str:

@@ -45,10 +45,12 @@ def grid_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser
 __all__ = [
     "RESULTS",
     "claim_args",
+    "code_files",
     "grid_parser",
     "provenance",
     "pyplot",
     "save_png",
+    "united_code_files",
     "write_results",
 ]
 
@@ -109,6 +111,15 @@ def code_files() -> list[str] | None:
         if path.is_relative_to(package):
             loaded.add(path.relative_to(REPO.resolve()).as_posix())
     return sorted(loaded) or None
+
+
+def united_code_files(lists: list[list[str] | None]) -> list[str] | None:
+    """The package's files the processes that made a grid's runs loaded, united; None when a run
+    does not say (a run stored before runs recorded it): the result then depends on the whole
+    package."""
+    if not lists or any(not files for files in lists):
+        return None
+    return sorted({f for files in lists for f in files})
 
 
 def save_png(fig: Any, path: Path) -> None:

@@ -61,7 +61,14 @@ from typing import Any
 
 import plans
 import torch
-from common import code_files, git, grid_parser, provenance_at_start, write_results
+from common import (
+    code_files,
+    git,
+    grid_parser,
+    provenance_at_start,
+    united_code_files,
+    write_results,
+)
 from item_tests import holm, mcnemar, nested_bootstrap
 from item_tests import verdict as item_verdict
 from verdicts import describe, no_signal, paired
@@ -571,7 +578,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         record,
         markdown(record),
         made_at=oldest_commit(record["runs"]),
-        code_used=code_used(record["runs"]),
+        code_used=united_code_files(
+            [r.get("code_files") for by in runs.values() for t in by.values() for r in t]
+        ),
     )
     return record
 
@@ -585,15 +594,6 @@ def stored_run(
         return None
     found = json.loads(file.read_text())
     return found if found.get("settings") == settings else None
-
-
-def code_used(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> list[str] | None:
-    """The package's files the processes that made the runs loaded, united; None when a run does
-    not say (the result then depends on the whole package)."""
-    lists = [r.get("code_files") for by in runs.values() for t in by.values() for r in t]
-    if not lists or any(not files for files in lists):
-        return None
-    return sorted({f for files in lists for f in files})
 
 
 def oldest_commit(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str | None:

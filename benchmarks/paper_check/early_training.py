@@ -16,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import claim_args, pyplot, save_png, write_results
+from common import claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora.app.recipes.train import train
 from eva_lora.app.run_config import build_run_config
@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
         "curves": found,
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_results(args.out, "early_training", record, markdown(record))
+    # every run was made by this process (nothing is read back)
+    write_results(args.out, "early_training", record, markdown(record), code_used=code_files())
 
 
 def _window(values: list[float], a: int, b: int) -> float:

@@ -16,7 +16,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from common import claim_args, pyplot, save_png, write_results
+from common import claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
 from eva_lora.app.plots import rank_table
@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> None:
             for a, b in zip(rhos, rhos[1:])
         },
     }
-    write_results(args.out, "rank_distribution", record, markdown(record))
+    # every run was made by this process (nothing is read back)
+    write_results(args.out, "rank_distribution", record, markdown(record), code_used=code_files())
 
 
 def markdown(record: dict) -> str:

@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import claim_args, pyplot, save_png, write_results
+from common import claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
 from eva_lora.app.tasks import get_task
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
         "size_runs": {str(k): v[1] for k, v in size_runs.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
-    write_results(args.out, "stability", record, markdown(record))
+    # every run was made by this process (nothing is read back)
+    write_results(args.out, "stability", record, markdown(record), code_used=code_files())
 
 
 def markdown(record: dict) -> str:

@@ -41,7 +41,7 @@ from typing import Any
 import plans
 import torch
 import torch.nn.functional as F
-from common import grid_parser, write_results
+from common import code_files, grid_parser, united_code_files, write_results
 from item_tests import holm, item_sign_test, mcnemar
 from item_tests import verdict as item_verdict
 from verdicts import describe, paired
@@ -215,6 +215,7 @@ def run_one(
     peft_model, info = build(init, seed, settings, data[0])
     fitted = fit_and_test(peft_model, seed, settings, data)
     result = {"init": init, "seed": seed, "settings": settings, **info, **fitted}
+    result["code_files"] = code_files()
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_text(file, json.dumps(result))
     return result, False
@@ -227,8 +228,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     work = args.work / ("quick" if args.quick else "full")
     started = time.perf_counter()
 
+    made: list[list[str] | None] = []  # what the process that made each run loaded
+
     def one(init: str, seed: int, run_settings: dict[str, Any], data: tuple) -> dict[str, Any]:
         result, reused = run_one(init, seed, run_settings, data, work)
+        made.append(result.get("code_files"))
         where = "validation" if run_settings.get("validation_images") else "test"
         print(
             f"{init} lr {run_settings['lr']:g} seed {seed}: {where} accuracy "
@@ -274,7 +278,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if not args.quick:
         record["plan"] = plans.stamp("vision")
-    write_results(args.out, "vision", record, markdown(record))
+    write_results(args.out, "vision", record, markdown(record), code_used=united_code_files(made))
     return record
 
 
