@@ -490,10 +490,11 @@ def sequential_peak(
 ) -> float:
     """Bytes sequential EVA holds at its peak, without the runtime, with the weights read from disk:
     the larger of the embeddings' pass (their weights and the cache of their outputs) and a block's
-    (the block, the hidden states of the calibration set twice: its inputs and its outputs), plus
-    the statistics of one block's groups. The head, read for its own pass at the end, is as large
-    as the embeddings. ``cache_bytes`` is 0 for the device when the cache waits on the CPU."""
-    return max(embedding_bytes + cache_bytes, block_bytes + 2 * cache_bytes) + stat_bytes
+    (the block, the hidden states of the calibration set three times: the embeddings' output, the
+    block's inputs and its outputs), plus the statistics of one block's groups. The head, read for
+    its own pass at the end, is as large as the embeddings. ``cache_bytes`` is 0 for the device when
+    the caches wait on the CPU."""
+    return max(embedding_bytes + cache_bytes, block_bytes + 3 * cache_bytes) + stat_bytes
 
 
 def block_sizes(config, bytes_per_param: float) -> tuple[float, float]:
@@ -544,7 +545,7 @@ def plan_sequential(args: argparse.Namespace, emit) -> None:
                     outside_blocks_gb=round(outer / GB, 2),
                     embeddings_gb=round(embeddings / GB, 2),
                     block_statistics_gb=round(stats / GB, 2),
-                    cpu_cache_gb=round(2 * cache / GB, 2),
+                    cpu_cache_gb=round(3 * cache / GB, 2),
                     sequential_device_peak_gb=round(on_device / GB, 2),
                     fits=on_device / GB + RUNTIME_GB <= gpu,
                     whole_model_weights_gb=round(whole_gb, 1),

@@ -32,6 +32,15 @@ def build(kind: str) -> nn.Module:
 
     if kind == "llama":
         return helpers.tiny_llama(layers=3, tie_word_embeddings=True)
+    if kind == "gpt2":  # Conv1D layers (weights stored transposed), learned position embeddings
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            config = GPT2Config(
+                n_embd=32, n_layer=3, n_head=4, vocab_size=helpers.VOCAB, n_positions=64
+            )
+            return GPT2LMHeadModel(config).eval()
     shared = dict(
         hidden_size=32,
         intermediate_size=48,
@@ -154,17 +163,21 @@ def load_4bit(folder, quant_type: str) -> nn.Module:
     )
 
 
-@pytest.mark.parametrize("kind,quant_type", [("llama", "nf4"), ("qwen2", "fp4")])
+@pytest.mark.parametrize(
+    "kind,quant_type,per_block", [("llama", "nf4", 7), ("qwen2", "fp4", 7), ("gpt2", "nf4", 4)]
+)
 def test_a_4bit_base_read_block_by_block_from_disk_gives_the_whole_4bit_models_components(
-    tmp_path, kind, quant_type
+    tmp_path, kind, quant_type, per_block
 ):
     pytest.importorskip("bitsandbytes")
     model = build(kind)
     model.save_pretrained(tmp_path / "model")
     batches = helpers.token_batches(helpers.VOCAB, 5)
     empty, _ = empty_model_from_folder(tmp_path / "model", load_in_4bit=quant_type)
-    four_bit = [m for m in empty.model.layers.modules() if type(m).__name__ == "Linear4bit"]
-    assert len(four_bit) == 7 * 3 and type(empty.lm_head) is nn.Linear  # as transformers does
+    blocks = find_blocks(empty)[1]
+    four_bit = [m for m in blocks.modules() if type(m).__name__ == "Linear4bit"]
+    assert len(four_bit) == per_block * 3 and type(empty.lm_head) is nn.Linear  # as transformers
+
     weights = CountingWeights(tmp_path / "model")
     state = quiet(
         compute_eva_state,
@@ -175,10 +188,12 @@ def test_a_4bit_base_read_block_by_block_from_disk_gives_the_whole_4bit_models_c
         sequential=SequentialOptions(weights=weights),
     )
     assert weights.loads == 3 and weights.most == 1
-    # every block dropped again, its layers still 4-bit with their unpacked shapes
+    # every block dropped again, its layers still 4-bit with their unpacked shapes, and the
+    # quantisation state bitsandbytes also keeps on each layer gone with the weight
     assert all(
         m.weight.is_meta and m.weight.shape == (m.out_features, m.in_features) for m in four_bit
     )
+    assert all(m.quant_state is None for m in four_bit)
     whole = quiet(
         compute_eva_state,
         load_4bit(tmp_path / "model", quant_type),
@@ -191,6 +206,22 @@ def test_a_4bit_base_read_block_by_block_from_disk_gives_the_whole_4bit_models_c
     float_state = quiet(compute_eva_state, model, batches, SAME_TOKENS, progress=False)
     with pytest.raises(AssertionError):
         assert_same_state(float_state, state)
+
+
+def test_tied_modules_read_and_released_one_after_the_other_stay_tied(tmp_path):
+    model = build("llama")
+    model.save_pretrained(tmp_path / "model")
+    empty, weights = empty_model_from_folder(tmp_path / "model")
+    embed, head = empty.model.embed_tokens, empty.lm_head
+    assert embed.weight is head.weight
+    for module, name in ((embed, "model.embed_tokens"), (head, "lm_head")):
+        weights.load(empty, module, name, torch.device("cpu"), recurse=False)
+    assert embed.weight is head.weight and not embed.weight.is_meta  # read once, shared
+    weights.release(embed, recurse=False)
+    weights.release(head, recurse=False)
+    assert embed.weight is head.weight and embed.weight.is_meta  # the same meta parameter again
+    weights.load(empty, head, "lm_head", torch.device("cpu"), recurse=False)  # read again
+    assert torch.equal(head.weight, model.lm_head.weight)
 
 
 def test_a_checkpoint_saved_in_4_bits_is_read_block_by_block_and_others_are_refused(

@@ -64,9 +64,10 @@ class DiskWeights:
                     self._quant_state.setdefault(key[: -len(suffix)], []).append(key)
         # id(meta parameter) -> its loaded tensor (tied weights)
         self._shared: dict[int, nn.Parameter] = {}
-        # id(loaded tensor) -> the meta parameter it replaced: put back on release, so a 4-bit
-        # weight (stored packed once quantised) gets its shape and quantisation settings back
-        self._meta: dict[int, nn.Parameter] = {}
+        # id(loaded tensor) -> [the meta parameter it replaced, how many modules hold it]: put back
+        # on release, so a 4-bit weight (stored packed once quantised) gets its shape and
+        # quantisation settings back, and tied modules released one after the other stay tied
+        self._meta: dict[int, list[Any]] = {}
 
     def load(
         self,
@@ -90,6 +91,8 @@ class DiskWeights:
                 if key is None:
                     raise ValueError(f"the checkpoint in {self.folder} has no tensor for {full}")
                 tensor = self._read(key)
+                if _from_conv1d(module, name) and key not in self._quant_state:
+                    tensor = tensor.T  # GPT-2's Conv1D stores (in, out); Linear4bit (out, in)
                 if key in self._quant_state:  # packed 4 bits, saved by bitsandbytes
                     stats = {k[len(key) + 1 :]: self._read(k) for k in self._quant_state[key]}
                     loaded = _prequantised(param, tensor, stats, device, key)
@@ -102,7 +105,8 @@ class DiskWeights:
                     loaded = _materialise(param, tensor, device, self.dtype)
                 if len(aliases.get(id(param), [])) > 1:
                     self._shared[id(param)] = loaded
-            self._meta[id(loaded)] = param
+            holders = self._meta.setdefault(id(loaded), [param, 0])
+            holders[1] += 1
             _set(module, name, loaded)
 
     def _read(self, key: str) -> torch.Tensor:
@@ -117,12 +121,34 @@ class DiskWeights:
         for name, param in list(module.named_parameters(recurse=recurse, remove_duplicate=False)):
             if param.is_meta:
                 continue
-            meta = self._meta.pop(id(param), None)
-            if meta is None:
+            holders = self._meta.get(id(param))
+            if holders is None:
                 meta = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-            if self._shared.get(id(meta)) is param:
-                del self._shared[id(meta)]
+            else:
+                meta, holders[1] = holders[0], holders[1] - 1
+                if holders[1] == 0:  # no other module holds it: forget it
+                    del self._meta[id(param)]
+                    if self._shared.get(id(meta)) is param:
+                        del self._shared[id(meta)]
+            owner_name, _, _ = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            if getattr(owner, "quant_state", None) is not None:
+                # bitsandbytes keeps the 4-bit state on the layer too: it leaves with the weight
+                owner.quant_state = None
             _set(module, name, meta)
+
+
+def _from_conv1d(module: nn.Module, name: str) -> bool:
+    """The parameter is a 4-bit layer's weight that transformers made from a GPT-2 style
+    ``Conv1D`` (``source_cls``), whose checkpoint tensor is transposed."""
+    owner_name, _, _ = name.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    source = getattr(owner, "source_cls", None)
+    if not isinstance(source, type) or not name.endswith("weight"):
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return issubclass(source, Conv1D)
 
 
 def _prequantised(

@@ -15,11 +15,13 @@ Only one block's weights need to be on the compute device: a block is *onloaded*
 (moved there, or read from a safetensors folder by :class:`~eva_lora.disk_weights.DiskWeights`) and
 *offloaded* after it. With weights read from disk, the modules outside the blocks are read when
 they are first called, and the input embeddings (as large as a block or larger at a 128k
-vocabulary) only for one pass that keeps their output for block 0: later passes get zeros of the
-same shape in their place (the replayed blocks ignore them), so the embeddings, a block and the
-head are never in memory together. Every group absorbs every calibration batch (the block runs on
-them anyway to produce the next block's inputs; ``engine.FEED_CONVERGED``), so with the same batches
-and exact statistics the result equals the whole-model loop's that consumed the same batches.
+vocabulary) only for one pass that keeps their output (beside the blocks' outputs, on the CPU or
+in the offload folder): later passes get it back in their place, so the embeddings, a block and
+the head are never in memory together. (Later passes need it: block 0 reads it, and some
+architectures feed it to every block, e.g. Gemma-3n's per-layer inputs or Zamba's skip input.)
+Every group absorbs every calibration batch (the block runs on them anyway to produce the next
+block's inputs; ``engine.FEED_CONVERGED``), so with the same batches and exact statistics the result
+equals the whole-model loop's that consumed the same batches.
 Ranks are allocated across the whole model at the end, as in the whole-model loop.
 """
 
@@ -301,7 +303,7 @@ def sequential_eva_state(
         offload_root = None if str(options.offload) == "cpu" else Path(options.offload)
         if offload_root is not None:
             offload_root.mkdir(parents=True, exist_ok=True)
-            _check_room(runnable, calibration, offload_root)
+            _check_room(runnable, calibration, offload_root, 3 if options.weights else 2)
         checkpoint = None
         if options.checkpoint_dir is not None:
             checkpoint = BlockCheckpoint(options.checkpoint_dir, options.resume)
@@ -371,7 +373,7 @@ def _run_blocks(
     if last >= 0:  # resume: the committed blocks as they are, from the last one's outputs
         previous = BlockOutputs.load(checkpoint.folder / f"outputs-{last}")
     embeddings = _ReplayedEmbeddings.for_model(model, placement, replay)
-    if embeddings is not None and last < 0:  # block 0 will run: its inputs come from them
+    if embeddings is not None:
         embeddings.keep_outputs(model, calibration, scratch)
     for i, block in enumerate(blocks):
         if i <= last:
@@ -395,8 +397,6 @@ def _run_blocks(
             embeddings.replayed() if embeddings is not None else contextlib.nullcontext(),
         ):
             loop = _run_one(model, block, mine, calibration, config, replay, outputs)
-        if embeddings is not None:
-            embeddings.forget_outputs()  # only block 0 reads them
         if loop is not None:
             loops.append(loop)
         if checkpoint is not None:
@@ -472,22 +472,25 @@ class _ReplayedEmbeddings:
     """The input embeddings of a model read from disk, in memory for one pass only.
 
     :meth:`keep_outputs` runs every calibration batch as far as the embeddings, keeps what they
-    return (CPU memory or the offload folder) and drops their weights. Afterwards their ``forward``
-    returns the kept output (for block 0, the only block that reads it) or zeros of its shape and
-    dtype (every later pass replays block 0, which ignores its input)."""
+    return (CPU memory or the offload folder) and drops their weights; afterwards their ``forward``
+    returns the kept output for the batch."""
 
     def __init__(self, module: nn.Module, placement: _OnDevice, replay: _Replay) -> None:
         self.module, self.placement, self.replay = module, placement, replay
         self.outputs: BlockOutputs | None = None
-        self.shapes: dict[int, tuple[torch.Size, torch.dtype]] = {}
 
     @classmethod
     def for_model(
         cls, model: nn.Module, placement: _OnDevice, replay: _Replay
     ) -> _ReplayedEmbeddings | None:
-        """None unless the embeddings are read from disk (a model in memory keeps them)."""
-        getter = getattr(model, "get_input_embeddings", None)
-        module = getter() if callable(getter) else None
+        """None unless the embeddings are read from disk (a model in memory keeps them) and the
+        model says which module they are (``get_input_embeddings``)."""
+        if not placement.reads_any_lazily:
+            return None
+        try:
+            module = model.get_input_embeddings()
+        except (AttributeError, NotImplementedError):
+            return None
         if not isinstance(module, nn.Module) or not placement.reads_lazily(module):
             return None
         return cls(module, placement, replay)
@@ -499,10 +502,11 @@ class _ReplayedEmbeddings:
         if folder is not None:
             folder.mkdir(exist_ok=True)
         self.outputs = BlockOutputs(folder, len(calibration))
+        kept: set[int] = set()
 
         def keep(module: nn.Module, args: Any, output: Any) -> None:
             self.outputs.put(self.replay.index, output)
-            self.shapes[self.replay.index] = (output.shape, output.dtype)
+            kept.add(self.replay.index)
             raise StopForward
 
         handle = self.module.register_forward_hook(keep)
@@ -512,36 +516,25 @@ class _ReplayedEmbeddings:
                     _call(model, to_device(batch, self.replay.device), self.replay)
         finally:
             handle.remove()
-        self.placement.drop(self.module)
-
-    def forget_outputs(self) -> None:
-        if self.outputs is not None and self.outputs.folder is not None:
-            shutil.rmtree(self.outputs.folder, ignore_errors=True)
-        self.outputs = None
+            self.placement.drop(self.module)
+        if len(kept) != len(calibration):
+            raise ValueError(
+                "the model's forward did not call its input embeddings "
+                f"({type(self.module).__name__}, from get_input_embeddings()) for "
+                f"{len(calibration) - len(kept)} of {len(calibration)} calibration batches: "
+                "sequential EVA from disk needs them; load the model whole and pass it instead"
+            )
 
     @contextlib.contextmanager
     def replayed(self) -> Iterator[None]:
-        def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
-            index = self.replay.index
-            if self.outputs is not None:
-                return self.outputs.get(index, self.replay.device)
-            if index not in self.shapes:  # resumed after block 0: one lookup gives the shape
-                self.shapes[index] = self._shape(*args, **kwargs)
-            shape, dtype = self.shapes[index]
-            return torch.zeros(shape, dtype=dtype, device=self.replay.device)
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            return self.outputs.get(self.replay.index, self.replay.device)
 
         self.module.forward = forward
         try:
             yield
         finally:
             del self.module.forward
-
-    def _shape(
-        self, ids: torch.Tensor, *args: Any, **kwargs: Any
-    ) -> tuple[torch.Size, torch.dtype]:
-        """The output's shape and dtype without the weights: one vector per token id."""
-        weight = self.module.weight
-        return torch.Size((*ids.shape, weight.shape[-1])), weight.dtype
 
 
 def _calibration_set(
@@ -565,8 +558,11 @@ def _calibration_set(
     return out
 
 
-def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Path) -> None:
-    """Before any work: two blocks' hidden states (tokens x hidden width) must fit in ``folder``."""
+def _check_room(
+    model: nn.Module, calibration: list[dict[str, Any]], folder: Path, caches: int = 2
+) -> None:
+    """Before any work: two blocks' hidden states (tokens x hidden width) must fit in ``folder``,
+    three when the embeddings' output waits there too (weights read from disk)."""
     embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     width = getattr(embeddings, "embedding_dim", None)
     if width is None:
@@ -577,7 +573,7 @@ def _check_room(model: nn.Module, calibration: list[dict[str, Any]], folder: Pat
     )
     require_free_space(
         folder,
-        int(2 * tokens * width * itemsize * SPACE_MARGIN),
+        int(caches * tokens * width * itemsize * SPACE_MARGIN),
         f"the hidden states of {len(calibration)} calibration batches (point the offload at "
         "another folder, or use fewer calibration batches)",
     )
@@ -638,6 +634,10 @@ class _OnDevice:
         """``module`` is outside the blocks and read from disk when it is called."""
         return id(module) in self._lazy
 
+    @property
+    def reads_any_lazily(self) -> bool:
+        return bool(self._lazy)
+
     def drop(self, module: nn.Module) -> None:
         """A module read from disk goes back to the meta device (read again if called again)."""
         if any(not p.is_meta for p in module.parameters(recurse=False)):
@@ -656,8 +656,8 @@ class _OnDevice:
         params = list(block.parameters())
         if any(p.device.type == "meta" for p in params):
             self._need_weights(name)
-            self.weights.load(self.model, block, name, self.device)
-            try:
+            try:  # a block that fails half-read is dropped again too
+                self.weights.load(self.model, block, name, self.device)
                 yield
             finally:
                 self.weights.release(block)
