@@ -217,22 +217,8 @@ def evaluate_all(
     # one file cannot hold 7 common-sense test sets
     file = cfg.eval_file if len(tasks) == 1 else None
     for task in tasks:
-        # sampled answers (samples > 1) are reproducible; greedy ones do not care
-        torch.manual_seed(cfg.seed)
         data = task.load("eval", cfg.data_dir, file, cfg.eval_limit)
-        metrics, records = evaluate_task(
-            model,
-            tokenizer,
-            task,
-            data,
-            cfg.eval_batch_size,
-            cfg.max_new_tokens,
-            cfg.samples,
-            cfg.temperature,
-        )
-        results[task.name] = metrics
-        if items is not None:
-            items[task.name] = item_record(task, records)
+        results[task.name] = _score(model, tokenizer, cfg, task, data, task.name, items)
     if len(results) > 1:
         # the parts of a joint task share it (accuracy; pass@1 for code)
         metric = tasks[0].main_metric
@@ -270,6 +256,20 @@ def _evaluate_validation(
     )
     if cfg.eval_limit is not None and cfg.eval_limit < len(data):
         data = data.select(subset_indices(len(data), cfg.eval_limit))
+    return {"validation": _score(model, tokenizer, cfg, task, data, "validation", items)}
+
+
+def _score(
+    model: Any,
+    tokenizer: Any,
+    cfg: RunConfig,
+    task: Task,
+    data: Any,
+    name: str,
+    items: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """One evaluation set scored with the run's settings; its items kept under ``name``."""
+    # sampled answers (samples > 1) are reproducible; greedy ones do not care
     torch.manual_seed(cfg.seed)
     metrics, records = evaluate_task(
         model,
@@ -282,8 +282,8 @@ def _evaluate_validation(
         cfg.temperature,
     )
     if items is not None:
-        items["validation"] = item_record(task, records)
-    return {"validation": metrics}
+        items[name] = item_record(task, records)
+    return metrics
 
 
 def load_with_adapter(cfg: RunConfig, adapter: str | None) -> tuple[Any, Any]:
