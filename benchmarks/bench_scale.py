@@ -727,7 +727,10 @@ def sequential_child(args: argparse.Namespace, emit) -> None:
         block = quantised_block + reading
     cache = args.batches * args.batch * args.seq * config.hidden_size * 2
     stats = max(h["statistic_bytes"] for h in state.history) if state.history else 0
-    predicted = start + sequential_peak(block, embeddings, cache, stats) / MB
+    # on a CPU the finished blocks' statistics stay in the same memory until the allocation at the
+    # end (on a GPU they leave the device): all but the running block's
+    finished = stats * (config.num_hidden_layers - 1)
+    predicted = start + (sequential_peak(block, embeddings, cache, stats) + finished) / MB
     emit(
         mode=args.mode,
         load_in_4bit=args.load_in_4bit,

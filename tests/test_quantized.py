@@ -290,3 +290,32 @@ def test_smollm2_in_nf4_trains_through_peft_qlora_flow_with_the_drop_in():
         optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+def test_eva_on_a_torchao_int8_base_gets_the_float_bases_components(tmp_path):
+    """A second quantisation backend: torchao's int8 weight-only base (its layers stay nn.Linear,
+    their weights become ``Int8Tensor``). Measured 2026-12-05 on this tiny Llama: every component
+    |cos| >= 0.997 against the float base's. (torchao 0.18's int4 formats do not run on a CPU:
+    "plain" needs the mslk kernels, "plain_int32" no CPU; transformers 5.25 cannot load HQQ.)"""
+    pytest.importorskip("torchao")
+    from torchao.quantization import Int8WeightOnlyConfig
+    from transformers import AutoModelForCausalLM, TorchAoConfig
+
+    base = helpers.tiny_llama(layers=2)
+    base.save_pretrained(tmp_path)
+    config = TorchAoConfig(Int8WeightOnlyConfig())
+    int8 = quiet(
+        AutoModelForCausalLM.from_pretrained,
+        tmp_path,
+        quantization_config=config,
+        device_map="cpu",
+        dtype=torch.float32,
+    )
+    assert type(int8.model.layers[0].mlp.down_proj.weight).__name__ == "Int8Tensor"
+    settings = EvaConfig(rank=4, rho=1.0, tau=1.0, statistics="exact", max_batches=4)
+    batches = helpers.token_batches(helpers.VOCAB, 4)
+    quantised = quiet(compute_eva_state, int8, batches, settings, progress=False)
+    full = quiet(compute_eva_state, base, batches, settings, progress=False)
+    ca, cb = components(quantised), components(full)
+    worst = min(float((ca[k] * cb[k]).sum(1).abs().min()) for k in ca)
+    assert quantised.ranks == full.ranks and 0.99 <= worst < 1.0

@@ -123,6 +123,17 @@ class CountingWeights(DiskWeights):
             self.resident -= 1
 
 
+def from_disk(empty: nn.Module, folder, batches, **options) -> tuple[EvaState, CountingWeights]:
+    """Sequential EVA on a model built on the meta device, its weights read from ``folder`` by the
+    counting reader."""
+    weights = CountingWeights(folder)
+    sequential = SequentialOptions(weights=weights, **options)
+    state = quiet(
+        compute_eva_state, empty, batches, SAME_TOKENS, progress=False, sequential=sequential
+    )
+    return state, weights
+
+
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tmp_path, kind):
     model = build(kind)
@@ -130,16 +141,8 @@ def test_weights_on_disk_are_read_one_block_at_a_time_and_give_the_same_state(tm
     batches = helpers.token_batches(helpers.VOCAB, 5)
     empty, _ = empty_model_from_folder(tmp_path / "model")
     assert all(p.is_meta for p in empty.model.layers.parameters())
-    weights = CountingWeights(tmp_path / "model")
     offload = tmp_path / "offload"
-    state = quiet(
-        compute_eva_state,
-        empty,
-        batches,
-        SAME_TOKENS,
-        progress=False,
-        sequential=SequentialOptions(weights=weights, offload=offload),
-    )
+    state, weights = from_disk(empty, tmp_path / "model", batches, offload=offload)
     assert weights.loads == 3 and weights.most == 1  # three blocks, never two in memory together
     assert all(p.is_meta for p in empty.model.layers.parameters())  # every block dropped again
     # the modules outside the blocks are read when called (the tied head reads the embeddings'
@@ -177,16 +180,7 @@ def test_a_4bit_base_read_block_by_block_from_disk_gives_the_whole_4bit_models_c
     blocks = find_blocks(empty)[1]
     four_bit = [m for m in blocks.modules() if type(m).__name__ == "Linear4bit"]
     assert len(four_bit) == per_block * 3 and type(empty.lm_head) is nn.Linear  # as transformers
-
-    weights = CountingWeights(tmp_path / "model")
-    state = quiet(
-        compute_eva_state,
-        empty,
-        batches,
-        SAME_TOKENS,
-        progress=False,
-        sequential=SequentialOptions(weights=weights),
-    )
+    state, weights = from_disk(empty, tmp_path / "model", batches)
     assert weights.loads == 3 and weights.most == 1
     # every block dropped again, its layers still 4-bit with their unpacked shapes, and the
     # quantisation state bitsandbytes also keeps on each layer gone with the weight
@@ -242,15 +236,7 @@ def test_a_checkpoint_saved_in_4_bits_is_read_block_by_block_and_others_are_refu
     # whole model as from_pretrained loads that folder
     batches = helpers.token_batches(128, 5)
     empty, _ = empty_model_from_folder(saved)
-    weights = CountingWeights(saved)
-    state = quiet(
-        compute_eva_state,
-        empty,
-        batches,
-        SAME_TOKENS,
-        progress=False,
-        sequential=SequentialOptions(weights=weights),
-    )
+    state, weights = from_disk(empty, saved, batches)
     assert weights.most == 1 and all(p.is_meta for p in empty.model.layers.parameters())
     whole = quiet(AutoModelForCausalLM.from_pretrained, saved, device_map="cpu")
     assert type(whole.model.layers[0].mlp.down_proj).__name__ == "Linear4bit"
