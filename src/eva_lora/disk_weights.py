@@ -130,8 +130,7 @@ class DiskWeights:
                     del self._meta[id(param)]
                     if self._shared.get(id(meta)) is param:
                         del self._shared[id(meta)]
-            owner_name, _, _ = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
+            owner, _ = _owner(module, name)
             if getattr(owner, "quant_state", None) is not None:
                 # bitsandbytes keeps the 4-bit state on the layer too: it leaves with the weight
                 owner.quant_state = None
@@ -141,9 +140,7 @@ class DiskWeights:
 def _from_conv1d(module: nn.Module, name: str) -> bool:
     """The parameter is a 4-bit layer's weight that transformers made from a GPT-2 style
     ``Conv1D`` (``source_cls``), whose checkpoint tensor is transposed."""
-    owner_name, _, _ = name.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
-    source = getattr(owner, "source_cls", None)
+    source = getattr(_owner(module, name)[0], "source_cls", None)
     if not isinstance(source, type) or not name.endswith("weight"):
         return False
     from transformers.pytorch_utils import Conv1D
@@ -193,9 +190,14 @@ def _aliases(root: nn.Module) -> dict[int, list[str]]:
     return names
 
 
-def _set(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
+def _owner(module: nn.Module, dotted: str) -> tuple[nn.Module, str]:
+    """(the submodule that holds ``dotted``, the attribute's own name)."""
     owner_name, _, attr = dotted.rpartition(".")
-    owner = module.get_submodule(owner_name) if owner_name else module
+    return (module.get_submodule(owner_name) if owner_name else module), attr
+
+
+def _set(module: nn.Module, dotted: str, value: nn.Parameter) -> None:
+    owner, attr = _owner(module, dotted)
     owner._parameters[attr] = value
 
 
@@ -242,29 +244,33 @@ def empty_model_from_folder(
     return model, weights
 
 
-def prequantized(folder: str | os.PathLike[str]) -> str | None:
-    """The quantisation method of a checkpoint saved already quantised (its ``config.json`` has a
-    ``quantization_config``: bitsandbytes, GPTQ, AWQ, ...), or None for a float checkpoint."""
+def _stored_quantization(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a checkpoint saved already quantised, or None."""
     config = Path(folder) / "config.json"
     if not config.is_file():
         return None
     stored = json.loads(config.read_text(encoding="utf-8")).get("quantization_config")
-    if not stored:
-        return None
-    return str(stored.get("quant_method", "quantised")) if isinstance(stored, dict) else "quantised"
+    return stored if isinstance(stored, dict) and stored else None
+
+
+def _bitsandbytes_4bit(stored: dict[str, Any]) -> bool:
+    return stored.get("quant_method") == "bitsandbytes" and bool(stored.get("load_in_4bit"))
+
+
+def prequantized(folder: str | os.PathLike[str]) -> str | None:
+    """The quantisation method of a checkpoint saved already quantised (its ``config.json`` has a
+    ``quantization_config``: bitsandbytes, GPTQ, AWQ, ...), or None for a float checkpoint."""
+    stored = _stored_quantization(folder)
+    return None if stored is None else str(stored.get("quant_method", "quantised"))
 
 
 def reads_block_by_block(folder: str | os.PathLike[str]) -> bool:
     """Whether :func:`empty_model_from_folder` can read this checkpoint a block at a time: float
     safetensors, or bitsandbytes 4-bit ones."""
-    folder = Path(folder)
-    if not any(folder.glob("model*.safetensors*")):
+    if not any(Path(folder).glob("model*.safetensors*")):
         return False
-    method = prequantized(folder)
-    if method is None:
-        return True
-    stored = json.loads((folder / "config.json").read_text(encoding="utf-8"))["quantization_config"]
-    return method == "bitsandbytes" and bool(stored.get("load_in_4bit"))
+    stored = _stored_quantization(folder)
+    return stored is None or _bitsandbytes_4bit(stored)
 
 
 def _quantizer(
@@ -275,7 +281,7 @@ def _quantizer(
     if stored is not None:
         stored = stored if isinstance(stored, dict) else stored.to_dict()
         method = stored.get("quant_method", "quantised")
-        if method != "bitsandbytes" or not stored.get("load_in_4bit"):
+        if not _bitsandbytes_4bit(stored):
             raise ValueError(
                 f"{folder} holds a checkpoint quantised with {method}"
                 f"{'' if method != 'bitsandbytes' else ' in 8 bits'}: sequential EVA reads float "
