@@ -539,3 +539,93 @@ def test_a_result_depends_only_on_the_modules_its_run_loaded(tmp_path, monkeypat
     assert report.code_changed("7a385c9", paths, until="3e431b4")
     # a result that does not say what it loaded depends on the whole package
     assert report.dependencies({"provenance": {"git_commit": "7a385c9"}}) == common.CODE_PATHS
+
+
+@pytest.mark.slow
+def test_math_sweep_quick_chooses_rates_on_validation_then_tests_and_resumes(
+    tmp_path, tiny_llama_dir, capsys
+):
+    import math_sweep
+
+    argv = ["--quick", "--model", str(tiny_llama_dir), "--out", str(tmp_path)]
+    argv += ["--work", str(tmp_path / "work"), "--runs", str(tmp_path / "runs")]
+    # a bound reached before any run: nothing trained, nothing written
+    empty = math_sweep.main([*argv, "--max-new-runs", "0"])
+    assert empty["runs_finished"] == 0 and not (tmp_path / "math_sweep.json").exists()
+    capsys.readouterr()
+    record = math_sweep.main(argv)
+    # LoRA: 2 rates; EVA: 2 rhos x 2 rates; then one test seed each
+    assert record["complete"] and record["runs_finished"] == record["runs_planned"] == 8
+    assert set(record["selection"]["LoRA"]) == {"0.0005", "0.001"}
+    assert set(record["selection"]["EVA"]) == {
+        "rho=1 0.0005",
+        "rho=1 0.001",
+        "rho=2 0.0005",
+        "rho=2 0.001",
+    }
+    eva_scores = {
+        (cell.split()[0], float(cell.split()[1])): v
+        for cell, v in record["selection"]["EVA"].items()
+    }
+    pick = math_sweep.choose(eva_scores, ["rho=1", "rho=2"])
+    assert record["chosen"]["EVA"] == {"variant": pick[0], "learning_rate": pick[1]}
+    test = record["runs"]["EVA"][0]
+    assert len(test["correct"]) == 4 and test["accuracy"] == pytest.approx(sum(test["correct"]) / 4)
+    # the second rate of a rho reused the EVA state the first computed; the first did not
+    runs = tmp_path / "runs"
+    first = json.loads((runs / "select_EVA_rho2_lr0.0005_seed0.json").read_text())
+    second = json.loads((runs / "select_EVA_rho2_lr0.001_seed0.json").read_text())
+    assert not first["eva_state_reused"] and second["eva_state_reused"]
+    assert "src/eva_lora/engine.py" in first["code_files"]
+    saved = json.loads((tmp_path / "math_sweep.json").read_text())
+    assert "src/eva_lora/engine.py" in saved["provenance"]["code_files"]
+    assert "Selection" in (tmp_path / "math_sweep.md").read_text()
+    capsys.readouterr()
+    again = math_sweep.main(argv)  # every run read back from the runs folder, none trained
+    assert capsys.readouterr().err.count("(reused)") == 8 and again["chosen"] == record["chosen"]
+    # a test run missing and no run allowed: the result says how far the grid got
+    (
+        runs / "test_LoRA_lr{:g}_seed0.json".format(record["chosen"]["LoRA"]["learning_rate"])
+    ).unlink()
+    partial = math_sweep.main([*argv, "--max-new-runs", "0"])
+    assert not partial["complete"] and partial["runs_finished"] == 7
+    assert math_sweep.verdict(partial) == (
+        "not run yet",
+        "7 of 8 planned runs finished (the grid resumes in a later sitting)",
+    )
+
+
+def test_math_sweep_choice_breaks_ties_by_the_smaller_rate_then_the_first_variant():
+    import math_sweep
+
+    variants = ["rho=1", "rho=2"]
+    tie = {("rho=2", 0.0005): 0.5, ("rho=1", 0.001): 0.5, ("rho=1", 0.0005): 0.5}
+    assert math_sweep.choose(tie, variants) == ("rho=1", 0.0005)
+    assert math_sweep.choose({("rho=2", 0.0005): 0.5, ("rho=1", 0.001): 0.5}, variants) == (
+        "rho=2",
+        0.0005,
+    )
+    assert math_sweep.choose({**tie, ("rho=2", 0.001): 0.6}, variants) == ("rho=2", 0.001)
+
+
+def test_math_sweep_verdict_is_the_paired_bootstrap_over_seeds_and_questions_with_holm():
+    import math_sweep
+
+    def runs(rate):  # 3 seeds x 100 questions right with probability `rate`
+        rng = __import__("random").Random(int(rate * 100))
+        return [{"seed": s, "correct": [rng.random() < rate for _ in range(100)]} for s in range(3)]
+
+    record = {
+        "complete": True,
+        "seeds": [0, 1, 2],
+        "comparisons": [["EVA", "LoRA"], ["EVA", "PiSSA"]],
+        "chosen": {m: {"variant": "-", "learning_rate": 5e-4} for m in ("EVA", "LoRA", "PiSSA")},
+        "runs": {"EVA": runs(0.5), "LoRA": runs(0.3), "PiSSA": runs(0.7)},
+    }
+    found, text = math_sweep.verdict(record)
+    assert found == "partly (1 of 2 held)"
+    assert "EVA vs LoRA +" in text and "held" in text and "EVA vs PiSSA -" in text
+    assert "contradicted" in text
+    record["runs"]["PiSSA"] = runs(0.49)
+    found, text = math_sweep.verdict(record)
+    assert found == "partly (1 of 2 held)" and "not shown" in text

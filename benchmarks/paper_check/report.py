@@ -322,6 +322,13 @@ def vision_verdict(r: dict[str, Any]) -> Verdict:
     return verdict(r)
 
 
+def math_sweep_verdict(r: dict[str, Any]) -> Verdict:
+    """Paper Table 3 with each method at its rate chosen on validation (the plan's test)."""
+    from math_sweep import verdict
+
+    return verdict(r)
+
+
 def decision_verdict(r: dict[str, Any]) -> Verdict:
     """EVA's mean success over the held-out tasks with signal above LoRA's, paired over seeds."""
     from decision import verdict
@@ -368,6 +375,11 @@ CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [
         rank_distribution_verdict,
     ),
     ("ablations", "Table 7: EVA vs EVA-whiten, EVA-perm, EVA-rot, LoRA-redist", ablations_verdict),
+    (
+        "math_sweep",
+        "Table 3 (SmolLM2): GSM8K accuracy, each method at its rate chosen on validation",
+        math_sweep_verdict,
+    ),
     ("lm_generation", "Table 3 (SmolLM2): GSM8K accuracy", lm_math_verdict),
     ("lm_generation", "Table 2 (SmolLM2): common sense, 7 test sets", lm_commonsense_verdict),
     (
