@@ -99,9 +99,14 @@ def test_table4_quick_scores_every_glue_task_and_reuses_finished_runs(tmp_path, 
     capsys.readouterr()
     table4.main(argv)  # a second call finds every run finished with the same settings
     assert capsys.readouterr().err.count("reused") == len(table4.TASKS) * 2
-    assert (
-        json.loads((tmp_path / "results/table4.json").read_text())["summary"] == record["summary"]
-    )
+    again = json.loads((tmp_path / "results/table4.json").read_text())
+    assert again["summary"] == record["summary"]
+    # what made the runs read back: the process that trained them, as each run recorded it
+    assert "src/eva_lora/engine.py" in again["provenance"]["code_files"]
+    # a run that does not say what made it is trained again, not trusted
+    (tmp_path / "runs/sst2/LoRA/seed0/made_by.json").unlink()
+    table4.main(argv)
+    assert capsys.readouterr().err.count("reused") == len(table4.TASKS) * 2 - 1
     import report
 
     text = report.main(tmp_path / "results", tmp_path / "REPORT.md")
@@ -144,6 +149,8 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
     lm_generation.main(argv)
     # 2 parts x 2 methods x 1 seed, none retrained
     assert capsys.readouterr().err.count("reused") == 4
+    used = json.loads((tmp_path / "lm_generation.json").read_text())["provenance"]["code_files"]
+    assert "src/eva_lora/engine.py" in used  # recorded by the runs, read back with them
     subset = lm_generation.main([*argv, "--methods", "LoRA"])
     assert capsys.readouterr().err.count("reused") == 2  # only LoRA may train (and is reused) ...
     # ... yet EVA's finished runs are reported too

@@ -47,6 +47,9 @@ __all__ = [
     "claim_args",
     "code_files",
     "grid_parser",
+    "made_by",
+    "oldest_commit",
+    "record_made_by",
     "provenance",
     "pyplot",
     "save_png",
@@ -120,6 +123,39 @@ def united_code_files(lists: list[list[str] | None]) -> list[str] | None:
     if not lists or any(not files for files in lists):
         return None
     return sorted({f for files in lists for f in files})
+
+
+def oldest_commit(commits: list[str | None]) -> str | None:
+    """The earliest of the commits that made a grid's runs (a grid resumed over sittings, or made
+    by shards, spans several): the result is as old as its oldest run. None when a run does not
+    say."""
+    if not commits or None in commits:
+        return None
+    oldest = None
+    for commit in set(commits):
+        if oldest is None or git("merge-base", "--is-ancestor", commit, oldest) is not None:
+            oldest = commit
+    return oldest
+
+
+# beside a run's files: the commit and the package modules of the process that trained it
+MADE_BY_FILE = "made_by.json"
+
+
+def record_made_by(folder: Path) -> dict[str, Any]:
+    """Write (and return) what made the run just trained into ``folder``: this process's commit at
+    its start and the modules it has loaded. A grid that reads the run back later takes them from
+    there (:func:`made_by`), not from the process that reads it."""
+    made = {"git_commit": provenance_at_start()["git_commit"], "code_files": code_files()}
+    atomic_write_text(folder / MADE_BY_FILE, json.dumps(made))
+    return made
+
+
+def made_by(folder: Path) -> dict[str, Any] | None:
+    """What :func:`record_made_by` wrote for a finished run, or None (a run from before runs
+    recorded it: a grid trains it again rather than guess what made it)."""
+    file = folder / MADE_BY_FILE
+    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def save_png(fig: Any, path: Path) -> None:

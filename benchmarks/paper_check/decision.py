@@ -63,8 +63,8 @@ import plans
 import torch
 from common import (
     code_files,
-    git,
     grid_parser,
+    oldest_commit,
     provenance_at_start,
     united_code_files,
     write_results,
@@ -577,7 +577,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any] | None:
         "decision",
         record,
         markdown(record),
-        made_at=oldest_commit(record["runs"]),
+        made_at=oldest_commit(
+            [r.get("git_commit") for by in runs.values() for t in by.values() for r in t]
+        ),
         code_used=united_code_files(
             [r.get("code_files") for by in runs.values() for t in by.values() for r in t]
         ),
@@ -594,19 +596,6 @@ def stored_run(
         return None
     found = json.loads(file.read_text())
     return found if found.get("settings") == settings else None
-
-
-def oldest_commit(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> str | None:
-    """The earliest commit that made one of the runs (runs resumed or made by shards may span
-    commits): the result is as old as its oldest run. None when the runs do not say."""
-    commits = {r.get("git_commit") for by in runs.values() for t in by.values() for r in t}
-    if None in commits or not commits:
-        return None
-    oldest = None
-    for commit in commits:
-        if oldest is None or git("merge-base", "--is-ancestor", commit, oldest) is not None:
-            oldest = commit
-    return oldest
 
 
 def per_seed_means(record: dict[str, Any], init: str, tasks: list[str]) -> list[float]:

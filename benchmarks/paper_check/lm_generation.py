@@ -46,7 +46,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import RESULTS, pyplot, save_png, write_results
+from common import (
+    RESULTS,
+    made_by,
+    oldest_commit,
+    pyplot,
+    record_made_by,
+    save_png,
+    united_code_files,
+    write_results,
+)
 
 from eva_lora.app.recipes.compare import headline
 from eva_lora.app.recipes.run_folder import same_settings
@@ -164,9 +173,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def finished(cfg: RunConfig) -> dict[str, Any] | None:
-    """The metrics of a finished run with exactly these settings, or None."""
+    """The metrics of a finished run with exactly these settings, or None; a run that does not say
+    what made it (``common.record_made_by``) counts as unfinished."""
     done = Path(cfg.output_dir) / METRICS_FILE
-    if done.is_file():
+    if done.is_file() and made_by(Path(cfg.output_dir)) is not None:
         metrics = json.loads(done.read_text())
         if same_settings(metrics.get("config") or {}, cfg):
             return metrics
@@ -234,9 +244,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # Every finished run is read first, so that the results
     # written after each new run hold the whole grid.
     found = [finished(cfg) for *_, cfg, _ in plan]
+    made: dict[str, dict[str, Any]] = {}  # run folder -> what made it
     for (part, label, seed, cfg, _), metrics in zip(plan, found):
         if metrics is not None:
             runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
+            made[cfg.output_dir] = made_by(Path(cfg.output_dir))
     trained = 0
     for (part, label, seed, cfg, may_train), metrics in zip(plan, found):
         if not may_train:  # only read back (above): a part or method this sitting may not train
@@ -251,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         begun, reused = time.perf_counter(), metrics is not None
         if not reused:
             metrics = train(cfg)
+            made[cfg.output_dir] = record_made_by(Path(cfg.output_dir))
             runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
         done += 1
         metric, score = headline(metrics, cfg.task)
@@ -264,8 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         if not reused:
             trained += 1
-            _write(args, reported, seeds, runs, started, final=False)
-    return _write(args, reported, seeds, runs, started, final=True)
+            _write(args, reported, seeds, runs, list(made.values()), started, final=False)
+    return _write(args, reported, seeds, runs, list(made.values()), started, final=True)
 
 
 def _write(
@@ -273,10 +286,12 @@ def _write(
     parts: list[str],
     seeds: list[int],
     runs: dict[str, Any],
+    made: list[dict[str, Any]],
     started: float,
     final: bool,
 ) -> dict[str, Any]:
-    """Results of every run found so far, in the grid's order (method, then seed)."""
+    """Results of every run found so far, in the grid's order (method, then seed), stamped with
+    the oldest commit and the united modules of the processes that made them."""
     order = {label: i for i, (label, _, _) in enumerate(METHODS)}
     ordered = {
         p: {
@@ -298,7 +313,14 @@ def _write(
     args.out.mkdir(parents=True, exist_ok=True)
     if final:
         plot(record, args.out / "lm_generation.png")
-    write_results(args.out, "lm_generation", record, markdown(record))
+    write_results(
+        args.out,
+        "lm_generation",
+        record,
+        markdown(record),
+        made_at=oldest_commit([m["git_commit"] for m in made]),
+        code_used=united_code_files([m["code_files"] for m in made]),
+    )
     return record
 
 

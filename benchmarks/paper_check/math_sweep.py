@@ -44,7 +44,14 @@ from typing import Any
 
 import numpy as np
 import plans
-from common import RESULTS, code_files, git, provenance_at_start, united_code_files, write_results
+from common import (
+    RESULTS,
+    code_files,
+    oldest_commit,
+    provenance_at_start,
+    united_code_files,
+    write_results,
+)
 from item_tests import ALPHA, accuracy, holm, paired_bootstrap
 from item_tests import verdict as item_verdict
 
@@ -318,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         EXPERIMENT,
         record,
         markdown(record),
-        made_at=oldest(grid.commits),
+        made_at=oldest_commit(grid.commits),
         code_used=united_code_files(grid.made),
     )
     return record
@@ -332,18 +339,6 @@ def _short(record: dict[str, Any]) -> dict[str, Any]:
     """What the results file keeps of a test run (the runs folder keeps the rest)."""
     keep = ("accuracy", "correct", "train_loss", "init_seconds", "eva_batches", "train_seconds")
     return {k: record[k] for k in keep}
-
-
-def oldest(commits: list[str | None]) -> str | None:
-    """The earliest of the commits that made the runs (a grid resumed over sittings spans several):
-    the result is as old as its oldest run. None when a run does not say."""
-    if not commits or None in commits:
-        return None
-    first = None
-    for commit in set(commits):
-        if first is None or git("merge-base", "--is-ancestor", commit, first) is not None:
-            first = commit
-    return first
 
 
 def verdict(record: dict[str, Any]) -> tuple[str, str]:

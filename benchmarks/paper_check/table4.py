@@ -31,7 +31,16 @@ from pathlib import Path
 from typing import Any
 
 import plans
-from common import RESULTS, pyplot, save_png, write_results
+from common import (
+    RESULTS,
+    made_by,
+    oldest_commit,
+    pyplot,
+    record_made_by,
+    save_png,
+    united_code_files,
+    write_results,
+)
 
 from eva_lora.app.recipes.compare import headline
 from eva_lora.app.recipes.run_folder import same_settings
@@ -136,17 +145,18 @@ def grid(
     return [known[m] for m in plan["methods"]], plan["seeds"], settings, plan["steps"]
 
 
-def run_one(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any], bool]:
-    """(metrics, per-item predictions, reused): a finished run with the same settings and its
-    predictions is read back instead of trained again."""
-    done = Path(cfg.output_dir) / METRICS_FILE
-    items = Path(cfg.output_dir) / PREDICTIONS_FILE
-    if done.is_file() and items.is_file():
+def run_one(cfg: RunConfig) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], bool]:
+    """(metrics, per-item predictions, what made it, reused): a finished run with the same
+    settings, its predictions and the record of the process that trained it
+    (``common.record_made_by``) is read back instead of trained again."""
+    folder = Path(cfg.output_dir)
+    done, items, made = folder / METRICS_FILE, folder / PREDICTIONS_FILE, made_by(folder)
+    if done.is_file() and items.is_file() and made is not None:
         metrics = json.loads(done.read_text())
         if same_settings(metrics.get("config") or {}, cfg):
-            return metrics, json.loads(items.read_text()), True
+            return metrics, json.loads(items.read_text()), made, True
     metrics = train(cfg)
-    return metrics, json.loads(items.read_text()), False
+    return metrics, json.loads(items.read_text()), record_made_by(folder), False
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     # task -> {"reference": [...], "predictions": {label: [per-seed predictions]}}
     items: dict[str, dict[str, Any]] = {}
     total, done = len(TASKS) * len(methods) * len(seeds), 0
+    made: list[dict[str, Any]] = []  # what made each run (runs read back were made earlier)
     for task in TASKS:
         for label, init, eva in methods:
             for seed in seeds:
@@ -178,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                     }
                 )
                 run_started = time.perf_counter()
-                metrics, predicted, reused = run_one(cfg)
+                metrics, predicted, made_run, reused = run_one(cfg)
+                made.append(made_run)
                 store_items(items, task, label, predicted[task])
                 metric, score = headline(metrics, task)
                 done += 1
@@ -216,7 +228,14 @@ def main(argv: list[str] | None = None) -> None:
         record["plan"] = plans.stamp("table4")
     args.out.mkdir(parents=True, exist_ok=True)
     plot(record, args.out / "table4.png")
-    write_results(args.out, "table4", record, markdown(record))
+    write_results(
+        args.out,
+        "table4",
+        record,
+        markdown(record),
+        made_at=oldest_commit([m["git_commit"] for m in made]),
+        code_used=united_code_files([m["code_files"] for m in made]),
+    )
 
 
 def store_items(items: dict[str, Any], task: str, label: str, run: dict[str, Any]) -> None:
