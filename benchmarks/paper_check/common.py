@@ -48,6 +48,7 @@ __all__ = [
     "code_files",
     "grid_parser",
     "made_by",
+    "made_by_runs",
     "oldest_commit",
     "record_made_by",
     "provenance",
@@ -156,6 +157,15 @@ def made_by(folder: Path) -> dict[str, Any] | None:
     recorded it: a grid trains it again rather than guess what made it)."""
     file = folder / MADE_BY_FILE
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def made_by_runs(made: list[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`write_results`' ``made_at`` and ``code_used`` for a grid whose runs each recorded what
+    made them (:func:`record_made_by`): its oldest run's commit, the modules its runs loaded."""
+    return {
+        "made_at": oldest_commit([m.get("git_commit") for m in made]),
+        "code_used": united_code_files([m.get("code_files") for m in made]),
+    }
 
 
 def save_png(fig: Any, path: Path) -> None:

@@ -49,11 +49,10 @@ from typing import Any
 from common import (
     RESULTS,
     made_by,
-    oldest_commit,
+    made_by_runs,
     pyplot,
     record_made_by,
     save_png,
-    united_code_files,
     write_results,
 )
 
@@ -318,8 +317,7 @@ def _write(
         "lm_generation",
         record,
         markdown(record),
-        made_at=oldest_commit([m["git_commit"] for m in made]),
-        code_used=united_code_files([m["code_files"] for m in made]),
+        **made_by_runs(made),
     )
     return record
 

@@ -47,9 +47,8 @@ import plans
 from common import (
     RESULTS,
     code_files,
-    oldest_commit,
+    made_by_runs,
     provenance_at_start,
-    united_code_files,
     write_results,
 )
 from item_tests import ALPHA, accuracy, holm, paired_bootstrap
@@ -144,8 +143,7 @@ class Grid:
         self.args, self.plan = args, plan
         self.started = time.perf_counter()
         self.trained = self.missing = 0
-        self.made: list[list[str] | None] = []  # the modules each run's process loaded
-        self.commits: list[str | None] = []
+        self.made: list[dict[str, Any]] = []  # each run's commit and modules
         self.states: dict[tuple[str, int], Path] = {}  # (variant key, seed) -> an EVA state
 
     def settings(
@@ -240,8 +238,7 @@ class Grid:
         }
 
     def _keep(self, record: dict[str, Any]) -> None:
-        self.made.append(record.get("code_files"))
-        self.commits.append(record.get("git_commit"))
+        self.made.append(record)
 
     def _out_of_time(self) -> bool:
         args = self.args
@@ -325,8 +322,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         EXPERIMENT,
         record,
         markdown(record),
-        made_at=oldest_commit(grid.commits),
-        code_used=united_code_files(grid.made),
+        **made_by_runs(grid.made),
     )
     return record
 

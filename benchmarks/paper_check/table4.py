@@ -34,11 +34,10 @@ import plans
 from common import (
     RESULTS,
     made_by,
-    oldest_commit,
+    made_by_runs,
     pyplot,
     record_made_by,
     save_png,
-    united_code_files,
     write_results,
 )
 
@@ -233,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
         "table4",
         record,
         markdown(record),
-        made_at=oldest_commit([m["git_commit"] for m in made]),
-        code_used=united_code_files([m["code_files"] for m in made]),
+        **made_by_runs(made),
     )
 
 
