@@ -57,8 +57,13 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--case", choices=["minilm", "llama"], default="minilm")
+    parser.add_argument(
+        "--check-every", type=int, default=None, help="EvaConfig.check_every (default: its own)"
+    )
     args = parser.parse_args(argv)
     model, batches, settings = build_case(args.case, "cpu")
+    if args.check_every is not None:
+        settings = {**settings, "check_every": args.check_every}
     config = EvaConfig(**settings, max_batches=1000)
     timed_forwards(model, batches[:3])
     compute_eva_state(model, batches, config, progress=False)
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps(
             {
                 "case": args.case,
+                "check_every": config.check_every,
                 "threads": torch.get_num_threads(),
                 "eva_seconds": round(seconds, 2),
                 "forward_passes": state.n_batches,
