@@ -676,6 +676,18 @@ def test_glue_sweep_quick_chooses_rates_per_task_then_tests_and_resumes(tmp_path
         abs=1e-3,
     )
     runs = tmp_path / "work" / "runs"
+    # selection scores held-out training rows (8 of them), never the evaluation rows
+    held = json.loads((runs / "select_sst2_LoRA_lr0.001_seed0.json").read_text())
+    assert held["settings"]["validation"] == 0.25 and len(held["reference"]) == 8
+    test_rows = json.loads(
+        (
+            runs
+            / "test_sst2_LoRA_lr{:g}_seed0.json".format(
+                record["chosen"]["sst2"]["LoRA"]["learning_rate"]
+            )
+        ).read_text()
+    )
+    assert test_rows["settings"]["validation"] == 0.0 and len(test_rows["reference"]) == 16
     second = json.loads((runs / "select_stsb_EVA_rho2_lr0.004_seed0.json").read_text())
     first = json.loads((runs / "select_stsb_EVA_rho2_lr0.001_seed0.json").read_text())
     assert not first["eva_state_reused"] and second["eva_state_reused"]
@@ -705,6 +717,7 @@ def test_glue_sweep_verdict_tests_the_task_average_over_seeds_and_items_with_hol
 
     methods = {"EVA": 0.8, "LoRA": 0.6, "PiSSA": 0.8}
     preds = {m: predictions(p) for m, p in methods.items()}
+    preds["PiSSA"] = [list(p) for p in preds["EVA"]]  # the same answers: an effect of exactly 0
     runs = {
         m: [
             {

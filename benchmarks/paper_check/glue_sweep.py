@@ -111,9 +111,9 @@ def settings(
     phase: str,
 ) -> dict[str, Any]:
     """Everything a run depends on (what its record must match to be reused)."""
-    validating = phase == "select"
+    validating, recipe = phase == "select", plan["recipe"]
     return {
-        **plan["recipe"],
+        **{k: v for k, v in recipe.items() if k != "eva"},
         "model": plan["model"],
         "task": task,
         "max_steps": plan["steps"][task],
@@ -122,7 +122,7 @@ def settings(
         "learning_rate": rate,
         "validation": plan["selection"]["validation"] if validating else 0.0,
         "eval_limit": plan["selection"]["validation_rows"] if validating else plan["eval_limit"],
-        "eva": {**method["variants"][variant]},
+        "eva": {**recipe.get("eva", {}), **method["variants"][variant]},
     }
 
 
@@ -142,6 +142,7 @@ def describe(run: dict[str, Any], out: Path, metrics: dict[str, Any]) -> dict[st
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     plan = QUICK_PLAN if args.quick else plans.load(EXPERIMENT)
+    check_plan(plan)
     grid = Grid(args, describe)
     seed0, rates = plan["selection"]["seed"], plan["learning_rates"]
 
@@ -219,11 +220,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return record
 
 
+def check_plan(plan: dict[str, Any]) -> None:
+    """The plan names what this script can run (before any run, so a typo costs no time)."""
+    from eva_lora.app.initializers import get_init_method
+
+    unknown = [t for t in plan["tasks"] if t not in METRIC_NAMES or t not in plan["steps"]]
+    if unknown:
+        raise ValueError(f"plans/{EXPERIMENT}.json: tasks {unknown} unknown or without steps")
+    for method in plan["methods"]:
+        get_init_method(method["init"])  # a ValueError names an unknown init
+    labels = {m["label"] for m in plan["methods"]}
+    if any(a not in labels or b not in labels for a, b in plan["comparisons"]):
+        raise ValueError(f"plans/{EXPERIMENT}.json compares a method it does not run")
+
+
 def keep(
     runs: dict[str, Any], items: dict[str, Any], task: str, label: str, seed: int, found: dict
 ) -> None:
     """A test run's score (``runs``) and per-item predictions (``items``, seed order); every run of
-    a task must score the same rows, checked."""
+    a task must score the same rows, checked. In a partial grid a missing seed shifts the later
+    ones' positions; the verdict is only computed on a complete grid, where every seed is there."""
     runs.setdefault(task, {}).setdefault(label, []).append(
         {
             "seed": seed,
