@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: the CUDA tests, then the benchmarks at GPU scale, every figure under $OUT.
 #
-#   OUT=/tmp/out bash benchmarks/device_check.sh        # on one H100/H200-class GPU, at most ~7 minutes
+#   OUT=/tmp/out bash benchmarks/device_check.sh        # on one H100/H200-class GPU, at most ~8 minutes
 #
 # Needs only this repo and what the GPU image has (torch, transformers, peft, pytest): the package is
 # used from src/ (PYTHONPATH), nothing is installed. Weights that cannot travel are replaced by random
@@ -48,6 +48,9 @@ step scale_8b 120 $PY benchmarks/bench_scale.py measure --device cuda --layers 2
 # 3. bench_init's random Llama (hidden 512, 8 blocks) in bf16, to convergence (PEFT: see the earlier run).
 step init_llama 60 $PY benchmarks/bench_init.py --case llama --device cuda --skip-dataset-quality --skip-peft
 
+# 3b. Where that run's overhead goes: host and kernel time of each part of the engine (torch.profiler).
+step profile_llama 50 $PY benchmarks/profile_init.py --case llama --device cuda
+
 # 4. EVA's peak memory above the model with a 32k and a 262k vocabulary.
 step vocab 45 $PY benchmarks/bench_scale.py vocab --device cuda --layers 2 --hidden 2048 --batch 4 --seq 2048 \
     --batches 4
@@ -57,7 +60,7 @@ step small_solves 30 $PY benchmarks/bench_solves.py --device cuda
 
 # 6. The PEFT user's script with PEFT's EVA and with the drop-in: SmolLM2-135M's shapes in bf16 (random
 #    weights: flat spectra, so both need many passes; the step may run out of time).
-step dropin_bf16 100 $PY benchmarks/bench_dropin.py --model smollm2-config --device cuda --dtype bfloat16 \
+step dropin_bf16 90 $PY benchmarks/bench_dropin.py --model smollm2-config --device cuda --dtype bfloat16 \
     --skip-quality
 
 $PY benchmarks/device_summary.py "$OUT" >"$OUT/summary.md"

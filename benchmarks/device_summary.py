@@ -66,6 +66,20 @@ def main(out: str) -> None:
             ],
         )
     )
+    print("## Where the overhead goes: profile_init, random Llama (512 x 8), bf16\n")
+    print(
+        table(
+            records(root / "profile_llama.jsonl"),
+            [
+                "part",
+                "overhead_ratio",
+                "host_seconds",
+                "device_seconds",
+                "device_of_plain",
+                "plain_seconds",
+            ],
+        )
+    )
     print("## bench_scale, 8B widths, 2 blocks, 6 x 16k tokens, bf16\n")
     print(
         table(
