@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import plans
-from common import RESULTS, made_by_runs, write_results
-from sweep import Grid, add_sitting_args, cell, choose, run_name
+from common import RESULTS
+from sweep import Grid, add_sitting_args, cell, choose, finish, not_finished, run_name
 
 from eva_lora.app.recipes.train import PREDICTIONS_FILE
 from eva_lora.app.tasks import get_task
@@ -206,18 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "comparisons": plan["comparisons"],
         "seconds": round(time.perf_counter() - grid.started, 1),
     }
-    if not args.quick:
-        record["plan"] = plans.stamp(EXPERIMENT)
-    if not finished:
-        grid.log("no run finished yet: nothing to write")
-        return record
-    if not record["complete"]:
-        grid.log(
-            f"{finished} of {planned} runs finished ({planned - finished} left, "
-            f"{grid.trained} trained in this sitting): run the same command again to continue"
-        )
-    write_results(args.out, EXPERIMENT, record, markdown(record), **made_by_runs(grid.made))
-    return record
+    return finish(args, grid, EXPERIMENT, record, markdown)
 
 
 def check_plan(plan: dict[str, Any]) -> None:
@@ -259,12 +248,9 @@ def keep(
 
 def verdict(record: dict[str, Any]) -> tuple[str, str]:
     """The plan's test (``report.item_table_verdict``, as for Table 4), once the grid is done."""
-    if not record.get("complete"):
-        return (
-            "not run yet",
-            f"{record['runs_finished']} of {record['runs_planned']} planned runs finished "
-            "(the grid resumes in a later sitting)",
-        )
+    unfinished = not_finished(record)
+    if unfinished:
+        return unfinished
     from report import item_table_verdict
 
     found, text = item_table_verdict(record, [tuple(c) for c in record["comparisons"]])

@@ -43,10 +43,10 @@ from typing import Any
 
 import numpy as np
 import plans
-from common import RESULTS, made_by_runs, write_results
+from common import RESULTS
 from item_tests import ALPHA, accuracy, holm, paired_bootstrap
 from item_tests import verdict as item_verdict
-from sweep import Grid, add_sitting_args, cell, choose, run_name
+from sweep import Grid, add_sitting_args, cell, choose, finish, not_finished, run_name
 
 from eva_lora.app.recipes.train import PREDICTIONS_FILE
 
@@ -207,24 +207,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "comparisons": plan["comparisons"],
         "seconds": round(time.perf_counter() - grid.started, 1),
     }
-    if not args.quick:
-        record["plan"] = plans.stamp(EXPERIMENT)
-    if not finished:
-        grid.log("no run finished yet: nothing to write")
-        return record
-    if not record["complete"]:
-        grid.log(
-            f"{finished} of {planned} runs finished ({planned - finished} left, "
-            f"{grid.trained} trained in this sitting): run the same command again to continue"
-        )
-    write_results(
-        args.out,
-        EXPERIMENT,
-        record,
-        markdown(record),
-        **made_by_runs(grid.made),
-    )
-    return record
+    return finish(args, grid, EXPERIMENT, record, markdown)
 
 
 def _short(record: dict[str, Any]) -> dict[str, Any]:
@@ -236,12 +219,9 @@ def _short(record: dict[str, Any]) -> dict[str, Any]:
 def verdict(record: dict[str, Any]) -> tuple[str, str]:
     """The plan's test: for each comparison "EVA at least as accurate as B", a paired bootstrap over
     seeds and test questions of the accuracy difference, Holm over the comparisons."""
-    if not record.get("complete"):
-        return (
-            "not run yet",
-            f"{record['runs_finished']} of {record['runs_planned']} planned runs finished "
-            "(the grid resumes in a later sitting)",
-        )
+    unfinished = not_finished(record)
+    if unfinished:
+        return unfinished
     runs = record["runs"]
     pairs = [(a, b) for a, b in record["comparisons"]]
 

@@ -23,7 +23,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import code_files, provenance_at_start
+import plans
+from common import code_files, made_by_runs, provenance_at_start, write_results
 
 from eva_lora.app.recipes.train import train
 from eva_lora.app.run_config import build_run_config
@@ -153,3 +154,39 @@ def cell(variant: str, rate: float) -> str:
 def run_name(label: str, variant: str, rate: float, seed: int, phase: str, task: str = "") -> str:
     tag = "" if variant == "-" else "_" + variant.replace("=", "")
     return f"{phase}_{task + '_' if task else ''}{label}{tag}_lr{rate:g}_seed{seed}"
+
+
+def finish(
+    args: argparse.Namespace,
+    grid: Grid,
+    experiment: str,
+    record: dict[str, Any],
+    markdown: Callable[[dict[str, Any]], str],
+) -> dict[str, Any]:
+    """Stamp the record with its plan, say how far the grid got and write the results (JSON and
+    markdown, with the commit of the oldest run and the modules the runs loaded); nothing is
+    written before the first run has finished."""
+    if not args.quick:
+        record["plan"] = plans.stamp(experiment)
+    finished, planned = record["runs_finished"], record["runs_planned"]
+    if not finished:
+        grid.log("no run finished yet: nothing to write")
+        return record
+    if not record["complete"]:
+        grid.log(
+            f"{finished} of {planned} runs finished ({planned - finished} left, "
+            f"{grid.trained} trained in this sitting): run the same command again to continue"
+        )
+    write_results(args.out, experiment, record, markdown(record), **made_by_runs(grid.made))
+    return record
+
+
+def not_finished(record: dict[str, Any]) -> tuple[str, str] | None:
+    """The verdict of a grid that is not complete yet ("not run yet", how far it got), else None."""
+    if record.get("complete"):
+        return None
+    return (
+        "not run yet",
+        f"{record['runs_finished']} of {record['runs_planned']} planned runs finished "
+        "(the grid resumes in a later sitting)",
+    )
