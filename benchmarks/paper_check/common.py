@@ -44,6 +44,9 @@ def grid_parser(doc: str, name: str, quick_help: str) -> argparse.ArgumentParser
 
 __all__ = [
     "RESULTS",
+    "SHARED_DATA",
+    "TEST_DATA",
+    "resolve_data_dir",
     "claim_args",
     "code_files",
     "grid_parser",
@@ -59,6 +62,24 @@ __all__ = [
 ]
 
 REPO = Path(__file__).resolve().parents[2]
+SHARED_DATA = REPO.parent / "shared" / "data"  # the full data sets (../shared/data)
+TEST_DATA = REPO / "tests" / "assets" / "data"  # the slices --quick runs on
+
+
+def resolve_data_dir(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, folder: str
+) -> None:
+    """``args.data_dir``: as given, else the full data (the test slices with --quick); it must
+    hold ``folder``/, or the command line is refused before any work."""
+    if args.data_dir is None:
+        args.data_dir = TEST_DATA if args.quick else SHARED_DATA
+    if not (args.data_dir / folder).is_dir():
+        parser.error(
+            f"no {folder}/ folder under --data-dir {args.data_dir}; pass a folder laid out like "
+            "../shared/data"
+        )
+
+
 # what a result depends on when it does not say which of the package's modules made it: a change
 # anywhere here makes it stale
 CODE_PATHS = ("src/eva_lora",)

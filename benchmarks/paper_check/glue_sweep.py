@@ -34,15 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import plans
-from common import RESULTS
+from common import RESULTS, SHARED_DATA, resolve_data_dir
 from sweep import Grid, add_sitting_args, cell, choose, finish, not_finished, run_name
 
 from eva_lora.app.recipes.train import PREDICTIONS_FILE
 from eva_lora.app.tasks import get_task
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TEST_DATA = REPO / "tests" / "assets" / "data"
 EXPERIMENT = "glue_sweep"
 RUNS = Path(__file__).parent / "runs" / EXPERIMENT
 METRIC_NAMES = {
@@ -89,13 +87,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir", type=Path, default=None, help=f"default {SHARED_DATA} (--quick: test slices)"
     )
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        args.data_dir = TEST_DATA if args.quick else SHARED_DATA
-    if not (args.data_dir / "glue").is_dir():
-        parser.error(
-            f"no glue/ folder under --data-dir {args.data_dir}; pass a folder laid out like "
-            "../shared/data"
-        )
+    resolve_data_dir(parser, args, "glue")
     if args.runs is None:
         args.runs = args.work / "runs" if args.quick else RUNS
     return args

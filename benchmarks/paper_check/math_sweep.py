@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 import plans
-from common import RESULTS
+from common import RESULTS, SHARED_DATA, resolve_data_dir
 from item_tests import ALPHA, accuracy, holm, paired_bootstrap
 from item_tests import verdict as item_verdict
 from sweep import Grid, add_sitting_args, cell, choose, finish, not_finished, run_name
@@ -51,8 +51,6 @@ from sweep import Grid, add_sitting_args, cell, choose, finish, not_finished, ru
 from eva_lora.app.recipes.train import PREDICTIONS_FILE
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TEST_DATA = REPO / "tests" / "assets" / "data"
 RUNS = Path(__file__).parent / "runs" / "math_sweep"
 EXPERIMENT = "math_sweep"
 # the plan's CI form: the same steps on a tiny model and the test slices, in seconds
@@ -98,10 +96,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick and not args.model:
         parser.error("--quick needs --model (a tiny local causal LM folder)")
-    if args.data_dir is None:
-        args.data_dir = TEST_DATA if args.quick else SHARED_DATA
-    if not (args.data_dir / "gsm8k").is_dir():
-        parser.error(f"no gsm8k/ folder under --data-dir {args.data_dir}")
+    resolve_data_dir(parser, args, "gsm8k")
     if args.runs is None:
         args.runs = args.work / "runs" if args.quick else RUNS
     return args

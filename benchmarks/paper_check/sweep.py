@@ -63,7 +63,7 @@ class Grid:
     def __init__(self, args: argparse.Namespace, describe: Describe) -> None:
         self.args, self.describe = args, describe
         self.started = time.perf_counter()
-        self.trained = self.missing = 0
+        self.trained = 0  # runs trained in this sitting (bounded by --max-new-runs)
         self.made: list[dict[str, Any]] = []  # each run's record: commit and modules
         self.states: dict[str, Path] = {}  # settings but the rate -> an EVA state computed here
 
@@ -79,7 +79,6 @@ class Grid:
                 self.log(f"{name}: {shown} {found[shown]:.4f} (reused)")
                 return found
         if self.out_of_time():
-            self.missing += 1
             return None
         record = self._train(settings, name)
         self.args.runs.mkdir(parents=True, exist_ok=True)

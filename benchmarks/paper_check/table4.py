@@ -33,10 +33,13 @@ from typing import Any
 import plans
 from common import (
     RESULTS,
+    SHARED_DATA,
+    TEST_DATA,
     made_by,
     made_by_runs,
     pyplot,
     record_made_by,
+    resolve_data_dir,
     save_png,
     write_results,
 )
@@ -47,8 +50,6 @@ from eva_lora.app.recipes.train import METRICS_FILE, PREDICTIONS_FILE, train
 from eva_lora.app.run_config import RunConfig, build_run_config
 
 REPO = Path(__file__).resolve().parents[2]
-SHARED_DATA = REPO.parent / "shared" / "data"
-TEST_DATA = REPO / "tests" / "assets" / "data"
 
 # (row label, init method, EvaConfig overrides); the paper's
 # Table 4 rows that PEFT and eva-lora provide.
@@ -100,13 +101,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="where each run's adapter and metrics.json go (finished runs are reused)",
     )
     args = parser.parse_args(argv)
-    if args.data_dir is None:
-        args.data_dir = TEST_DATA if args.quick else SHARED_DATA
-    if not (args.data_dir / "glue").is_dir():
-        parser.error(
-            f"no glue/ folder under --data-dir {args.data_dir}; pass a folder laid out like "
-            "../shared/data"
-        )
+    resolve_data_dir(parser, args, "glue")
     return args
 
 
