@@ -515,3 +515,59 @@ def test_between_checks_the_loop_never_synchronises_the_gpu(tiny_llama, monkeypa
         warnings.simplefilter("ignore", RuntimeWarning)
         state = compute_eva_state(model, token_batches(101, 8), cfg)
     assert set(state.group_statistics) == {"exact", "sketch"} and state.n_batches == 8
+
+
+class _TwoInputs(torch.nn.Module):
+    """Two layers fed separate inputs: one of rank 3 (its group converges in a few batches), one
+    of flat spectrum (never converges at this tau), so the first is fed long after converging."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = torch.nn.Linear(48, 8)
+        self.second = torch.nn.Linear(64, 8)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.first(a).sum() + self.second(b).sum()
+
+
+@pytest.mark.parametrize(("window", "first_openings"), [(8, 4 + 5), (1, 40)])
+def test_a_converged_sketch_explores_once_per_window_and_a_converging_one_every_batch(
+    window, first_openings, monkeypatch
+):
+    """Exploring new directions is a sketch's costliest step. While a group converges its sketch
+    explores at every batch; once converged (batch 4 here) but still fed, once per sketch_window
+    batches: 4 + ceil(36 / 8) openings over 40 batches. The group that never converges explores
+    at every batch; the converged group's components stay those of the exact PCA."""
+    from eva_lora.statistics import SketchStatistic
+
+    openings: dict[int, int] = {}
+    open_window = SketchStatistic._open_window
+
+    def counted(self, rows):
+        openings[self.dim] = openings.get(self.dim, 0) + 1
+        return open_window(self, rows)
+
+    monkeypatch.setattr(SketchStatistic, "_open_window", counted)
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(3, 48, generator=g) * 5
+    batches = [
+        {
+            "a": torch.randn(64, 3, generator=g) @ low + 0.01 * torch.randn(64, 48, generator=g),
+            "b": torch.randn(16, 64, generator=g) * torch.linspace(1.0, 0.9, 64),
+        }
+        for _ in range(40)
+    ]
+    cfg = EvaConfig(
+        rank=4, rho=1.0, tau=0.995, statistics="sketch", sketch_size=8, max_batches=40,
+        sketch_window=window,
+    )  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the second group: max_batches
+        state = compute_eva_state(
+            _TwoInputs(), batches, cfg, forward_fn=lambda m, b: m(**b), progress=False
+        )
+    assert state.n_batches == 40 and state.group_stop_batches == [4, None]
+    assert openings == {48: first_openings, 64: 40}
+    rows = torch.cat([b["a"] for b in batches]).double()
+    first = state.group_components[0]
+    assert captured_variance(torch.cov(rows.T), first[:3].double()) >= 0.9999

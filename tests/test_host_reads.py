@@ -136,7 +136,8 @@ def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
     """check_every=1: each batch is also a check. 5 reads (the mask's nonzero; every group's
     numbers, one stack to the host; the allocation's NaN test and its counts) and 4 decompositions
     (exact groups: one batched eigh and one batched QR; sketches: two batched eighs), with 2x the
-    layers or 4x the tokens."""
+    layers or 4x the tokens. (No group converges at this tau, so every sketch explores and folds
+    at every check; a check that peeks at a converged group's open window needs one eigh fewer.)"""
     base = per_batch(layers=2, seq=16, check_every=1, **BOTH_KINDS)
     more_tokens = per_batch(layers=2, seq=64, check_every=1, **BOTH_KINDS)
     more_layers = per_batch(layers=4, seq=16, check_every=1, **BOTH_KINDS)
@@ -145,7 +146,8 @@ def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
 
 @pytest.mark.parametrize(("statistics", "solves"), [("exact", 3.0), ("sketch", 2.0)])
 def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
-    """exact: one eigh for both widths (their 16-wide Ritz problems), one QR per width (32, 48)."""
+    """exact: one eigh for both widths (their 16-wide Ritz problems), one QR per width (32, 48);
+    sketch: a window folded at every check, two eighs."""
     settings = dict(statistics=statistics, sketch_size=16, check_every=1)
     base, more = per_batch(layers=2, seq=16, **settings), per_batch(layers=4, seq=64, **settings)
     assert base == more == (5.0, solves)

@@ -7,7 +7,14 @@ from eva_lora import EvaConfig
 from eva_lora.distributed import assign_owners
 from eva_lora.pca import captured_variance, component_cosine, exact_eigenpairs
 from eva_lora.planning import plan_statistics
-from eva_lora.statistics import ExactStatistic, SketchStatistic, exact_bytes, sketch_bytes
+from eva_lora.statistics import (
+    ExactStatistic,
+    SketchStatistic,
+    compress_sketches,
+    exact_bytes,
+    peek_sketches,
+    sketch_bytes,
+)
 
 
 def planted(
@@ -121,6 +128,78 @@ def test_a_window_of_several_batches_keeps_their_exact_moment_inside_its_span():
     exact = exact_eigenpairs(cov, 6)
     torch.testing.assert_close(sketch.top(6).values, exact.values, rtol=1e-9, atol=1e-9)
     assert captured_variance(cov, sketch.top(6).vectors) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_peek_at_an_open_window_is_what_folding_it_would_give():
+    """A check between two explorations (window_batches > 1) reads the window's statistic without
+    closing it: the same directions, power, count and total variance as folding it now, while the
+    window stays open and keeps absorbing."""
+    import copy
+
+    x = planted(900, 60, 4, seed=12, mean=1.5)
+    sketch = SketchStatistic(60, 16, dtype=torch.float64, window_batches=3)
+    sketch.update(x[:300])
+    sketch.compress()  # a first window, so the peek rotates a basis as well as new directions
+    for part in x[300:500].split(100):
+        sketch.update(part)
+    assert sketch.pending and not sketch.window_due and sketch.window_batches_seen == 2
+    folded = copy.deepcopy(sketch)
+    folded.compress()
+    peek_sketches([sketch])
+    assert sketch.pending and sketch.windows == 1  # still open
+    basis, power = sketch.current()
+    torch.testing.assert_close(power, folded.power, rtol=1e-12, atol=0)
+    torch.testing.assert_close(basis, folded.basis, rtol=0, atol=1e-12)
+    torch.testing.assert_close(sketch.total_variance(), folded.total_variance(), rtol=1e-14, atol=0)
+    values, rows = sketch.estimate(4)
+    torch.testing.assert_close(values, folded.power[:4] / 499, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rows, folded.basis[:, :4].T, rtol=0, atol=1e-12)
+    sketch.update(x[500:600])  # the third batch: the window is due, and the peek is stale
+    assert sketch.window_due and sketch._view is None
+    compress_sketches([sketch])
+    assert not sketch.pending and sketch.windows == 2 and sketch.count == 600
+
+
+@pytest.mark.parametrize(("window", "floor", "rtol"), [(1, 0.999, 2e-2), (3, 0.995, 7e-2)])
+def test_windows_of_several_batches_capture_the_planted_subspace(window, floor, rtol):
+    """Exploring once per window of 3 batches, with a peek at every batch as the engine checks,
+    still finds what the float64 PCA of all rows finds. Fewer explorations cost accuracy on this
+    hard case (15 batches of 200 rows, 12 planted directions in 300 over isotropic noise):
+    measured 0.99999 at a window of 1, 0.998 at 2, 0.996 at 3 (seeds 0, 1, 13); the weakest
+    eigenvalues are then 6 % low."""
+    d, k = 300, 12
+    x = planted(3000, d, k, seed=13)
+    sketch = SketchStatistic(d, 4 * k, window_batches=window)
+    for part in x.float().split(200):
+        sketch.update(part)
+        compress_sketches([sketch] if sketch.window_due else [])
+        peek_sketches([sketch])
+        assert sketch.estimate(k)[1].shape == (k, d)
+    assert sketch.windows == -(-15 // window)
+    cov = torch.cov(x.T)
+    top = sketch.top(k)
+    assert captured_variance(cov, top.vectors) >= floor
+    torch.testing.assert_close(top.values, exact_eigenpairs(cov, k).values, rtol=rtol, atol=0)
+
+
+def test_a_window_spanning_batches_resumes_bit_identically():
+    """window_batches and the batches the open window has absorbed travel in the state dict."""
+    x = planted(700, 50, 4, seed=14).float()
+
+    def feed(stat, parts):
+        for part in parts:
+            stat.update(part)
+            compress_sketches([stat] if stat.window_due else [])
+        return stat
+
+    parts = list(x.split(100))
+    straight = feed(SketchStatistic(50, 16, window_batches=3), parts)
+    half = feed(SketchStatistic(50, 16, window_batches=3), parts[:4])
+    assert half.window_batches_seen == 1
+    resumed = feed(SketchStatistic.from_state_dict(half.state_dict()), parts[4:])
+    assert resumed.window_batches == 3
+    for key, value in straight.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[key]), key
 
 
 @pytest.mark.parametrize("cut", [450, 525])  # after a compression, and in the middle of a window

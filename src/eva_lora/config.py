@@ -81,6 +81,14 @@ class EvaConfig:
             sketch_size memory) or "auto" (exact where ``d <= exact_max_dim``, sketch elsewhere).
         sketch_size: directions a sketch keeps; default 4 x round(rank * rho). Must be at least the
             round(rank * rho) components a layer may need.
+        sketch_window: batches between a sketch's explorations once its group has converged.
+            A sketch explores new directions (a random range and a power step of the batch: about
+            as many matrix products as absorbing the batch twice) when a window opens and folds the
+            window in at a check. While its group converges it explores at every batch (what it
+            has not explored, it cannot see, and the convergence rule would not notice); a
+            converged group that is still fed (to refine its components with every batch the pass
+            computes anyway) keeps each window open for ``sketch_window`` batches. 1 explores at
+            every batch.
         exact_max_dim: widest group ``auto`` keeps an exact statistic for.
         statistics_budget_mb: memory cap for the statistics one process holds. ``auto`` turns exact
             groups into sketches (largest first) to fit; a budget too small for any kind is an error
@@ -117,6 +125,7 @@ class EvaConfig:
     distributed_inputs: Literal["auto", "sharded", "replicated"] = "auto"
     statistics: Literal["auto", "exact", "sketch"] = "auto"
     sketch_size: int | None = field(default=None, metadata={"min": 1})
+    sketch_window: int = field(default=8, metadata={"min": 1})
     exact_max_dim: int = field(default=1024, metadata={"min": 1})
     statistics_budget_mb: float | None = field(default=None, metadata={"above": 0.0})
     statistics_device: Literal["model", "cpu"] = "model"

@@ -52,6 +52,7 @@ from .statistics import (
     SketchStatistic,
     Statistic,
     compress_sketches,
+    peek_sketches,
     statistic_from_state_dict,
 )
 from .targets import find_target_layers, layer_shapes
@@ -372,7 +373,13 @@ class _EvaLoop:
         dtype, device = getattr(torch, self.config.stats_dtype), self._stat_device(layer)
         if plan.kind == "exact":
             return ExactStatistic(layer.dim, device, dtype)
-        return SketchStatistic(layer.dim, plan.size, device, dtype, seed=self.config.seed)
+        return SketchStatistic(
+            layer.dim,
+            plan.size,
+            device,
+            dtype,
+            seed=self.config.seed,
+        )
 
     def _new_record(
         self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None
@@ -454,6 +461,11 @@ class _EvaLoop:
                 record.stop_batch = self.n_batches
             elif done < need:
                 record.stop_batch = None
+            if isinstance(record.stat, SketchStatistic):
+                # explore at every batch while converging; once only fed, every sketch_window
+                record.stat.window_batches = (
+                    1 if record.stop_batch is None else self.config.sketch_window
+                )
             needed, converged = needed + need, converged + done
         self._set_feeding()
         self.capture.set_exit_point(self._exit_enabled())
@@ -500,10 +512,13 @@ class _EvaLoop:
             statistics_precision(self.config.statistics_tf32),
             single_thread(self._stat_device_type()),
         ):
-            compress_sketches([r.stat for r in active if isinstance(r.stat, SketchStatistic)])
+            sketches = [r.stat for r in active if isinstance(r.stat, SketchStatistic)]
+            compress_sketches([s for s in sketches if s.window_due])
             # converged groups that are still fed are not judged again; groups that have seen
             # fewer tokens than components wait
             ready = [r for r in active if r.stop_batch is None and r.stat.count > r.cap]
+            # windows not due yet stay open: the ready ones are solved where they stand
+            peek_sketches([r.stat for r in ready if isinstance(r.stat, SketchStatistic)])
             references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
             exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
             requests = [r.tracker.solver.request(r.stat, references[id(r)]) for r in exact]

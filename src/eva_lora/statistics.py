@@ -25,12 +25,19 @@ every group together), ``state_dict()`` / ``from_state_dict()`` and ``nbytes``;
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 import torch
 
-from .numerics import batched_eigh, column_sum, float_chunks, squared_norm, sum_rows
+from .numerics import (
+    CHUNK_ELEMENTS,
+    batched_eigh,
+    column_sum,
+    float_chunks,
+    squared_norm,
+    sum_rows,
+)
 from .pca import STATS_DTYPE, CovarianceAccumulator, Eigenpairs, canonical_signs
 
 KINDS = ("exact", "sketch")
@@ -170,6 +177,7 @@ class SketchStatistic(Statistic):
         dtype: torch.dtype = torch.float32,
         explore: int | None = None,
         seed: int = 0,
+        window_batches: int = 1,
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -177,7 +185,10 @@ class SketchStatistic(Statistic):
             raise ValueError(f"sketch size must be >= 1, got {size}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sketch dtype must be float32 or float64, got {dtype}")
+        if window_batches < 1:
+            raise ValueError(f"window_batches must be >= 1, got {window_batches}")
         self.dim = dim
+        self.window_batches = window_batches
         self.size = min(size, dim)
         self.explore = default_explore(self.size) if explore is None else max(1, explore)
         self.dtype = dtype
@@ -201,12 +212,19 @@ class SketchStatistic(Statistic):
         self.window_sum: torch.Tensor | None = None  # (dim,) float64: sum of (x - shift)
         self.window_sq: torch.Tensor | None = None  # () float64: sum of ||x - shift||^2
         self.window_count = 0
+        self.window_batches_seen = 0
         self._transform: torch.Tensor | None = None
+        self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, power) of a peek
 
     @property
     def pending(self) -> bool:
         """Rows have arrived since the last :func:`compress_sketches`."""
         return self.window_count > 0
+
+    @property
+    def window_due(self) -> bool:
+        """The open window has absorbed its ``window_batches`` batches: the next check folds it."""
+        return self.pending and self.window_batches_seen >= self.window_batches
 
     @property
     def count(self) -> int:
@@ -223,14 +241,25 @@ class SketchStatistic(Statistic):
         if rows.shape[0] == 0:
             return
         rows = rows.detach().to(self.device)
-        if not self.pending:
-            self._open_window(rows)
-        for x in float_chunks(rows, self.dtype, shift=self.shift.to(self.dtype)):
-            w = torch.cat([x @ self.basis, x @ self.extra], 1)
-            self.moment += (w.T @ w).to(STATS_DTYPE)
-            self.window_sum += sum_rows(x)
-            self.window_sq += squared_norm(x)
+        opened = None if self.pending else self._open_window(rows)
+        if opened is not None:  # the opening batch's centred rows and X [G, basis], reused
+            x, head = opened
+            width = head.shape[1] - self.basis.shape[1]
+            self._absorb(
+                x, torch.cat([head[:, width:], head[:, :width], x @ self.extra[:, width:]], 1)
+            )
+        else:
+            for x in float_chunks(rows, self.dtype, shift=self.shift.to(self.dtype)):
+                self._absorb(x, torch.cat([x @ self.basis, x @ self.extra], 1))
         self.window_count += rows.shape[0]
+        self.window_batches_seen += 1
+        self._view = None
+
+    def _absorb(self, x: torch.Tensor, in_k: torch.Tensor) -> None:
+        """Add centred rows ``x`` whose coordinates in ``K = [basis, extra]`` are ``in_k``."""
+        self.moment += (in_k.T @ in_k).to(STATS_DTYPE)
+        self.window_sum += sum_rows(x)
+        self.window_sq += squared_norm(x)
 
     def _explore_width(self) -> int:
         """The next window's new directions of each kind: enough to fill an empty basis at once."""
@@ -238,14 +267,31 @@ class SketchStatistic(Statistic):
         width = max(self.explore, -(-(self.size - kept) // 2))
         return max(0, min(width, (self.dim - kept) // 2))
 
-    def _open_window(self, rows: torch.Tensor) -> None:
+    def _open_window(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The window's new directions, from its first batch ``X`` (centred on its own mean):
         ``G = X^T Phi`` (random combinations of rows), ``A G`` and ``A basis`` (one power step, the
         directions the kept subspace is turning towards) and the shift of the mean. All are made
         orthogonal to the basis; their own orthonormalisation waits for
-        :func:`compress_sketches`."""
-        self.shift = column_sum(rows, self.dtype) / rows.shape[0]
-        shift = self.shift.to(self.dtype)
+        :func:`compress_sketches`.
+
+        When the rows fit one chunk (:func:`~eva_lora.numerics.float_chunks`), they are cast and
+        centred once, and ``(X, X [G, basis])`` is returned for :meth:`update` to absorb the batch
+        without computing the products again; None otherwise (wider batches are read in chunks
+        for each product)."""
+        single = rows.shape[0] * self.dim <= CHUNK_ELEMENTS
+        if single:
+            centred = rows.to(self.dtype, copy=True)
+            self.shift = sum_rows(centred) / rows.shape[0]
+            centred -= self.shift.to(self.dtype)
+        else:
+            self.shift = column_sum(rows, self.dtype) / rows.shape[0]
+
+        def chunks() -> Iterator[torch.Tensor]:
+            if single:
+                yield centred
+            else:
+                yield from float_chunks(rows, self.dtype, shift=self.shift.to(self.dtype))
+
         width = self._explore_width()
         generator = torch.Generator(device=self.device).manual_seed(
             self.seed * 1_000_003 + self.windows
@@ -255,15 +301,17 @@ class SketchStatistic(Statistic):
         )
         guide = torch.zeros(self.dim, width, dtype=self.dtype, device=self.device)
         start = 0
-        for x in float_chunks(rows, self.dtype, shift=shift):
+        for x in chunks():
             guide.addmm_(x.T, mixing[start : start + x.shape[0]])
             start += x.shape[0]
         guide = self._new_directions(guide)
         kept = self.basis.shape[1]
         probe = torch.cat([guide, self.basis], 1)  # A [G, basis]: rows times both, in one pass
         powered = torch.zeros_like(probe)
-        for x in float_chunks(rows, self.dtype, shift=shift):
-            powered.addmm_(x.T, x @ probe)
+        head = None
+        for x in chunks():
+            head = x @ probe
+            powered.addmm_(x.T, head)
         parts = [guide, self._new_directions(powered)]
         if kept:  # the shift between the old mean and this window's: a direction of its own
             parts.append(self._new_directions((self.mean - self.shift).to(self.dtype)[:, None]))
@@ -272,6 +320,7 @@ class SketchStatistic(Statistic):
         self.moment = torch.zeros(m, m, dtype=STATS_DTYPE, device=self.device)
         self.window_sum = torch.zeros(self.dim, dtype=STATS_DTYPE, device=self.device)
         self.window_sq = torch.zeros((), dtype=STATS_DTYPE, device=self.device)
+        return (centred, head) if single else None
 
     def _orthogonal(self, columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """``columns`` minus their part in span(basis), projected twice ("twice is enough")."""
@@ -299,21 +348,21 @@ class SketchStatistic(Statistic):
         extra = self.extra.to(STATS_DTYPE)
         return extra.T @ extra
 
-    def _projected_moment(
-        self, gram_values: torch.Tensor, gram_vectors: torch.Tensor
-    ) -> torch.Tensor:
-        """The window's statistic in an orthonormal basis of span(K): ``R^T H R``.
-
-        ``R`` keeps the basis and orthonormalises the new directions (dropping numerically
-        dependent ones, whose columns of ``R`` are zero)."""
+    def _set_transform(self, gram_values: torch.Tensor, gram_vectors: torch.Tensor) -> None:
+        """``R`` (e, e): ``extra @ R`` orthonormalises the window's new directions, dropping
+        numerically dependent ones (their columns of ``R`` are zero). Fixed for the window's
+        life, so a window that stays open over several checks solves it once."""
         keep = gram_values > gram_values.max().clamp_min(torch.finfo(STATS_DTYPE).tiny) * GRAM_FLOOR
         scale = torch.where(
             keep,
             gram_values.clamp_min(torch.finfo(STATS_DTYPE).tiny).rsqrt(),
             torch.zeros_like(gram_values),
         )
-        # (e, e): orthonormal new directions = extra @ transform
         self._transform = gram_vectors * scale
+
+    def _projected_moment(self) -> torch.Tensor:
+        """The window's statistic in an orthonormal basis of span(K): ``R^T H R`` (``R`` keeps the
+        basis and orthonormalises the new directions, :meth:`_set_transform`)."""
         kept = self.basis.shape[1]
         moment = self._window_moment()
         out = torch.empty_like(moment)
@@ -342,25 +391,47 @@ class SketchStatistic(Statistic):
         v = vector.to(self.dtype)
         return torch.cat([self.basis.T @ v, self.extra.T @ v]).to(STATS_DTYPE)
 
-    def _finish_window(self, values: torch.Tensor, vectors: torch.Tensor) -> None:
-        values, vectors = values.flip(0)[: self.size], vectors.flip(1)[:, : self.size]
+    def _rotated(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``K R vectors``: directions given in the window's orthonormal coordinates, in R^dim."""
         kept = self.basis.shape[1]
         new_dirs = self.extra @ self._transform.to(self.dtype)
-        basis = self.basis @ vectors[:kept].to(self.dtype)
-        basis.addmm_(new_dirs, vectors[kept:].to(self.dtype))
+        out = self.basis @ vectors[:kept].to(self.dtype)
+        return out.addmm_(new_dirs, vectors[kept:].to(self.dtype))
+
+    def _after_window(self) -> tuple[int, torch.Tensor, torch.Tensor]:
+        """(count, mean, centred sum of squares) of every row, the open window's included."""
         n_old, n_new = self._count, self.window_count
+        if not n_new:
+            return n_old, self.mean, self.sq_dist
         total = n_old + n_new
         window_mean = self.shift + self.window_sum / n_new
         window_sq = self.window_sq - self.window_sum.dot(self.window_sum) / n_new
-        if n_old:
-            shift = self.mean - window_mean
-            self.sq_dist = self.sq_dist + window_sq + (n_old * n_new / total) * shift.dot(shift)
-            self.mean = self.mean + (window_mean - self.mean) * (n_new / total)
-        else:
-            self.sq_dist, self.mean = window_sq, window_mean
+        if not n_old:
+            return total, window_mean, window_sq
+        shift = self.mean - window_mean
+        sq_dist = self.sq_dist + window_sq + (n_old * n_new / total) * shift.dot(shift)
+        return total, self.mean + (window_mean - self.mean) * (n_new / total), sq_dist
+
+    def _finish_window(self, values: torch.Tensor, vectors: torch.Tensor) -> None:
+        values, vectors = values.flip(0)[: self.size], vectors.flip(1)[:, : self.size]
+        basis = self._rotated(vectors)
+        self._count, self.mean, self.sq_dist = self._after_window()
         self.basis, self.power = basis.contiguous(), values.clamp_min(0)
-        self._count, self.windows = total, self.windows + 1
+        self.windows += 1
         self._close_window()
+
+    def _peek(self, values: torch.Tensor, vectors: torch.Tensor) -> None:
+        """Keep the top ``size`` directions of the statistic so far without closing the window:
+        a check between two explorations reads them (:meth:`current`)."""
+        values, vectors = values.flip(0)[: self.size], vectors.flip(1)[:, : self.size]
+        self._view = (self._rotated(vectors).contiguous(), values.clamp_min(0))
+
+    def current(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(basis, power) of every row seen so far: the folded statistic, or, while a window is
+        open, what :func:`peek_sketches` made of it (folding the window when there is no peek)."""
+        if self.pending and self._view is None:
+            self.compress()
+        return self._view if self.pending else (self.basis, self.power)
 
     def compress(self) -> None:
         """Fold the pending window in (one sketch; the engine folds all of them together)."""
@@ -376,11 +447,10 @@ class SketchStatistic(Statistic):
         """(values, rows): the current top ``k`` covariance eigenvalues and directions.
 
         No decomposition: the basis is orthonormal up to rounding; :meth:`top` re-orthonormalises
-        for the final answer."""
-        if self.pending:
-            self.compress()
-        k = min(k, self.basis.shape[1])
-        return self.power[:k] / max(self._count - 1, 1), self.basis[:, :k].T
+        for the final answer. While a window is open, the estimate of its last peek."""
+        basis, power = self.current()
+        k = min(k, basis.shape[1])
+        return power[:k] / max(self.count - 1, 1), basis[:, :k].T
 
     def top(self, k: int) -> Eigenpairs:
         """Top ``k`` components (orthonormal rows, canonical signs) and covariance eigenvalues."""
@@ -407,11 +477,10 @@ class SketchStatistic(Statistic):
         return Eigenpairs(values, vectors, torch.zeros_like(values))
 
     def total_variance(self) -> torch.Tensor:
-        if self.pending:
-            self.compress()
-        if self._count < 2:
-            raise ValueError(f"need at least 2 rows, have {self._count}")
-        return self.sq_dist / (self._count - 1)
+        count, _, sq_dist = self._after_window()  # exact, open window or not: no fold needed
+        if count < 2:
+            raise ValueError(f"need at least 2 rows, have {count}")
+        return sq_dist / (count - 1)
 
     def is_finite(self) -> torch.Tensor:
         finite = torch.isfinite(self.mean).all() & torch.isfinite(self.sq_dist)
@@ -455,9 +524,12 @@ class SketchStatistic(Statistic):
     # ---- files ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {
-            "count": torch.tensor([self._count, self.window_count], dtype=torch.int64),
+            "count": torch.tensor(
+                [self._count, self.window_count, self.window_batches_seen], dtype=torch.int64
+            ),
             "size": torch.tensor(
-                [self.size, self.explore, self.seed, self.windows], dtype=torch.int64
+                [self.size, self.explore, self.seed, self.windows, self.window_batches],
+                dtype=torch.int64,
             ),
             "mean": self.mean.cpu(),
             "scalars": self.sq_dist.reshape(1).cpu(),
@@ -481,8 +553,10 @@ class SketchStatistic(Statistic):
         cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
     ) -> SketchStatistic:
         dim = int(state["mean"].shape[0])
-        size, explore, seed, windows = (int(v) for v in state["size"].reshape(-1)[:4])
-        out = cls(dim, size, device, state["basis"].dtype, explore, seed)
+        # files written before windows could span batches hold 4 sizes and 2 counts
+        sizes = [int(v) for v in state["size"].reshape(-1)[:5]] + [1]
+        size, explore, seed, windows, window_batches = sizes[:5]
+        out = cls(dim, size, device, state["basis"].dtype, explore, seed, window_batches)
         basis, power = state["basis"], state["power"]
         if (
             basis.ndim != 2
@@ -494,7 +568,7 @@ class SketchStatistic(Statistic):
                 f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
                 f"power {tuple(power.shape)}"
             )
-        counts = [int(v) for v in state["count"].reshape(-1)[:2]]
+        counts = [int(v) for v in state["count"].reshape(-1)[:3]]
         if min(counts) < 0:
             raise ValueError(f"sketch count must be >= 0, got {counts}")
         out._count, out.windows = counts[0], windows
@@ -513,6 +587,7 @@ class SketchStatistic(Statistic):
             out.window_sum = state["window.sum"].to(device, STATS_DTYPE)
             out.window_sq = state["window.sq"].reshape(-1)[0].to(device, STATS_DTYPE)
             out.window_count = counts[1]
+            out.window_batches_seen = counts[2] if len(counts) > 2 else 1
         return out
 
 
@@ -523,14 +598,27 @@ def compress_sketches(sketches: Sequence[SketchStatistic]) -> None:
     solves the statistic restricted to the window's span; sketches of equal size share each call.
     """
     pending = [s for s in sketches if s.pending]
-    if not pending:
-        return
-    orthonormal = batched_eigh([s._extra_gram() for s in pending])
-    restricted = [
-        s._projected_moment(values, vectors) for s, (values, vectors) in zip(pending, orthonormal)
-    ]
-    for sketch, (values, vectors) in zip(pending, batched_eigh(restricted)):
+    for sketch, (values, vectors) in zip(pending, _restricted_eigh(pending)):
         sketch._finish_window(values, vectors)
+
+
+def peek_sketches(sketches: Sequence[SketchStatistic]) -> None:
+    """Solve every pending window's statistic without folding it in: the estimate a check reads
+    between two explorations (``window_batches > 1``). The window keeps its directions and goes
+    on absorbing batches; its Gram matrix is solved once per window, not per peek."""
+    pending = [s for s in sketches if s.pending]
+    for sketch, (values, vectors) in zip(pending, _restricted_eigh(pending)):
+        sketch._peek(values, vectors)
+
+
+def _restricted_eigh(
+    pending: Sequence[SketchStatistic],
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Eigenpairs of each pending window's statistic in the window's orthonormal coordinates."""
+    fresh = [s for s in pending if s._transform is None]
+    for sketch, pair in zip(fresh, batched_eigh([s._extra_gram() for s in fresh])):
+        sketch._set_transform(*pair)
+    return batched_eigh([s._projected_moment() for s in pending])
 
 
 def default_explore(size: int) -> int:
