@@ -130,18 +130,22 @@ def whole_data_covariances(model, loader) -> dict[str, torch.Tensor]:
 def captured(
     covariances: dict[str, torch.Tensor], rows: dict[str, torch.Tensor]
 ) -> dict[str, float]:
-    """Whole-data captured variance of each layer's A rows (min, mean over layers with rank > 0)."""
+    """Whole-data captured variance of each layer's A rows (min, mean over layers with rank > 0;
+    the layer of the min and its rank, to see where a method falls short)."""
     from eva_lora.pca import captured_variance
 
-    scores = []
+    scores = {}
     for name, a in rows.items():
         base = name.removeprefix("base_model.model.")
         if a.shape[0] and base in covariances:
-            scores.append(captured_variance(covariances[base], a.double().cpu()))
+            scores[base] = captured_variance(covariances[base], a.double().cpu())
+    worst = min(scores, key=scores.get)
     return {
-        "min": round(min(scores), 5),
-        "mean": round(sum(scores) / len(scores), 5),
+        "min": round(scores[worst], 5),
+        "mean": round(sum(scores.values()) / len(scores), 5),
         "layers": len(scores),
+        "worst_layer": worst,
+        "worst_layer_rank": int(rows.get(f"base_model.model.{worst}", rows.get(worst)).shape[0]),
     }
 
 
