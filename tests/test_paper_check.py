@@ -695,6 +695,25 @@ def test_glue_sweep_quick_chooses_rates_per_task_then_tests_and_resumes(tmp_path
     capsys.readouterr()
     again = glue_sweep.main(argv)  # every run read back, none trained
     assert capsys.readouterr().err.count("(reused)") == 12 and again["chosen"] == record["chosen"]
+    # a run made by code that changed since is read back and said so; --rerun-stale retrains it
+    import common
+
+    first = common.git("rev-list", "--max-parents=0", "HEAD")
+    if first is not None:
+        old_file = runs / "select_sst2_LoRA_lr0.001_seed0.json"
+        old = json.loads(old_file.read_text())
+        old_file.write_text(json.dumps({**old, "git_commit": first.splitlines()[0]}))
+        glue_sweep.main(argv)
+        log = capsys.readouterr().err
+        assert log.count("(reused, made by code that changed since)") == 1
+        assert "1 run(s) read back were made by code that has changed since" in log
+        stamped = json.loads((tmp_path / "glue_sweep.json").read_text())["provenance"]
+        assert stamped["git_commit"] == first.splitlines()[0]  # the oldest run's: stale
+        fresh = glue_sweep.main([*argv, "--rerun-stale"])
+        log = capsys.readouterr().err
+        assert log.count("(reused)") == 11 and "changed since" not in log
+        assert json.loads(old_file.read_text())["git_commit"] != first.splitlines()[0]
+        assert fresh["complete"]
     (
         runs
         / "test_stsb_EVA_rho2_lr{:g}_seed0.json".format(

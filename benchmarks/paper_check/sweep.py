@@ -9,8 +9,10 @@ rows held out of the training data, then *tests* each method at its choice over 
 
 A finished run leaves ``<runs>/<name>.json``: its settings (everything the run depends on), the
 scores and per-item predictions its script keeps, the loss log, and the commit and package modules
-that made it. A run whose file is there with the same settings is read back, never trained again.
-The adapters go to ``--work`` (not committed).
+that made it. A run whose file is there with the same settings is read back, never trained again,
+unless the code it loaded has changed since it was made and ``--rerun-stale`` asks for runs of
+today's code (without it such a run is read back, said so, and the result stays stale: its commit
+is its oldest run's). The adapters go to ``--work`` (not committed).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ def add_sitting_args(
     parser.add_argument(
         "--max-new-runs", type=int, default=None, help="train at most this many new runs"
     )
+    parser.add_argument(
+        "--rerun-stale",
+        action="store_true",
+        help="train again the runs made by code that has changed since (report.py would mark "
+        "the result stale); without it they are read back (counted towards --max-new-runs "
+        "when retrained)",
+    )
 
 
 class Grid:
@@ -66,6 +75,8 @@ class Grid:
         self.trained = 0  # runs trained in this sitting (bounded by --max-new-runs)
         self.made: list[dict[str, Any]] = []  # each run's record: commit and modules
         self.states: dict[str, Path] = {}  # settings but the rate -> an EVA state computed here
+        self.stale_reused = 0  # runs read back although the code they loaded changed since
+        self._freshness: dict[tuple, bool] = {}
 
     def run(self, settings: dict[str, Any], name: str, shown: str) -> dict[str, Any] | None:
         """The run's record: read back, or trained now, or None (this sitting's bounds reached).
@@ -74,9 +85,12 @@ class Grid:
         file = self.args.runs / f"{name}.json"
         if file.is_file():
             found = json.loads(file.read_text())
-            if found.get("settings") == settings:
+            stale = found.get("settings") == settings and self.stale(found)
+            if found.get("settings") == settings and not (stale and self.args.rerun_stale):
                 self.made.append(found)
-                self.log(f"{name}: {shown} {found[shown]:.4f} (reused)")
+                self.stale_reused += stale
+                note = "reused, made by code that changed since" if stale else "reused"
+                self.log(f"{name}: {shown} {found[shown]:.4f} ({note})")
                 return found
         if self.out_of_time():
             return None
@@ -127,6 +141,16 @@ class Grid:
             "code_files": code_files(),
         }
 
+    def stale(self, found: dict[str, Any]) -> bool:
+        """Whether the code a stored run loaded has changed since its commit (report.py's rule)."""
+        from report import freshness
+
+        key = (found.get("git_commit"), tuple(found.get("code_files") or ()))
+        if key not in self._freshness:
+            made = {"git_commit": key[0], "code_files": list(key[1])}
+            self._freshness[key] = freshness({"provenance": made}).startswith("stale")
+        return self._freshness[key]
+
     def out_of_time(self) -> bool:
         args = self.args
         if args.max_new_runs is not None and self.trained >= args.max_new_runs:
@@ -168,6 +192,11 @@ def finish(
     if not args.quick:
         record["plan"] = plans.stamp(experiment)
     finished, planned = record["runs_finished"], record["runs_planned"]
+    if grid.stale_reused:
+        grid.log(
+            f"{grid.stale_reused} run(s) read back were made by code that has changed since: the "
+            "result is stale; --rerun-stale trains them again"
+        )
     if not finished:
         grid.log("no run finished yet: nothing to write")
         return record
