@@ -517,7 +517,7 @@ def test_between_checks_the_loop_never_synchronises_the_gpu(tiny_llama, monkeypa
     assert set(state.group_statistics) == {"exact", "sketch"} and state.n_batches == 8
 
 
-class _TwoInputs(torch.nn.Module):
+class _LowRankAndFlat(torch.nn.Module):
     """Two layers fed separate inputs: one of rank 3 (its group converges in a few batches), one
     of flat spectrum (never converges at this tau), so the first is fed long after converging."""
 
@@ -564,7 +564,7 @@ def test_a_converged_sketch_explores_once_per_window_and_a_converging_one_every_
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # the second group: max_batches
         state = compute_eva_state(
-            _TwoInputs(), batches, cfg, forward_fn=lambda m, b: m(**b), progress=False
+            _LowRankAndFlat(), batches, cfg, forward_fn=lambda m, b: m(**b), progress=False
         )
     assert state.n_batches == 40 and state.group_stop_batches == [4, None]
     assert openings == {48: first_openings, 64: 40}

@@ -66,6 +66,8 @@ EVAL_ONLY = {
 }
 READY_ADAPTER = ("lora_alpha", "lora_dropout")  # init writes a ready adapter with them
 RANK = "reaches the code as eva.rank (RunConfig copies it there when it is built)"
+# tests/test_engine.py::test_a_converged_sketch_explores_once_per_window_... shows its effect
+SKETCH_WINDOW = "read once a sketch group has converged; the tiny model's groups are all exact"
 NOT_READ = {
     "init": {
         **{k: v for k, v in TRAIN_ONLY.items() if k not in READY_ADAPTER},
@@ -78,11 +80,13 @@ NOT_READ = {
         "offload": "sequential only",
         "blocks": "sequential only",
         "validation": "init takes every training row it is given (train and compare hold rows out)",
+        "eva.sketch_window": SKETCH_WINDOW,
     },
     "train": {
         "rank": RANK,
         "offload": "sequential only (refused by train)",
         "blocks": "sequential only (refused by train)",
+        "eva.sketch_window": SKETCH_WINDOW,
     },
     "eval": {
         **TRAIN_ONLY,
