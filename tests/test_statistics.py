@@ -194,9 +194,9 @@ def test_a_window_spanning_batches_resumes_bit_identically():
 
     parts = list(x.split(100))
     straight = feed(SketchStatistic(50, 16, window_batches=3), parts)
-    half = feed(SketchStatistic(50, 16, window_batches=3), parts[:4])
-    assert half.window_batches_seen == 1
-    resumed = feed(SketchStatistic.from_state_dict(half.state_dict()), parts[4:])
+    half = feed(SketchStatistic(50, 16, window_batches=3), parts[:5])
+    assert half.window_batches_seen == 2
+    resumed = feed(SketchStatistic.from_state_dict(half.state_dict()), parts[5:])
     assert resumed.window_batches == 3
     for key, value in straight.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[key]), key
