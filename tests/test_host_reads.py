@@ -137,7 +137,7 @@ def test_a_check_reads_every_group_in_one_transfer_and_solves_once_per_shape():
     numbers, one stack to the host; the allocation's NaN test and its counts) and 4 decompositions
     (exact groups: one batched eigh and one batched QR; sketches: two batched eighs), with 2x the
     layers or 4x the tokens. (No group converges at this tau, so every sketch explores and folds
-    at every check; a check that peeks at a converged group's open window needs one eigh fewer.)"""
+    at every check; a converged group's longer window is not solved until it folds.)"""
     base = per_batch(layers=2, seq=16, check_every=1, **BOTH_KINDS)
     more_tokens = per_batch(layers=2, seq=64, check_every=1, **BOTH_KINDS)
     more_layers = per_batch(layers=4, seq=16, check_every=1, **BOTH_KINDS)

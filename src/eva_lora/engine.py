@@ -52,7 +52,6 @@ from .statistics import (
     SketchStatistic,
     Statistic,
     compress_sketches,
-    peek_sketches,
     statistic_from_state_dict,
 )
 from .targets import find_target_layers, layer_shapes
@@ -373,13 +372,7 @@ class _EvaLoop:
         dtype, device = getattr(torch, self.config.stats_dtype), self._stat_device(layer)
         if plan.kind == "exact":
             return ExactStatistic(layer.dim, device, dtype)
-        return SketchStatistic(
-            layer.dim,
-            plan.size,
-            device,
-            dtype,
-            seed=self.config.seed,
-        )
+        return SketchStatistic(layer.dim, plan.size, device, dtype, seed=self.config.seed)
 
     def _new_record(
         self, layer: LayerGroup, plan: GroupPlan, stat: Statistic | None
@@ -513,12 +506,12 @@ class _EvaLoop:
             single_thread(self._stat_device_type()),
         ):
             sketches = [r.stat for r in active if isinstance(r.stat, SketchStatistic)]
+            # a converging group's window is one batch, so every judged group is folded here;
+            # a converged group's longer window stays open (it is not judged again)
             compress_sketches([s for s in sketches if s.window_due])
             # converged groups that are still fed are not judged again; groups that have seen
             # fewer tokens than components wait
             ready = [r for r in active if r.stop_batch is None and r.stat.count > r.cap]
-            # windows not due yet stay open: the ready ones are solved where they stand
-            peek_sketches([r.stat for r in ready if isinstance(r.stat, SketchStatistic)])
             references = {id(r): r.tracker.reference(r.stat.count) for r in ready}
             exact = [r for r in ready if isinstance(r.stat, ExactStatistic)]
             requests = [r.tracker.solver.request(r.stat, references[id(r)]) for r in exact]
