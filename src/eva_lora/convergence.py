@@ -173,8 +173,7 @@ class SketchSolver:
     @staticmethod
     def rayleigh_quotients(stats: Any, reference: torch.Tensor) -> torch.Tensor:
         """(k,) ``q_j^T C q_j`` with C the sketch's ``basis diag(power) basis^T / (n - 1)``
-        (:meth:`~eva_lora.statistics.SketchStatistic.current`: the last peek while a window is
-        open)."""
+        (:meth:`~eva_lora.statistics.SketchStatistic.current`)."""
         basis, power = stats.current()
         inner = basis.T @ reference.to(basis).T  # (size, k)
         return (inner.to(power).pow(2) * power[:, None]).sum(0) / max(stats.count - 1, 1)

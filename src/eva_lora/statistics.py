@@ -214,7 +214,6 @@ class SketchStatistic(Statistic):
         self.window_count = 0
         self.window_batches_seen = 0
         self._transform: torch.Tensor | None = None
-        self._view: tuple[torch.Tensor, torch.Tensor] | None = None  # (basis, power) of a peek
 
     @property
     def pending(self) -> bool:
@@ -253,7 +252,6 @@ class SketchStatistic(Statistic):
                 self._absorb(x, torch.cat([x @ self.basis, x @ self.extra], 1))
         self.window_count += rows.shape[0]
         self.window_batches_seen += 1
-        self._view = None
 
     def _absorb(self, x: torch.Tensor, in_k: torch.Tensor) -> None:
         """Add centred rows ``x`` whose coordinates in ``K = [basis, extra]`` are ``in_k``."""
@@ -420,18 +418,14 @@ class SketchStatistic(Statistic):
         self.windows += 1
         self._close_window()
 
-    def _peek(self, values: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Keep the top ``size`` directions of the statistic so far without closing the window:
-        a check between two explorations reads them (:meth:`current`)."""
-        values, vectors = values.flip(0)[: self.size], vectors.flip(1)[:, : self.size]
-        self._view = (self._rotated(vectors).contiguous(), values.clamp_min(0))
-
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(basis, power) of every row seen so far: the folded statistic, or, while a window is
-        open, what :func:`peek_sketches` made of it (folding the window when there is no peek)."""
-        if self.pending and self._view is None:
+        """(basis, power) of every row seen so far, the open window folded in first.
+
+        The engine only reads groups it judges, and a judged group's window is one batch, folded
+        at the check anyway; a converged group's longer window is not read until the end."""
+        if self.pending:
             self.compress()
-        return self._view if self.pending else (self.basis, self.power)
+        return self.basis, self.power
 
     def compress(self) -> None:
         """Fold the pending window in (one sketch; the engine folds all of them together)."""
@@ -447,7 +441,7 @@ class SketchStatistic(Statistic):
         """(values, rows): the current top ``k`` covariance eigenvalues and directions.
 
         No decomposition: the basis is orthonormal up to rounding; :meth:`top` re-orthonormalises
-        for the final answer. While a window is open, the estimate of its last peek."""
+        for the final answer. An open window is folded in first."""
         basis, power = self.current()
         k = min(k, basis.shape[1])
         return power[:k] / max(self.count - 1, 1), basis[:, :k].T
@@ -600,15 +594,6 @@ def compress_sketches(sketches: Sequence[SketchStatistic]) -> None:
     pending = [s for s in sketches if s.pending]
     for sketch, (values, vectors) in zip(pending, _restricted_eigh(pending)):
         sketch._finish_window(values, vectors)
-
-
-def peek_sketches(sketches: Sequence[SketchStatistic]) -> None:
-    """Solve every pending window's statistic without folding it in: the estimate a check reads
-    between two explorations (``window_batches > 1``). The window keeps its directions and goes
-    on absorbing batches; its Gram matrix is solved once per window, not per peek."""
-    pending = [s for s in sketches if s.pending]
-    for sketch, (values, vectors) in zip(pending, _restricted_eigh(pending)):
-        sketch._peek(values, vectors)
 
 
 def _restricted_eigh(
