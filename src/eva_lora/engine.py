@@ -506,8 +506,9 @@ class _EvaLoop:
             single_thread(self._stat_device_type()),
         ):
             sketches = [r.stat for r in active if isinstance(r.stat, SketchStatistic)]
-            # a converging group's window is one batch, so every judged group is folded here;
-            # a converged group's longer window stays open (it is not judged again)
+            # a converging group's window (window_batches 1) is due at every check, whatever
+            # check_every, so every judged group is folded here; a converged group's longer
+            # window stays open (it is not judged again)
             compress_sketches([s for s in sketches if s.window_due])
             # converged groups that are still fed are not judged again; groups that have seen
             # fewer tokens than components wait

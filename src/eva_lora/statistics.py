@@ -421,8 +421,9 @@ class SketchStatistic(Statistic):
     def current(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(basis, power) of every row seen so far, the open window folded in first.
 
-        The engine only reads groups it judges, and a judged group's window is one batch, folded
-        at the check anyway; a converged group's longer window is not read until the end."""
+        The engine only reads groups it judges, and a judged group's window (one batch long) is
+        due at every check and folded there anyway; a converged group's longer window is not read
+        until the end."""
         if self.pending:
             self.compress()
         return self.basis, self.power
