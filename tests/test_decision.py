@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -356,9 +357,14 @@ def test_quick_grid_runs_lora_and_eva_in_shards_and_reuses_every_stage(tmp_path,
     assert capsys.readouterr().err.count("reused") == 7
     assert again["runs"] == record["runs"] and again["zero_shot"] == record["zero_shot"]
 
-    # one shard of two: its half of the grid (every other run), no result without the other half
+    # one shard of two: its half of the grid (every other run), no result without the other half;
+    # the demonstrations and the pre-trained model are the first grid's (read back, not re-made)
     out = tmp_path / "sharded"
     sharded = ["--quick", "--out", str(out), "--work", str(out / "work")]
+    (out / "work" / "quick").mkdir(parents=True)
+    for stage in (tmp_path / "work" / "quick").iterdir():
+        if "_seed" not in stage.name:
+            shutil.copy(stage, out / "work" / "quick" / stage.name)
     assert decision.main([*sharded, "--shard", "1/2"]) is None
     assert "2 run(s) of other shards not there yet" in capsys.readouterr().err
     assert not (out / "decision.json").exists()

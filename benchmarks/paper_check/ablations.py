@@ -2,7 +2,7 @@
 
     # 5 inits x 3 seeds x 120 steps (~12 min, 2 cores)
     python benchmarks/paper_check/ablations.py
-    python benchmarks/paper_check/ablations.py --quick    # eva and eva-perm, 1 seed, 8 steps (CI)
+    python benchmarks/paper_check/ablations.py --quick    # eva, eva-perm: 1 seed, 8 steps (CI)
 
 all-MiniLM-L6-v2 on the 1000 bundled SST-2 sentences, evaluated on the 300 bundled test sentences;
 batch 16, lr 1e-3, r 8, rho 2, alpha 1. Each run is `eva compare`'s (the recipe of `eva train`).
@@ -21,6 +21,9 @@ from eva_lora.app.run_config import build_run_config
 INITS = ["eva", "eva-whiten", "eva-perm", "eva-rot", "lora-redist"]
 # the bundled SST-2 test set; its first 64 in --quick
 TEST_SENTENCES, QUICK_TEST_SENTENCES = 300, 64
+# --quick stops EVA after this many batches, converged or not (it checks the plumbing; converging
+# takes ~70 batches here)
+QUICK_EVA_BATCHES = 16
 
 
 def test_size(quick: bool) -> int:
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
                 "output_dir": tmp,
                 "eval_limit": QUICK_TEST_SENTENCES if args.quick else None,
                 "progress": False,
-                "eva": {"rho": 2.0},
+                "eva": {"rho": 2.0, **({"max_batches": QUICK_EVA_BATCHES} if args.quick else {})},
             }
         )
         result = run_compare(cfg, inits, seeds)

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 import time
 import warnings
@@ -149,11 +150,21 @@ def task_env(task: str, seed: int) -> tuple[Any, list[Any]]:
     Episode ``i`` uses ``goals[i % 50]`` (``env.set_task(goal)`` then ``env.reset()``); the same
     seed gives the same goals, another seed other goals (how evaluation avoids the demonstrations'
     goals)."""
-    # seeds NumPy's global RNG for its draws and restores it
+    env_class, goals = _mt1(task, seed)
+    order = np.random.default_rng(_task_seed(seed, task)).permutation(len(goals))
+    return env_class(), [goals[i] for i in order]
+
+
+@functools.cache
+def _mt1(task: str, seed: int) -> tuple[type, tuple[Any, ...]]:
+    """(environment class, the 50 goals) of ``MT1(task, seed)``, built once per process.
+
+    Building MT1 resets an environment for each of its 50 goals (~1 s); a grid asks for the same
+    task and seed once per run. The goals are immutable records and their draws are seeded (MT1
+    seeds NumPy's global RNG for them and restores it): the cached goals are those a new MT1 gives.
+    """
     benchmark = _metaworld().MT1(task, seed=seed)
-    env = benchmark.train_classes[task]()
-    order = np.random.default_rng(_task_seed(seed, task)).permutation(len(benchmark.train_tasks))
-    return env, [benchmark.train_tasks[i] for i in order]
+    return benchmark.train_classes[task], tuple(benchmark.train_tasks)
 
 
 def _rollout(

@@ -2,7 +2,7 @@
 
     eva demo                   # SmolLM2 on math (bundled GSM8K slices), ~3-4 min on 2 CPU cores
     eva demo --model minilm    # all-MiniLM-L6-v2 on SST-2 (bundled), ~2.5 min
-    eva demo --quick           # the CI form: fewer examples and steps
+    eva demo --quick           # the CI form: smaller batches, fewer examples and steps
 
 EVA computes its components on the training data (the paper's language-generation recipe: adapters
 on every linear layer including the LM head, r 16, alpha 1, AdamW, linear schedule, only the
@@ -77,6 +77,8 @@ QUICK = {
     "smollm2": dict(
         train_limit=48,
         eval_limit=4,
+        batch_size=2,
+        svd_batch_size=2,
         max_new_tokens=24,
         max_steps=5,
         logging_steps=1,
