@@ -4,10 +4,17 @@ The builders themselves live in ``helpers.py`` so that worker processes share th
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 import helpers
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs one test process per core (pytest-xdist): one torch thread each, or the
+    # processes' threads wait on each other
+    torch.set_num_threads(1)
 
 
 @pytest.fixture
