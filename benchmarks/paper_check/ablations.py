@@ -13,7 +13,7 @@ from __future__ import annotations
 import tempfile
 import time
 
-from common import claim_args, code_files, write_results
+from common import QUICK_EVA_BATCHES, claim_args, code_files, write_results
 
 from eva_lora.app.recipes.compare import run_compare
 from eva_lora.app.run_config import build_run_config
@@ -21,9 +21,6 @@ from eva_lora.app.run_config import build_run_config
 INITS = ["eva", "eva-whiten", "eva-perm", "eva-rot", "lora-redist"]
 # the bundled SST-2 test set; its first 64 in --quick
 TEST_SENTENCES, QUICK_TEST_SENTENCES = 300, 64
-# --quick stops EVA after this many batches, converged or not (it checks the plumbing; converging
-# takes ~70 batches here)
-QUICK_EVA_BATCHES = 16
 
 
 def test_size(quick: bool) -> int:

@@ -64,6 +64,9 @@ __all__ = [
 REPO = Path(__file__).resolve().parents[2]
 SHARED_DATA = REPO.parent / "shared" / "data"  # the full data sets (../shared/data)
 TEST_DATA = REPO / "tests" / "assets" / "data"  # the slices --quick runs on
+# --quick stops EVA on MiniLM after this many batches, converged or not: the test suite checks a
+# script's plumbing, the full run its numbers (converging takes ~70 batches of 16 sentences)
+QUICK_EVA_BATCHES = 16
 
 
 def resolve_data_dir(

@@ -16,15 +16,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import claim_args, code_files, pyplot, save_png, write_results
+from common import QUICK_EVA_BATCHES, claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora.app.recipes.train import train
 from eva_lora.app.run_config import build_run_config
 
 
-def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str, list[float]]]:
+def curves(
+    inits: list[str], seeds: list[int], steps: int, eva_batches: int | None = None
+) -> dict[str, dict[str, list[float]]]:
     """init -> {"loss": mean over seeds per step, "grad_norm": ..., "init_seconds": ...,
-    "per_seed": {"loss": [[...] per seed], "grad_norm": [[...] per seed]}}."""
+    "per_seed": {"loss": [[...] per seed], "grad_norm": [[...] per seed]}}. ``eva_batches`` stops
+    EVA after that many batches, converged or not (--quick)."""
     base = build_run_config(
         overrides={
             "model": "minilm",
@@ -37,6 +40,7 @@ def curves(inits: list[str], seeds: list[int], steps: int) -> dict[str, dict[str
             "max_length": 64,
             "logging_steps": 1,
             "progress": False,
+            **({"eva": {"max_batches": eva_batches}} if eva_batches is not None else {}),
         }
     )
     out = {}
@@ -84,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     full = (["eva", "lora", "pissa", "olora"], [0, 1, 2], 60)
     inits, seeds, steps = (["eva", "lora"], [0], 8) if args.quick else full
-    found = curves(inits, seeds, steps)
+    found = curves(inits, seeds, steps, QUICK_EVA_BATCHES if args.quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(found, args.out / "early_training.png")
     record = {

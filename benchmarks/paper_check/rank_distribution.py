@@ -1,7 +1,7 @@
 """Paper Figure 9 analogue: how EVA's rank distribution changes with rho (1, 1.5, 2, 3).
 
     python benchmarks/paper_check/rank_distribution.py            # ~40 s on 2 cores
-    python benchmarks/paper_check/rank_distribution.py --quick    # rho 1 and 2 only (CI)
+    python benchmarks/paper_check/rank_distribution.py --quick    # rho 1 and 2, 16 batches (CI)
 
 all-MiniLM-L6-v2 on the 1000 bundled SST-2 sentences, batch 16, r 8, tau 0.99. For each rho:
 ranks per layer and module type, and the share of the rank budget that moves from one rho to the
@@ -16,18 +16,19 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-from common import claim_args, code_files, pyplot, save_png, write_results
+from common import QUICK_EVA_BATCHES, claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
 from eva_lora.app.plots import rank_table
 from eva_lora.app.tasks import get_task
 
 
-def states(rhos: list[float]) -> dict[float, object]:
+def states(rhos: list[float], limit: int | None = None) -> dict[float, object]:
+    """EVA's state at each rho on the same batches (the first ``limit`` of them when given)."""
     from stability import batches, load_minilm
 
     model, tokenizer = load_minilm()
-    data = batches(tokenizer, list(get_task("sst2").load("train")["text"]), 16, 0)
+    data = batches(tokenizer, list(get_task("sst2").load("train")["text"]), 16, 0, limit)
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> None:
     args = claim_args(__doc__, argv)
     started = time.perf_counter()
     rhos = [1.0, 2.0] if args.quick else [1.0, 1.5, 2.0, 3.0]
-    found = states(rhos)
+    found = states(rhos, QUICK_EVA_BATCHES if args.quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
     plot(found, args.out / "rank_distribution.png")
     record = {

@@ -18,16 +18,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import claim_args, code_files, pyplot, save_png, write_results
+from common import QUICK_EVA_BATCHES, claim_args, code_files, pyplot, save_png, write_results
 
 from eva_lora import EvaConfig, compute_eva_state
 from eva_lora.app.tasks import get_task
 from eva_lora.pca import component_cosine
 
 K_SHOWN = 8
-# --quick feeds each run at most this many batches (EVA stops before it converges; the test suite
-# checks the script's plumbing, the full run the components)
-QUICK_BATCHES = 16
 
 
 def load_minilm():
@@ -109,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_minilm()
     sentences = list(get_task("sst2").load("train")["text"])
     n_orders, sizes = (2, [8, 16]) if args.quick else (5, [4, 8, 16, 32])
-    limit = QUICK_BATCHES if args.quick else None
+    limit = QUICK_EVA_BATCHES if args.quick else None
 
     order_runs = [
         run(model, batches(tokenizer, sentences, 16, seed, limit)) for seed in range(n_orders)
