@@ -41,6 +41,7 @@ from eva_lora.experiments.decision import (
     save_demonstrations,
     save_policy,
     target_return,
+    task_env,
 )
 
 needs_metaworld = pytest.mark.skipif(
@@ -278,6 +279,22 @@ class ExpertAsPolicy(torch.nn.Module):
                 action = self.expert.get_action(batch["states"][0, -1].double().numpy())
                 out[0, -1] = torch.from_numpy(np.asarray(action))
         return out
+
+
+@needs_metaworld
+def test_task_goals_built_once_are_those_a_new_mt1_gives_in_a_seeded_order():
+    import metaworld
+
+    _, goals = task_env("reach-v3", 7)
+    env, again = task_env("reach-v3", 7)  # MT1 read from the per-process cache
+    assert [g.data for g in again] == [g.data for g in goals] and len(goals) == 50
+    other_env, _ = task_env("reach-v3", 7)
+    assert type(other_env) is type(env) and other_env is not env  # a new environment each call
+    fresh = metaworld.MT1("reach-v3", seed=7).train_tasks
+    assert sorted(g.data for g in goals) == sorted(g.data for g in fresh)
+    assert [g.data for g in goals] != [g.data for g in fresh]  # the seeded episode order
+    _, other = task_env("reach-v3", 8)
+    assert not {g.data for g in other} & {g.data for g in goals}  # another seed, other goals
 
 
 @needs_metaworld
