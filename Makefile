@@ -22,7 +22,7 @@ demo-quick: $(BIN)/.installed
 
 # One test process per core (pytest-xdist, one torch thread each: tests/conftest.py); worksteal
 # hands a finished process the queued tests of a busy one. On 2 cores, against one process with two
-# threads: 1.4x faster idle, 1.17x with another process keeping one core busy (README, Tests).
+# threads: 1.4x faster idle, 1.17x with another process keeping one core busy (2026-12-07; README, Tests).
 XDIST := -n auto --dist worksteal
 
 test: $(BIN)/.installed
