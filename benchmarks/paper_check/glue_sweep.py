@@ -270,7 +270,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/paper_check/glue_sweep.py{' --quick' if record['quick'] else ''}` "
         f"(plan `plans/glue_sweep.json`; {record['runs_finished']} of {record['runs_planned']} "
-        f"runs finished; {record['seconds']} s in the last sitting, finished runs are read back). "
+        f"runs finished; {record.get('run_seconds', '?')} s of training and evaluation summed over "
+        f"the runs, {record['seconds']} s in the last sitting, finished runs are read back). "
         f"{record['settings']['model']}, r {recipe['rank']}, alpha {recipe['lora_alpha']}, batch "
         f"{recipe['batch_size']}, steps "
         + ", ".join(f"{t} {record['steps'][t]}" for t in record["tasks"])

@@ -260,7 +260,8 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"`python benchmarks/paper_check/math_sweep.py{' --quick' if record['quick'] else ''}` "
         f"(plan `plans/math_sweep.json`; {record['runs_finished']} of {record['runs_planned']} "
-        f"runs finished; {record['seconds']} s in the last sitting, finished runs are read back). "
+        f"runs finished; {record.get('run_seconds', '?')} s of training and evaluation summed over "
+        f"the runs, {record['seconds']} s in the last sitting, finished runs are read back). "
         f"{record['settings']['model']}, r {recipe['rank']}, alpha {recipe['lora_alpha']}, "
         f"{recipe['max_steps']} steps of batch {recipe['batch_size']}, rates "
         f"{', '.join(f'{r:g}' for r in record['learning_rates'])}.",

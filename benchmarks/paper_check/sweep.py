@@ -191,6 +191,8 @@ def finish(
     written before the first run has finished."""
     if not args.quick:
         record["plan"] = plans.stamp(experiment)
+    # what the runs cost when they were trained: a sitting that reads them all back takes seconds
+    record["run_seconds"] = round(sum(made.get("seconds") or 0.0 for made in grid.made), 1)
     finished, planned = record["runs_finished"], record["runs_planned"]
     if grid.stale_reused:
         grid.log(
