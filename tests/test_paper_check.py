@@ -763,3 +763,50 @@ def test_glue_sweep_verdict_tests_the_task_average_over_seeds_and_items_with_hol
         run["score"] = 0.95
     found, text = glue_sweep.verdict(record)
     assert found == "contradicted" and "EVA vs LoRA -" in text
+
+
+def test_the_edge_summary_groups_claims_by_verdict_and_counts_each_rows_comparisons():
+    import report
+
+    judged = [
+        {
+            "claim": "Vision",
+            "verdict": "held",
+            "planned": True,
+            "made_by": "current (abc)",
+            "numbers": "EVA vs LoRA +2 (p 0.01: held)",
+        },
+        {
+            "claim": "GLUE",
+            "verdict": "partly (1 of 3 held)",
+            "planned": True,
+            "made_by": "stale: made at abc, the code changed since (def)",
+            "numbers": "a vs b +1 (p 0.01: held); a vs c -3 (t 1: contradicted); "
+            "a vs d (x: not shown)",
+        },
+        {
+            "claim": "Early loss",
+            "verdict": "contradicted",
+            "planned": False,
+            "made_by": "unstamped (made before ...)",
+            "numbers": "loss b - a -0.1 (threshold 0.01: contradicted)",
+            "quick": True,
+        },
+        {"claim": "Math", "verdict": "not run yet", "planned": False, "made_by": "-"},
+    ]
+    text = report.edge_summary(judged)
+    lines = text.splitlines()
+    # every claim sits under its verdict's heading, marked with how it was judged and its age
+    held = lines.index("- Held:")
+    assert lines[held + 1] == ("  - Vision (pre-registered test; current): of 1 comparison, 1 held")
+    partly = lines.index("- Held for some comparisons only:")
+    assert lines[partly + 1] == (
+        "  - GLUE (pre-registered test; stale): of 3 comparisons, 1 held, 1 contradicted, "
+        "1 not shown"
+    )
+    assert "- Not shown (no difference the test can tell from noise): none" in lines
+    contradicted = lines.index("- Contradicted:")
+    assert lines[contradicted + 1] == (
+        "  - Early loss (seeds only; unstamped, quick run): of 1 comparison, 1 contradicted"
+    )
+    assert lines[lines.index("- Not judged:") + 1] == "  - Math (seeds only; -): not run yet"
