@@ -1,6 +1,7 @@
 """The paper-check scripts run in their --quick form and produce their tables and figures."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -133,10 +134,14 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
         str(tiny_llama_dir),
         "--out",
         str(tmp_path),
+        "--runs",
+        str(tmp_path / "records"),
         "--work",
         str(tmp_path / "work"),
     ]
     record = lm_generation.main(argv)
+    # one record per run, to commit: 2 parts x 2 methods x 1 seed
+    assert len(list((tmp_path / "records").rglob("seed0.json"))) == 4
     assert record["parts"] == ["math", "commonsense"] and set(record["runs"]["math"]) == {
         "LoRA",
         "EVA rho=2",
@@ -163,6 +168,7 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
     # A run retrained first in the grid's order: the results written right after it (what a sitting
     # cut short leaves) must already hold every other finished run.
     (tmp_path / "work/math/LoRA/seed0" / lm_generation.METRICS_FILE).unlink()
+    (tmp_path / "records/math/LoRA/seed0.json").unlink()
     written = []
     real_write = lm_generation._write
     monkeypatch.setattr(
@@ -174,8 +180,28 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
         "commonsense": {"LoRA", "EVA rho=2"},
     }
     monkeypatch.undo()
+    last = written[-1]
+    # a fresh checkout (no run folders, the committed records): every run is read back
+    shutil.rmtree(tmp_path / "work")
     capsys.readouterr()
-    elsewhere = [*argv[:-1], str(tmp_path / "empty"), "--max-new-runs", "0"]
+    fresh = lm_generation.main(argv)
+    assert capsys.readouterr().err.count("reused") == 4 and fresh["runs"] == last["runs"]
+    # a record made with other settings is not trusted: that run is trained again
+    changed = tmp_path / "records/math/LoRA/seed0.json"
+    stored = json.loads(changed.read_text())
+    stored["config"]["train_limit"] += 1
+    changed.write_text(json.dumps(stored))
+    lm_generation.main(argv)
+    assert capsys.readouterr().err.count("reused") == 3
+    elsewhere = [
+        *argv[:-4],
+        "--runs",
+        str(tmp_path / "no_records"),
+        "--work",
+        str(tmp_path / "empty"),
+        "--max-new-runs",
+        "0",
+    ]
     # nothing finished there, nothing may be trained
     assert lm_generation.main(elsewhere)["runs"] == {}
     assert capsys.readouterr().err.count("--max-new-runs 0 reached") == 4

@@ -31,9 +31,12 @@ Figure 2's claim (lower loss and a larger gradient norm early for EVA than for L
 OLoRA) is read from the same runs' per-step logs: unlike MiniLM's classifier, no head is trained in
 full here, so the gradient norm is the adapters'.
 
-Each run is the ``eva train`` recipe into ``--work``; a finished run with the same settings is
-reused, so the grid can be run in several sittings. Results: ``lm_generation.{json,md,png}`` in
-``--out``.
+Each run is the ``eva train`` recipe into ``--work`` (adapter, metrics: not committed). What the
+results need of a finished run (its scores, the first steps' loss and gradient norm, its settings
+and the commit and modules that made it) is also kept in ``--runs``, one small JSON per run,
+committed as the runs come in: the grid takes ~6 hours on 2 cores, more than one sitting, and a
+fresh checkout has no ``--work``. A run found in either place with the same settings is read back,
+not trained again. Results: ``lm_generation.{json,md,png}`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -57,11 +60,13 @@ from common import (
 )
 
 from eva_lora.app.recipes.compare import headline
-from eva_lora.app.recipes.run_folder import same_settings
+from eva_lora.app.recipes.run_folder import same_settings, shaping_settings
 from eva_lora.app.recipes.train import METRICS_FILE, train
 from eva_lora.app.run_config import RunConfig, build_run_config
+from eva_lora.files import atomic_write_text
 
 REPO = Path(__file__).resolve().parents[2]
+RUNS = Path(__file__).resolve().parent / "runs" / "lm_generation"
 SHARED_DATA = REPO.parent / "shared" / "data"
 TEST_DATA = REPO / "tests" / "assets" / "data"
 
@@ -150,6 +155,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--data-dir", type=Path, default=None, help=f"default {SHARED_DATA} (--quick: test slices)"
     )
     parser.add_argument("--work", type=Path, default=REPO / "out" / "paper_check" / "lm_generation")
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        default=None,
+        help=f"one JSON per finished run, to commit (default {RUNS.relative_to(REPO)}; --quick: "
+        "WORK/records)",
+    )
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument(
         "--methods",
@@ -168,17 +180,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.data_dir = TEST_DATA if args.quick else SHARED_DATA
     if args.quick and not args.model:
         parser.error("--quick needs --model (a tiny local causal LM folder)")
+    if args.runs is None:
+        args.runs = args.work / "records" if args.quick else RUNS
     return args
 
 
-def finished(cfg: RunConfig) -> dict[str, Any] | None:
-    """The metrics of a finished run with exactly these settings, or None; a run that does not say
+def record_file(runs: Path, part: str, label: str, seed: int) -> Path:
+    """Where a run's record is kept (:func:`keep`)."""
+    return runs / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}.json"
+
+
+def keep(file: Path, cfg: RunConfig, result: dict[str, Any], made: dict[str, Any]) -> None:
+    """Keep what the results need of a finished run, with its settings and what made it."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    record = {"config": shaping_settings(cfg), "result": result, "made_by": made}
+    atomic_write_text(file, json.dumps(record, indent=1) + "\n")
+
+
+def finished(cfg: RunConfig, file: Path, seed: int) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """(result, what made it) of a finished run with exactly these settings, or None.
+
+    Read from the run's record (``file``) first, else from its run folder, whose result is then
+    recorded too (a grid begun before the records existed keeps its runs). A run that does not say
     what made it (``common.record_made_by``) counts as unfinished."""
+    if file.is_file():
+        record = json.loads(file.read_text())
+        if same_settings(record["config"], cfg) and record.get("made_by"):
+            return record["result"], record["made_by"]
     done = Path(cfg.output_dir) / METRICS_FILE
-    if done.is_file() and made_by(Path(cfg.output_dir)) is not None:
+    made = made_by(Path(cfg.output_dir)) if done.is_file() else None
+    if made is not None:
         metrics = json.loads(done.read_text())
         if same_settings(metrics.get("config") or {}, cfg):
-            return metrics
+            result = _result(metrics, cfg.task, seed)
+            keep(file, cfg, result, made)
+            return result, made
     return None
 
 
@@ -215,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in reported
     }
     plan = []  # (part, label, seed, cfg, may_train)
+    files: list[Path] = []  # each planned run's record
     for part in reported:
         quick = {k: v for k, v in QUICK.items() if v is not None} if args.quick else {}
         settings = {**RECIPE, **PARTS[part], **quick}
@@ -239,36 +276,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 plan.append(
                     (part, label, seed, cfg, part in parts and (chosen is None or label in chosen))
                 )
+                files.append(record_file(args.runs, part, label, seed))
     total = sum(1 for *_, may_train in plan if may_train)
     # Every finished run is read first, so that the results
     # written after each new run hold the whole grid.
-    found = [finished(cfg) for *_, cfg, _ in plan]
+    found = [finished(cfg, file, seed) for (_, _, seed, cfg, _), file in zip(plan, files)]
     made: dict[str, dict[str, Any]] = {}  # run folder -> what made it
-    for (part, label, seed, cfg, _), metrics in zip(plan, found):
-        if metrics is not None:
-            runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
-            made[cfg.output_dir] = made_by(Path(cfg.output_dir))
+    for (part, label, _, cfg, _), hit in zip(plan, found):
+        if hit is not None:
+            runs.setdefault(part, {}).setdefault(label, []).append(hit[0])
+            made[cfg.output_dir] = hit[1]
     trained = 0
-    for (part, label, seed, cfg, may_train), metrics in zip(plan, found):
+    for (part, label, seed, cfg, may_train), hit, file in zip(plan, found, files):
         if not may_train:  # only read back (above): a part or method this sitting may not train
             continue
-        if metrics is None and args.max_new_runs is not None and trained >= args.max_new_runs:
+        if hit is None and args.max_new_runs is not None and trained >= args.max_new_runs:
             print(
                 f"skipped {part} {label} seed {seed}: --max-new-runs {args.max_new_runs} reached",
                 file=sys.stderr,
                 flush=True,
             )
             continue
-        begun, reused = time.perf_counter(), metrics is not None
-        if not reused:
+        begun, reused = time.perf_counter(), hit is not None
+        if hit is None:
             metrics = train(cfg)
             made[cfg.output_dir] = record_made_by(Path(cfg.output_dir))
-            runs.setdefault(part, {}).setdefault(label, []).append(_result(metrics, cfg.task, seed))
+            result = _result(metrics, cfg.task, seed)
+            keep(file, cfg, result, made[cfg.output_dir])
+            runs.setdefault(part, {}).setdefault(label, []).append(result)
+        else:
+            result = hit[0]
         done += 1
-        metric, score = headline(metrics, cfg.task)
         print(
-            f"[{done}/{total}] {part} {label} seed {seed}: {metric} {score:.4f}, train loss "
-            f"{metrics['train_loss']:.4f} "
+            f"[{done}/{total}] {part} {label} seed {seed}: {result['metric']} "
+            f"{result['score']:.4f}, train loss {result['train_loss']:.4f} "
             f"({'reused' if reused else f'{time.perf_counter() - begun:.0f} s'}, "
             f"{time.perf_counter() - started:.0f} s so far)",
             file=sys.stderr,
