@@ -186,6 +186,14 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
     capsys.readouterr()
     fresh = lm_generation.main(argv)
     assert capsys.readouterr().err.count("reused") == 4 and fresh["runs"] == last["runs"]
+    # the data folder spelled another way (a link to it): the records still match
+    (tmp_path / "data_link").symlink_to(lm_generation.TEST_DATA, target_is_directory=True)
+    lm_generation.main([*argv, "--data-dir", str(tmp_path / "data_link")])
+    assert capsys.readouterr().err.count("reused") == 4
+    assert (
+        json.loads((tmp_path / "records/math/LoRA/seed0.json").read_text())["config"]["data_dir"]
+        == "tests/assets/data"
+    )
     # a record made with other settings is not trusted: that run is trained again
     changed = tmp_path / "records/math/LoRA/seed0.json"
     stored = json.loads(changed.read_text())
@@ -808,7 +816,7 @@ def test_the_edge_summary_groups_claims_by_verdict_and_counts_each_rows_comparis
             "planned": True,
             "made_by": "stale: made at abc, the code changed since (def)",
             "numbers": "a vs b +1 (p 0.01: held); a vs c -3 (t 1: contradicted); "
-            "a vs d (x: not shown)",
+            "a vs d (x: not shown); beside it (not in the plan): a vs e (sign p 0.1: held)",
         },
         {
             "claim": "Early loss",
@@ -825,13 +833,13 @@ def test_the_edge_summary_groups_claims_by_verdict_and_counts_each_rows_comparis
     # every claim sits under its verdict's heading, marked with how it was judged and its age
     held = lines.index("- Held:")
     assert lines[held + 1] == ("  - Vision (pre-registered test; current): of 1 comparison, 1 held")
-    partly = lines.index("- Held for some comparisons only:")
+    partly = lines.index("- Mixed (some comparisons held; the counts say how the others went):")
     assert lines[partly + 1] == (
         "  - GLUE (pre-registered test; stale): of 3 comparisons, 1 held, 1 contradicted, "
         "1 not shown"
     )
     assert "- Not shown (no difference the test can tell from noise): none" in lines
-    contradicted = lines.index("- Contradicted:")
+    contradicted = lines.index("- Contradicted outright:")
     assert lines[contradicted + 1] == (
         "  - Early loss (seeds only; unstamped, quick run): of 1 comparison, 1 contradicted"
     )

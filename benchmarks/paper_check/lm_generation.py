@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -190,10 +191,23 @@ def record_file(runs: Path, part: str, label: str, seed: int) -> Path:
     return runs / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}.json"
 
 
+def portable_settings(cfg: RunConfig) -> dict[str, Any]:
+    """The settings that shape a run, with the data folder relative to the repository: a record
+    committed in one checkout must match the same run in a checkout elsewhere (an absolute path
+    would make every record look like another run's, and the grid train them all again)."""
+    settings = shaping_settings(cfg)
+    if settings.get("data_dir"):
+        where = os.path.relpath(Path(settings["data_dir"]).resolve(), REPO)
+        settings["data_dir"] = Path(where).as_posix()
+    return settings
+
+
 def keep(file: Path, cfg: RunConfig, result: dict[str, Any], made: dict[str, Any]) -> None:
-    """Keep what the results need of a finished run, with its settings and what made it."""
+    """Keep what the results need of a finished run, with its settings and what made it. The
+    record holds :func:`_result`'s fields as computed then: a change to what that keeps (say
+    ``FIGURE2_STEPS``) reaches a recorded run only when it is trained again."""
     file.parent.mkdir(parents=True, exist_ok=True)
-    record = {"config": shaping_settings(cfg), "result": result, "made_by": made}
+    record = {"config": portable_settings(cfg), "result": result, "made_by": made}
     atomic_write_text(file, json.dumps(record, indent=1) + "\n")
 
 
@@ -205,7 +219,7 @@ def finished(cfg: RunConfig, file: Path, seed: int) -> tuple[dict[str, Any], dic
     what made it (``common.record_made_by``) counts as unfinished."""
     if file.is_file():
         record = json.loads(file.read_text())
-        if same_settings(record["config"], cfg) and record.get("made_by"):
+        if record["config"] == portable_settings(cfg) and record.get("made_by"):
             return record["result"], record["made_by"]
     done = Path(cfg.output_dir) / METRICS_FILE
     made = made_by(Path(cfg.output_dir)) if done.is_file() else None

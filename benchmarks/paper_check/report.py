@@ -438,8 +438,14 @@ VERDICT_ORDER = ("held", "partly", "not shown", "contradicted")
 def _comparison_counts(numbers: str) -> str:
     """ ": 2 comparisons held, 1 contradicted, 4 not shown" from a row's numbers (every rule ends a
     comparison with ": held)", ": not shown)" or ": contradicted)"), so a mixed row says which way
-    its comparisons went; empty when the row names no single comparison."""
-    found = re.findall(r": (held|not shown|contradicted)\)", numbers)
+    its comparisons went; empty when the row names no single comparison. A check the row marks
+    "not in the plan" (shown beside a planned test) is not counted."""
+    found = [
+        verdict
+        for part in numbers.split("; ")
+        if "not in the plan" not in part
+        for verdict in re.findall(r": (held|not shown|contradicted)\)", part)
+    ]
     if not found:
         return ""
     counts = [f"{found.count(v)} {v}" for v in ("held", "contradicted", "not shown") if v in found]
@@ -461,6 +467,7 @@ def edge_summary(judged: list[dict[str, Any]]) -> str:
     for row in judged:
         how = "pre-registered test" if row["planned"] else "seeds only"
         age = row["made_by"].split(" ", 1)[0].rstrip(":")  # current | stale | unstamped | commit
+        age = "made by a commit unknown here" if age == "commit" else age
         if row.get("quick"):
             age += ", quick run"
         entry = f"{row['claim']} ({how}; {age})"
@@ -471,15 +478,15 @@ def edge_summary(judged: list[dict[str, Any]]) -> str:
         else:
             other.append(f"{entry}: {verdict}")
     lines = [
-        "**Where EVA's edge survives** (computed from the table below, claims that set EVA "
+        "**Where EVA's edge survives** (computed from the table above, claims that set EVA "
         "against other initialisations; a stale or unstamped result was made by older code):",
         "",
     ]
     titles = {
         "held": "Held",
-        "partly": "Held for some comparisons only",
+        "partly": "Mixed (some comparisons held; the counts say how the others went)",
         "not shown": "Not shown (no difference the test can tell from noise)",
-        "contradicted": "Contradicted",
+        "contradicted": "Contradicted outright",
     }
     for key in VERDICT_ORDER:
         lines.append(f"- {titles[key]}:{'' if groups[key] else ' none'}")
@@ -623,7 +630,7 @@ def main(results: Path = HERE / "results", report: Path = HERE / "REPORT.md") ->
                 {
                     "claim": claim,
                     "verdict": verdict,
-                    "planned": plans.plan_path(stem).is_file() and "plan" in record and not refused,
+                    "planned": plans.plan_path(stem).is_file() and not record.get("quick"),
                     "made_by": made_by,
                     "quick": bool(record.get("quick")),
                     "numbers": numbers,
