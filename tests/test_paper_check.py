@@ -142,6 +142,8 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
     record = lm_generation.main(argv)
     # one record per run, to commit: 2 parts x 2 methods x 1 seed
     assert len(list((tmp_path / "records").rglob("seed0.json"))) == 4
+    assert record["runs_finished"] == record["runs_planned"] == 4
+    assert "runs finished, not yet" not in (tmp_path / "lm_generation.md").read_text()
     assert record["parts"] == ["math", "commonsense"] and set(record["runs"]["math"]) == {
         "LoRA",
         "EVA rho=2",
@@ -211,7 +213,12 @@ def test_lm_generation_quick_runs_both_parts_and_reuses_finished_runs(
         "0",
     ]
     # nothing finished there, nothing may be trained
-    assert lm_generation.main(elsewhere)["runs"] == {}
+    nothing = lm_generation.main(elsewhere)
+    assert nothing["runs"] == {} and (nothing["runs_finished"], nothing["runs_planned"]) == (0, 4)
+    assert (
+        "0 of 4 runs finished, not yet the whole grid"
+        in (tmp_path / "lm_generation.md").read_text()
+    )
     assert capsys.readouterr().err.count("--max-new-runs 0 reached") == 4
     verdict, numbers = report.lm_math_verdict(record)
     # one seed, and a random tiny model scores 0 everywhere: no signal

@@ -331,8 +331,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         if not reused:
             trained += 1
-            _write(args, reported, seeds, runs, list(made.values()), started, final=False)
-    return _write(args, reported, seeds, runs, list(made.values()), started, final=True)
+            _write(args, reported, seeds, runs, made, len(plan), started, final=False)
+    return _write(args, reported, seeds, runs, made, len(plan), started, final=True)
 
 
 def _write(
@@ -340,12 +340,14 @@ def _write(
     parts: list[str],
     seeds: list[int],
     runs: dict[str, Any],
-    made: list[dict[str, Any]],
+    made: dict[str, dict[str, Any]],
+    planned: int,
     started: float,
     final: bool,
 ) -> dict[str, Any]:
     """Results of every run found so far, in the grid's order (method, then seed), stamped with
-    the oldest commit and the united modules of the processes that made them."""
+    the oldest commit and the united modules of the processes that made them, and with how many
+    of the grid's runs they are (a grid filled in over sittings is reported before it is whole)."""
     order = {label: i for i, (label, _, _) in enumerate(METHODS)}
     ordered = {
         p: {
@@ -362,6 +364,8 @@ def _write(
         "seeds": seeds,
         "settings": {p: {**RECIPE, **PARTS[p]} for p in ordered},
         "runs": ordered,
+        "runs_finished": len(made),
+        "runs_planned": planned,
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -372,7 +376,7 @@ def _write(
         "lm_generation",
         record,
         markdown(record),
-        **made_by_runs(made),
+        **made_by_runs(list(made.values())),
     )
     return record
 
@@ -400,6 +404,15 @@ def _result(metrics: dict[str, Any], task: str, seed: int) -> dict[str, Any]:
     }
 
 
+def _progress(record: dict[str, Any]) -> str:
+    """ "12 of 45 runs finished, not yet the whole grid; " while a grid is filled in (nothing for a
+    result from before the count was recorded, or a whole grid)."""
+    done, planned = record.get("runs_finished"), record.get("runs_planned")
+    if done is None or planned is None or done >= planned:
+        return ""
+    return f"{done} of {planned} runs finished, not yet the whole grid; "
+
+
 def _mean_std(values: list[float]) -> str:
     spread = statistics.stdev(values) if len(values) > 1 else 0.0
     return f"{100 * statistics.fmean(values):.2f} +/- {100 * spread:.2f}"
@@ -419,7 +432,8 @@ def markdown(record: dict[str, Any]) -> str:
         "code",
         "",
         f"`python benchmarks/paper_check/lm_generation.py{' --quick' if record['quick'] else ''}` "
-        f"({record['seconds']} s in this sitting; finished runs are reused). SmolLM2-135M-Instruct "
+        f"({_progress(record)}{record['seconds']} s in this sitting; finished runs are reused). "
+        "SmolLM2-135M-Instruct "
         "(Q4_1 weights in float32), adapters on every linear layer and the LM head, r 16, "
         "alpha 1, lr 5e-4, linear schedule, warm-up 0.03, batch 4, SVD batch size 4, seeds "
         f"{record['seeds']}; scores x 100, mean +/- std over seeds.",
