@@ -186,9 +186,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def record_file(runs: Path, part: str, label: str, seed: int) -> Path:
-    """Where a run's record is kept (:func:`keep`)."""
-    return runs / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}.json"
+def run_path(root: Path, part: str, label: str, seed: int) -> Path:
+    """A run's place under ``root``: its folder under ``--work``, with ``.json`` its record under
+    ``--runs`` (:func:`keep`)."""
+    return root / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
 
 
 def portable_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -265,7 +266,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for p in reported
     }
     plan = []  # (part, label, seed, cfg, may_train)
-    files: list[Path] = []  # each planned run's record
     for part in reported:
         quick = {k: v for k, v in QUICK.items() if v is not None} if args.quick else {}
         settings = {**RECIPE, **PARTS[part], **quick}
@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             settings["model"] = args.model
         for seed in seeds:  # seed-major: a sitting cut short leaves complete, paired seeds
             for label, init, eva in part_methods[part]:
-                out = args.work / part / label.replace(" ", "_").replace("+", "-") / f"seed{seed}"
+                out = run_path(args.work, part, label, seed)
                 cfg = build_run_config(
                     overrides={
                         **settings,
@@ -290,10 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 plan.append(
                     (part, label, seed, cfg, part in parts and (chosen is None or label in chosen))
                 )
-                files.append(record_file(args.runs, part, label, seed))
     total = sum(1 for *_, may_train in plan if may_train)
     # Every finished run is read first, so that the results
     # written after each new run hold the whole grid.
+    files = [
+        run_path(args.runs, p, label, seed).with_suffix(".json") for p, label, seed, *_ in plan
+    ]
     found = [finished(cfg, file, seed) for (_, _, seed, cfg, _), file in zip(plan, files)]
     made: dict[str, dict[str, Any]] = {}  # run folder -> what made it
     for (part, label, _, cfg, _), hit in zip(plan, found):
