@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
 import threading
 import time
@@ -252,6 +253,34 @@ def sweep(device: str, emit) -> None:
         )
 
 
+def _paired(run, model, batches, settings) -> tuple[tuple, float]:
+    """One run of an EVA implementation, then plain passes over the batches it consumed (cycled):
+    the pair a ratio is taken from, measured back to back so that the machine's drift between
+    them is small."""
+    out = run(model, batches, settings)
+    plain = timed_forwards(model, [batches[i % len(batches)] for i in range(out[1])])
+    return out, sum(plain)
+
+
+def _timing_record(pairs: list[tuple[tuple, float]]) -> dict:
+    """The figures of ``--repeats`` paired runs: each ratio, and the median the verdict reads.
+
+    A single pair moves by ~0.1 between runs on a shared 2-core machine; the median of several
+    pairs, each measured back to back, is what a 1.15x target can be judged on."""
+    passes = {out[1] for out, _ in pairs}
+    if len(passes) != 1:  # the engines are deterministic: a difference is a bug, not noise
+        raise RuntimeError(f"forward passes differ between repeats: {sorted(passes)}")
+    ratios = [out[0] / plain for out, plain in pairs]
+    return {
+        "seconds": [round(out[0], 2) for out, _ in pairs],
+        "forward_passes": passes.pop(),
+        "plain_forward_seconds": [round(plain, 2) for _, plain in pairs],
+        "overhead_ratios": [round(r, 3) for r in ratios],
+        "overhead_ratio": round(statistics.median(ratios), 3),
+        "peak_rss_mb": round(max(out[2] for out, _ in pairs), 1),
+    }
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -265,7 +294,16 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="another process keeps one core busy for the whole run (a shared machine)",
     )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="paired runs (each: the EVA run, then plain passes over the batches it consumed); "
+        "the verdict reads the median ratio",
+    )
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     warnings.simplefilter("ignore")
     if args.busy:
         import multiprocessing
@@ -296,39 +334,30 @@ def _main(args: argparse.Namespace) -> None:
     emit(event="setup", batches_available=len(batches), threads=torch.get_num_threads(), **settings)
 
     timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
-    ours_s, ours_n, ours_mb, ours_comp = run_ours(model, batches, settings)
-    # EVA cycles the batches
-    plain = timed_forwards(model, [batches[i % len(batches)] for i in range(ours_n)])
-    emit(
-        method="eva-lora",
-        seconds=round(ours_s, 2),
-        forward_passes=ours_n,
-        plain_forward_seconds=round(sum(plain), 2),
-        overhead_ratio=round(ours_s / sum(plain), 3),
-        peak_rss_mb=round(ours_mb, 1),
-    )
-    result = {"eva-lora": (ours_s, ours_n, ours_comp)}
-    if not args.skip_peft:
-        peft_s, peft_n, peft_mb, peft_sd = run_peft(model, batches, settings)
-        plain_p = timed_forwards(model, [batches[i % len(batches)] for i in range(peft_n)])
+    ours, peft = [], []
+    for _ in range(args.repeats):  # interleaved: each speedup compares runs made minutes apart
+        ours.append(_paired(run_ours, model, batches, settings))
+        if not args.skip_peft:
+            peft.append(_paired(run_peft, model, batches, settings))
+    emit(method="eva-lora", **_timing_record(ours))
+    result = {"eva-lora": (ours[0][0][1], ours[0][0][3])}
+    if peft:
         emit(
             method="peft",
-            seconds=round(peft_s, 2),
-            forward_passes=peft_n,
-            plain_forward_seconds=round(sum(plain_p), 2),
-            overhead_ratio=round(peft_s / sum(plain_p), 3),
-            peak_rss_mb=round(peft_mb, 1),
-            speedup_of_eva_lora=round(peft_s / ours_s, 2),
+            **_timing_record(peft),
+            speedup_of_eva_lora=round(
+                statistics.median(p[0][0] / o[0][0] for o, p in zip(ours, peft)), 2
+            ),
         )
-        result["peft"] = (peft_s, peft_n, peft_sd)
-    for method, (_, n, comps) in result.items():
+        result["peft"] = (peft[0][0][1], peft[0][0][3])
+    for method, (n, comps) in result.items():
         covs = exact_covariances(
             model, [batches[i % len(batches)] for i in range(min(n, len(batches)))], settings
         )
         emit(method=method, quality="same_tokens", captured_variance=quality(comps, covs))
     if not args.skip_dataset_quality:
         covs = exact_covariances(model, batches, settings)
-        for method, (_, _, comps) in result.items():
+        for method, (_, comps) in result.items():
             emit(method=method, quality="whole_dataset", captured_variance=quality(comps, covs))
 
 
