@@ -43,6 +43,8 @@ step cuda_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_host_reads.py
 
 # 2. 8B widths (2 blocks), 16k tokens per batch (4 x 4096), bf16 model, default statistics, every group
 #    kept active; PEFT's get_eva_state_dict on the same batches; captured variance against float64.
+#    One run solves the checks' small eigenproblems on the host (a trial patch, bench_solves.host_solves):
+#    the H200's 3.5x of 2026-12-04 was ~115 ms per check, almost nothing per batch between checks.
 step scale_8b 120 $PY benchmarks/bench_scale.py measure --device cuda --layers 2 --batch 4 --seq 4096 --batches 6
 
 # 3. bench_init's random Llama (hidden 512, 8 blocks) in bf16, to convergence (PEFT: see the earlier run).
@@ -55,8 +57,9 @@ step profile_llama 50 $PY benchmarks/profile_init.py --case llama --device cuda
 step vocab 45 $PY benchmarks/bench_scale.py vocab --device cuda --layers 2 --hidden 2048 --batch 4 --seq 2048 \
     --batches 4
 
-# 5. Small solves: one batched eigh per check against one per group, float64 and float32.
-step small_solves 30 $PY benchmarks/bench_solves.py --device cuda
+# 5. Small solves: one batched eigh per check against one per group and against the same stack solved on
+#    the host, float64 and float32, at the shapes a check solves (8B-width sketches first).
+step small_solves 40 $PY benchmarks/bench_solves.py --device cuda
 
 # 6. The PEFT user's script with PEFT's EVA and with the drop-in: SmolLM2-135M's shapes in bf16 (random
 #    weights: flat spectra, so both need many passes; the step may run out of time).

@@ -47,7 +47,7 @@ def main(out: str) -> None:
     print(
         table(
             records(root / "small_solves.jsonl"),
-            ["m", "groups", "dtype", "batched_ms", "looped_ms"],
+            ["m", "groups", "dtype", "batched_ms", "looped_ms", "host_ms"],
         )
     )
     print("## bench_init, random Llama (512 x 8), bf16\n")
