@@ -335,7 +335,7 @@ def _main(args: argparse.Namespace) -> None:
 
     timed_forwards(model, batches[:3])  # warm-up: allocator, thread pools
     ours, peft = [], []
-    for _ in range(args.repeats):  # interleaved: each speedup compares runs made minutes apart
+    for _ in range(args.repeats):  # interleaved: each speedup compares runs made within a minute
         ours.append(_paired(run_ours, model, batches, settings))
         if not args.skip_peft:
             peft.append(_paired(run_peft, model, batches, settings))

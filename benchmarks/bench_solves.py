@@ -32,14 +32,18 @@ from collections.abc import Iterator
 
 import torch
 
+from eva_lora.numerics import single_thread
+
 # (m, groups), cheapest first (a step cut short by its time limit keeps them): the 8B-width
 # sketches' two solves per check (2 blocks), MiniLM-like Ritz blocks, r 16 windows, 128 groups
 SHAPES = ((161, 8), (289, 8), (48, 18), (160, 8), (320, 8), (161, 128), (289, 128), (320, 128))
 
 
 def solve_on_host(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.linalg.eigh`` of a stack computed on the CPU, returned to the stack's device."""
-    values, vectors = torch.linalg.eigh(stack.cpu())
+    """``torch.linalg.eigh`` of a stack computed on the CPU, returned to the stack's device: one
+    copy each way. On one thread, as the engine solves on a CPU (:func:`single_thread`)."""
+    with single_thread(torch.device("cpu")):
+        values, vectors = torch.linalg.eigh(stack.cpu())
     return values.to(stack.device), vectors.to(stack.device)
 
 
@@ -47,22 +51,29 @@ def solve_on_host(stack: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def host_solves() -> Iterator[None]:
     """Trial patch, not the engine's behaviour: every check's small eigenproblems solved on the CPU.
 
-    Swaps ``batched_eigh`` where the engine and the sketches call it for a version that copies the
-    matrices to the host (one copy per check and shape: the same sync the check's one read already
-    costs), solves them there and copies the eigenpairs back. Measured against the engine as it is
-    on a GPU (``bench_scale.py measure --device cuda``) before anything of it enters the engine.
+    Swaps ``batched_eigh`` where the engine and the sketches call it for a version that stacks the
+    matrices of each size on their device, copies each stack to the host once, solves it there
+    (:func:`solve_on_host`) and copies the eigenpairs back once: per check and size, one copy
+    each way and the synchronisation that comes with it. Measured against the engine as it is on
+    a GPU (``bench_scale.py measure --device cuda``) before anything of it enters the engine.
     """
-    from eva_lora import engine, numerics
+    from eva_lora import engine
     from eva_lora import statistics as sketch_module
 
-    original = numerics.batched_eigh
-
     def on_host(matrices):
-        solved = original([matrix.cpu() for matrix in matrices])
-        return [
-            (values.to(matrix.device), vectors.to(matrix.device))
-            for (values, vectors), matrix in zip(solved, matrices)
-        ]
+        out = [None] * len(matrices)
+        buckets: dict[tuple, list[int]] = {}
+        for index, matrix in enumerate(matrices):
+            buckets.setdefault((tuple(matrix.shape), matrix.dtype, matrix.device), []).append(index)
+        for indices in buckets.values():
+            stack = torch.stack([matrices[i] for i in indices])
+            stack = torch.nan_to_num(  # as batched_eigh: symmetrised, one poisoned group spares all
+                0.5 * (stack + stack.transpose(-1, -2)), nan=0.0, posinf=0.0, neginf=0.0
+            )
+            values, vectors = solve_on_host(stack)
+            for slot, index in enumerate(indices):
+                out[index] = (values[slot], vectors[slot])
+        return out
 
     saved = {module: module.batched_eigh for module in (engine, sketch_module)}
     for module in saved:

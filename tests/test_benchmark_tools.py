@@ -11,11 +11,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import bench_solves  # noqa: E402
 from bench_init import _timing_record  # noqa: E402
 from bench_solves import host_solves, solve_on_host  # noqa: E402
-from eva_lora import EvaConfig, compute_eva_state, numerics  # noqa: E402
+from eva_lora import EvaConfig, compute_eva_state  # noqa: E402
 from eva_lora import engine as engine_module  # noqa: E402
 from eva_lora import statistics as statistics_module  # noqa: E402
+from eva_lora.convergence import oversampled  # noqa: E402
 from helpers import VOCAB, tiny_llama, token_batches  # noqa: E402
 
 
@@ -54,29 +56,36 @@ def test_a_stack_solved_on_the_host_matches_the_direct_solve():
     assert torch.allclose(reconstructed, stack, rtol=0, atol=1e-9 * float(stack.abs().max()))
 
 
-def test_the_host_solve_trial_carries_every_check_of_a_run_and_restores_the_engine(monkeypatch):
-    """Both solvers (exact groups' Ritz steps and the sketches' windows) go through the trial's
-    path, and after it the engine calls its own ``batched_eigh`` again."""
-    seen: list[int] = []
-    original = numerics.batched_eigh
+def test_the_host_solve_trial_carries_both_solvers_checks_and_restores_the_engine(monkeypatch):
+    """The exact groups' Ritz steps (engine) and the sketches' windows (statistics) both go through
+    the trial's host path, stacked per size, and afterwards each module calls its own solver
+    again; on a CPU the trial computes exactly what the engine does."""
+    sizes: list[tuple[int, int]] = []  # (stacked problems, width) per host solve
+    real = bench_solves.solve_on_host
+
+    def counting(stack):
+        sizes.append((stack.shape[0], stack.shape[-1]))
+        return real(stack)
+
+    monkeypatch.setattr(bench_solves, "solve_on_host", counting)
     engine_solver, sketch_solver = engine_module.batched_eigh, statistics_module.batched_eigh
-
-    def counting(matrices):
-        seen.append(len(matrices))
-        return original(matrices)
-
-    monkeypatch.setattr(numerics, "batched_eigh", counting)  # what host_solves wraps
     model, batches = tiny_llama(), token_batches(VOCAB, 6)
-    # exact groups of width 32 (q/k/v, gate/up) and 48 (down_proj) as sketches of 8 directions
+    # q/k/v, o_proj and gate/up (width 32) exact; down_proj (width 48) a sketch of 8 directions
     config = EvaConfig(rank=2, rho=1.0, tau=0.999, exact_max_dim=40, sketch_size=8, max_batches=6)
     baseline = compute_eva_state(model, batches, config, progress=False)
-    assert seen == []  # the engine calls its own reference, not the numerics module's attribute
+    assert sizes == []
     with host_solves():
-        assert engine_module.batched_eigh is not counting
+        assert engine_module.batched_eigh is statistics_module.batched_eigh
+        assert engine_module.batched_eigh is not engine_solver
         trial = compute_eva_state(model, batches, config, progress=False)
-    assert len(seen) >= 2 * trial.n_batches  # one call per check for each kind, at least
     assert engine_module.batched_eigh is engine_solver
     assert statistics_module.batched_eigh is sketch_solver
     assert set(trial.group_statistics) == {"exact", "sketch"}
+    ritz = oversampled(2, 32)  # the exact groups' Rayleigh-Ritz block: 10 wide
+    exact_groups = trial.group_statistics.count("exact")
+    assert (exact_groups, ritz) in sizes  # the engine's call: all exact groups in one stack
+    sketch_groups = trial.group_statistics.count("sketch")
+    # the sketches' first window: 8 random + 8 powered directions; later windows 25 new, 33 wide
+    assert {(sketch_groups, 16), (sketch_groups, 25), (sketch_groups, 33)} <= set(sizes)
     for ours, theirs in zip(baseline.group_components, trial.group_components):
-        assert torch.equal(ours, theirs)  # on a CPU the host path is the same computation
+        assert torch.equal(ours, theirs)
