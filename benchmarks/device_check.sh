@@ -48,7 +48,8 @@ step cuda_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_host_reads.py
 step scale_8b 120 $PY benchmarks/bench_scale.py measure --device cuda --layers 2 --batch 4 --seq 4096 --batches 6
 
 # 3. bench_init's random Llama (hidden 512, 8 blocks) in bf16, to convergence (PEFT: see the earlier run).
-step init_llama 60 $PY benchmarks/bench_init.py --case llama --device cuda --skip-dataset-quality --skip-peft
+step init_llama 60 $PY benchmarks/bench_init.py --case llama --device cuda --skip-dataset-quality --skip-peft \
+    --repeats 1
 
 # 3b. Where that run's overhead goes: host and kernel time of each part of the engine (torch.profiler).
 step profile_llama 50 $PY benchmarks/profile_init.py --case llama --device cuda
