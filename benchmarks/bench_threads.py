@@ -21,17 +21,17 @@ import contextlib
 import json
 import multiprocessing
 import sys
-import time
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_init import build_case, timed_forwards  # noqa: E402
+from bench_init import build_case, run_ours, timed_forwards  # noqa: E402
 from bench_solves import _spin  # noqa: E402
-from eva_lora import EvaConfig, compute_eva_state, engine  # noqa: E402
+from eva_lora import engine  # noqa: E402
 from eva_lora.numerics import single_thread, statistics_precision  # noqa: E402
 
 
@@ -43,17 +43,15 @@ def one_thread_statistics(allow_tf32: bool = False) -> Iterator[None]:
 
 
 def timed_run(model, batches, settings, trial: bool) -> tuple[float, int]:
-    saved = engine.statistics_precision
-    if trial:
-        engine.statistics_precision = one_thread_statistics
-    try:
-        start = time.perf_counter()
-        state = compute_eva_state(
-            model, batches, EvaConfig(**settings, max_batches=1000), progress=False
-        )
-        return time.perf_counter() - start, state.n_batches
-    finally:
-        engine.statistics_precision = saved
+    """bench_init's timed EVA run, under the trial's context when ``trial``."""
+    patch = (
+        mock.patch.object(engine, "statistics_precision", one_thread_statistics)
+        if trial
+        else contextlib.nullcontext()
+    )
+    with patch:
+        seconds, passes, _, _ = run_ours(model, batches, settings)
+    return seconds, passes
 
 
 def main(argv: list[str] | None = None) -> None:
