@@ -1,4 +1,5 @@
-"""Benchmark machinery that verdicts rest on: bench_init's paired medians, the host-solve trial."""
+"""Benchmark machinery that verdicts rest on: bench_init's paired medians, the host-solve trial,
+bench_floor's recorded rows and flop counts."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
 import bench_solves  # noqa: E402
+from bench_floor import exact_flops, recording, replay_exact, sketch_flops  # noqa: E402
 from bench_init import _timing_record  # noqa: E402
 from bench_solves import host_solves, solve_on_host  # noqa: E402
 from eva_lora import EvaConfig, compute_eva_state  # noqa: E402
@@ -89,3 +93,67 @@ def test_the_host_solve_trial_carries_both_solvers_checks_and_restores_the_engin
     assert {(sketch_groups, 16), (sketch_groups, 25), (sketch_groups, 33)} <= set(sizes)
     for ours, theirs in zip(baseline.group_components, trial.group_components):
         assert torch.equal(ours, theirs)
+
+
+def test_the_floor_records_every_row_the_engine_absorbed_without_changing_its_result():
+    """bench_floor replays what each statistic absorbed: the recording must hold each fed batch's
+    kept tokens (48 of 64 per batch here: half the sequences lose their last 8 positions) and leave
+    the engine's components exactly as they are without it."""
+    model, batches = tiny_llama(), token_batches(VOCAB, 6)
+    config = EvaConfig(rank=2, rho=1.0, tau=0.999, exact_max_dim=40, sketch_size=8, max_batches=6)
+    baseline = compute_eva_state(model, batches, config, progress=False)
+    exact, sketch, sizes = [], [], {}
+    with recording(exact, sketch, sizes):
+        recorded = compute_eva_state(model, batches, config, progress=False)
+    for ours, theirs in zip(baseline.group_components, recorded.group_components):
+        assert torch.equal(ours, theirs)
+    # 2 blocks: q/k/v, o_proj, gate/up exact (width 32); down_proj a sketch (width 48) of size 8
+    assert len({k for k, _ in exact}) == 6 and {r.shape[1] for _, r in exact} == {32}
+    assert sizes == {k: 8 for k, _ in sketch} and len(sizes) == 2
+    assert {r.shape for _, r in exact + sketch} <= {(48, 32), (48, 48)}
+    first_group = [k for k, _ in exact].count(exact[0][0])
+    assert first_group == recorded.n_batches  # the first group is fed every batch the run consumed
+
+
+class _ProductFlops(TorchDispatchMode):
+    """2 m n k for every matrix product torch runs (torch's FlopCounterMode skips in-place
+    ``addmm_``, the exact update's product)."""
+
+    PRODUCTS = {"addmm", "addmm_", "mm", "matmul"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.PRODUCTS:
+            a, b = (args[1], args[2]) if name.startswith("addmm") else (args[0], args[1])
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+def test_the_floor_counts_the_flops_its_replays_perform():
+    """exact_flops is what the replayed updates' products cost, block split included."""
+    g = torch.Generator().manual_seed(0)
+    exact = [(0, torch.randn(30, 24, generator=g)), (1, torch.randn(20, 16, generator=g))]
+    for blocks in (None, 2):
+        with _ProductFlops() as counter:
+            replay_exact(exact, blocks)
+        assert counter.flops == exact_flops(exact, blocks or 1)
+    assert exact_flops(exact, 1) == 2 * (30 * 24 * 24 + 20 * 16 * 16)
+    assert exact_flops(exact, 2) == 0.75 * exact_flops(exact, 1)
+    assert sketch_flops([(0, torch.zeros(30, 24))], {0: 5}) == 2 * 30 * 5 * (24 + 5)
+
+
+def test_the_two_block_trial_sums_the_same_second_moment_as_the_engine():
+    g = torch.Generator().manual_seed(1)
+    records = [(0, torch.randn(40, 24, generator=g) + 3.0) for _ in range(3)]
+    _, engine = replay_exact(records, None)
+    _, trial = replay_exact(records, 2)
+    assert len(engine[0].blocks) == 1 and len(trial[0].blocks) == 2
+    rows = torch.cat([r for _, r in records]).double()
+    centred = rows - engine[0].shift
+    reference = centred.T @ centred
+    for acc in (engine[0], trial[0]):
+        assert torch.allclose(acc.full_moment().double(), reference, rtol=1e-5, atol=1e-3)
