@@ -15,7 +15,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import bench_solves  # noqa: E402
-from bench_floor import exact_flops, recording, replay_exact, sketch_flops  # noqa: E402
+from bench_floor import (  # noqa: E402
+    Recorded,
+    exact_flops,
+    recording,
+    replay_exact,
+    replay_sketch_floor,
+    sketch_flops,
+    truncated_forwards,
+)
 from bench_init import _timing_record  # noqa: E402
 from bench_solves import host_solves, solve_on_host  # noqa: E402
 from eva_lora import EvaConfig, compute_eva_state  # noqa: E402
@@ -97,22 +105,39 @@ def test_the_host_solve_trial_carries_both_solvers_checks_and_restores_the_engin
 
 def test_the_floor_records_every_row_the_engine_absorbed_without_changing_its_result():
     """bench_floor replays what each statistic absorbed: the recording must hold each fed batch's
-    kept tokens (48 of 64 per batch here: half the sequences lose their last 8 positions) and leave
-    the engine's components exactly as they are without it."""
+    kept tokens (48 of 64 per batch here: half the sequences lose their last 8 positions), one exit
+    point per counted pass, and leave the engine's components exactly as they are without it."""
     model, batches = tiny_llama(), token_batches(VOCAB, 6)
     config = EvaConfig(rank=2, rho=1.0, tau=0.999, exact_max_dim=40, sketch_size=8, max_batches=6)
     baseline = compute_eva_state(model, batches, config, progress=False)
-    exact, sketch, sizes = [], [], {}
-    with recording(exact, sketch, sizes):
+    run = Recorded()
+    with recording(run):
         recorded = compute_eva_state(model, batches, config, progress=False)
+    assert len(baseline.group_components) == len(recorded.group_components)
     for ours, theirs in zip(baseline.group_components, recorded.group_components):
         assert torch.equal(ours, theirs)
     # 2 blocks: q/k/v, o_proj, gate/up exact (width 32); down_proj a sketch (width 48) of size 8
-    assert len({k for k, _ in exact}) == 6 and {r.shape[1] for _, r in exact} == {32}
-    assert sizes == {k: 8 for k, _ in sketch} and len(sizes) == 2
-    assert {r.shape for _, r in exact + sketch} <= {(48, 32), (48, 48)}
-    first_group = [k for k, _ in exact].count(exact[0][0])
+    assert run.dtypes == dict.fromkeys(run.dtypes, torch.float32) and len(run.dtypes) == 6
+    assert {r.shape[1] for _, r in run.exact} == {32}
+    assert run.sizes == {k: 8 for k, _ in run.sketch} and len(run.sizes) == 2
+    assert {r.shape for _, r in run.exact + run.sketch} <= {(48, 32), (48, 48)}
+    first_group = [k for k, _ in run.exact].count(run.exact[0][0])
     assert first_group == recorded.n_batches  # the first group is fed every batch the run consumed
+    assert len(run.exits) == recorded.n_batches
+
+
+def test_a_truncated_plain_pass_stops_before_the_engines_exit_layer():
+    model, batches = tiny_llama(), token_batches(VOCAB, 2)
+    calls: list[str] = []
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj", "lm_head"):
+        model.get_submodule(name).register_forward_hook(lambda *_, n=name: calls.append(n))
+    truncated_forwards(model, batches, ["model.layers.1.mlp.down_proj", None])
+    # pass 1 stops before down_proj (up_proj ran); pass 2 runs to the end
+    assert calls == ["model.layers.1.mlp.up_proj"] + [
+        "model.layers.1.mlp.up_proj",
+        "model.layers.1.mlp.down_proj",
+        "lm_head",
+    ]
 
 
 class _ProductFlops(TorchDispatchMode):
@@ -137,13 +162,15 @@ def test_the_floor_counts_the_flops_its_replays_perform():
     """exact_flops is what the replayed updates' products cost, block split included."""
     g = torch.Generator().manual_seed(0)
     exact = [(0, torch.randn(30, 24, generator=g)), (1, torch.randn(20, 16, generator=g))]
-    for blocks in (None, 2):
+    for blocks in (None, 2, 3):
         with _ProductFlops() as counter:
             replay_exact(exact, blocks)
-        assert counter.flops == exact_flops(exact, blocks or 1)
-    assert exact_flops(exact, 1) == 2 * (30 * 24 * 24 + 20 * 16 * 16)
-    assert exact_flops(exact, 2) == 0.75 * exact_flops(exact, 1)
-    assert sketch_flops([(0, torch.zeros(30, 24))], {0: 5}) == 2 * 30 * 5 * (24 + 5)
+        assert counter.flops == exact_flops(exact, blocks)
+    assert exact_flops(exact, None) == 2 * (30 * 24 * 24 + 20 * 16 * 16)  # narrow: one block
+    sketch, sizes = [(0, exact[0][1]), (1, exact[1][1]), (0, exact[0][1])], {0: 5, 1: 3}
+    with _ProductFlops() as counter:
+        replay_sketch_floor(sketch, sizes)
+    assert counter.flops == sketch_flops(sketch, sizes)
 
 
 def test_the_two_block_trial_sums_the_same_second_moment_as_the_engine():
