@@ -18,16 +18,23 @@ new directions, so this is less than it does). This script
    order, and the layer each pass stopped before (the early exit);
 2. times, interleaved in ``--repeats`` rounds: full plain passes over the batches the run consumed
    (``bench_init.py``'s denominator); plain passes that stop where the engine's did (a pre-hook
-   on the same layer); the exact groups' updates replayed into fresh
-   :class:`~eva_lora.pca.CovarianceAccumulator` s (the engine's code, its block split and dtype);
+   on the same layer); the same passes under the engine's own capture (its hooks, token mask and
+   per-group gather of the kept rows; the rows then dropped); the exact groups' updates replayed
+   into fresh :class:`~eva_lora.pca.CovarianceAccumulator` s (the engine's code, its block split
+   and dtype);
    the same with every exact group split into two blocks (what ``block_bounds`` does from 512
    wide: a trial for narrower groups); and the sketch groups' least absorption (rows centred on
    their batch's mean, the engine centres on its window's first batch's: the same work; projected
    on an orthonormal basis of the sketch's size; the Gram added in float64, as the engine does);
+   and the engine's whole run again (``bench_init.run_ours``);
 3. prints one JSON line per round and a summary: each part's median share of the full plain
    passes, GFLOP/s (matrix products counted by ``torch.utils.flop_counter``; CPU attention kernels
    are not counted, ~3 % of MiniLM's forward at 64 tokens), and ``floor_ratio``: the median over
-   rounds of (truncated passes + exact updates + the sketch's least absorption) / full passes.
+   rounds of (truncated passes + exact updates + the sketch's least absorption) / full passes;
+   ``floor_ratio_with_capture`` the same with the captured passes; ``engine_ratio`` the engine's
+   run over the same full passes, and ``engine_above_floor_with_capture`` what the engine spends
+   beyond that floor (opening sketch windows, the sketches' exploring columns, the convergence
+   checks, rank allocation), as a share of the full passes.
 
 Everything else the engine does (gathering the kept tokens, opening sketch windows, the
 convergence checks, rank allocation) is left out, so ``bench_init.py``'s overhead ratio for the
@@ -206,6 +213,52 @@ def truncated_forwards(
     return out
 
 
+def captured_forwards(
+    model: torch.nn.Module, batches: list[dict], exits: list[str | None], settings: dict
+) -> list[float]:
+    """Seconds of passes under the engine's own capture (its hooks, token mask and per-group
+    gather of the kept rows, its early exit where the engine's passes stopped), the rows then
+    dropped: what feeding costs before any statistic sees a row."""
+    from eva_lora import EvaConfig
+    from eva_lora.capture import StopForward, probe_slice
+    from eva_lora.targets import find_target_layers
+
+    config = EvaConfig(**settings)
+    capture = ActivationCapture(
+        find_target_layers(model, config), config.use_label_mask, config.label_mask_value
+    )
+    out = []
+    with torch.no_grad(), capture:
+        probe = probe_slice(batches[0])
+        capture.set_batch(probe)
+        model(**probe)
+        capture.finish_probe()
+        order = {name: i for i, g in enumerate(capture.groups) for name in g.names}
+        for group in capture.groups:
+            group.sink = _drop
+        for batch, exit_layer in zip(batches, exits, strict=True):
+            last = len(capture.groups) if exit_layer is None else order[exit_layer]
+            for i, group in enumerate(capture.groups):  # the engine feeds all groups up to its exit
+                group.active = i <= last
+            capture.set_exit_point(exit_layer is not None)
+            if capture.exit_layer != exit_layer:
+                raise RuntimeError(
+                    f"capture exits at {capture.exit_layer}, the engine at {exit_layer}"
+                )
+            start = time.perf_counter()
+            capture.set_batch(batch, count=True)
+            try:
+                model(**batch)
+            except StopForward:
+                pass
+            out.append(time.perf_counter() - start)
+    return out
+
+
+def _drop(rows: torch.Tensor) -> None:
+    """A sink that keeps nothing."""
+
+
 def forward_flops(model: torch.nn.Module, batches: list[dict], exits: list[str | None]) -> float:
     with FlopCounterMode(display=False) as counter:
         truncated_forwards(model, batches, exits)
@@ -275,9 +328,11 @@ def measure(args: argparse.Namespace) -> None:
         seconds = {
             "forward": sum(truncated_forwards(model, consumed, full)),
             "truncated": sum(truncated_forwards(model, consumed, run.exits)),
+            "captured": sum(captured_forwards(model, consumed, run.exits, settings)),
             "exact": replay_exact(run.exact, None, run.dtypes)[0],
             "exact_2_blocks": replay_exact(run.exact, 2, run.dtypes)[0],
             "sketch_floor": replay_sketch_floor(run.sketch, run.sizes),
+            "engine": run_ours(model, batches, settings)[0],
         }
         rounds.append(seconds)
         emit(event="round", repeat=repeat, seconds={k: round(v, 3) for k, v in seconds.items()})

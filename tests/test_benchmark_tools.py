@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 import bench_solves  # noqa: E402
 from bench_floor import (  # noqa: E402
     Recorded,
+    captured_forwards,
     exact_flops,
     recording,
     replay_exact,
@@ -138,6 +139,22 @@ def test_a_truncated_plain_pass_stops_before_the_engines_exit_layer():
         "model.layers.1.mlp.down_proj",
         "lm_head",
     ]
+
+
+def test_captured_passes_stop_where_the_engine_stopped_and_leave_no_hooks():
+    model, batches = tiny_llama(), token_batches(VOCAB, 2)
+    calls: list[str] = []
+    for name in ("model.layers.1.mlp.down_proj", "model.layers.1.mlp.up_proj", "lm_head"):
+        model.get_submodule(name).register_forward_hook(lambda *_, n=name: calls.append(n))
+    settings = dict(rank=2, rho=1.0, tau=0.99)
+    seconds = captured_forwards(model, batches, ["model.layers.1.mlp.gate_proj", None], settings)
+    assert len(seconds) == 2
+    # the probe slice runs the whole model; pass 1 stops before gate_proj (so before up_proj, its
+    # group's other layer, and down_proj); pass 2 runs to the end
+    whole = ["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+    assert calls == whole + whole
+    for name in ("model.layers.0.self_attn.q_proj", "lm_head"):  # the capture's hooks are gone
+        assert not model.get_submodule(name)._forward_pre_hooks
 
 
 class _ProductFlops(TorchDispatchMode):
