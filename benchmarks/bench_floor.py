@@ -341,27 +341,33 @@ def measure(args: argparse.Namespace) -> None:
 
 def summarise(rounds: list[dict[str, float]], flops: dict[str, float]) -> dict[str, Any]:
     """Median share of the full plain passes per part (each round against its own passes), the
-    GFLOP/s of each part, and the floor ratios: per round (truncated passes + exact updates + the
-    sketch's least absorption) / full passes, then the median over rounds."""
+    GFLOP/s of each part, and the ratios: per round a sum of parts over the full passes, then the
+    median over rounds (a median of per-round sums, not a sum of medians)."""
     median = statistics.median
     shares = {
         part: median(r[part] / r["forward"] for r in rounds)
         for part in rounds[0]
         if part != "forward"
     }
-    rates = {part: flops[part] / median(r[part] for r in rounds) / 1e9 for part in rounds[0]}
+    rates = {part: flops[part] / median(r[part] for r in rounds) / 1e9 for part in flops}
 
-    def floor(exact: str) -> float:
-        return median(
-            (r["truncated"] + r[exact] + r["sketch_floor"]) / r["forward"] for r in rounds
-        )
+    def ratio(*parts: str) -> float:
+        return round(median(sum(r[p] for p in parts) / r["forward"] for r in rounds), 3)
 
-    return {
+    out = {
         "share_of_plain_passes": {k: round(v, 4) for k, v in shares.items()},
         "gflop_per_s": {k: round(v, 1) for k, v in rates.items()},
-        "floor_ratio": round(floor("exact"), 3),
-        "floor_ratio_exact_2_blocks": round(floor("exact_2_blocks"), 3),
+        "floor_ratio": ratio("truncated", "exact", "sketch_floor"),
+        "floor_ratio_exact_2_blocks": ratio("truncated", "exact_2_blocks", "sketch_floor"),
     }
+    if "captured" in rounds[0] and "engine" in rounds[0]:
+        out["floor_ratio_with_capture"] = ratio("captured", "exact", "sketch_floor")
+        out["engine_ratio"] = ratio("engine")
+        rest = [r["engine"] - r["captured"] - r["exact"] - r["sketch_floor"] for r in rounds]
+        out["engine_above_floor_with_capture"] = round(
+            median(x / r["forward"] for x, r in zip(rest, rounds)), 3
+        )
+    return out
 
 
 if __name__ == "__main__":

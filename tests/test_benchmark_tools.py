@@ -201,3 +201,31 @@ def test_the_two_block_trial_sums_the_same_second_moment_as_the_engine():
     reference = centred.T @ centred
     for acc in (engine[0], trial[0]):
         assert torch.allclose(acc.full_moment().double(), reference, rtol=1e-5, atol=1e-3)
+
+
+def test_the_floor_summary_takes_the_median_of_per_round_ratios():
+    from bench_floor import summarise
+
+    parts = (
+        "forward",
+        "truncated",
+        "captured",
+        "exact",
+        "exact_2_blocks",
+        "sketch_floor",
+        "engine",
+    )
+    rounds = [
+        dict(zip(parts, (10.0, 9.0, 9.5, 1.0, 0.8, 0.3, 13.0))),  # floor 1.03, engine 1.3
+        dict(zip(parts, (8.0, 7.2, 7.6, 0.8, 0.6, 0.2, 9.6))),  # floor 1.025, engine 1.2
+        dict(zip(parts, (5.0, 4.8, 4.9, 0.6, 0.5, 0.2, 7.0))),  # floor 1.12, engine 1.4
+    ]
+    flops = {"forward": 20e9, "exact": 2e9}
+    summary = summarise(rounds, flops)
+    assert summary["floor_ratio"] == 1.03
+    assert summary["floor_ratio_exact_2_blocks"] == 1.01  # 1.01, 1.0, 1.1
+    assert summary["floor_ratio_with_capture"] == 1.08  # 1.08, 1.075, 1.14
+    assert summary["engine_ratio"] == 1.3
+    assert summary["engine_above_floor_with_capture"] == 0.22  # 0.22, 0.125, 0.26
+    assert summary["share_of_plain_passes"]["exact"] == 0.1  # 0.1, 0.1, 0.12
+    assert summary["gflop_per_s"] == {"forward": 2.5, "exact": 2.5}  # medians 8 s and 0.8 s
