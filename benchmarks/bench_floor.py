@@ -49,7 +49,6 @@ import argparse
 import contextlib
 import functools
 import json
-import multiprocessing
 import statistics
 import sys
 import time
@@ -64,8 +63,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_init import build_case, run_ours, timed_forwards  # noqa: E402
-from bench_solves import _spin  # noqa: E402
-from eva_lora.capture import ActivationCapture  # noqa: E402
+from bench_solves import busy_cores  # noqa: E402
+from eva_lora.capture import ActivationCapture, StopForward  # noqa: E402
 from eva_lora.numerics import statistics_precision  # noqa: E402
 from eva_lora.pca import CovarianceAccumulator, block_bounds  # noqa: E402
 from eva_lora.statistics import ExactStatistic, SketchStatistic  # noqa: E402
@@ -184,12 +183,8 @@ def sketch_flops(records: list[Record], sizes: dict[int, int]) -> float:
     return sum(2 * r.shape[0] * sizes[k] * (r.shape[1] + sizes[k]) for k, r in records)
 
 
-class _Stop(Exception):
-    """Ends a plain pass where the engine's pass ended."""
-
-
 def _stop(module: torch.nn.Module, args: tuple) -> None:
-    raise _Stop
+    raise StopForward  # the engine's own signal, raised before the layer as its hook does
 
 
 def truncated_forwards(
@@ -206,7 +201,7 @@ def truncated_forwards(
             start = time.perf_counter()
             try:
                 model(**batch)
-            except _Stop:
+            except StopForward:
                 pass
             out.append(time.perf_counter() - start)
             if handle is not None:
@@ -221,7 +216,7 @@ def captured_forwards(
     gather of the kept rows, its early exit where the engine's passes stopped), the rows then
     dropped: what feeding costs before any statistic sees a row."""
     from eva_lora import EvaConfig
-    from eva_lora.capture import StopForward, probe_slice
+    from eva_lora.capture import probe_slice
     from eva_lora.targets import find_target_layers
 
     config = EvaConfig(**settings)
@@ -279,16 +274,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     warnings.simplefilter("ignore")
-    stop = multiprocessing.Event()
-    spinner = multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
-    if args.busy:
-        spinner.start()
-    try:
+    with busy_cores(1 if args.busy else 0):
         measure(args)
-    finally:
-        stop.set()
-        if args.busy:
-            spinner.join()
 
 
 def measure(args: argparse.Namespace) -> None:

@@ -305,20 +305,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     warnings.simplefilter("ignore")
-    if args.busy:
-        import multiprocessing
+    from bench_solves import busy_cores
 
-        from bench_solves import _spin
-
-        stop = multiprocessing.Event()
-        spinner = multiprocessing.Process(target=_spin, args=(stop,), daemon=True)
-        spinner.start()
-        try:
-            return _main(args)
-        finally:
-            stop.set()
-            spinner.join()
-    return _main(args)
+    with busy_cores(1 if args.busy else 0):
+        return _main(args)
 
 
 def _main(args: argparse.Namespace) -> None:

@@ -91,6 +91,23 @@ def _spin(stop) -> None:  # another process's work on the same machine
         x += 1
 
 
+@contextlib.contextmanager
+def busy_cores(count: int) -> Iterator[None]:
+    """``count`` other processes each keep a core busy while inside (a shared machine)."""
+    stop = multiprocessing.Event()
+    spinners = [
+        multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(count)
+    ]
+    for spinner in spinners:
+        spinner.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for spinner in spinners:
+            spinner.join()
+
+
 def timed(fn, device: str, repeats: int = 7) -> float:
     fn()
     out = []
@@ -112,12 +129,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--busy", action="store_true", help="keep one core busy in another process")
     args = parser.parse_args(argv)
-    stop = multiprocessing.Event()
-    spinner = (
-        multiprocessing.Process(target=_spin, args=(stop,), daemon=True) if args.busy else None
-    )
-    if spinner:
-        spinner.start()
+    busy = contextlib.ExitStack()
+    busy.enter_context(busy_cores(1 if args.busy else 0))
     threads_all = torch.get_num_threads()
     generator = torch.Generator().manual_seed(0)
     try:
@@ -157,9 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                 torch.set_num_threads(threads_all)
     finally:
-        stop.set()
-        if spinner:
-            spinner.join()
+        busy.close()
 
 
 if __name__ == "__main__":

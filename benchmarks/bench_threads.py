@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import multiprocessing
 import sys
 import warnings
 from collections.abc import Iterator
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_init import build_case, run_ours, timed_forwards  # noqa: E402
-from bench_solves import _spin  # noqa: E402
+from bench_solves import busy_cores  # noqa: E402
 from eva_lora import engine  # noqa: E402
 from eva_lora.numerics import single_thread, statistics_precision  # noqa: E402
 
@@ -69,13 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     warnings.simplefilter("ignore")
-    stop = multiprocessing.Event()
-    spinners = [
-        multiprocessing.Process(target=_spin, args=(stop,), daemon=True) for _ in range(args.busy)
-    ]
-    for spinner in spinners:
-        spinner.start()
-    try:
+    with busy_cores(args.busy):
         model, batches, settings = build_case("minilm", "cpu")
         timed_forwards(model, batches[:3])  # warm-up
         for repeat in range(args.repeats):
@@ -96,10 +89,6 @@ def main(argv: list[str] | None = None) -> None:
                     ),
                     flush=True,
                 )
-    finally:
-        stop.set()
-        for spinner in spinners:
-            spinner.join()
 
 
 if __name__ == "__main__":
