@@ -229,3 +229,27 @@ def test_the_floor_summary_takes_the_median_of_per_round_ratios():
     assert summary["engine_above_floor_with_capture"] == 0.22  # 0.22, 0.125, 0.26
     assert summary["share_of_plain_passes"]["exact"] == 0.1  # 0.1, 0.1, 0.12
     assert summary["gflop_per_s"] == {"forward": 2.5, "exact": 2.5}  # medians 8 s and 0.8 s
+
+
+def test_bench_engines_imports_a_revisions_package_beside_the_checkouts(tmp_path):
+    """engine_at reads the package as it was at a revision (here 99bb933, before the batched
+    final solve) into a module of its own, so that two engines run in one process: a different
+    module, loaded from the temporary folder, whose convergence module lacks what the checkout's
+    has."""
+    import subprocess
+
+    import eva_lora
+    from bench_engines import engine_at
+
+    known = subprocess.run(
+        ["git", "-C", str(Path(__file__).resolve().parents[1]), "cat-file", "-e", "99bb933"],
+        capture_output=True,
+    )
+    if known.returncode != 0:
+        pytest.skip("a checkout without the history (no revision 99bb933)")
+    old = engine_at("99bb933", tmp_path)
+    assert old.__name__ == "eva_lora_99bb933" and old is not eva_lora
+    assert Path(old.__file__).resolve().is_relative_to(tmp_path.resolve())
+    assert callable(old.compute_eva_state)
+    assert not hasattr(old.convergence, "final_eigenpairs")
+    assert hasattr(eva_lora.convergence, "final_eigenpairs")

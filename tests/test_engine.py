@@ -530,24 +530,34 @@ class _LowRankAndFlat(torch.nn.Module):
         return self.first(a).sum() + self.second(b).sum()
 
 
-@pytest.mark.parametrize(("window", "first_openings"), [(8, 4 + 5), (1, 40)])
+@pytest.mark.parametrize(
+    ("window", "first_openings", "first_refining"), [(8, 4 + 4, 5), (1, 40, 0)]
+)
 def test_a_converged_sketch_explores_once_per_window_and_a_converging_one_every_batch(
-    window, first_openings, monkeypatch
+    window, first_openings, first_refining, monkeypatch
 ):
     """Exploring new directions is a sketch's costliest step. While a group converges its sketch
     explores at every batch; once converged (batch 4 here) but still fed, once per sketch_window
-    batches: 4 + ceil(36 / 8) openings over 40 batches. The group that never converges explores
-    at every batch; the converged group's components stay those of the exact PCA."""
+    batches, refining its kept directions in between: batches 5-11 refine, 12 explores, 13-19
+    refine, ..., 36 explores, 37-40 refine: 4 + 4 explorations and 5 refining windows over 40
+    batches. The group that never converges explores at every batch; the converged group's
+    components stay those of the exact PCA."""
     from eva_lora.statistics import SketchStatistic
 
     openings: dict[int, int] = {}
-    open_window = SketchStatistic._open_window
+    refining: dict[int, int] = {}
+    open_window, open_refining = SketchStatistic._open_window, SketchStatistic._open_refining
 
     def counted(self, rows):
         openings[self.dim] = openings.get(self.dim, 0) + 1
         return open_window(self, rows)
 
+    def counted_refining(self, rows):
+        refining[self.dim] = refining.get(self.dim, 0) + 1
+        return open_refining(self, rows)
+
     monkeypatch.setattr(SketchStatistic, "_open_window", counted)
+    monkeypatch.setattr(SketchStatistic, "_open_refining", counted_refining)
     g = torch.Generator().manual_seed(0)
     low = torch.randn(3, 48, generator=g) * 5
     batches = [
@@ -568,6 +578,7 @@ def test_a_converged_sketch_explores_once_per_window_and_a_converging_one_every_
         )
     assert state.n_batches == 40 and state.group_stop_batches == [4, None]
     assert openings == {48: first_openings, 64: 40}
+    assert refining == ({48: first_refining} if first_refining else {})
     rows = torch.cat([b["a"] for b in batches]).double()
     first = state.group_components[0]
     assert captured_variance(torch.cov(rows.T), first[:3].double()) >= 0.9999

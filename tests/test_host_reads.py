@@ -153,6 +153,38 @@ def test_each_statistic_alone_keeps_the_same_budget(statistics, solves):
     assert base == more == (5.0, solves)
 
 
+def final_solve_counts(groups: int) -> Counting:
+    """Counts of the final solve alone (``final_eigenpairs``) of ``groups`` exact groups of one
+    width, each fed the same rows (so every group needs the same iterations) after one check."""
+    from eva_lora.convergence import ComponentTracker, final_eigenpairs, make_solver
+    from eva_lora.statistics import ExactStatistic
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(600, 80, generator=g) * torch.linspace(3.0, 0.1, 80)
+    solvers, stats = [], []
+    for _ in range(groups):
+        stat, tracker = ExactStatistic(80), ComponentTracker(8, make_solver("exact", 8, 80, 0))
+        stat.update(rows[:200])
+        tracker.check(stat, tau=0.99)
+        stat.update(rows[200:])
+        solvers.append(tracker.solver)
+        stats.append(stat)
+    counts = Counting()
+    with counts:
+        pairs = final_eigenpairs(solvers, stats)
+    assert len(pairs) == groups
+    return counts
+
+
+def test_the_final_solve_reads_once_per_iteration_whatever_the_number_of_groups():
+    """The exact groups of one width iterate together: 2 or 6 groups, the same host reads and
+    the same decompositions (one batched eigh and QR per iteration)."""
+    two, six = final_solve_counts(2), final_solve_counts(6)
+    assert sum(two.reads.values()) == sum(six.reads.values()) >= 1
+    assert two.decompositions == six.decompositions
+    assert two.decompositions["linalg_eigh"] == sum(two.reads.values())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_the_counts_are_the_same():
     """Batches arrive on the host (as from a DataLoader); model and statistics are on the GPU."""

@@ -130,3 +130,75 @@ def test_captured_variance_is_one_for_exact_and_lower_for_random():
         5, 50, generator=torch.Generator().manual_seed(0), dtype=torch.float64
     )
     assert captured_variance(cov, random_rows) < 0.5
+
+
+def _checked_groups(widths, k, seed=0, rows=3000, checked=None):
+    """(solvers, statistics, rows) of groups of the given widths, each checked on its first
+    ``checked[i]`` rows (default half) so that its solver holds a warm basis, then fed the rest
+    (as a converged group still fed is at the end of the EVA loop): the less it was checked, the
+    more iterations its final solve needs."""
+    solvers, stats, data = [], [], []
+    for index, d in enumerate(widths):
+        x = planted(rows, d, k, seed=seed + index, mean=0.5)
+        stat = ExactStatistic(d)
+        tracker = ComponentTracker(k, make_solver("exact", k, d, seed))
+        seen = rows // 2 if checked is None else checked[index]
+        for chunk in x[:seen].split(rows // 6):
+            stat.update(chunk)
+            tracker.check(stat, tau=0.99)
+        stat.update(x[seen:])
+        solvers.append(tracker.solver)
+        stats.append(stat)
+        data.append(x)
+    return solvers, stats, data
+
+
+def test_the_batched_final_solve_meets_the_float64_reference_for_every_group():
+    """final_eigenpairs iterates groups of one width together (and a tiny group and one of
+    another width beside them): every group's components capture the float64 PCA's variance to
+    1e-6, its eigenvalues match to 1e-4, and its residuals meet FINAL_SLACK, as one group's own
+    final solve does."""
+    from eva_lora.convergence import FINAL_SLACK, final_eigenpairs
+
+    k = 8
+    # the first group's basis is already converged, the others' need 1 to ~10 iterations: groups
+    # leave the stack at different iterations
+    solvers, stats, data = _checked_groups(
+        [300, 300, 300, 12, 200], k, checked=[3000, 500, 1500, 3000, 1000]
+    )
+    pairs = final_eigenpairs(solvers, stats)
+    for found, x in zip(pairs, data):
+        cov = torch.cov(x.T)
+        exact = exact_eigenpairs(cov, k)
+        assert found.vectors.shape == (k, x.shape[1])
+        assert captured_variance(cov, found.vectors) >= 1 - 1e-6
+        torch.testing.assert_close(found.values, exact.values, rtol=1e-4, atol=0)
+        assert (found.residuals <= FINAL_SLACK * found.values.abs()).all()
+
+
+def test_a_group_short_of_the_residual_after_the_iterations_gets_the_exact_solve(monkeypatch):
+    """With the iteration limit cut to one, the groups whose first Rayleigh-Ritz step misses
+    FINAL_SLACK fall back to the exact eigh (zero residuals), and the answers still match."""
+    from eva_lora import convergence
+
+    calls = []
+    exact = convergence.exact_eigenpairs
+
+    def counted(cov, k):
+        calls.append(cov.shape[0])
+        return exact(cov, k)
+
+    monkeypatch.setattr(convergence, "exact_eigenpairs", counted)
+    original = convergence._iterate_together
+
+    def one_iteration(solvers, stats, k, dtype, max_iter=None):
+        return original(solvers, stats, k, dtype, max_iter=1)
+
+    monkeypatch.setattr(convergence, "_iterate_together", one_iteration)
+    k = 8
+    solvers, stats, data = _checked_groups([300, 300], k)
+    pairs = convergence.final_eigenpairs(solvers, stats)
+    assert calls == [300, 300]
+    for found, x in zip(pairs, data):
+        assert torch.equal(found.residuals, torch.zeros(k, dtype=torch.float64))
+        assert captured_variance(torch.cov(x.T), found.vectors) >= 1 - 1e-9

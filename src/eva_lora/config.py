@@ -87,7 +87,8 @@ class EvaConfig:
             window in at a check. While its group converges it explores at every batch (what it
             has not explored, it cannot see, and the convergence rule would not notice); a
             converged group that is still fed (to refine its components with every batch the pass
-            computes anyway) keeps each window open for ``sketch_window`` batches. 1 explores at
+            computes anyway) explores in one batch of every ``sketch_window`` and in the others
+            absorbs its rows inside the kept directions only (a third of the cost). 1 explores at
             every batch.
         exact_max_dim: widest group ``auto`` keeps an exact statistic for.
         statistics_budget_mb: memory cap for the statistics one process holds. ``auto`` turns exact

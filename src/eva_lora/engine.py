@@ -28,6 +28,7 @@ from .convergence import (
     ComponentTracker,
     advance,
     check_slack,
+    final_eigenpairs,
     make_solver,
     residual_certified,
     subspace_epsilon,
@@ -456,7 +457,8 @@ class _EvaLoop:
                 record.stop_batch = None
             if isinstance(record.stat, SketchStatistic):
                 # explore at every batch while converging; once only fed, every sketch_window
-                record.stat.window_batches = (
+                # batches, refining the kept directions in between
+                record.stat.explore_every = (
                     1 if record.stop_batch is None else self.config.sketch_window
                 )
             needed, converged = needed + need, converged + done
@@ -506,9 +508,9 @@ class _EvaLoop:
             single_thread(self._stat_device_type()),
         ):
             sketches = [r.stat for r in active if isinstance(r.stat, SketchStatistic)]
-            # a converging group's window (window_batches 1) is due at every check, whatever
-            # check_every, so every judged group is folded here; a converged group's longer
-            # window stays open (it is not judged again)
+            # a converging group's window (explore_every 1) is due at every check, whatever
+            # check_every, so every judged group is folded here; a converged group's refining
+            # window stays open until its next exploration (it is not judged again)
             compress_sketches([s for s in sketches if s.window_due])
             # converged groups that are still fed are not judged again; groups that have seen
             # fewer tokens than components wait
@@ -575,18 +577,28 @@ class _EvaLoop:
 
         Sequential EVA calls it after each block: a finished block's statistics (5 GB for all of
         Llama-3-70B's at rank 16) would otherwise stay on the device until the end."""
+        owned = [r for r in self.groups if r.stat is not None]
+        for record, pairs in zip(owned, self._finalize(owned)):
+            record.tokens = record.stat.count
+            record.final = Eigenpairs(
+                pairs.values.cpu(),
+                pairs.vectors.cpu(),
+                None if pairs.residuals is None else pairs.residuals.cpu(),
+            )
+            record.stat = None
+
+    def _finalize(self, records: list[GroupRecord]) -> list[Eigenpairs]:
+        """The reported components of groups this process owns (their statistics), solved
+        together (:func:`~eva_lora.convergence.final_eigenpairs`), and each group's total
+        variance, read in one transfer."""
+        if not records:
+            return []
         with single_thread(self._stat_device_type()):
-            for record in self.groups:
-                if record.stat is None:
-                    continue
-                record.tokens = record.stat.count
-                pairs = record.tracker.finalize(record.stat)
-                record.final = Eigenpairs(
-                    pairs.values.cpu(),
-                    pairs.vectors.cpu(),
-                    None if pairs.residuals is None else pairs.residuals.cpu(),
-                )
-                record.stat = None
+            pairs = final_eigenpairs([r.tracker.solver for r in records], [r.stat for r in records])
+            totals = read_together([r.stat.total_variance().reshape(1) for r in records])
+        for record, (total,) in zip(records, totals):
+            record.tracker.total_variance = total
+        return pairs
 
     def adopt(self, parts: list[_EvaLoop]) -> None:
         """Take over the groups of loops that each ran one part of the model (sequential EVA), so
@@ -609,15 +621,9 @@ class _EvaLoop:
             count = next(r.tokens for r in self.groups if r.tokens < 2)
             raise ValueError(f"layer(s) {thin[0]} saw {count} valid token(s); need at least 2")
         comps, values, ratios = [], [], []
-        with single_thread(self._stat_device_type()):
-            finals = [
-                r.final
-                if r.final is not None
-                else r.tracker.finalize(r.stat)
-                if r.stat is not None
-                else None
-                for r in self.groups
-            ]
+        solving = [r for r in self.groups if r.final is None and r.stat is not None]
+        solved = dict(zip(map(id, solving), self._finalize(solving)))
+        finals = [r.final if r.final is not None else solved.get(id(r)) for r in self.groups]
         for record, pairs in zip(self.groups, finals):
             vectors = torch.zeros(record.cap, record.layer.dim, dtype=torch.float64)
             eigen = torch.zeros(record.cap, dtype=torch.float64)

@@ -193,7 +193,10 @@ def read_safetensors(path: str | os.PathLike[str], finite: bool = True) -> dict[
     """Every tensor of a safetensors file; with ``finite``, float tensors must hold no NaN/Inf."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            # copies in fresh allocations (64-byte aligned, as the run's own tensors are): a view
+            # of the file sits wherever the header puts it, and BLAS kernels round differently on
+            # unaligned data, so a resumed run would not continue bit-identically
+            tensors = {key: handle.get_tensor(key).clone() for key in handle.keys()}
     except Exception as err:  # safetensors raises its own error types for corrupt headers
         raise StateFileError(f"{path} is not a readable safetensors file: {err}") from err
     for key, tensor in tensors.items():

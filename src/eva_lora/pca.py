@@ -122,13 +122,13 @@ class CovarianceAccumulator:
         self._require(1)
         return self.shift + self.sum / self.count
 
-    def covariance(self) -> torch.Tensor:
-        """(dim, dim) float64 unbiased covariance (divides by count - 1, as scikit-learn's PCA)."""
+    def covariance(self, dtype: torch.dtype = STATS_DTYPE) -> torch.Tensor:
+        """(dim, dim) unbiased covariance (divides by count - 1, as scikit-learn's PCA), float64
+        unless asked otherwise (the batched final solve stacks them in the moment's dtype)."""
         self._require(2)
         centred_mean = self.sum / self.count
-        cov = self.full_moment().to(STATS_DTYPE) - self.count * torch.outer(
-            centred_mean, centred_mean
-        )
+        correction = self.count * torch.outer(centred_mean, centred_mean)
+        cov = self.full_moment().to(dtype) - correction.to(dtype)
         cov /= self.count - 1
         return 0.5 * (cov + cov.T)
 

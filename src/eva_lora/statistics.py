@@ -147,12 +147,18 @@ class SketchStatistic(Statistic):
 
     Rows arrive in *windows*: the batches between two calls of :func:`compress_sketches` (the
     engine calls it at each convergence check, so by default a window is one batch). The first
-    batch of a window picks ``2 * explore`` new directions: ``G = X^T Phi`` (random combinations of
-    its centred rows, so they lie where the data are) and ``A G`` (one power step on the current
-    statistic ``A``), both made orthogonal to the basis. Every batch of the window then adds
-    ``W^T W`` with ``W = X K``, ``K = [basis, G, A G]``: the exact second moment of its rows inside
-    ``span(K)``. Nothing in a batch is a decomposition or reads a value back to the host: two to
-    four matrix products per chunk of rows.
+    batch of an *exploring* window picks ``2 * explore`` new directions: ``G = X^T Phi`` (random
+    combinations of its centred rows, so they lie where the data are) and ``A G`` (one power step on
+    the current statistic ``A``), both made orthogonal to the basis. Every batch of the window then
+    adds ``W^T W`` with ``W = X K``, ``K = [basis, G, A G]``: the exact second moment of its rows
+    inside ``span(K)``. Nothing in a batch is a decomposition or reads a value back to the host: two
+    to four matrix products per chunk of rows.
+
+    Exploring costs about three times what absorbing the rows into the basis alone does. With
+    ``explore_every = e > 1`` (the engine's setting for a group that has converged but is still fed)
+    an exploring window of one batch alternates with a *refining* window of ``e - 1`` batches whose
+    ``K`` is the basis and the shift of the mean only: its rows refine the kept directions (a
+    rotation inside their span at the fold) at the cost of one product of width ``size``.
 
     At the end of a window the new statistic, restricted to ``span(K)``, is known exactly: the old
     ``basis diag(power) basis^T``, the window's centred moment and the rank-one correction for the
@@ -177,7 +183,7 @@ class SketchStatistic(Statistic):
         dtype: torch.dtype = torch.float32,
         explore: int | None = None,
         seed: int = 0,
-        window_batches: int = 1,
+        explore_every: int = 1,
     ) -> None:
         if dim < 1:
             raise ValueError(f"dim must be >= 1, got {dim}")
@@ -185,10 +191,11 @@ class SketchStatistic(Statistic):
             raise ValueError(f"sketch size must be >= 1, got {size}")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"sketch dtype must be float32 or float64, got {dtype}")
-        if window_batches < 1:
-            raise ValueError(f"window_batches must be >= 1, got {window_batches}")
+        if explore_every < 1:
+            raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         self.dim = dim
-        self.window_batches = window_batches
+        self.explore_every = explore_every
+        self.last_window_explored = True  # so that the first window after a change may refine
         self.size = min(size, dim)
         self.explore = default_explore(self.size) if explore is None else max(1, explore)
         self.dtype = dtype
@@ -213,6 +220,7 @@ class SketchStatistic(Statistic):
         self.window_sq: torch.Tensor | None = None  # () float64: sum of ||x - shift||^2
         self.window_count = 0
         self.window_batches_seen = 0
+        self.window_explores = True  # the open window's K holds new directions
         self._transform: torch.Tensor | None = None
 
     @property
@@ -222,8 +230,17 @@ class SketchStatistic(Statistic):
 
     @property
     def window_due(self) -> bool:
-        """The open window has absorbed its ``window_batches`` batches: the next check folds it."""
-        return self.pending and self.window_batches_seen >= self.window_batches
+        """The open window has absorbed its batches (one when exploring, ``explore_every - 1``
+        when refining): the next check folds it, so that the batch after opens the next kind."""
+        length = 1 if self.window_explores else self.explore_every - 1
+        return self.pending and self.window_batches_seen >= length
+
+    def _explores_next(self) -> bool:
+        """Whether the next window explores: always with ``explore_every`` 1 or while the basis
+        is not full (new directions are what fills it); otherwise after each refining window."""
+        if self.explore_every <= 1 or self.basis.shape[1] < self.size:
+            return True
+        return not self.last_window_explored
 
     @property
     def count(self) -> int:
@@ -240,7 +257,10 @@ class SketchStatistic(Statistic):
         if rows.shape[0] == 0:
             return
         rows = rows.detach().to(self.device)
-        opened = None if self.pending else self._open_window(rows)
+        opened = None
+        if not self.pending:
+            self.window_explores = self.last_window_explored = self._explores_next()
+            opened = self._open_window(rows) if self.window_explores else self._open_refining(rows)
         if opened is not None:  # the opening batch's centred rows and X [G, basis], reused
             x, head = opened
             width = head.shape[1] - self.basis.shape[1]
@@ -276,13 +296,8 @@ class SketchStatistic(Statistic):
         centred once, and ``(X, X [G, basis])`` is returned for :meth:`update` to absorb the batch
         without computing the products again; None otherwise (wider batches are read in chunks
         for each product)."""
-        single = rows.shape[0] * self.dim <= CHUNK_ELEMENTS
-        if single:
-            centred = rows.to(self.dtype, copy=True)
-            self.shift = sum_rows(centred) / rows.shape[0]
-            centred -= self.shift.to(self.dtype)
-        else:
-            self.shift = column_sum(rows, self.dtype) / rows.shape[0]
+        centred = self._set_shift(rows)
+        single = centred is not None
 
         def chunks() -> Iterator[torch.Tensor]:
             if single:
@@ -313,12 +328,34 @@ class SketchStatistic(Statistic):
         parts = [guide, self._new_directions(powered)]
         if kept:  # the shift between the old mean and this window's: a direction of its own
             parts.append(self._new_directions((self.mean - self.shift).to(self.dtype)[:, None]))
-        self.extra = torch.cat(parts, 1)
-        m = kept + self.extra.shape[1]
+        self._start_window(torch.cat(parts, 1))
+        return (centred, head) if single else None
+
+    def _open_refining(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """A window without new directions: ``K`` is the basis and the shift between the old mean
+        and this window's (so that the fold stays exact). Same return as :meth:`_open_window`,
+        with ``X basis`` as the product reused."""
+        centred = self._set_shift(rows)
+        self._start_window(self._new_directions((self.mean - self.shift).to(self.dtype)[:, None]))
+        return None if centred is None else (centred, centred @ self.basis)
+
+    def _set_shift(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """Set the window's shift (its first batch's mean); return the rows cast and centred
+        when they fit one chunk (:func:`~eva_lora.numerics.float_chunks`), else None."""
+        if rows.shape[0] * self.dim > CHUNK_ELEMENTS:
+            self.shift = column_sum(rows, self.dtype) / rows.shape[0]
+            return None
+        centred = rows.to(self.dtype, copy=True)
+        self.shift = sum_rows(centred) / rows.shape[0]
+        centred -= self.shift.to(self.dtype)
+        return centred
+
+    def _start_window(self, extra: torch.Tensor) -> None:
+        self.extra = extra
+        m = self.basis.shape[1] + extra.shape[1]
         self.moment = torch.zeros(m, m, dtype=STATS_DTYPE, device=self.device)
         self.window_sum = torch.zeros(self.dim, dtype=STATS_DTYPE, device=self.device)
         self.window_sq = torch.zeros((), dtype=STATS_DTYPE, device=self.device)
-        return (centred, head) if single else None
 
     def _orthogonal(self, columns: torch.Tensor, passes: int = 2) -> torch.Tensor:
         """``columns`` minus their part in span(basis), projected twice ("twice is enough")."""
@@ -520,10 +557,17 @@ class SketchStatistic(Statistic):
     def state_dict(self) -> dict[str, torch.Tensor]:
         out = {
             "count": torch.tensor(
-                [self._count, self.window_count, self.window_batches_seen], dtype=torch.int64
+                [
+                    self._count,
+                    self.window_count,
+                    self.window_batches_seen,
+                    int(self.window_explores),
+                    int(self.last_window_explored),
+                ],
+                dtype=torch.int64,
             ),
             "size": torch.tensor(
-                [self.size, self.explore, self.seed, self.windows, self.window_batches],
+                [self.size, self.explore, self.seed, self.windows, self.explore_every],
                 dtype=torch.int64,
             ),
             "mean": self.mean.cpu(),
@@ -548,10 +592,11 @@ class SketchStatistic(Statistic):
         cls, state: dict[str, torch.Tensor], device: torch.device | str = "cpu"
     ) -> SketchStatistic:
         dim = int(state["mean"].shape[0])
-        # files written before windows could span batches hold 4 sizes and 2 counts
+        # files written before windows could span batches hold 4 sizes and 2 counts, before
+        # refining windows 3 counts (every window explored)
         sizes = [int(v) for v in state["size"].reshape(-1)[:5]] + [1]
-        size, explore, seed, windows, window_batches = sizes[:5]
-        out = cls(dim, size, device, state["basis"].dtype, explore, seed, window_batches)
+        size, explore, seed, windows, explore_every = sizes[:5]
+        out = cls(dim, size, device, state["basis"].dtype, explore, seed, explore_every)
         basis, power = state["basis"], state["power"]
         if (
             basis.ndim != 2
@@ -563,7 +608,7 @@ class SketchStatistic(Statistic):
                 f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
                 f"power {tuple(power.shape)}"
             )
-        counts = [int(v) for v in state["count"].reshape(-1)[:3]]
+        counts = [int(v) for v in state["count"].reshape(-1)[:5]]
         if min(counts) < 0:
             raise ValueError(f"sketch count must be >= 0, got {counts}")
         out._count, out.windows = counts[0], windows
@@ -583,6 +628,8 @@ class SketchStatistic(Statistic):
             out.window_sq = state["window.sq"].reshape(-1)[0].to(device, STATS_DTYPE)
             out.window_count = counts[1]
             out.window_batches_seen = counts[2] if len(counts) > 2 else 1
+            out.window_explores = bool(counts[3]) if len(counts) > 3 else True
+        out.last_window_explored = bool(counts[4]) if len(counts) > 4 else True
         return out
 
 
