@@ -1,5 +1,7 @@
 """Numerical core against a float64 reference (torch.linalg.eigh of the exact covariance)."""
 
+import copy
+
 import pytest
 import torch
 
@@ -202,3 +204,31 @@ def test_a_group_short_of_the_residual_after_the_iterations_gets_the_exact_solve
     for found, x in zip(pairs, data):
         assert torch.equal(found.residuals, torch.zeros(k, dtype=torch.float64))
         assert captured_variance(torch.cov(x.T), found.vectors) >= 1 - 1e-9
+
+
+def test_the_final_solve_stacks_at_most_its_byte_budget_and_gives_the_same_components(
+    monkeypatch,
+):
+    """With FINAL_STACK_BYTES room for one 300-wide covariance, the three groups iterate one at
+    a time (three stacks, each of one group) and their components equal those of one stack."""
+    from eva_lora import convergence
+
+    k = 8
+    solvers, stats, _ = _checked_groups([300, 300, 300], k, checked=[3000, 500, 1500])
+    together = convergence.final_eigenpairs(copy.deepcopy(solvers), stats)
+    sizes = []
+    stack = torch.stack
+
+    def recorded(tensors, *args, **kwargs):
+        out = stack(tensors, *args, **kwargs)
+        if out.ndim == 3 and out.shape[1:] == (300, 300):
+            sizes.append(out.shape[0])
+        return out
+
+    monkeypatch.setattr(convergence, "FINAL_STACK_BYTES", 300 * 300 * 4)
+    monkeypatch.setattr(convergence.torch, "stack", recorded)
+    alone = convergence.final_eigenpairs(copy.deepcopy(solvers), stats)
+    assert sizes == [1, 1, 1]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=0)
+        assert component_cosine(a.vectors, b.vectors).min() >= 1 - 1e-5
