@@ -129,19 +129,18 @@ class SubspaceIteration:
         return (reference.to(applied) * applied.T).sum(-1)
 
     def final(self, stats: Any, max_iter: int | None = None) -> Eigenpairs:
-        """The reported components: iterated to a relative residual of 1e-3, else solved exactly.
+        """The reported components: iterated to a relative residual of 1e-3 (the iteration of
+        :func:`final_eigenpairs`, for this group alone), else solved exactly.
 
         An iteration costs ``d^2 m`` and a full ``eigh`` about ``10 d^3``, so wide layers (whose
         flat spectra converge slowly) get more iterations before the fallback."""
-        if max_iter is None:
-            max_iter = 30 if self.dim <= 2048 else 300
-        if self.m >= self.dim:
-            return _head(exact_eigenpairs(stats.covariance(), self.k), self.k)
-        for _ in range(max_iter if self.basis is not None else 0):
-            pairs = self.solve(*torch.linalg.eigh(_symmetric(self.request(stats, None))))
-            advance([self])
-            if bool(residual_certified(pairs, self.k, FINAL_SLACK).all()):
-                return _head(pairs, self.k)
+        found = None
+        if self.m < self.dim and self.basis is not None:
+            found = _iterate_together([self], [stats], self.k, self.basis.dtype, max_iter)[0]
+        return self.exact_final(stats) if found is None else found
+
+    def exact_final(self, stats: Any) -> Eigenpairs:
+        """The top ``k`` components by a full ``eigh`` of the float64 covariance."""
         return _head(exact_eigenpairs(stats.covariance(), self.k), self.k)
 
     def _random_basis(self, acc: Any) -> torch.Tensor:
@@ -224,9 +223,7 @@ def final_eigenpairs(solvers: Sequence[Any], stats: Sequence[Any]) -> list[Eigen
             )
             for index, found in zip(chunk, pairs):
                 exact = found is None
-                out[index] = (
-                    _head(exact_eigenpairs(stats[index].covariance(), k), k) if exact else found
-                )
+                out[index] = solvers[index].exact_final(stats[index]) if exact else found
     return out  # type: ignore[return-value]
 
 

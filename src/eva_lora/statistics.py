@@ -195,7 +195,8 @@ class SketchStatistic(Statistic):
             raise ValueError(f"explore_every must be >= 1, got {explore_every}")
         self.dim = dim
         self.explore_every = explore_every
-        self.last_window_explored = True  # so that the first window after a change may refine
+        # whether the open (or else the last) window explores: its K holds new directions
+        self.window_explores = True
         self.size = min(size, dim)
         self.explore = default_explore(self.size) if explore is None else max(1, explore)
         self.dtype = dtype
@@ -220,7 +221,6 @@ class SketchStatistic(Statistic):
         self.window_sq: torch.Tensor | None = None  # () float64: sum of ||x - shift||^2
         self.window_count = 0
         self.window_batches_seen = 0
-        self.window_explores = True  # the open window's K holds new directions
         self._transform: torch.Tensor | None = None
 
     @property
@@ -240,7 +240,7 @@ class SketchStatistic(Statistic):
         is not full (new directions are what fills it); otherwise after each refining window."""
         if self.explore_every <= 1 or self.basis.shape[1] < self.size:
             return True
-        return not self.last_window_explored
+        return not self.window_explores
 
     @property
     def count(self) -> int:
@@ -259,7 +259,7 @@ class SketchStatistic(Statistic):
         rows = rows.detach().to(self.device)
         opened = None
         if not self.pending:
-            self.window_explores = self.last_window_explored = self._explores_next()
+            self.window_explores = self._explores_next()
             opened = self._open_window(rows) if self.window_explores else self._open_refining(rows)
         if opened is not None:  # the opening batch's centred rows and X [G, basis], reused
             x, head = opened
@@ -562,7 +562,6 @@ class SketchStatistic(Statistic):
                     self.window_count,
                     self.window_batches_seen,
                     int(self.window_explores),
-                    int(self.last_window_explored),
                 ],
                 dtype=torch.int64,
             ),
@@ -608,7 +607,7 @@ class SketchStatistic(Statistic):
                 f"inconsistent sketch shapes for width {dim}: basis {tuple(basis.shape)}, "
                 f"power {tuple(power.shape)}"
             )
-        counts = [int(v) for v in state["count"].reshape(-1)[:5]]
+        counts = [int(v) for v in state["count"].reshape(-1)[:4]]
         if min(counts) < 0:
             raise ValueError(f"sketch count must be >= 0, got {counts}")
         out._count, out.windows = counts[0], windows
@@ -628,8 +627,7 @@ class SketchStatistic(Statistic):
             out.window_sq = state["window.sq"].reshape(-1)[0].to(device, STATS_DTYPE)
             out.window_count = counts[1]
             out.window_batches_seen = counts[2] if len(counts) > 2 else 1
-            out.window_explores = bool(counts[3]) if len(counts) > 3 else True
-        out.last_window_explored = bool(counts[4]) if len(counts) > 4 else True
+        out.window_explores = bool(counts[3]) if len(counts) > 3 else True
         return out
 
 
