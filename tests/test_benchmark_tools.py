@@ -253,3 +253,26 @@ def test_bench_engines_imports_a_revisions_package_beside_the_checkouts(tmp_path
     assert callable(old.compute_eva_state)
     assert not hasattr(old.convergence, "final_eigenpairs")
     assert hasattr(eva_lora.convergence, "final_eigenpairs")
+
+
+def test_bench_rule_half_reference_stops_no_later_and_restores_the_rule():
+    """bench_rule's two readings of the loss on one stream: scaled to an exactly-half reference,
+    every loss is at most the measured one, so the run stops no later (here earlier); both runs
+    report whole-data captured variance in (0, 1] and leave the module's rule as it was."""
+    import bench_rule
+    from eva_lora import convergence
+
+    model, batches = tiny_llama(), token_batches(VOCAB, 24)
+    settings = dict(rank=2, rho=2.0, tau=0.99, exact_max_dim=40, sketch_size=8)
+    covariances = bench_rule.whole_data(model, batches, settings)
+    runs = {
+        rule: bench_rule.measure(model, batches, settings, covariances, rule, 4.0, worst=2)
+        for rule in ("doubling", "half")
+    }
+    assert (convergence.HALF_REFERENCE, convergence.EPSILON_SCALE) == (False, 4.0)
+    # here strictly earlier: 14 against 17 passes (stops at 4, 8, 13, 16, 17 against 4-7, 14)
+    assert runs["half"]["forward_passes"] < runs["doubling"]["forward_passes"]
+    for record in runs.values():
+        assert 0.0 < record["min"] <= record["mean"] <= 1.0 + 1e-9
+        assert record["worst"][0]["captured"] == record["min"] and len(record["worst"]) == 2
+        assert record["stop_batches"] and max(record["stop_batches"]) <= record["forward_passes"]

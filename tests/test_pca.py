@@ -232,3 +232,37 @@ def test_the_final_solve_stacks_at_most_its_byte_budget_and_gives_the_same_compo
     for a, b in zip(together, alone):
         torch.testing.assert_close(a.values, b.values, rtol=1e-5, atol=0)
         assert component_cosine(a.vectors, b.vectors).min() >= 1 - 1e-5
+
+
+def test_half_reference_share_is_one_at_half_and_a_third_at_a_quarter():
+    from eva_lora.convergence import half_reference_share
+
+    assert half_reference_share(50, 100) == 1.0
+    assert half_reference_share(25, 100) == pytest.approx(1 / 3)
+    assert half_reference_share(30, 100) == pytest.approx(30 / 70)
+
+
+def test_half_reference_scales_each_check_loss_by_its_snapshot_share(monkeypatch):
+    """The same stream, read both ways: every loss with a reference differs by seen / (n - seen)."""
+    from eva_lora import convergence
+
+    x = planted(1500, 40, 4, seed=3)
+    runs = {}
+    for flag in (False, True):
+        monkeypatch.setattr(convergence, "HALF_REFERENCE", flag)
+        acc, tracker = ExactStatistic(40), ComponentTracker(4, make_solver("exact", 4, 40, 0))
+        losses = []
+        for batch in x.split(100):
+            acc.update(batch.float())
+            seen = tracker.reference_tokens(acc.count)
+            tracker.check(acc, tau=0.99)
+            losses.append((seen, acc.count, list(tracker.loss)))
+        runs[flag] = losses
+    scaled = 0
+    for (seen, n, plain), (_, _, half) in zip(runs[False], runs[True]):
+        if seen is None:
+            assert half == plain  # no reference yet: the sentinel loss, unscaled
+            continue
+        scaled += seen * 2 < n  # a snapshot older than half the tokens: the factor is below 1
+        assert half == pytest.approx([v * seen / (n - seen) for v in plain], rel=1e-9, abs=1e-15)
+    assert scaled >= 3
