@@ -3,6 +3,7 @@
     python benchmarks/bench_rule.py --case minilm                      # ~2 min on 2 CPU cores
     python benchmarks/bench_rule.py --case smollm2 --scales 4,3,2      # ~8 min
     python benchmarks/bench_rule.py --case minilm --rules doubling     # today's rule only
+    python benchmarks/bench_rule.py --case smollm2 --rules half --scales 1.6 --feed-all
 
 The rule (:mod:`eva_lora.convergence`) compares each group's estimate with one made on at most half
 of its tokens. Two readings of that loss, both measured here:
@@ -13,6 +14,11 @@ of its tokens. Two readings of that loss, both measured here:
   against one on ``n``): a group passes, if at all, right after a doubling.
 - ``half`` (``HALF_REFERENCE = True``): the loss times ``m / (n - m)``, what it would read against
   an estimate on exactly half the tokens (``c / n``), so that a group may stop at any check.
+
+``--feed-all`` also feeds every converged group each batch (the pass then runs to the last target
+layer: no early exit), a trial of what the last block's groups gain when they are not starved
+after they converge (the engine's ``_EvaLoop._set_feeding`` is replaced for the run; the library
+is not changed).
 
 For each rule and each ``EPSILON_SCALE`` in ``--scales``, one ``compute_eva_state`` run on the case
 (``minilm``: ``bench_init.py``'s MiniLM case, r 8, rho 2, its batches; ``smollm2``:
@@ -26,17 +32,19 @@ and the worst layers with their rank, tokens and stop batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dropin import data  # noqa: E402
 from bench_init import build_case  # noqa: E402
-from eva_lora import EvaConfig, compute_eva_state, convergence  # noqa: E402
+from eva_lora import EvaConfig, compute_eva_state, convergence, engine  # noqa: E402
 from eva_lora.capture import collect_statistics  # noqa: E402
 from eva_lora.pca import captured_variance  # noqa: E402
 
@@ -57,16 +65,37 @@ def whole_data(model, batches, settings) -> dict[str, torch.Tensor]:
     return {name: g.stats.covariance() for g in groups for name in g.names}
 
 
-def measure(model, batches, settings, covariances, rule: str, scale: float, worst: int) -> dict:
+def _feed_every_group(loop: engine._EvaLoop) -> None:
+    """The trial's feeding: every group absorbs every batch, converged or not (no early exit)."""
+    for record in loop.groups:
+        record.layer.active = True
+
+
+def measure(
+    model,
+    batches,
+    settings,
+    covariances,
+    rule: str,
+    scale: float,
+    worst: int,
+    feed_all: bool = False,
+) -> dict:
     """One run with ``rule`` at ``scale`` (the module's settings restored after it)."""
     defaults = convergence.HALF_REFERENCE, convergence.EPSILON_SCALE
     convergence.HALF_REFERENCE, convergence.EPSILON_SCALE = rule == "half", scale
+    feeding = (
+        mock.patch.object(engine._EvaLoop, "_set_feeding", _feed_every_group)
+        if feed_all
+        else contextlib.nullcontext()
+    )
     try:
         torch.manual_seed(0)
         start = time.perf_counter()
-        state = compute_eva_state(
-            model, batches, EvaConfig(**settings, max_batches=4 * len(batches)), progress=False
-        )
+        with feeding:
+            state = compute_eva_state(
+                model, batches, EvaConfig(**settings, max_batches=4 * len(batches)), progress=False
+            )
         seconds = time.perf_counter() - start
     finally:
         convergence.HALF_REFERENCE, convergence.EPSILON_SCALE = defaults
@@ -88,9 +117,11 @@ def measure(model, batches, settings, covariances, rule: str, scale: float, wors
                 )
     layers.sort(key=lambda layer: layer["captured"])
     scores = [layer["captured"] for layer in layers]
+    tokens = [layer["tokens"] for layer in layers]
     return {
         "rule": rule,
         "epsilon_scale": scale,
+        "feed": "all" if feed_all else "default",
         "forward_passes": state.n_batches,
         "stop_reason": state.stop_reason,
         "seconds": round(seconds, 1),
@@ -98,6 +129,7 @@ def measure(model, batches, settings, covariances, rule: str, scale: float, wors
         "min": scores[0],
         "mean": round(sum(scores) / len(scores), 5),
         "layers": len(scores),
+        "tokens_min_max": [min(tokens), max(tokens)],
         "worst": layers[:worst],
     }
 
@@ -110,6 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rules", default="doubling,half", help="comma-separated: doubling, half")
     parser.add_argument("--scales", default="4,3,2.5,2", help="comma-separated EPSILON_SCALEs")
     parser.add_argument("--worst", type=int, default=3, help="worst layers listed per run")
+    parser.add_argument(
+        "--feed-all", action="store_true", help="feed every converged group too (no early exit)"
+    )
     args = parser.parse_args(argv)
     rules = [r for r in args.rules.split(",") if r]
     unknown = set(rules) - {"doubling", "half"}
@@ -120,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     covariances = whole_data(model, batches, settings)
     for rule in rules:
         for scale in scales:
-            record = measure(model, batches, settings, covariances, rule, scale, args.worst)
+            record = measure(
+                model, batches, settings, covariances, rule, scale, args.worst, args.feed_all
+            )
             print(json.dumps({"case": args.case, **record}), flush=True)
 
 

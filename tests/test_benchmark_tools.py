@@ -258,7 +258,8 @@ def test_bench_engines_imports_a_revisions_package_beside_the_checkouts(tmp_path
 def test_bench_rule_half_reference_stops_no_later_and_restores_the_rule():
     """bench_rule's two readings of the loss on one stream: scaled to an exactly-half reference,
     every loss is at most the measured one, so the run stops no later (here earlier); both runs
-    report whole-data captured variance in (0, 1] and leave the module's rule as it was."""
+    report whole-data captured variance in (0, 1] and leave the module's rule as it was. With
+    ``feed_all`` every group absorbs every batch (same token count everywhere)."""
     import bench_rule
     from eva_lora import convergence
 
@@ -269,7 +270,13 @@ def test_bench_rule_half_reference_stops_no_later_and_restores_the_rule():
         rule: bench_rule.measure(model, batches, settings, covariances, rule, 4.0, worst=2)
         for rule in ("doubling", "half")
     }
+    fed = bench_rule.measure(model, batches, settings, covariances, "half", 4.0, 2, feed_all=True)
     assert (convergence.HALF_REFERENCE, convergence.EPSILON_SCALE) == (False, 4.0)
+    # the early exit starves a group after it converges; fed every batch, all see the same tokens
+    low, high = runs["half"]["tokens_min_max"]
+    assert low < high
+    assert fed["tokens_min_max"][0] == fed["tokens_min_max"][1]
+    assert fed["feed"] == "all" and runs["half"]["feed"] == "default"
     # here strictly earlier: 14 against 17 passes (stops at 4, 8, 13, 16, 17 against 4-7, 14)
     assert runs["half"]["forward_passes"] < runs["doubling"]["forward_passes"]
     for record in runs.values():

@@ -17,10 +17,10 @@ its prefix of the length the current rank allocation gives it has. ``tau`` stays
 the variance a direction loses at angle ``arccos(tau)`` from its target; the scale (4) was chosen by
 measurement on MiniLM and SmolLM2 (``benchmarks/README.md``): the reference holds only a quarter to
 a half of the tokens, so the loss against it overstates what the current estimate still misses.
-Because the reference only changes when the token count doubles, the loss grows between two
-snapshots and groups stop right after a doubling (MiniLM: at batches 5, 11, 21, 42 and nowhere
-else); :data:`HALF_REFERENCE` rescales it to an exactly-half reference so that a group may stop at
-any check, measured by ``benchmarks/bench_rule.py`` and not yet the default.
+Because the reference only changes when the token count doubles, the loss grows (in expectation)
+between two snapshots and groups stop right after a doubling (MiniLM: at batches 5, 11, 21, 42,
+nowhere else); :data:`HALF_REFERENCE` rescales it to an exactly-half reference so that a group may
+stop at any check, measured by ``benchmarks/bench_rule.py`` and not yet the default.
 For the exact statistic the solver must also vouch for the estimate (relative residual below
 ``sqrt(1 - tau^2)``): a warm-started subspace iteration that has stalled away from the eigenvectors
 would otherwise look stable.
