@@ -52,8 +52,7 @@ from eva_lora.pca import captured_variance  # noqa: E402
 def load(case: str) -> tuple[torch.nn.Module, list[dict], dict]:
     """(model, batches, EvaConfig settings) of a case."""
     if case == "minilm":
-        model, batches, settings = build_case("minilm", "cpu")
-        return model, batches, settings
+        return build_case("minilm", "cpu")
     model, loader = data("smollm2", 4, 256)
     batches = list(loader)
     return model, batches, dict(rank=16, rho=2.0, tau=0.99, target_modules="all-linear")
