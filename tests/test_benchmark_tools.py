@@ -277,7 +277,8 @@ def test_bench_rule_half_reference_stops_no_later_and_restores_the_rule():
     assert low < high
     assert fed["tokens_min_max"][0] == fed["tokens_min_max"][1]
     assert fed["feed"] == "all" and runs["half"]["feed"] == "default"
-    # here strictly earlier: 14 against 17 passes (stops at 4, 8, 13, 16, 17 against 4-7, 14)
+    # here strictly earlier: 14 against 17 passes (half: stops at 4-7 and 14; doubling: 4, 8, 13,
+    # 16 and 17)
     assert runs["half"]["forward_passes"] < runs["doubling"]["forward_passes"]
     for record in runs.values():
         assert 0.0 < record["min"] <= record["mean"] <= 1.0 + 1e-9
