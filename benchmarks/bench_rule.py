@@ -43,9 +43,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_dropin import data  # noqa: E402
-from bench_init import build_case  # noqa: E402
+from bench_init import build_case, exact_covariances  # noqa: E402
 from eva_lora import EvaConfig, compute_eva_state, convergence, engine  # noqa: E402
-from eva_lora.capture import collect_statistics  # noqa: E402
 from eva_lora.pca import captured_variance  # noqa: E402
 
 
@@ -56,12 +55,6 @@ def load(case: str) -> tuple[torch.nn.Module, list[dict], dict]:
     model, loader = data("smollm2", 4, 256)
     batches = list(loader)
     return model, batches, dict(rank=16, rho=2.0, tau=0.99, target_modules="all-linear")
-
-
-def whole_data(model, batches, settings) -> dict[str, torch.Tensor]:
-    """float64 covariance of each target layer's input over every batch of the case."""
-    groups = collect_statistics(model, batches, EvaConfig(**settings, stats_dtype="float64"))
-    return {name: g.stats.covariance() for g in groups for name in g.names}
 
 
 def _feed_every_group(loop: engine._EvaLoop) -> None:
@@ -151,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unknown rule(s) {sorted(unknown)}: choose doubling, half")
     scales = [float(v) for v in args.scales.split(",") if v]
     model, batches, settings = load(args.case)
-    covariances = whole_data(model, batches, settings)
+    covariances = exact_covariances(model, batches, settings)  # every batch of the case
     for rule in rules:
         for scale in scales:
             record = measure(

@@ -265,7 +265,7 @@ def test_bench_rule_half_reference_stops_no_later_and_restores_the_rule():
 
     model, batches = tiny_llama(), token_batches(VOCAB, 24)
     settings = dict(rank=2, rho=2.0, tau=0.99, exact_max_dim=40, sketch_size=8)
-    covariances = bench_rule.whole_data(model, batches, settings)
+    covariances = bench_rule.exact_covariances(model, batches, settings)
     runs = {
         rule: bench_rule.measure(model, batches, settings, covariances, rule, 4.0, worst=2)
         for rule in ("doubling", "half")
